@@ -1,0 +1,295 @@
+"""STUNetConfig: every architectural choice of a Space-Time U-Net, its presets and its JSON form.
+
+A config is a frozen dataclass validated in ``__post_init__``; an invalid field raises ``ValueError`` naming the
+field, its value and the rule. ``STUNetConfig.from_preset(name)`` gives the named presets:
+
+- ``tiny``: tests; a forward runs in well under a second on a CPU (8 x 16 x 16).
+- ``small``: development (16 x 64 x 64).
+- ``lumiere-base``: the base model of the cascade: 80 x 128 x 128, widths 256 x (1, 2, 3, 4, 4), 3 ResBlocks
+  per encoder level, spatial attention at 32/16/8, text dim 4096 (T5-XXL), 4 temporal-attention blocks in the
+  mid block; about 90 TFLOP per forward (``stunet info lumiere-base``).
+- ``lumiere-ssr``: spatial super-resolution 128 -> 1024 on windows of 16 frames with 2 frames of overlap;
+  temporal convs only (no temporal resampling, no temporal attention).
+- ``edge``: fits an 8 GB Jetson-class GPU in FP16 (80 x 128 x 128, widths 96 x (1, 2, 3, 4), text dim 1024).
+
+Levels are numbered from 0 (full resolution) to ``num_levels - 1`` (the coarsest). Between level ``i`` and
+``i + 1`` sits one spatial downsample (H, W halve), followed by a TemporalDown (T halves) when
+``temporal_downsample[i]`` is true.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+IN_CHANNELS = {
+    3: "text-to-video: the noisy video",
+    6: "SSR: noisy high-res video + bilinearly upsampled low-res video",
+    7: "conditional: noisy video + masked conditioning video C + mask M",
+}
+PREDICTIONS = ("v", "eps")
+SCHEDULES = ("cosine", "linear", "scaled_linear")
+NORM_SCOPES = ("frame", "clip")
+POS_EMBEDS = ("sinusoidal", "none")
+
+
+def _fail(name: str, value: Any, rule: str) -> None:
+    raise ValueError(f"STUNetConfig.{name} {rule}, got {value!r}")
+
+
+@dataclass(frozen=True)
+class STUNetConfig:
+    # -- input / output -------------------------------------------------------------------------------------
+    in_channels: int = 3
+    """3 (text-to-video), 6 (SSR: + upsampled low-res video) or 7 (conditional: + masked video C + mask M)."""
+    out_channels: int = 3
+    # -- the spatial (pretrained text-to-image) trunk -------------------------------------------------------
+    model_channels: int = 256
+    """Width of level 0; level i has ``model_channels * channel_mult[i]`` channels."""
+    channel_mult: tuple[int, ...] = (1, 2, 3, 4, 4)
+    num_res_blocks: int = 3
+    """ResBlocks per encoder level; each decoder level has one more (it also consumes the downsample's skip)."""
+    attention_levels: tuple[int, ...] = (2, 3, 4)
+    """Levels whose ResBlocks are followed by spatial self- and cross-attention (the mid block always has it)."""
+    attention_head_dim: int = 64
+    num_groups: int = 32
+    """GroupNorm groups; every level's width must be divisible by it."""
+    norm_scope: str = "frame"
+    """GroupNorm statistics per frame ("frame": norms never mix frames) or over the whole clip ("clip")."""
+    text_dim: int = 4096
+    """Width of the text-encoder tokens consumed by cross-attention (4096 for T5-XXL)."""
+    # -- the temporal modules ----------------------------------------------------------------------------------
+    temporal_downsample: tuple[bool, ...] = (True, True, True, True)
+    """One flag per downsample step (``num_levels - 1``): whether time halves there too."""
+    temporal_attn_depth: int = 4
+    """Temporal-attention blocks stacked in the mid block. 0: temporal convs only, also at the coarsest level."""
+    temporal_attn_heads: int = 16
+    temporal_pos_embed: str = "sinusoidal"
+    """Positional encoding added to the normed input of temporal attention: "sinusoidal" or "none"."""
+    temporal_mlp_ratio: int = 4
+    noise_aug: bool = False
+    """SSR: embed the noise-augmentation level of the low-res input like a timestep (needs in_channels=6)."""
+    # -- diffusion -------------------------------------------------------------------------------------------
+    prediction: str = "v"
+    schedule: str = "cosine"
+    num_train_timesteps: int = 1000
+    # -- default sample geometry (what `stunet info` and the pipeline use unless told otherwise) -------------
+    sample_frames: int = 80
+    sample_size: int = 128
+    low_res_size: int = 0
+    """SSR: side of the low-res video it upsamples (0 for a base model)."""
+    window_frames: int = 0
+    """SSR: MultiDiffusion window length in frames (0: the whole clip in one window)."""
+    window_overlap: int = 0
+
+    def __post_init__(self) -> None:
+        # JSON gives lists; the dataclass is frozen and hashable, so store tuples.
+        for name in ("channel_mult", "attention_levels", "temporal_downsample"):
+            value = getattr(self, name)
+            if isinstance(value, (str, bytes)) or not hasattr(value, "__iter__"):
+                _fail(name, value, "must be a sequence")
+            object.__setattr__(self, name, tuple(value))
+        self._validate()
+
+    # ------------------------------------------------------------------------------------------------------
+    def _validate(self) -> None:
+        for name in ("in_channels", "out_channels", "model_channels", "num_res_blocks", "attention_head_dim",
+                     "num_groups", "text_dim", "temporal_attn_heads", "temporal_mlp_ratio",
+                     "num_train_timesteps", "sample_frames", "sample_size"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                _fail(name, value, "must be a positive integer")
+        for name in ("temporal_attn_depth", "low_res_size", "window_frames", "window_overlap"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                _fail(name, value, "must be a non-negative integer")
+        if self.in_channels not in IN_CHANNELS:
+            _fail("in_channels", self.in_channels,
+                  "must be 3 (text-to-video), 6 (SSR) or 7 (conditional: video + masked video + mask)")
+        if not self.channel_mult or any(not isinstance(m, int) or isinstance(m, bool) or m < 1
+                                        for m in self.channel_mult):
+            _fail("channel_mult", self.channel_mult, "must be a non-empty sequence of positive integers")
+        if len(self.temporal_downsample) != self.num_levels - 1 or any(
+                not isinstance(f, bool) for f in self.temporal_downsample):
+            _fail("temporal_downsample", self.temporal_downsample,
+                  f"must hold one bool per downsample step (len(channel_mult) - 1 = {self.num_levels - 1})")
+        for level in self.attention_levels:
+            if not isinstance(level, int) or isinstance(level, bool) or not 0 <= level < self.num_levels:
+                _fail("attention_levels", self.attention_levels,
+                      f"must hold level indices in [0, {self.num_levels - 1}]")
+        if len(set(self.attention_levels)) != len(self.attention_levels):
+            _fail("attention_levels", self.attention_levels, "must not repeat a level")
+        for level, ch in enumerate(self.level_channels):
+            if ch % self.num_groups:
+                _fail("num_groups", self.num_groups,
+                      f"must divide every level's width (level {level} has {ch} channels)")
+            if (level in self.attention_levels or level == self.num_levels - 1) and ch % self.attention_head_dim:
+                _fail("attention_head_dim", self.attention_head_dim,
+                      f"must divide the width of every attention level (level {level} has {ch} channels)")
+        if self.temporal_attn_depth and self.level_channels[-1] % self.temporal_attn_heads:
+            _fail("temporal_attn_heads", self.temporal_attn_heads,
+                  f"must divide the coarsest level's width ({self.level_channels[-1]})")
+        if self.norm_scope not in NORM_SCOPES:
+            _fail("norm_scope", self.norm_scope, f"must be one of {NORM_SCOPES}")
+        if self.temporal_pos_embed not in POS_EMBEDS:
+            _fail("temporal_pos_embed", self.temporal_pos_embed, f"must be one of {POS_EMBEDS}")
+        if self.prediction not in PREDICTIONS:
+            _fail("prediction", self.prediction, f"must be one of {PREDICTIONS}")
+        if self.schedule not in SCHEDULES:
+            _fail("schedule", self.schedule, f"must be one of {SCHEDULES}")
+        if not isinstance(self.noise_aug, bool):
+            _fail("noise_aug", self.noise_aug, "must be a bool")
+        if self.noise_aug and self.in_channels != 6:
+            _fail("noise_aug", self.noise_aug, "needs in_channels=6 (an SSR model); set noise_aug=False")
+        if self.in_channels == 6 and not self.low_res_size:
+            _fail("low_res_size", self.low_res_size, "must be set (> 0) for an SSR model (in_channels=6)")
+        if self.low_res_size and self.in_channels != 6:
+            _fail("low_res_size", self.low_res_size, "is only meaningful for an SSR model (in_channels=6); use 0")
+        if self.sample_frames % self.frame_divisor:
+            _fail("sample_frames", self.sample_frames,
+                  f"must be divisible by 2**(temporal downsamples) = {self.frame_divisor}")
+        if self.sample_size % self.spatial_divisor:
+            _fail("sample_size", self.sample_size,
+                  f"must be divisible by 2**(num_levels - 1) = {self.spatial_divisor}")
+        if self.window_frames:
+            if self.window_frames % self.frame_divisor:
+                _fail("window_frames", self.window_frames,
+                      f"must be divisible by 2**(temporal downsamples) = {self.frame_divisor}")
+            if self.window_overlap >= self.window_frames:
+                _fail("window_overlap", self.window_overlap,
+                      f"must be smaller than window_frames ({self.window_frames})")
+        elif self.window_overlap:
+            _fail("window_overlap", self.window_overlap, "needs window_frames > 0")
+
+    # -- derived geometry ---------------------------------------------------------------------------------------
+    @property
+    def num_levels(self) -> int:
+        return len(self.channel_mult)
+
+    @property
+    def level_channels(self) -> tuple[int, ...]:
+        return tuple(self.model_channels * m for m in self.channel_mult)
+
+    @property
+    def num_temporal_downsamples(self) -> int:
+        return sum(self.temporal_downsample)
+
+    @property
+    def frame_divisor(self) -> int:
+        """T must be a multiple of this: each TemporalDown halves it."""
+        return 2 ** self.num_temporal_downsamples
+
+    @property
+    def spatial_divisor(self) -> int:
+        """H and W must be multiples of this: each spatial downsample halves them."""
+        return 2 ** (self.num_levels - 1)
+
+    @property
+    def time_embed_dim(self) -> int:
+        return 4 * self.model_channels
+
+    @property
+    def is_ssr(self) -> bool:
+        return self.in_channels == 6
+
+    def level_shapes(self, frames: int, height: int, width: int) -> list[tuple[int, int, int, int]]:
+        """(T, H, W, C) of every level for an input of ``frames x height x width``."""
+        shapes, t, h, w = [], frames, height, width
+        for level, ch in enumerate(self.level_channels):
+            shapes.append((t, h, w, ch))
+            if level < self.num_levels - 1:
+                h, w = h // 2, w // 2
+                t = t // 2 if self.temporal_downsample[level] else t
+        return shapes
+
+    # -- serialisation -----------------------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return {f.name: (list(v) if isinstance(v := getattr(self, f.name), tuple) else v) for f in fields(self)}
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2) + "\n"
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "STUNetConfig":
+        if not isinstance(data, dict):
+            raise TypeError(f"STUNetConfig.from_dict: data must be a dict, got {type(data).__name__}")
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"STUNetConfig: unknown field(s) {unknown}; known fields are {sorted(known)}")
+        return cls(**data)
+
+    @classmethod
+    def from_json(cls, text: str) -> "STUNetConfig":
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"STUNetConfig.from_json: not valid JSON ({e})") from None
+        return cls.from_dict(data)
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write ``config.json`` (``path`` is the file, or a directory to hold it), atomically."""
+        from .io import atomic_write_text
+
+        path = Path(path)
+        if path.is_dir():
+            path = path / "config.json"
+        atomic_write_text(path, self.to_json())
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "STUNetConfig":
+        """Read ``config.json`` (``path`` is the file or its directory)."""
+        path = Path(path)
+        if path.is_dir():
+            path = path / "config.json"
+        if not path.is_file():
+            raise FileNotFoundError(f"STUNetConfig.load: no config file at {str(path)!r}")
+        return cls.from_json(path.read_text())
+
+    def replace(self, **changes: Any) -> "STUNetConfig":
+        """A copy with ``changes`` applied (and validated)."""
+        unknown = sorted(set(changes) - {f.name for f in fields(self)})
+        if unknown:
+            raise ValueError(f"STUNetConfig.replace: unknown field(s) {unknown}")
+        return dataclasses.replace(self, **changes)
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides: Any) -> "STUNetConfig":
+        if name not in PRESETS:
+            raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
+        return cls(**{**PRESETS[name], **overrides})
+
+    @staticmethod
+    def presets() -> list[str]:
+        return list(PRESETS)
+
+
+PRESETS: dict[str, dict[str, Any]] = {
+    "tiny": dict(
+        model_channels=16, channel_mult=(1, 2, 2), num_res_blocks=1, attention_levels=(1,),
+        attention_head_dim=8, num_groups=4, text_dim=24, temporal_downsample=(True, False),
+        temporal_attn_depth=1, temporal_attn_heads=2, sample_frames=8, sample_size=16,
+    ),
+    "small": dict(
+        model_channels=64, channel_mult=(1, 2, 4), num_res_blocks=2, attention_levels=(1, 2),
+        attention_head_dim=32, num_groups=32, text_dim=512, temporal_downsample=(True, True),
+        temporal_attn_depth=2, temporal_attn_heads=4, sample_frames=16, sample_size=64,
+    ),
+    "lumiere-base": dict(),  # the dataclass defaults are the base model
+    "lumiere-ssr": dict(
+        in_channels=6, noise_aug=True, model_channels=64, channel_mult=(1, 2, 4, 8, 8),
+        num_res_blocks=2, attention_levels=(4,), attention_head_dim=64, text_dim=4096,
+        temporal_downsample=(False, False, False, False), temporal_attn_depth=0,
+        sample_frames=80, sample_size=1024, low_res_size=128, window_frames=16, window_overlap=2,
+    ),
+    "edge": dict(
+        model_channels=96, channel_mult=(1, 2, 3, 4), num_res_blocks=2, attention_levels=(2, 3),
+        attention_head_dim=32, text_dim=1024, temporal_downsample=(True, True, True),
+        temporal_attn_depth=2, temporal_attn_heads=8, sample_frames=80, sample_size=128,
+    ),
+}
+
+__all__ = ["STUNetConfig", "PRESETS"]

@@ -1,0 +1,110 @@
+"""Static analysis of a configuration: parameters, analytic FLOPs, activation memory, per-level geometry.
+
+Everything is computed on the ``meta`` device, so ``lumiere-base`` (1.5 B parameters) is analysed in
+milliseconds without allocating its weights.
+"""
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass
+
+import torch
+
+from .config import STUNetConfig
+from .model import STUNet
+
+BYTES_PER_ELEMENT = {"fp16": 2, "bf16": 2, "fp32": 4}
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    name: str
+    config: STUNetConfig
+    batch: int
+    frames: int
+    height: int
+    width: int
+    text_len: int
+    dtype: str
+    parameters: int
+    temporal_parameters: int
+    flops: int
+    activation_bytes: int
+    levels: list[dict]
+
+    @property
+    def weight_bytes(self) -> int:
+        return self.parameters * BYTES_PER_ELEMENT[self.dtype]
+
+    def to_dict(self) -> dict:
+        return {
+            "name": self.name, "batch": self.batch, "frames": self.frames, "height": self.height,
+            "width": self.width, "text_len": self.text_len, "dtype": self.dtype, "parameters": self.parameters,
+            "temporal_parameters": self.temporal_parameters, "flops": self.flops,
+            "activation_bytes": self.activation_bytes, "weight_bytes": self.weight_bytes, "levels": self.levels,
+            "config": self.config.to_dict(),
+        }
+
+    def format(self) -> str:
+        c = self.config
+        spatial = self.parameters - self.temporal_parameters
+        lines = [
+            f"{self.name}: in_channels {c.in_channels} -> out_channels {c.out_channels}, "
+            f"prediction {c.prediction}, schedule {c.schedule}, text_dim {c.text_dim}",
+            f"widths        {c.model_channels} x {c.channel_mult} = {c.level_channels}, "
+            f"{c.num_res_blocks} ResBlocks per encoder level",
+            f"parameters    {self.parameters / 1e6:,.1f} M  (spatial {spatial / 1e6:,.1f} M, temporal "
+            f"{self.temporal_parameters / 1e6:,.1f} M); {self.dtype} weights {self.weight_bytes / 1e9:.2f} GB",
+            f"input         batch {self.batch} x {self.frames} frames x {self.height} x {self.width}, "
+            f"{self.text_len} text tokens",
+            f"FLOPs/forward {self.flops / 1e12:,.2f} TFLOP (analytic; x2 with classifier-free guidance)",
+            f"activations   {self.activation_bytes / 1e9:.2f} GB in {self.dtype} (estimate: skips + widest block)",
+            "",
+            "level      T      H      W      C  spatial attn  temporal",
+        ]
+        for lv in self.levels:
+            lines.append(f"{lv['level']:>5} {lv['T']:>6} {lv['H']:>6} {lv['W']:>6} {lv['C']:>6}  "
+                         f"{'yes' if lv['spatial_attention'] else 'no':>12}  {lv['temporal']}")
+        return "\n".join(lines)
+
+
+def analyse(config: STUNetConfig, name: str = "custom", *, batch: int = 1, frames: int | None = None,
+            height: int | None = None, width: int | None = None, text_len: int = 77,
+            dtype: str = "fp16") -> ModelInfo:
+    if dtype not in BYTES_PER_ELEMENT:
+        raise ValueError(f"dtype must be one of {sorted(BYTES_PER_ELEMENT)}, got {dtype!r}")
+    frames = frames or (config.window_frames or config.sample_frames)
+    height = height or config.sample_size
+    width = width or config.sample_size
+    for arg, value, div in (("frames", frames, config.frame_divisor), ("height", height, config.spatial_divisor),
+                            ("width", width, config.spatial_divisor)):
+        if value < 1 or value % div:
+            raise ValueError(f"{arg} must be a positive multiple of {div} for this model, got {value}")
+    if batch < 1 or text_len < 1:
+        raise ValueError(f"batch and text_len must be positive, got batch={batch}, text_len={text_len}")
+    with torch.device("meta"):
+        model = STUNet(config)
+    params = sum(p.numel() for p in model.parameters())
+    temporal = sum(p.numel() for k, p in model.named_parameters() if model.is_temporal_key(k))
+
+    kinds: dict[int, Counter] = {}
+    shapes = config.level_shapes(frames, height, width)
+    by_hw = {(t, h): i for i, (t, h, _, _) in enumerate(shapes)}
+    for row in model.trace(batch, frames, height, width):
+        level = by_hw.get((row.in_shape[1], row.in_shape[2]))
+        if level is not None:
+            kinds.setdefault(level, Counter())[type(row.block).__name__] += 1
+    levels = []
+    last = config.num_levels - 1
+    for i, (t, h, w, c) in enumerate(shapes):
+        if i == last and config.temporal_attn_depth:
+            temporal_desc = f"{config.temporal_attn_depth} temporal-attention blocks (mid)"
+        else:
+            temporal_desc = f"{kinds.get(i, Counter())['ConvInflationBlock']} conv-inflation blocks"
+        if i < last:
+            temporal_desc += ", T/2 below" if config.temporal_downsample[i] else ", T kept below"
+        levels.append({"level": i, "T": t, "H": h, "W": w, "C": c,
+                       "spatial_attention": i in config.attention_levels or i == last, "temporal": temporal_desc})
+    return ModelInfo(name, config, batch, frames, height, width, text_len, dtype, params, temporal,
+                     model.flops(batch, frames, height, width, text_len),
+                     model.activation_bytes(batch, frames, height, width, BYTES_PER_ELEMENT[dtype]), levels)

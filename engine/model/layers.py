@@ -1,0 +1,276 @@
+"""Spatial building blocks of the STUNet trunk: the pretrained text-to-image U-Net, applied frame by frame.
+
+Layout legend (used by every module of ``stunet.model``):
+
+- video layout ``(B, C, T, H, W)``: what the user passes and gets back;
+- folded layout ``(B*T, C, H, W)``: frames folded into the batch, frame-major within each clip
+  (row ``b*T + t`` is frame ``t`` of clip ``b``). Every block takes and returns the folded layout and reads the
+  clip count ``B`` from the shared :class:`Cond`, so ``T = x.shape[0] // B`` is never passed around.
+
+Every block also has ``flops(shape, text_len)``: the analytic count of its multiply-adds x 2 (convolutions,
+linear layers and attention matmuls; norms and element-wise ops are not counted, as in
+``torch.utils.flop_counter``), and ``out_shape(shape)``, for ``shape = (B, T, H, W)`` of its input.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+Shape = tuple[int, int, int, int]  # (B, T, H, W) of a block's input
+
+
+@dataclass
+class Cond:
+    """What every frame shares: the clip count, the timestep embedding and the text tokens (never copied T times)."""
+
+    batch: int
+    emb: torch.Tensor  # (B, E)
+    text: torch.Tensor  # (B, L, D_text)
+    text_mask: torch.Tensor | None  # (B, L) bool, True = attend; None = every token
+
+
+def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
+    """Sinusoidal embedding of (possibly fractional) timesteps ``t`` (N,) -> (N, dim), in fp32."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+    args = t.float()[:, None] * freqs[None]
+    emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+    if dim % 2:
+        emb = F.pad(emb, (0, 1))
+    return emb
+
+
+class Block(nn.Module):
+    """A block of the folded trunk: ``forward(x, cond)``; shape-preserving unless it says otherwise."""
+
+    def out_shape(self, shape: Shape) -> Shape:
+        return shape
+
+    def out_channels(self, in_channels: int) -> int:
+        return in_channels
+
+    def flops(self, shape: Shape, text_len: int) -> int:
+        raise NotImplementedError
+
+
+def conv2d_flops(conv: nn.Conv2d, n: int, h_out: int, w_out: int) -> int:
+    k = conv.kernel_size[0] * conv.kernel_size[1]
+    return 2 * n * h_out * w_out * conv.out_channels * conv.in_channels * k
+
+
+def linear_flops(layer: nn.Linear, tokens: int) -> int:
+    return 2 * tokens * layer.in_features * layer.out_features
+
+
+class VideoGroupNorm(nn.GroupNorm):
+    """GroupNorm on the folded layout, statistics in fp32.
+
+    ``scope="frame"``: statistics per frame (norms never mix frames; what a per-frame T2I U-Net computes).
+    ``scope="clip"``: statistics over all T frames of a clip.
+    """
+
+    def __init__(self, num_groups: int, num_channels: int, scope: str = "frame", eps: float = 1e-5):
+        super().__init__(num_groups, num_channels, eps=eps)
+        self.scope = scope
+
+    def forward(self, x: torch.Tensor, batch: int = 1) -> torch.Tensor:
+        w, b = self.weight.float(), self.bias.float()
+        if self.scope == "frame":
+            return F.group_norm(x.float(), self.num_groups, w, b, self.eps).to(x.dtype)
+        bt, c, h, wd = x.shape
+        v = x.float().view(batch, bt // batch, c, h, wd).transpose(1, 2)  # (B, C, T, H, W)
+        y = F.group_norm(v, self.num_groups, w, b, self.eps)
+        return y.transpose(1, 2).reshape(bt, c, h, wd).to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", scope={self.scope}"
+
+
+class LayerNorm32(nn.LayerNorm):
+    """LayerNorm with statistics in fp32 (matches the fp32 reference when run in fp16)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.layer_norm(x.float(), self.normalized_shape, self.weight.float(), self.bias.float(),
+                            self.eps).to(x.dtype)
+
+
+def attention_flops(n: int, q_len: int, kv_len: int, dim: int) -> int:
+    """QK^T and PV of ``n`` independent attentions (heads folded into ``dim``)."""
+    return 2 * 2 * n * q_len * kv_len * dim
+
+
+class ResBlock(Block):
+    """Spatial ResBlock: GN-SiLU-conv3x3, + timestep embedding (broadcast over frames), GN-SiLU-conv3x3, skip."""
+
+    def __init__(self, in_ch: int, out_ch: int, emb_dim: int, groups: int, scope: str):
+        super().__init__()
+        self.norm1 = VideoGroupNorm(groups, in_ch, scope)
+        self.conv1 = nn.Conv2d(in_ch, out_ch, 3, padding=1)
+        self.emb_proj = nn.Linear(emb_dim, out_ch)
+        self.norm2 = VideoGroupNorm(groups, out_ch, scope)
+        self.conv2 = nn.Conv2d(out_ch, out_ch, 3, padding=1)
+        self.skip = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else nn.Identity()
+
+    def out_channels(self, in_channels: int) -> int:
+        return self.conv2.out_channels
+
+    def forward(self, x: torch.Tensor, cond: Cond) -> torch.Tensor:
+        B = cond.batch
+        h = self.conv1(F.silu(self.norm1(x, B)))
+        bt, c, hh, ww = h.shape
+        # (B, C) broadcast over the T frames of each clip: a view, never T copies.
+        emb = self.emb_proj(F.silu(cond.emb)).to(h.dtype)
+        h = (h.view(B, bt // B, c, hh, ww) + emb[:, None, :, None, None]).view(bt, c, hh, ww)
+        h = self.conv2(F.silu(self.norm2(h, B)))
+        return self.skip(x) + h
+
+    def flops(self, shape: Shape, text_len: int) -> int:
+        B, T, H, W = shape
+        n = B * T
+        total = conv2d_flops(self.conv1, n, H, W) + conv2d_flops(self.conv2, n, H, W)
+        total += linear_flops(self.emb_proj, B)
+        if isinstance(self.skip, nn.Conv2d):
+            total += conv2d_flops(self.skip, n, H, W)
+        return total
+
+
+class SpatialAttention(Block):
+    """Per-frame transformer block: self-attention over H*W, cross-attention to the text tokens, MLP.
+
+    GN -> proj_in -> [LN -> self-attn] -> [LN -> cross-attn(text)] -> [LN -> MLP] -> proj_out, residual.
+    Cross-attention keys and values come from the (B, L) text once per clip; the T*H*W queries of a clip
+    attend to them in one call (frames folded into the query length, not the batch).
+    """
+
+    def __init__(self, ch: int, head_dim: int, text_dim: int, groups: int, scope: str, mlp_ratio: int = 4):
+        super().__init__()
+        self.heads = ch // head_dim
+        self.norm = VideoGroupNorm(groups, ch, scope)
+        self.proj_in = nn.Linear(ch, ch)
+        self.norm1 = LayerNorm32(ch)
+        self.qkv = nn.Linear(ch, 3 * ch, bias=False)
+        self.attn_out = nn.Linear(ch, ch)
+        self.norm2 = LayerNorm32(ch)
+        self.cross_q = nn.Linear(ch, ch, bias=False)
+        self.cross_kv = nn.Linear(text_dim, 2 * ch, bias=False)
+        self.cross_out = nn.Linear(ch, ch)
+        self.norm3 = LayerNorm32(ch)
+        self.mlp_in = nn.Linear(ch, mlp_ratio * ch)
+        self.mlp_out = nn.Linear(mlp_ratio * ch, ch)
+        self.proj_out = nn.Linear(ch, ch)
+
+    def _split(self, t: torch.Tensor) -> torch.Tensor:  # (N, S, C) -> (N, heads, S, C/heads)
+        n, s, c = t.shape
+        return t.view(n, s, self.heads, c // self.heads).transpose(1, 2)
+
+    @staticmethod
+    def _merge(t: torch.Tensor) -> torch.Tensor:  # (N, heads, S, d) -> (N, S, heads*d)
+        n, h, s, d = t.shape
+        return t.transpose(1, 2).reshape(n, s, h * d)
+
+    def forward(self, x: torch.Tensor, cond: Cond) -> torch.Tensor:
+        B = cond.batch
+        bt, c, hh, ww = x.shape
+        tokens = self.norm(x, B).flatten(2).transpose(1, 2)  # (B*T, H*W, C)
+        h = self.proj_in(tokens)
+
+        q, k, v = self.qkv(self.norm1(h)).chunk(3, dim=-1)
+        a = F.scaled_dot_product_attention(self._split(q), self._split(k), self._split(v))
+        h = h + self.attn_out(self._merge(a))
+
+        q = self.cross_q(self.norm2(h)).reshape(B, -1, c)  # (B, T*H*W, C): frames share the clip's text
+        k, v = self.cross_kv(cond.text).chunk(2, dim=-1)  # (B, L, C)
+        mask = None if cond.text_mask is None else cond.text_mask[:, None, None, :]
+        a = F.scaled_dot_product_attention(self._split(q), self._split(k), self._split(v), attn_mask=mask)
+        h = h + self.cross_out(self._merge(a)).reshape(bt, hh * ww, c)
+
+        h = h + self.mlp_out(F.gelu(self.mlp_in(self.norm3(h))))
+        h = self.proj_out(h)
+        return x + h.transpose(1, 2).reshape(bt, c, hh, ww)
+
+    def flops(self, shape: Shape, text_len: int) -> int:
+        B, T, H, W = shape
+        tokens, c = B * T * H * W, self.proj_in.in_features
+        total = sum(linear_flops(m, tokens) for m in (self.proj_in, self.qkv, self.attn_out, self.cross_q,
+                                                        self.cross_out, self.mlp_in, self.mlp_out, self.proj_out))
+        total += linear_flops(self.cross_kv, B * text_len)
+        total += attention_flops(B * T, H * W, H * W, c)
+        total += attention_flops(B, T * H * W, text_len, c)
+        return total
+
+
+class ConvIn(Block):
+    def __init__(self, in_ch: int, out_ch: int):
+        super().__init__()
+        self.conv = nn.Conv2d(in_ch, out_ch, 3, padding=1)
+
+    def out_channels(self, in_channels: int) -> int:
+        return self.conv.out_channels
+
+    def forward(self, x: torch.Tensor, cond: Cond) -> torch.Tensor:
+        return self.conv(x)
+
+    def flops(self, shape: Shape, text_len: int) -> int:
+        B, T, H, W = shape
+        return conv2d_flops(self.conv, B * T, H, W)
+
+
+class Downsample(Block):
+    """Spatial 2x downsample: conv3x3, stride 2 (per frame)."""
+
+    def __init__(self, ch: int):
+        super().__init__()
+        self.conv = nn.Conv2d(ch, ch, 3, stride=2, padding=1)
+
+    def forward(self, x: torch.Tensor, cond: Cond) -> torch.Tensor:
+        return self.conv(x)
+
+    def out_shape(self, shape: Shape) -> Shape:
+        B, T, H, W = shape
+        return B, T, H // 2, W // 2
+
+    def flops(self, shape: Shape, text_len: int) -> int:
+        B, T, H, W = shape
+        return conv2d_flops(self.conv, B * T, H // 2, W // 2)
+
+
+class Upsample(Block):
+    """Spatial 2x upsample: nearest neighbour, then conv3x3 (per frame)."""
+
+    def __init__(self, ch: int):
+        super().__init__()
+        self.conv = nn.Conv2d(ch, ch, 3, padding=1)
+
+    def forward(self, x: torch.Tensor, cond: Cond) -> torch.Tensor:
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+
+    def out_shape(self, shape: Shape) -> Shape:
+        B, T, H, W = shape
+        return B, T, 2 * H, 2 * W
+
+    def flops(self, shape: Shape, text_len: int) -> int:
+        B, T, H, W = shape
+        return conv2d_flops(self.conv, B * T, 2 * H, 2 * W)
+
+
+class OutHead(Block):
+    """GN -> SiLU -> conv3x3 to the output channels."""
+
+    def __init__(self, ch: int, out_ch: int, groups: int, scope: str):
+        super().__init__()
+        self.norm = VideoGroupNorm(groups, ch, scope)
+        self.conv = nn.Conv2d(ch, out_ch, 3, padding=1)
+
+    def out_channels(self, in_channels: int) -> int:
+        return self.conv.out_channels
+
+    def forward(self, x: torch.Tensor, cond: Cond) -> torch.Tensor:
+        return self.conv(F.silu(self.norm(x, cond.batch)))
+
+    def flops(self, shape: Shape, text_len: int) -> int:
+        B, T, H, W = shape
+        return conv2d_flops(self.conv, B * T, H, W)

@@ -1,0 +1,184 @@
+"""Temporal modules that inflate the per-frame trunk into a Space-Time U-Net (Lumiere, arXiv 2401.12945).
+
+All take and return the folded layout ``(B*T, C, H, W)`` (see ``layers``) and are exactly the identity (or
+exact frame selection / duplication) at initialisation, so a freshly inflated network computes what the
+text-to-image U-Net computes on every frame of a static video.
+
+- :class:`ConvInflationBlock` ``y = x + proj(act(norm(conv1d_t(act(norm(conv2d_3x3(x)))))))``, proj zero-init.
+- :class:`TemporalAttentionBlock` pre-norm self-attention over T at every (b, h, w) + MLP, outputs zero-init.
+- :class:`TemporalDown` Conv1d over time, k=3, pad 1, stride 2, identity-init: picks the even frames.
+- :class:`TemporalUp` frame duplication then Conv1d k=3 identity-init: nearest-neighbour upsampling.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .layers import (Block, Cond, LayerNorm32, Shape, VideoGroupNorm, attention_flops, conv2d_flops,
+                     linear_flops)
+
+
+class TemporalModule(Block):
+    """Marker base: the modules inflation adds. Their weights are never touched by ``interpolate_spatial``."""
+
+
+def to_clips(x: torch.Tensor, batch: int) -> torch.Tensor:
+    """(B*T, C, H, W) -> (B, C, T, H, W) view-permute (no copy)."""
+    bt, c, h, w = x.shape
+    return x.view(batch, bt // batch, c, h, w).transpose(1, 2)
+
+
+def from_clips(x: torch.Tensor) -> torch.Tensor:
+    """(B, C, T, H, W) -> (B*T, C, H, W) (copies only if ``x`` is not already frame-major)."""
+    b, c, t, h, w = x.shape
+    return x.transpose(1, 2).reshape(b * t, c, h, w)
+
+
+class TemporalConv(nn.Module):
+    """Conv1d over time applied at every pixel: weight (C_out, C_in, k), zero padding (k - 1) / 2 in time."""
+
+    def __init__(self, in_ch: int, out_ch: int, kernel: int = 3, stride: int = 1):
+        super().__init__()
+        self.kernel, self.stride = kernel, stride
+        self.weight = nn.Parameter(torch.empty(out_ch, in_ch, kernel))
+        self.bias = nn.Parameter(torch.empty(out_ch))
+        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))  # nn.Conv1d's default initialisation
+        bound = 1 / math.sqrt(in_ch * kernel)
+        nn.init.uniform_(self.bias, -bound, bound)
+
+    def init_identity(self) -> None:
+        """Centre tap = identity matrix, everything else zero: output frame t' = input frame stride * t'."""
+        assert self.weight.shape[0] == self.weight.shape[1], "identity needs in_ch == out_ch"
+        with torch.no_grad():
+            self.weight.zero_()
+            self.weight[:, :, self.kernel // 2] = torch.eye(self.weight.shape[0])
+            self.bias.zero_()
+
+    def forward(self, x: torch.Tensor, batch: int) -> torch.Tensor:
+        w = self.weight[:, :, :, None, None]  # (C_out, C_in, k, 1, 1): a Conv1d seen by conv3d
+        y = F.conv3d(to_clips(x, batch), w, self.bias, stride=(self.stride, 1, 1), padding=(self.kernel // 2, 0, 0))
+        return from_clips(y)
+
+    def flops(self, shape: Shape) -> int:
+        B, T, H, W = shape
+        t_out = (T + 2 * (self.kernel // 2) - self.kernel) // self.stride + 1
+        return 2 * B * t_out * H * W * self.weight.shape[0] * self.weight.shape[1] * self.kernel
+
+
+class ConvInflationBlock(TemporalModule):
+    """Residual (2+1)D conv block; the zero-initialised 1x1 ``proj`` makes a fresh block the identity."""
+
+    def __init__(self, ch: int, groups: int, scope: str):
+        super().__init__()
+        self.conv_s = nn.Conv2d(ch, ch, 3, padding=1)
+        self.norm_s = VideoGroupNorm(groups, ch, scope)
+        self.conv_t = TemporalConv(ch, ch, kernel=3)
+        self.norm_t = VideoGroupNorm(groups, ch, scope)
+        self.proj = nn.Conv2d(ch, ch, 1)
+        nn.init.zeros_(self.proj.weight)
+        nn.init.zeros_(self.proj.bias)
+
+    def forward(self, x: torch.Tensor, cond: Cond) -> torch.Tensor:
+        B = cond.batch
+        h = F.silu(self.norm_s(self.conv_s(x), B))
+        h = F.silu(self.norm_t(self.conv_t(h, B), B))
+        return x + self.proj(h)
+
+    def flops(self, shape: Shape, text_len: int) -> int:
+        B, T, H, W = shape
+        n = B * T
+        return conv2d_flops(self.conv_s, n, H, W) + self.conv_t.flops(shape) + conv2d_flops(self.proj, n, H, W)
+
+
+def sinusoidal_positions(length: int, dim: int, device=None) -> torch.Tensor:
+    """(length, dim) fp32 sinusoidal positional encoding (Vaswani et al. 2017), sin on even, cos on odd dims."""
+    pos = torch.arange(length, dtype=torch.float32, device=device)[:, None]
+    div = torch.exp(torch.arange(0, dim, 2, dtype=torch.float32, device=device) * (-math.log(10000.0) / dim))
+    pe = torch.zeros(length, dim, device=device)
+    pe[:, 0::2] = torch.sin(pos * div)
+    pe[:, 1::2] = torch.cos(pos * div)[:, : dim // 2]
+    return pe
+
+
+class TemporalAttentionBlock(TemporalModule):
+    """Self-attention over the T frames at every (b, h, w), then an MLP; pre-norm, residual.
+
+    Sequences are ``(B*H*W, T, C)``; the optional sinusoidal positional encoding is added to the normed input
+    of attention. ``attn_out`` and ``mlp_out`` are zero-initialised, so a fresh block is the identity.
+    """
+
+    def __init__(self, ch: int, heads: int, pos_embed: str = "sinusoidal", mlp_ratio: int = 4):
+        super().__init__()
+        self.heads, self.pos_embed = heads, pos_embed
+        self.norm1 = LayerNorm32(ch)
+        self.qkv = nn.Linear(ch, 3 * ch, bias=False)  # packed q|k|v, what the fused kernel reads
+        self.attn_out = nn.Linear(ch, ch)
+        self.norm2 = LayerNorm32(ch)
+        self.mlp_in = nn.Linear(ch, mlp_ratio * ch)
+        self.mlp_out = nn.Linear(mlp_ratio * ch, ch)
+        for layer in (self.attn_out, self.mlp_out):
+            nn.init.zeros_(layer.weight)
+            nn.init.zeros_(layer.bias)
+
+    def forward(self, x: torch.Tensor, cond: Cond) -> torch.Tensor:
+        B = cond.batch
+        bt, c, h, w = x.shape
+        T = bt // B
+        # (B*T, C, H, W) -> (B*H*W, T, C): one sequence per pixel of each clip.
+        seq = x.view(B, T, c, h, w).permute(0, 3, 4, 1, 2).reshape(B * h * w, T, c)
+        y = self.norm1(seq)
+        if self.pos_embed == "sinusoidal":
+            y = y + sinusoidal_positions(T, c, device=x.device).to(y.dtype)
+        q, k, v = self.qkv(y).view(-1, T, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4)
+        a = F.scaled_dot_product_attention(q, k, v)  # (N, heads, T, d)
+        seq = seq + self.attn_out(a.transpose(1, 2).reshape(-1, T, c))
+        seq = seq + self.mlp_out(F.gelu(self.mlp_in(self.norm2(seq))))
+        return seq.view(B, h, w, T, c).permute(0, 3, 4, 1, 2).reshape(bt, c, h, w)
+
+    def flops(self, shape: Shape, text_len: int) -> int:
+        B, T, H, W = shape
+        tokens, c = B * T * H * W, self.attn_out.in_features
+        total = sum(linear_flops(m, tokens) for m in (self.qkv, self.attn_out, self.mlp_in, self.mlp_out))
+        return total + attention_flops(B * H * W, T, T, c)
+
+
+class TemporalDown(TemporalModule):
+    """T -> T/2 by a stride-2 Conv1d over time (k=3, pad 1); identity-init picks frames 0, 2, 4, ..."""
+
+    def __init__(self, ch: int):
+        super().__init__()
+        self.conv = TemporalConv(ch, ch, kernel=3, stride=2)
+        self.conv.init_identity()
+
+    def forward(self, x: torch.Tensor, cond: Cond) -> torch.Tensor:
+        return self.conv(x, cond.batch)
+
+    def out_shape(self, shape: Shape) -> Shape:
+        B, T, H, W = shape
+        return B, (T + 1) // 2, H, W
+
+    def flops(self, shape: Shape, text_len: int) -> int:
+        return self.conv.flops(shape)
+
+
+class TemporalUp(TemporalModule):
+    """T -> 2T: duplicate every frame, then Conv1d over time (k=3) identity-init (nearest neighbour at init)."""
+
+    def __init__(self, ch: int):
+        super().__init__()
+        self.conv = TemporalConv(ch, ch, kernel=3)
+        self.conv.init_identity()
+
+    def forward(self, x: torch.Tensor, cond: Cond) -> torch.Tensor:
+        # Frame-major folding: duplicating rows of (B*T) duplicates frames within each clip.
+        return self.conv(x.repeat_interleave(2, dim=0), cond.batch)
+
+    def out_shape(self, shape: Shape) -> Shape:
+        B, T, H, W = shape
+        return B, 2 * T, H, W
+
+    def flops(self, shape: Shape, text_len: int) -> int:
+        return self.conv.flops(self.out_shape(shape))

@@ -1,0 +1,269 @@
+"""The reference STUNet: a per-frame text-to-image U-Net inflated with temporal modules.
+
+This eager PyTorch module is the source of truth every other backend is checked against. Structure (levels
+numbered from 0 at full resolution; see ``STUNetConfig``):
+
+- encoder stage 0: conv_in; then for each level ``num_res_blocks`` stages of ResBlock [+ SpatialAttention],
+  each spatial block followed by its temporal module; between levels a stage Downsample [+ TemporalDown].
+  The skip is saved after every stage, so the skip of a downsample stage is saved after TemporalDown.
+- mid: ResBlock, SpatialAttention, ``temporal_attn_depth`` TemporalAttentionBlocks, ResBlock.
+- decoder: per level ``num_res_blocks + 1`` stages, each consuming one skip (channel concat) through a
+  ResBlock [+ SpatialAttention] with their temporal modules; then Upsample [+ TemporalUp].
+- out: GN, SiLU, conv3x3.
+
+The temporal module after a spatial block is a ConvInflationBlock at every level but the coarsest. When
+temporal attention is enabled (``temporal_attn_depth > 0``), the coarsest level has no temporal convs: its
+temporal modelling is the temporal-attention stack of the mid block. With ``temporal_attn_depth == 0`` (SSR:
+"temporal convs only") the coarsest level and the mid block get ConvInflationBlocks too.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+from dataclasses import dataclass
+from typing import Iterator
+
+import torch
+from torch import nn
+
+from ..config import STUNetConfig
+from .layers import (Block, Cond, ConvIn, Downsample, OutHead, ResBlock, Shape, SpatialAttention, Upsample,
+                     linear_flops, timestep_embedding)
+from .temporal import ConvInflationBlock, TemporalAttentionBlock, TemporalDown, TemporalModule, TemporalUp
+
+Stage = nn.ModuleList
+
+
+@dataclass(frozen=True)
+class TraceRow:
+    block: Block
+    in_shape: Shape  # (B, T, H, W)
+    in_channels: int
+    out_shape: Shape
+    out_channels: int
+    is_skip: bool  # its output is saved for the decoder
+
+    @property
+    def in_elements(self) -> int:
+        return math.prod(self.in_shape) * self.in_channels
+
+    @property
+    def out_elements(self) -> int:
+        return math.prod(self.out_shape) * self.out_channels
+
+
+def _embedder(in_dim: int, dim: int) -> nn.Sequential:
+    return nn.Sequential(nn.Linear(in_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
+
+
+class STUNet(nn.Module):
+    """Space-Time U-Net. ``model(x, timesteps, text_embeds, text_mask=None) -> (B, out_channels, T, H, W)``."""
+
+    def __init__(self, config: STUNetConfig):
+        super().__init__()
+        if not isinstance(config, STUNetConfig):
+            raise TypeError(f"STUNet(config): config must be a STUNetConfig, got {type(config).__name__}; "
+                            "use STUNetConfig.from_preset(name)")
+        self.config = cfg = config
+        self._temporal_enabled = True
+        groups, scope, E = cfg.num_groups, cfg.norm_scope, cfg.time_embed_dim
+        last = cfg.num_levels - 1
+
+        self.time_embed = _embedder(cfg.model_channels, E)
+        self.noise_aug_embed = _embedder(cfg.model_channels, E) if cfg.noise_aug else None
+
+        def res(cin: int, cout: int) -> ResBlock:
+            return ResBlock(cin, cout, E, groups, scope)
+
+        def attn(ch: int) -> SpatialAttention:
+            return SpatialAttention(ch, cfg.attention_head_dim, cfg.text_dim, groups, scope)
+
+        def temporal_after(level: int, ch: int) -> list[Block]:
+            if level == last and cfg.temporal_attn_depth > 0:
+                return []
+            return [ConvInflationBlock(ch, groups, scope)]
+
+        def spatial_stage(level: int, cin: int, cout: int) -> list[Block]:
+            blocks: list[Block] = [res(cin, cout), *temporal_after(level, cout)]
+            if level in cfg.attention_levels:
+                blocks += [attn(cout), *temporal_after(level, cout)]
+            return blocks
+
+        ch = cfg.model_channels
+        self.encoder = nn.ModuleList([Stage([ConvIn(cfg.in_channels, ch)])])
+        skip_channels = [ch]
+        for level, width in enumerate(cfg.level_channels):
+            for _ in range(cfg.num_res_blocks):
+                self.encoder.append(Stage(spatial_stage(level, ch, width)))
+                ch = width
+                skip_channels.append(ch)
+            if level < last:
+                down: list[Block] = [Downsample(ch)]
+                if cfg.temporal_downsample[level]:
+                    down.append(TemporalDown(ch))
+                self.encoder.append(Stage(down))
+                skip_channels.append(ch)
+
+        if cfg.temporal_attn_depth > 0:
+            mid_temporal: list[Block] = [
+                TemporalAttentionBlock(ch, cfg.temporal_attn_heads, cfg.temporal_pos_embed, cfg.temporal_mlp_ratio)
+                for _ in range(cfg.temporal_attn_depth)]
+        else:
+            mid_temporal = [ConvInflationBlock(ch, groups, scope)]
+        self.mid = Stage([res(ch, ch), attn(ch), *mid_temporal, res(ch, ch)])
+
+        self.decoder = nn.ModuleList()
+        for level in reversed(range(cfg.num_levels)):
+            width = cfg.level_channels[level]
+            for i in range(cfg.num_res_blocks + 1):
+                blocks = spatial_stage(level, ch + skip_channels.pop(), width)
+                ch = width
+                if level > 0 and i == cfg.num_res_blocks:
+                    blocks.append(Upsample(ch))
+                    if cfg.temporal_downsample[level - 1]:
+                        blocks.append(TemporalUp(ch))
+                self.decoder.append(Stage(blocks))
+        assert not skip_channels, "every skip is consumed exactly once"
+        self.out = OutHead(ch, cfg.out_channels, groups, scope)
+
+    # -- properties ----------------------------------------------------------------------------------------------
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.parameters()).dtype
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    def temporal_modules(self) -> Iterator[tuple[str, TemporalModule]]:
+        for name, module in self.named_modules():
+            if isinstance(module, TemporalModule):
+                yield name, module
+
+    def is_temporal_key(self, key: str) -> bool:
+        """Whether a state-dict key belongs to a temporal module (added by inflation, not pretrained)."""
+        return any(key.startswith(name + ".") for name, _ in self.temporal_modules())
+
+    @contextlib.contextmanager
+    def without_temporal(self) -> Iterator["STUNet"]:
+        """Run as the per-frame text-to-image U-Net: every temporal module is skipped (T is never resampled)."""
+        previous, self._temporal_enabled = self._temporal_enabled, False
+        try:
+            yield self
+        finally:
+            self._temporal_enabled = previous
+
+    # -- forward ---------------------------------------------------------------------------------------------
+    def _run(self, stage: Stage, h: torch.Tensor, cond: Cond) -> torch.Tensor:
+        for block in stage:
+            if self._temporal_enabled or not isinstance(block, TemporalModule):
+                h = block(h, cond)
+        return h
+
+    def forward(self, x: torch.Tensor, timesteps: torch.Tensor | float | int, text_embeds: torch.Tensor,
+                text_mask: torch.Tensor | None = None, *, noise_level: torch.Tensor | float | None = None,
+                check_finite: bool | None = None) -> torch.Tensor:
+        """Predict v or eps (``config.prediction``) for a noisy video.
+
+        Args:
+            x: (B, C, T, H, W) with C = ``config.in_channels``; T a multiple of ``config.frame_divisor``,
+                H and W multiples of ``config.spatial_divisor``.
+            timesteps: (B,) or a scalar in [0, num_train_timesteps]; shared by every frame of a clip.
+            text_embeds: (B, L, text_dim) text-encoder tokens; shared by every frame of a clip.
+            text_mask: optional (B, L) bool (or 0/1) mask, True for tokens to attend to.
+            noise_level: SSR only, (B,) or scalar noise-augmentation timestep of the low-res input (default 0).
+            check_finite: also reject NaN/inf in ``x`` and ``text_embeds`` (costs a device sync); default from
+                the environment variable ``STUNET_CHECK_FINITE=1``.
+        Returns:
+            (B, out_channels, T, H, W) in the model's dtype.
+        """
+        from .validate import check_forward_inputs
+
+        if check_finite is None:
+            check_finite = os.environ.get("STUNET_CHECK_FINITE", "0") == "1"
+        x, t, text_embeds, text_mask, noise_level = check_forward_inputs(
+            self, x, timesteps, text_embeds, text_mask, noise_level, check_finite)
+        B, C, T, H, W = x.shape
+        cfg = self.config
+
+        emb = self.time_embed(timestep_embedding(t, cfg.model_channels).to(x.dtype))
+        if self.noise_aug_embed is not None:
+            emb = emb + self.noise_aug_embed(timestep_embedding(noise_level, cfg.model_channels).to(x.dtype))
+        cond = Cond(batch=B, emb=emb, text=text_embeds, text_mask=text_mask)
+
+        h = x.transpose(1, 2).reshape(B * T, C, H, W)  # video -> folded layout
+        skips = []
+        for stage in self.encoder:
+            h = self._run(stage, h, cond)
+            skips.append(h)
+        h = self._run(self.mid, h, cond)
+        for stage in self.decoder:
+            h = self._run(stage, torch.cat([h, skips.pop()], dim=1), cond)
+        h = self.out(h, cond)
+        return h.view(B, T, cfg.out_channels, H, W).transpose(1, 2).contiguous()
+
+    # -- analysis --------------------------------------------------------------------------------------------
+    def trace(self, batch: int, frames: int, height: int, width: int) -> list[TraceRow]:
+        """Every block in execution order with its input and output geometry (skips and concats included)."""
+        rows: list[TraceRow] = []
+        skips: list[tuple[Shape, int]] = []
+
+        def run(stage: Stage, shape: Shape, ch: int, skip: bool = False) -> tuple[Shape, int]:
+            active = [b for b in stage if self._temporal_enabled or not isinstance(b, TemporalModule)]
+            for i, block in enumerate(active):
+                out_shape, out_ch = block.out_shape(shape), block.out_channels(ch)
+                rows.append(TraceRow(block, shape, ch, out_shape, out_ch, skip and i == len(active) - 1))
+                shape, ch = out_shape, out_ch
+            return shape, ch
+
+        shape, ch = (batch, frames, height, width), self.config.in_channels
+        for stage in self.encoder:
+            shape, ch = run(stage, shape, ch, skip=True)
+            skips.append((shape, ch))
+        shape, ch = run(self.mid, shape, ch)
+        for stage in self.decoder:
+            skip_shape, skip_ch = skips.pop()
+            assert skip_shape == shape, f"skip {skip_shape} does not match {shape}"
+            shape, ch = run(stage, shape, ch + skip_ch)
+        run(Stage([self.out]), shape, ch)
+        return rows
+
+    def flops(self, batch: int, frames: int, height: int, width: int, text_len: int = 77) -> int:
+        """Analytic FLOPs (2 x multiply-adds of convs, linears and attention matmuls) of one forward."""
+        total = sum(linear_flops(m, batch) for m in self.time_embed if isinstance(m, nn.Linear))
+        if self.noise_aug_embed is not None:
+            total += sum(linear_flops(m, batch) for m in self.noise_aug_embed if isinstance(m, nn.Linear))
+        return total + sum(r.block.flops(r.in_shape, text_len) for r in self.trace(batch, frames, height, width))
+
+    def activation_bytes(self, batch: int, frames: int, height: int, width: int, bytes_per_element: int = 2) -> int:
+        """Estimated peak activation memory of one inference forward (no autograd).
+
+        The skips held for the decoder, plus the widest block's working set: about 6 tensors of its input's
+        size (input, normed input, hidden, output, the concat that fed it), 12 for attention blocks whose
+        qkv and 4C-wide MLP hidden are live. Attention scores are not counted: fused attention kernels never
+        materialise them (the eager reference on CPU may).
+        """
+        skips, peak = 0, 0
+        for r in self.trace(batch, frames, height, width):
+            if r.is_skip:
+                skips += r.out_elements
+            factor = 12 if isinstance(r.block, (SpatialAttention, TemporalAttentionBlock)) else 6
+            peak = max(peak, factor * r.in_elements)
+        return (skips + peak) * bytes_per_element
+
+    # -- weights -------------------------------------------------------------------------------------------
+    def save_pretrained(self, directory: str | os.PathLike) -> None:
+        """Write ``config.json`` + ``model.safetensors`` into ``directory`` (created if missing), atomically."""
+        from ..weights import save_pretrained
+
+        save_pretrained(self, directory)
+
+    @classmethod
+    def from_pretrained(cls, directory: str | os.PathLike, *, device: str | torch.device | None = None,
+                        dtype: torch.dtype | None = None) -> "STUNet":
+        """Load a model saved by :meth:`save_pretrained`; strict about keys and shapes."""
+        from ..weights import from_pretrained
+
+        return from_pretrained(cls, directory, device=device, dtype=dtype)
+

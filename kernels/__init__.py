@@ -1,0 +1,1 @@
+"""stunet.kernels: Triton kernels, each registered as a torch.library op beside its reference math."""

@@ -1,0 +1,44 @@
+"""Test helpers: seeded inputs, randomised temporal weights, and comparisons that explain their failures."""
+from __future__ import annotations
+
+import torch
+
+import stunet
+
+
+def make_inputs(config: stunet.STUNetConfig, batch: int = 2, frames: int | None = None, size: int | None = None,
+                text_len: int = 5, dtype=torch.float32, device="cpu", seed: int = 0):
+    """(x, timesteps, text_embeds) for ``config``, drawn on a CPU generator (the same on every device)."""
+    g = torch.Generator().manual_seed(seed)
+    frames = frames or config.sample_frames
+    size = size or config.sample_size
+    x = torch.randn(batch, config.in_channels, frames, size, size, generator=g)
+    t = torch.randint(0, config.num_train_timesteps, (batch,), generator=g)
+    text = torch.randn(batch, text_len, config.text_dim, generator=g)
+    return x.to(device, dtype), t.to(device), text.to(device, dtype)
+
+
+def randomize_temporal(model: stunet.STUNet, seed: int = 1, scale: float = 0.05) -> stunet.STUNet:
+    """Give every temporal module non-trivial weights (a fresh network is the identity in time)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, module in model.temporal_modules():
+            for p in module.parameters(recurse=True):
+                p.add_(scale * torch.randn(p.shape, generator=g).to(p))
+    return model
+
+
+def assert_close(actual: torch.Tensor, expected: torch.Tensor, *, atol: float, rtol: float, what: str = "") -> None:
+    """allclose with a report of the worst element and the fraction of elements out of tolerance."""
+    assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    a, e = actual.detach().double().cpu(), expected.detach().double().cpu()
+    err = (a - e).abs()
+    bound = atol + rtol * e.abs()
+    bad = err > bound
+    if bad.any():
+        i = int((err - bound).flatten().argmax())
+        idx = tuple(int(v) for v in torch.unravel_index(torch.tensor(i), a.shape))
+        raise AssertionError(
+            f"{what}: {bad.float().mean().item():.4%} of elements exceed atol={atol} rtol={rtol}; worst at "
+            f"{idx}: got {a[idx].item():.6g}, expected {e[idx].item():.6g} (|err| {err[idx].item():.3g}); "
+            f"max |err| {err.max().item():.3g}")
