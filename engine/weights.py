@@ -115,8 +115,7 @@ def interpolate_spatial(orig: "STUNet", style: "STUNet | Mapping[str, torch.Tens
     orig_state = orig.state_dict()
     keys = spatial_keys(orig)
     check_state_dict({k: orig_state[k] for k in keys},
-                     {k: v for k, v in style_state.items() if k in orig_state and not orig.is_temporal_key(k)}
-                     | {k: v for k, v in style_state.items() if k not in orig_state},
+                     {k: v for k, v in style_state.items() if not orig.is_temporal_key(k)},
                      what="interpolate_spatial: the style weights")
     result = copy.deepcopy(orig)
     with torch.no_grad():

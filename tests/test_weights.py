@@ -1,0 +1,150 @@
+"""Weights on disk (config.json + model.safetensors), strict loading, atomic saves, stylization."""
+from __future__ import annotations
+
+import json
+import struct
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from utils import make_inputs, randomize_temporal
+
+import stunet
+from stunet import WeightsError, interpolate_spatial
+
+
+@pytest.fixture
+def trained(tiny_model):
+    return randomize_temporal(tiny_model)
+
+
+def test_round_trip_is_bit_exact(trained, tiny_config, tmp_path):
+    trained.save_pretrained(tmp_path / "m")
+    assert sorted(p.name for p in (tmp_path / "m").iterdir()) == ["config.json", "model.safetensors"]
+    loaded = stunet.STUNet.from_pretrained(tmp_path / "m")
+    assert loaded.config == tiny_config and not loaded.training
+    a, b = trained.state_dict(), loaded.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    x, t, text = make_inputs(tiny_config)
+    with torch.no_grad():
+        assert torch.equal(trained(x, t, text), loaded(x, t, text))
+
+
+def test_weights_file_is_safetensors_not_pickle(trained, tmp_path):
+    trained.save_pretrained(tmp_path)
+    raw = (tmp_path / "model.safetensors").read_bytes()
+    header_len = struct.unpack("<Q", raw[:8])[0]
+    header = json.loads(raw[8:8 + header_len])
+    assert header["__metadata__"]["format"] == "stunet"
+    assert not raw.startswith(b"\x80") and b"PK\x03\x04" not in raw[:4]  # neither pickle nor a torch zip
+
+
+def test_from_pretrained_casts(trained, tmp_path):
+    trained.save_pretrained(tmp_path)
+    half = stunet.STUNet.from_pretrained(tmp_path, dtype=torch.float16)
+    assert half.dtype == torch.float16 and half.device.type == "cpu"
+
+
+def test_mismatched_weights_list_every_problem_at_once(trained, tmp_path):
+    trained.save_pretrained(tmp_path)
+    state = load_file(str(tmp_path / "model.safetensors"))
+    del state["out.conv.weight"], state["time_embed.0.bias"]
+    state["extra.weight"] = torch.zeros(3)
+    state["mid.0.conv1.weight"] = torch.zeros(1, 2, 3, 3)
+    save_file(state, str(tmp_path / "model.safetensors"))
+    with pytest.raises(WeightsError) as info:
+        stunet.STUNet.from_pretrained(tmp_path)
+    msg = str(info.value)
+    assert "2 missing keys" in msg and "out.conv.weight" in msg and "time_embed.0.bias" in msg
+    assert "1 unexpected keys" in msg and "extra.weight" in msg
+    assert "1 shape mismatches" in msg and "mid.0.conv1.weight: expected (32, 32, 3, 3), got (1, 2, 3, 3)" in msg
+
+
+def test_weights_of_another_config_are_refused(trained, tiny_config, tmp_path):
+    trained.save_pretrained(tmp_path)
+    tiny_config.replace(text_dim=16).save(tmp_path)
+    with pytest.raises(WeightsError, match="shape mismatches"):
+        stunet.STUNet.from_pretrained(tmp_path)
+
+
+@pytest.mark.parametrize("damage", ["truncate", "garbage", "empty"])
+def test_corrupt_file_raises_a_clear_error(trained, tmp_path, damage):
+    trained.save_pretrained(tmp_path)
+    path = tmp_path / "model.safetensors"
+    raw = path.read_bytes()
+    path.write_bytes({"truncate": raw[: len(raw) // 2], "garbage": b"not a safetensors file" * 10,
+                      "empty": b""}[damage])
+    with pytest.raises(WeightsError, match=r"cannot read weights file .*model.safetensors.*truncated or not a "
+                                           r"safetensors file"):
+        stunet.STUNet.from_pretrained(tmp_path)
+
+
+def test_missing_files_are_named(trained, tmp_path):
+    with pytest.raises(FileNotFoundError, match="is not a directory holding config.json"):
+        stunet.STUNet.from_pretrained(tmp_path / "nope")
+    trained.config.save(tmp_path)
+    with pytest.raises(FileNotFoundError, match="no weights file"):
+        stunet.STUNet.from_pretrained(tmp_path)
+    (tmp_path / "config.json").unlink()
+    with pytest.raises(FileNotFoundError, match="no config file"):
+        stunet.STUNet.from_pretrained(tmp_path)
+
+
+def test_failed_save_leaves_the_previous_weights_intact(trained, tmp_path, monkeypatch):
+    trained.save_pretrained(tmp_path)
+    before = (tmp_path / "model.safetensors").read_bytes()
+
+    def broken_save(state, filename, metadata=None):
+        with open(filename, "wb") as f:
+            f.write(b"partial")
+        raise OSError("disk full")
+
+    monkeypatch.setattr("safetensors.torch.save_file", broken_save)
+    with pytest.raises(OSError, match="disk full"):
+        trained.save_pretrained(tmp_path)
+    assert (tmp_path / "model.safetensors").read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "model.safetensors"]  # no temp files
+
+
+def test_save_into_a_file_path_is_refused(trained, tmp_path):
+    (tmp_path / "f").write_text("x")
+    with pytest.raises(NotADirectoryError, match="is not a directory"):
+        trained.save_pretrained(tmp_path / "f")
+
+
+# -- stylization --------------------------------------------------------------------------------------------------
+@pytest.fixture
+def style(tiny_config):
+    torch.manual_seed(99)
+    return randomize_temporal(stunet.STUNet(tiny_config), seed=7)
+
+
+@pytest.mark.parametrize("alpha", [0.0, 0.5, 0.8, 1.0])
+def test_interpolate_spatial_blends_only_spatial_weights(trained, style, alpha):
+    result = interpolate_spatial(trained, style, alpha)
+    orig, sty, new = trained.state_dict(), style.state_dict(), result.state_dict()
+    temporal = [k for k in orig if trained.is_temporal_key(k)]
+    spatial = [k for k in orig if not trained.is_temporal_key(k)]
+    assert temporal and spatial
+    for k in temporal:  # bit for bit the original's, never the style's
+        assert torch.equal(new[k], orig[k]), k
+    for k in spatial:
+        torch.testing.assert_close(new[k], orig[k] + alpha * (sty[k] - orig[k]), rtol=0, atol=1e-6)
+    assert result is not trained and torch.equal(trained.state_dict()["out.conv.weight"], orig["out.conv.weight"])
+
+
+def test_interpolate_spatial_takes_a_text_to_image_state_dict(trained, style):
+    spatial_only = {k: v for k, v in style.state_dict().items() if not style.is_temporal_key(k)}
+    a = interpolate_spatial(trained, spatial_only, 0.7).state_dict()
+    b = interpolate_spatial(trained, style, 0.7).state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_interpolate_spatial_errors(trained, style):
+    with pytest.raises(ValueError, match=r"alpha must be a number in \[0, 1\]"):
+        interpolate_spatial(trained, style, 1.5)
+    with pytest.raises(TypeError, match="orig must be a STUNet"):
+        interpolate_spatial(style.state_dict(), style, 0.5)
+    partial = {k: v for k, v in style.state_dict().items() if k != "out.conv.weight"}
+    with pytest.raises(WeightsError, match="missing keys:\n    out.conv.weight"):
+        interpolate_spatial(trained, partial, 0.5)
