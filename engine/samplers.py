@@ -1,0 +1,268 @@
+"""Noise schedules and samplers (DDPM, DDIM, DPM-Solver++(2M)), in the diffusers scheduler convention.
+
+    s = DDIM(schedule="cosine", prediction="v", spacing="leading", eta=0.0)
+    s.set_timesteps(32)
+    for t in s.timesteps:
+        x = s.step(model_output(x, t), t, x, generator=g)
+
+Notation: ``abar_t`` = alphas_cumprod[t], ``alpha_t = sqrt(abar_t)``, ``sigma_t = sqrt(1 - abar_t)``,
+``x_t = alpha_t x0 + sigma_t eps``, ``v = alpha_t eps - sigma_t x0`` (Salimans & Ho 2022). The step after the
+last timestep targets the clean sample (``abar = 1``). All arithmetic is fp32 on the sample's device; the
+result has the sample's dtype. Noise is drawn from the caller's (CPU) generator, so a seed gives the same
+video on every device.
+
+This Python module is the reference for the C++ runtime's fused step.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+SCHEDULES = ("linear", "scaled_linear", "cosine")
+SPACINGS = ("leading", "trailing", "linspace")
+PREDICTIONS = ("v", "eps")
+
+
+def make_betas(schedule: str, num_train_timesteps: int = 1000) -> torch.Tensor:
+    """Betas (float64) of a named schedule: "linear" 1e-4..2e-2, "scaled_linear" sqrt-space 0.00085..0.012,
+    "cosine" (Nichol & Dhariwal 2021, s = 0.008, beta capped at 0.999)."""
+    n = num_train_timesteps
+    if schedule == "linear":
+        return torch.linspace(1e-4, 2e-2, n, dtype=torch.float64)
+    if schedule == "scaled_linear":
+        return torch.linspace(0.00085 ** 0.5, 0.012 ** 0.5, n, dtype=torch.float64) ** 2
+    if schedule == "cosine":
+        def abar(t: float) -> float:
+            return math.cos((t / n + 0.008) / 1.008 * math.pi / 2) ** 2
+        return torch.tensor([min(1 - abar(i + 1) / abar(i), 0.999) for i in range(n)], dtype=torch.float64)
+    raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
+
+
+def make_timesteps(num_inference_steps: int, num_train_timesteps: int, spacing: str) -> torch.Tensor:
+    """Descending int64 timesteps (as diffusers' ``timestep_spacing``)."""
+    n, N = num_inference_steps, num_train_timesteps
+    if spacing == "leading":
+        ts = torch.arange(n, dtype=torch.float64) * (N // n)
+    elif spacing == "trailing":
+        ts = torch.arange(N, 0, -N / n, dtype=torch.float64).round() - 1
+        return ts.to(torch.int64)
+    elif spacing == "linspace":
+        ts = torch.linspace(0, N - 1, n, dtype=torch.float64).round()
+    else:
+        raise ValueError(f"spacing must be one of {SPACINGS}, got {spacing!r}")
+    return ts.flip(0).to(torch.int64)
+
+
+def cfg_combine(cond: torch.Tensor, uncond: torch.Tensor, guidance_scale: float,
+                guidance_rescale: float = 0.0) -> torch.Tensor:
+    """Classifier-free guidance ``uncond + s * (cond - uncond)``, optionally rescaled towards the conditional
+    prediction's per-sample std (Lin et al. 2023, eq. 16) by ``guidance_rescale`` in [0, 1]."""
+    guided = uncond + guidance_scale * (cond - uncond)
+    if guidance_rescale:
+        dims = tuple(range(1, cond.dim()))
+        std_cond = cond.float().std(dim=dims, keepdim=True)
+        std_guided = guided.float().std(dim=dims, keepdim=True)
+        rescaled = guided.float() * (std_cond / std_guided)
+        guided = (guidance_rescale * rescaled + (1 - guidance_rescale) * guided.float()).to(cond.dtype)
+    return guided
+
+
+class Sampler:
+    """Shared schedule tables, timestep spacing and prediction conversions; subclasses define ``_update``."""
+
+    order = 1
+    stochastic = False
+
+    def __init__(self, schedule: str = "cosine", prediction: str = "v", spacing: str = "leading",
+                 num_train_timesteps: int = 1000, clip_sample: bool = False, clip_range: float = 1.0):
+        if prediction not in PREDICTIONS:
+            raise ValueError(f"prediction must be one of {PREDICTIONS}, got {prediction!r}")
+        if spacing not in SPACINGS:
+            raise ValueError(f"spacing must be one of {SPACINGS}, got {spacing!r}")
+        if not isinstance(num_train_timesteps, int) or num_train_timesteps < 2:
+            raise ValueError(f"num_train_timesteps must be an integer >= 2, got {num_train_timesteps!r}")
+        if clip_range <= 0:
+            raise ValueError(f"clip_range must be positive, got {clip_range}")
+        self.schedule, self.prediction, self.spacing = schedule, prediction, spacing
+        self.num_train_timesteps = num_train_timesteps
+        self.clip_sample, self.clip_range = clip_sample, clip_range
+        self.betas = make_betas(schedule, num_train_timesteps)
+        self.alphas_cumprod = torch.cumprod(1.0 - self.betas, dim=0)  # float64
+        self.timesteps = torch.empty(0, dtype=torch.int64)
+        self._index: dict[int, int] = {}
+
+    def __repr__(self) -> str:
+        return (f"{type(self).__name__}(schedule={self.schedule!r}, prediction={self.prediction!r}, "
+                f"spacing={self.spacing!r}, steps={len(self.timesteps)})")
+
+    @property
+    def num_inference_steps(self) -> int:
+        return len(self.timesteps)
+
+    def set_timesteps(self, num_inference_steps: int) -> None:
+        if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, int) or not (
+                1 <= num_inference_steps <= self.num_train_timesteps):
+            raise ValueError(f"num_inference_steps must be an integer in [1, {self.num_train_timesteps}], "
+                             f"got {num_inference_steps!r}")
+        self.timesteps = make_timesteps(num_inference_steps, self.num_train_timesteps, self.spacing)
+        self._index = {int(t): i for i, t in enumerate(self.timesteps)}
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget any solver history (called by ``set_timesteps``)."""
+
+    # -- schedule lookups -----------------------------------------------------------------------------------
+    def abar(self, t: int) -> float:
+        """alphas_cumprod[t]; t = -1 is the clean sample (1.0)."""
+        return 1.0 if t < 0 else float(self.alphas_cumprod[t])
+
+    def prev_timestep(self, t: int) -> int:
+        i = self._step_index(t)
+        return int(self.timesteps[i + 1]) if i + 1 < len(self.timesteps) else -1
+
+    def _step_index(self, t) -> int:
+        if not len(self.timesteps):
+            raise RuntimeError(f"{type(self).__name__}.step: call set_timesteps(n) first")
+        key = int(t)
+        if key not in self._index:
+            raise ValueError(f"timestep {key} is not in this sampler's timesteps; step through s.timesteps")
+        return self._index[key]
+
+    # -- conversions ------------------------------------------------------------------------------------------
+    def predict_x0_eps(self, model_output: torch.Tensor, t: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x0, eps) from the model's prediction at timestep t (fp32), x0 clipped if ``clip_sample``."""
+        a = self.abar(t)
+        alpha, sigma = math.sqrt(a), math.sqrt(1 - a)
+        out, x = model_output.float(), x.float()
+        if self.prediction == "eps":
+            eps = out
+            x0 = (x - sigma * eps) / alpha
+        else:
+            x0 = alpha * x - sigma * out
+            eps = alpha * out + sigma * x
+        if self.clip_sample:
+            x0 = x0.clamp(-self.clip_range, self.clip_range)
+        return x0, eps
+
+    def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, t: int | torch.Tensor) -> torch.Tensor:
+        """Forward process q(x_t | x0): ``alpha_t x0 + sigma_t noise`` (SDEdit, noise augmentation)."""
+        a = self.alphas_cumprod.to(x0.device)[torch.as_tensor(t, device=x0.device).long()].float()
+        a = a.reshape(-1, *([1] * (x0.dim() - 1))) if a.dim() else a
+        return (a.sqrt() * x0.float() + (1 - a).sqrt() * noise.float()).to(x0.dtype)
+
+    def velocity(self, x0: torch.Tensor, noise: torch.Tensor, t: int) -> torch.Tensor:
+        a = self.abar(t)
+        return math.sqrt(a) * noise - math.sqrt(1 - a) * x0
+
+    @staticmethod
+    def draw_noise(like: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+        """Standard normal noise drawn on the CPU (device-independent for a seed), moved to ``like``."""
+        return torch.randn(like.shape, generator=generator, dtype=torch.float32).to(like.device)
+
+    # -- the step ---------------------------------------------------------------------------------------------
+    def step(self, model_output: torch.Tensor, t, x: torch.Tensor,
+             generator: torch.Generator | None = None) -> torch.Tensor:
+        """x_{t-1} (the sample at the next timestep) from the (guided) model output at ``t``."""
+        if model_output.shape != x.shape:
+            raise ValueError(f"model_output has shape {tuple(model_output.shape)} but the sample x has "
+                             f"{tuple(x.shape)}; they must match")
+        t = int(t)
+        i = self._step_index(t)
+        return self._update(model_output, t, self.prev_timestep(t), i, x, generator).to(x.dtype)
+
+    def _update(self, out, t, t_prev, i, x, generator) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class DDIM(Sampler):
+    """DDIM (Song et al. 2021): ``x' = alpha' x0 + sqrt(1 - abar' - s^2) eps + s z``,
+    ``s = eta sqrt((1 - abar')/(1 - abar)) sqrt(1 - abar/abar')``; eta = 0 is deterministic."""
+
+    def __init__(self, *args, eta: float = 0.0, **kwargs):
+        super().__init__(*args, **kwargs)
+        if not 0.0 <= eta <= 1.0:
+            raise ValueError(f"eta must be in [0, 1], got {eta}")
+        self.eta = eta
+        self.stochastic = eta > 0
+
+    def _update(self, out, t, t_prev, i, x, generator):
+        a, a_prev = self.abar(t), self.abar(t_prev)
+        x0, eps = self.predict_x0_eps(out, t, x)
+        s = self.eta * math.sqrt((1 - a_prev) / (1 - a) * (1 - a / a_prev))
+        x_prev = math.sqrt(a_prev) * x0 + math.sqrt(max(1 - a_prev - s * s, 0.0)) * eps
+        if s > 0:
+            x_prev = x_prev + s * self.draw_noise(x, generator)
+        return x_prev
+
+
+class DDPM(Sampler):
+    """Ancestral sampling from the posterior q(x_{t'} | x_t, x0) with the "fixed small" variance
+    (Ho et al. 2020, eqs. 6-7), generalised to strided timesteps t -> t'."""
+
+    stochastic = True
+
+    def _update(self, out, t, t_prev, i, x, generator):
+        a, a_prev = self.abar(t), self.abar(t_prev)
+        x0, _ = self.predict_x0_eps(out, t, x)
+        alpha_step = a / a_prev  # the product of (1 - beta) between t' and t
+        beta_step = 1 - alpha_step
+        coef_x0 = math.sqrt(a_prev) * beta_step / (1 - a)
+        coef_x = math.sqrt(alpha_step) * (1 - a_prev) / (1 - a)
+        mean = coef_x0 * x0 + coef_x * x.float()
+        if t_prev < 0:
+            return mean
+        variance = max((1 - a_prev) / (1 - a) * beta_step, 1e-20)
+        return mean + math.sqrt(variance) * self.draw_noise(x, generator)
+
+
+class DPMSolverPP2M(Sampler):
+    """DPM-Solver++(2M) (Lu et al. 2022, Algorithm 2, midpoint form) in data prediction.
+
+    With ``lambda = log(alpha / sigma)`` and ``h = lambda' - lambda``:
+    first order ``x' = (sigma'/sigma) x - alpha' (e^{-h} - 1) D0``; second order adds
+    ``- 0.5 alpha' (e^{-h} - 1) D1``, ``D1 = (x0 - x0_prev) / r``, ``r = h_prev / h``.
+    The first step (no history) and the final step (to the clean sample: lower order, returns x0) are first
+    order.
+    """
+
+    order = 2
+
+    def reset(self) -> None:
+        self._prev_x0: torch.Tensor | None = None
+        self._prev_lambda: float | None = None
+
+    @staticmethod
+    def _lambda(a: float) -> float:
+        return 0.5 * math.log(a / (1 - a))
+
+    def _update(self, out, t, t_prev, i, x, generator):
+        x0, _ = self.predict_x0_eps(out, t, x)
+        a, a_prev = self.abar(t), self.abar(t_prev)
+        lam = self._lambda(a)
+        if t_prev < 0:  # final step to sigma = 0: lower order, the update is x0 itself
+            x_prev = x0
+        else:
+            lam_prev = self._lambda(a_prev)
+            h = lam_prev - lam
+            alpha_p, sigma_p, sigma = math.sqrt(a_prev), math.sqrt(1 - a_prev), math.sqrt(1 - a)
+            phi = math.expm1(-h)  # e^{-h} - 1
+            x_prev = (sigma_p / sigma) * x.float() - alpha_p * phi * x0
+            if self._prev_x0 is not None and i > 0:
+                r = (lam - self._prev_lambda) / h
+                d1 = (x0 - self._prev_x0) / r
+                x_prev = x_prev - 0.5 * alpha_p * phi * d1
+        self._prev_x0, self._prev_lambda = x0, lam
+        return x_prev
+
+
+SAMPLERS: dict[str, type[Sampler]] = {"ddim": DDIM, "ddpm": DDPM, "dpmpp2m": DPMSolverPP2M}
+
+
+def make_sampler(name: str, **kwargs) -> Sampler:
+    """A sampler by name: "ddim", "ddpm" or "dpmpp2m" (DPM-Solver++(2M))."""
+    key = name.lower().replace("-", "").replace("_", "").replace("++", "pp").replace("solver", "")
+    key = {"dpmpp2m": "dpmpp2m", "dpm2m": "dpmpp2m"}.get(key, key)
+    if key not in SAMPLERS:
+        raise ValueError(f"sampler must be one of {sorted(SAMPLERS)}, got {name!r}")
+    return SAMPLERS[key](**kwargs)
