@@ -259,10 +259,20 @@ class DPMSolverPP2M(Sampler):
 SAMPLERS: dict[str, type[Sampler]] = {"ddim": DDIM, "ddpm": DDPM, "dpmpp2m": DPMSolverPP2M}
 
 
-def make_sampler(name: str, **kwargs) -> Sampler:
-    """A sampler by name: "ddim", "ddpm" or "dpmpp2m" (DPM-Solver++(2M))."""
-    key = name.lower().replace("-", "").replace("_", "").replace("++", "pp").replace("solver", "")
-    key = {"dpmpp2m": "dpmpp2m", "dpm2m": "dpmpp2m"}.get(key, key)
+def sampler_class(name: str) -> type[Sampler]:
+    """The sampler class for a name: "ddim", "ddpm" or "dpmpp2m" (also "DPM-Solver++(2M)", "DPMSolverPP2M")."""
+    key = name.lower()
+    for drop in ("-", "_", "(", ")", "solver"):
+        key = key.replace(drop, "")
+    key = key.replace("++", "pp")
     if key not in SAMPLERS:
         raise ValueError(f"sampler must be one of {sorted(SAMPLERS)}, got {name!r}")
-    return SAMPLERS[key](**kwargs)
+    return SAMPLERS[key]
+
+
+def make_sampler(name: str, **kwargs) -> Sampler:
+    """A sampler by name (see :func:`sampler_class`); ``eta`` is only taken by DDIM."""
+    cls = sampler_class(name)
+    if cls is not DDIM and kwargs.pop("eta", 0.0):
+        raise ValueError(f"eta is a DDIM parameter; {cls.__name__} does not take it")
+    return cls(**kwargs)

@@ -1,0 +1,120 @@
+"""Conditioning of 7-channel models: input = concat(noisy video, C, M) with C = M * source, M = 1 where known.
+
+=================  ====================================  =================================================
+mode               source video                          mask M (B, 1, T, H, W)
+=================  ====================================  =================================================
+image_to_video     the image on frame 0 (zeros elsewhere)  1 on frame 0, 0 elsewhere
+inpaint            the input video                       0 inside the region (on every frame), 1 outside
+cinemagraph        the image on every frame              1 on frame 0; elsewhere 1 outside the region
+text-to-video      zeros                                 zeros
+=================  ====================================  =================================================
+
+Images and videos are given as frames in [0, 1] ((H, W, 3) / (F, H, W, 3), optionally with a leading batch);
+C is in model space [-1, 1] and exactly zero wherever M is zero.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+MODES = ("text_to_video", "image_to_video", "inpaint", "cinemagraph")
+
+
+def _tensor(value, name: str) -> torch.Tensor:
+    t = value if isinstance(value, torch.Tensor) else torch.as_tensor(np.asarray(value))
+    if not (t.is_floating_point() or t.dtype in (torch.uint8, torch.bool)):
+        raise TypeError(f"{name} must be floats in [0, 1] (or uint8 / bool), got dtype {t.dtype}")
+    t = t.float() / 255.0 if t.dtype == torch.uint8 else t.float()
+    if t.numel() and (t.min() < 0 or t.max() > 1):
+        raise ValueError(f"{name} must hold values in [0, 1], got [{t.min().item():.3g}, {t.max().item():.3g}]")
+    return t
+
+
+def _image(image, name: str = "image") -> torch.Tensor:
+    """(H, W, 3) or (B, H, W, 3) in [0, 1] -> (B, 3, H, W) in [-1, 1]."""
+    t = _tensor(image, name)
+    if t.dim() == 3:
+        t = t[None]
+    if t.dim() != 4 or t.shape[-1] != 3:
+        raise ValueError(f"{name} must be (H, W, 3) or (B, H, W, 3) RGB in [0, 1], got shape {tuple(t.shape)}")
+    return t.permute(0, 3, 1, 2) * 2 - 1
+
+
+def _region(region, batch: int, frames: int, height: int, width: int, name: str = "region") -> torch.Tensor:
+    """A 0/1 region ((H, W), (F, H, W), (B, H, W) or (B, F, H, W)) -> (B, 1, T, H, W), 1 = inside."""
+    r = _tensor(region, name)
+    if r.dim() == 2:
+        r = r[None, None]
+    elif r.dim() == 3:
+        r = r[None] if r.shape[0] == frames and frames != batch else r[:, None]
+    if r.dim() != 4 or r.shape[-2:] != (height, width):
+        raise ValueError(f"{name} must be (H, W), (F, H, W) or (B, F, H, W) with H, W = {height}, {width}, "
+                         f"got shape {tuple(region.shape if hasattr(region, 'shape') else r.shape)}")
+    if not torch.all((r == 0) | (r == 1)):
+        raise ValueError(f"{name} must be binary (0 outside, 1 inside)")
+    return r.expand(batch, frames, height, width)[:, None].clone()
+
+
+@dataclass
+class Conditioning:
+    video: torch.Tensor  # C: (B, 3, T, H, W) in [-1, 1], zero where M = 0
+    mask: torch.Tensor  # M: (B, 1, T, H, W), 1 = known content
+    mode: str = "text_to_video"
+
+    @staticmethod
+    def _build(source: torch.Tensor, mask: torch.Tensor, mode: str) -> "Conditioning":
+        return Conditioning(video=source * mask, mask=mask, mode=mode)
+
+    @classmethod
+    def unconditional(cls, batch: int, frames: int, height: int, width: int) -> "Conditioning":
+        return cls(torch.zeros(batch, 3, frames, height, width), torch.zeros(batch, 1, frames, height, width))
+
+    @classmethod
+    def image_to_video(cls, image, num_frames: int) -> "Conditioning":
+        img = _image(image)
+        B, _, H, W = img.shape
+        source = torch.zeros(B, 3, num_frames, H, W)
+        source[:, :, 0] = img
+        mask = torch.zeros(B, 1, num_frames, H, W)
+        mask[:, :, 0] = 1
+        return cls._build(source, mask, "image_to_video")
+
+    @classmethod
+    def inpaint(cls, video, region) -> "Conditioning":
+        v = _tensor(video, "video")
+        if v.dim() == 4:
+            v = v[None]
+        if v.dim() != 5 or v.shape[-1] != 3:
+            raise ValueError(f"video must be (F, H, W, 3) or (B, F, H, W, 3) in [0, 1], got {tuple(v.shape)}")
+        v = v.permute(0, 4, 1, 2, 3) * 2 - 1
+        B, _, T, H, W = v.shape
+        return cls._build(v, 1 - _region(region, B, T, H, W), "inpaint")
+
+    @classmethod
+    def cinemagraph(cls, image, region, num_frames: int) -> "Conditioning":
+        img = _image(image)
+        B, _, H, W = img.shape
+        source = img[:, :, None].expand(B, 3, num_frames, H, W)
+        inside = _region(region, B, 1, H, W).expand(B, 1, num_frames, H, W).clone()
+        mask = 1 - inside
+        mask[:, :, 0] = 1
+        return cls._build(source, mask, "cinemagraph")
+
+    def to(self, device, dtype) -> "Conditioning":
+        return Conditioning(self.video.to(device, dtype), self.mask.to(device, dtype), self.mode)
+
+    def check(self, config, batch: int, frames: int, height: int, width: int) -> "Conditioning":
+        """Validate against the model and the requested geometry; a batch of 1 is broadcast to ``batch``."""
+        if config.in_channels != 7:
+            raise ValueError(f"{self.mode} needs a conditional model (in_channels=7: video + masked video + "
+                             f"mask); this model has in_channels={config.in_channels}")
+        b = self.video.shape[0]
+        if self.video.shape[1:] != (3, frames, height, width) or b not in (1, batch):
+            raise ValueError(f"{self.mode}: the conditioning video is {tuple(self.video.shape[2:])} (T, H, W) "
+                             f"for {b} clip(s), but {batch} clip(s) of {(frames, height, width)} are generated")
+        if b != batch:
+            return Conditioning(self.video.expand(batch, -1, -1, -1, -1), self.mask.expand(batch, -1, -1, -1, -1),
+                                self.mode)
+        return self
