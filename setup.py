@@ -1,6 +1,7 @@
 """Packaging: the folders are the architecture (see README, "Layout").
 
-engine/  -> stunet          config, reference model, weights, info, cli
+engine/  -> stunet          config, reference model, weights, samplers, multidiffusion, pipeline, text,
+                            video, info, cli
 kernels/ -> stunet.kernels  Triton kernels with their reference math
 export/  -> stunet.export   ONNX / TensorRT export
 """
@@ -25,7 +26,9 @@ setup(
         "tqdm",
     ],
     extras_require={
-        "test": ["pytest>=8", "hypothesis>=6"],
+        "video": ["av>=12", "pillow"],
+        "text": ["transformers>=4.40"],
+        "test": ["pytest>=8", "hypothesis>=6", "av>=12", "pillow", "transformers>=4.40"],
     },
     entry_points={"console_scripts": ["stunet = stunet.cli:main"]},
 )

@@ -1,0 +1,229 @@
+"""The pipeline end to end on CPU (tiny presets): text -> base -> SSR with MultiDiffusion -> frames -> mp4."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from utils import randomize_temporal
+
+import stunet
+from stunet.conditioning import Conditioning
+from stunet.pipeline import Pipeline
+from stunet.text import tiny_random_t5
+from stunet.video import save_video
+
+av = pytest.importorskip("av")
+
+SSR_OVERRIDES = dict(in_channels=6, noise_aug=True, low_res_size=8, temporal_downsample=(False, False),
+                     temporal_attn_depth=0, sample_size=16)
+
+
+@pytest.fixture(scope="module")
+def encoder():
+    return tiny_random_t5(24)
+
+
+def _models(in_channels=3):
+    torch.manual_seed(0)
+    base = randomize_temporal(stunet.STUNet(stunet.STUNetConfig.from_preset("tiny", in_channels=in_channels)))
+    ssr = randomize_temporal(stunet.STUNet(stunet.STUNetConfig.from_preset("tiny", **SSR_OVERRIDES)))
+    return base, ssr
+
+
+@pytest.fixture(scope="module")
+def pipe(encoder):
+    base, ssr = _models()
+    return Pipeline(base, encoder, ssr, progress=False)
+
+
+SMALL = dict(num_frames=8, height=8, width=8, num_inference_steps=3, ssr_window=4, ssr_overlap=1)
+
+
+def test_text_to_base_to_ssr_to_mp4(pipe, tmp_path):
+    res = pipe("a teddy bear surfing", seed=0, **SMALL)
+    assert res.frames.shape == (1, 8, 16, 16, 3) and res.low_res_frames.shape == (1, 8, 8, 8, 3)
+    assert res.frames.dtype == np.float32 and res.frames.min() >= 0 and res.frames.max() <= 1
+    assert set(res.timings) == {"text", "base", "ssr", "decode"} and res.seed == 0
+    path = save_video(res.frames[0], tmp_path / "out.mp4", fps=16)
+    with av.open(str(path)) as container:
+        frames = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
+    assert len(frames) == 8 and frames[0].shape == (16, 16, 3)
+
+
+@pytest.mark.parametrize("sampler", ["ddim", "ddpm", "dpmpp2m"])
+def test_same_seed_same_video_bit_for_bit(encoder, sampler):
+    base, ssr = _models()
+    pipe = Pipeline(base, encoder, ssr, sampler=sampler, progress=False)
+    a = pipe(["a cat", "a dog"], seed=3, **SMALL).frames
+    b = pipe(["a cat", "a dog"], generator=torch.Generator().manual_seed(3), **SMALL).frames
+    c = pipe(["a cat", "a dog"], seed=4, **SMALL).frames
+    assert a.shape == (2, 8, 16, 16, 3) and np.array_equal(a, b) and not np.array_equal(a, c)
+
+
+def test_prompt_and_negative_prompt_and_guidance_matter(pipe):
+    ref = pipe("a cat", seed=0, **SMALL).frames
+    assert not np.array_equal(ref, pipe("a dog", seed=0, **SMALL).frames)
+    assert not np.array_equal(ref, pipe("a cat", negative_prompt="blurry", seed=0, **SMALL).frames)
+    assert not np.array_equal(ref, pipe("a cat", guidance_scale=1.0, seed=0, **SMALL).frames)
+    assert not np.array_equal(ref, pipe("a cat", guidance_rescale=0.7, seed=0, **SMALL).frames)
+
+
+def test_prompt_embeds_equal_encoded_prompt(pipe, encoder):
+    tokens, _ = encoder.encode(["a cat", ""])
+    with_embeds = pipe(prompt_embeds=tokens[:1], negative_prompt_embeds=tokens[1:], seed=0, **SMALL).frames
+    assert with_embeds.shape == (1, 8, 16, 16, 3)
+    with pytest.raises(ValueError, match="either prompt or prompt_embeds"):
+        pipe("a cat", prompt_embeds=tokens[:1], **SMALL)
+
+
+def test_output_types_and_callback(pipe):
+    seen = []
+
+    def callback(p, i, t, kw):
+        seen.append((kw["stage"], i, t))
+        return {"latents": kw["latents"]}
+
+    pt = pipe("x", seed=0, output_type="pt", callback_on_step_end=callback, **SMALL).frames
+    assert isinstance(pt, torch.Tensor) and pt.shape == (1, 8, 16, 16, 3)
+    assert [s for s, _, _ in seen] == ["base"] * 3 + ["ssr"] * 3
+    pil = pipe("x", seed=0, output_type="pil", **SMALL).frames
+    assert len(pil) == 1 and len(pil[0]) == 8 and pil[0][0].size == (16, 16)
+    np.testing.assert_allclose(np.asarray(pil[0][0]) / 255.0, pt[0, 0].numpy(), atol=1 / 255 + 1e-6)
+
+
+def test_base_only_pipeline_and_default_geometry(encoder):
+    base, _ = _models()
+    res = Pipeline(base, encoder, progress=False)("x", num_inference_steps=2, seed=0)
+    assert res.frames.shape == (1, 8, 16, 16, 3) and res.low_res_frames is None
+
+
+def test_windowed_ssr_equals_single_window_for_framewise_ssr(encoder):
+    """With an SSR model whose temporal modules are fresh (frame-wise), windows change nothing."""
+    base, _ = _models()
+    torch.manual_seed(5)
+    ssr = stunet.STUNet(stunet.STUNetConfig.from_preset("tiny", **SSR_OVERRIDES))
+    pipe = Pipeline(base, encoder, ssr, progress=False)
+    a = pipe("x", seed=1, **{**SMALL, "ssr_window": 3, "ssr_overlap": 1}).frames
+    b = pipe("x", seed=1, **{**SMALL, "ssr_window": 8, "ssr_overlap": 0}).frames
+    np.testing.assert_allclose(a, b, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    ({"num_frames": 7}, "num_frames must be a positive multiple of 2"),
+    ({"height": 6}, "height must be a positive multiple of 4"),
+    ({"output_type": "latent"}, "output_type must be one of"),
+    ({"strength": 0.0}, r"strength must be in \(0, 1\]"),
+    ({"guidance_scale": -1.0}, "guidance_scale must be >= 0"),
+    ({"seed": 1, "generator": torch.Generator()}, "either seed or generator"),
+    ({"ssr_overlap": 4}, r"overlap \(4\) must be smaller than window \(4\)"),
+    ({"sampler": "euler"}, "sampler must be one of"),
+    ({"sampler": "ddpm", "eta": 0.5}, "eta is a DDIM parameter"),
+])
+def test_bad_call_arguments(pipe, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        pipe("x", **{**SMALL, **kwargs})
+
+
+def test_bad_construction(encoder):
+    base, ssr = _models()
+    with pytest.raises(ValueError, match="base_model is an SSR model"):
+        Pipeline(ssr, encoder)
+    with pytest.raises(ValueError, match="text_encoder gives 16-wide tokens"):
+        Pipeline(base, tiny_random_t5(16))
+    with pytest.raises(ValueError, match="backend 'fast' is not available"):
+        Pipeline(base, encoder, backend="fast")
+    with pytest.raises(ValueError, match="no text encoder"):
+        Pipeline(base, None, progress=False)("x", **SMALL)
+
+
+def test_from_pretrained_and_style(tmp_path, encoder):
+    base, ssr = _models()
+    base.save_pretrained(tmp_path / "base")
+    ssr.save_pretrained(tmp_path / "ssr")
+    pipe = Pipeline.from_pretrained(tmp_path / "base", ssr=tmp_path / "ssr", text_encoder=encoder, device="cpu",
+                                    progress=False)
+    ref = Pipeline(base, encoder, ssr, progress=False)
+    assert np.array_equal(pipe("x", seed=0, **SMALL).frames, ref("x", seed=0, **SMALL).frames)
+    torch.manual_seed(9)
+    style = stunet.STUNet(base.config)
+    styled = pipe.with_style(style, 0.8)
+    assert not np.array_equal(styled("x", seed=0, **SMALL).frames, ref("x", seed=0, **SMALL).frames)
+
+
+# -- conditional modes --------------------------------------------------------------------------------------------
+def test_conditioning_tensors_of_each_mode():
+    g = np.random.default_rng(0)
+    image = g.random((8, 8, 3), dtype=np.float32)
+    img = torch.from_numpy(image).permute(2, 0, 1) * 2 - 1
+    region = np.zeros((8, 8), dtype=np.float32)
+    region[2:5, 3:6] = 1
+
+    c = Conditioning.image_to_video(image, 4)
+    assert c.video.shape == (1, 3, 4, 8, 8) and c.mask.shape == (1, 1, 4, 8, 8)
+    assert torch.equal(c.video[0, :, 0], img) and not c.video[:, :, 1:].any()
+    assert c.mask[:, :, 0].eq(1).all() and not c.mask[:, :, 1:].any()
+
+    video = g.random((4, 8, 8, 3), dtype=np.float32)
+    c = Conditioning.inpaint(video, region)
+    keep = torch.from_numpy(1 - region)
+    assert torch.equal(c.mask[0, 0], keep.expand(4, 8, 8))  # M = 0 inside the region on every frame
+    assert torch.equal(c.video[0], (torch.from_numpy(video).permute(3, 0, 1, 2) * 2 - 1) * keep)
+
+    c = Conditioning.cinemagraph(image, region, 4)
+    assert c.mask[0, 0, 0].eq(1).all()  # frame 0 fully known
+    assert all(torch.equal(c.mask[0, 0, f], keep) for f in range(1, 4))  # elsewhere known outside the region
+    assert torch.equal(c.video[0, :, 0], img)
+    assert torch.equal(c.video[0, :, 3], img * keep)
+
+    c = Conditioning.unconditional(2, 4, 8, 8)
+    assert not c.video.any() and not c.mask.any()
+
+
+def test_conditioning_input_errors():
+    with pytest.raises(ValueError, match=r"image must be \(H, W, 3\)"):
+        Conditioning.image_to_video(np.zeros((8, 8)), 4)
+    with pytest.raises(ValueError, match=r"must hold values in \[0, 1\]"):
+        Conditioning.image_to_video(np.full((8, 8, 3), 2.0), 4)
+    with pytest.raises(ValueError, match="region must be binary"):
+        Conditioning.cinemagraph(np.zeros((8, 8, 3)), np.full((8, 8), 0.5), 4)
+    with pytest.raises(ValueError, match=r"region must be \(H, W\)"):
+        Conditioning.inpaint(np.zeros((4, 8, 8, 3)), np.zeros((7, 7)))
+
+
+def test_conditional_modes_run_on_a_7_channel_model(encoder):
+    base, _ = _models(in_channels=7)
+    pipe = Pipeline(base, encoder, progress=False)
+    image = np.random.default_rng(0).random((16, 16, 3), dtype=np.float32)
+    region = np.zeros((16, 16), dtype=np.float32)
+    region[4:12, 4:12] = 1
+    kw = dict(num_inference_steps=2, seed=0)
+    assert pipe.image_to_video(image, "x", num_frames=4, **kw).frames.shape == (1, 4, 16, 16, 3)
+    assert pipe.cinemagraph(image, region, "x", num_frames=4, **kw).frames.shape == (1, 4, 16, 16, 3)
+    video = np.random.default_rng(1).random((4, 16, 16, 3), dtype=np.float32)
+    assert pipe.inpaint(video, region, "x", **kw).frames.shape == (1, 4, 16, 16, 3)
+    assert pipe("x", num_frames=4, **kw).frames.shape == (1, 4, 16, 16, 3)  # text-to-video: C = 0, M = 0
+
+
+def test_3_channel_model_refuses_conditional_modes(encoder):
+    base, _ = _models()
+    pipe = Pipeline(base, encoder, progress=False)
+    image = np.zeros((16, 16, 3), dtype=np.float32)
+    region = np.ones((16, 16), dtype=np.float32)
+    for run, mode in ((lambda: pipe.image_to_video(image, "x", num_frames=4), "image_to_video"),
+                      (lambda: pipe.cinemagraph(image, region, "x", num_frames=4), "cinemagraph"),
+                      (lambda: pipe.inpaint(np.zeros((4, 16, 16, 3)), region, "x"), "inpaint")):
+        with pytest.raises(ValueError, match=f"{mode} needs a conditional model \\(in_channels=7"):
+            run()
+
+
+def test_video_to_video_strength(encoder):
+    base, _ = _models()
+    pipe = Pipeline(base, encoder, progress=False)
+    video = np.random.default_rng(2).random((4, 16, 16, 3), dtype=np.float32)
+    steps = []
+    cb = lambda p, i, t, kw: steps.append(t)  # noqa: E731
+    res = pipe.video_to_video(video, "x", strength=0.5, num_inference_steps=8, seed=0, callback_on_step_end=cb)
+    assert res.frames.shape == (1, 4, 16, 16, 3) and len(steps) == 4  # half the schedule
+    low = pipe.video_to_video(video, "x", strength=0.25, num_inference_steps=8, seed=0).frames
+    high = pipe.video_to_video(video, "x", strength=1.0, num_inference_steps=8, seed=0).frames
+    assert np.abs(low - video).mean() < np.abs(high - video).mean()  # less noise, closer to the input

@@ -1,0 +1,142 @@
+"""Video files, text encoders and the `stunet generate` command line."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from stunet.cli import main
+from stunet.text import HFTextEncoder, load_text_encoder, tiny_random_t5
+from stunet.video import save_video
+
+av = pytest.importorskip("av")
+PIL = pytest.importorskip("PIL.Image")
+
+
+def _read_mp4(path):
+    with av.open(str(path)) as container:
+        return [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
+
+
+@pytest.mark.parametrize("shape", [(5, 16, 24, 3), (3, 15, 9, 3), (1, 8, 8, 3)], ids=["even", "odd", "single"])
+def test_mp4_round_trip(tmp_path, shape):
+    frames = np.random.default_rng(0).random(shape, dtype=np.float32)
+    save_video(frames, tmp_path / "a.mp4", fps=8)
+    back = _read_mp4(tmp_path / "a.mp4")
+    h, w = shape[1] + shape[1] % 2, shape[2] + shape[2] % 2  # odd sides are padded for yuv420p
+    assert len(back) == shape[0] and back[0].shape == (h, w, 3)
+
+
+def test_gif_round_trip(tmp_path):
+    frames = (np.random.default_rng(0).random((6, 10, 12, 3)) * 255).astype(np.uint8)
+    save_video(frames, tmp_path / "a.gif", fps=10)
+    img = PIL.open(tmp_path / "a.gif")
+    assert img.n_frames == 6 and img.size == (12, 10)
+
+
+def test_save_video_errors_and_atomicity(tmp_path, monkeypatch):
+    frames = np.zeros((2, 8, 8, 3), dtype=np.float32)
+    with pytest.raises(ValueError, match="path must end in one of"):
+        save_video(frames, tmp_path / "a.avi")
+    with pytest.raises(ValueError, match=r"frames must be \(F, H, W, 3\).*res.frames\[0\]"):
+        save_video(frames[None], tmp_path / "a.mp4")
+    with pytest.raises(ValueError, match="NaN"):
+        save_video(np.full((2, 8, 8, 3), np.nan, dtype=np.float32), tmp_path / "a.mp4")
+    with pytest.raises(ValueError, match="fps must be a positive integer"):
+        save_video(frames, tmp_path / "a.mp4", fps=0)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        save_video(frames, tmp_path / "missing" / "a.mp4")
+    save_video(frames, tmp_path / "keep.gif")
+    before = (tmp_path / "keep.gif").read_bytes()
+
+    def broken(data, path, fps):
+        path.write_bytes(b"half")
+        raise RuntimeError("encoder crashed")
+
+    monkeypatch.setattr("stunet.video._write_gif", broken)
+    with pytest.raises(RuntimeError, match="encoder crashed"):
+        save_video(frames + 1, tmp_path / "keep.gif")
+    assert (tmp_path / "keep.gif").read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["keep.gif"]
+
+
+def test_tiny_t5_is_deterministic_and_masks_padding():
+    a, b = tiny_random_t5(24, seed=0), tiny_random_t5(24, seed=0)
+    tokens, mask = a.encode(["a teddy bear surfing", "hi"])
+    assert tokens.shape == (2, 21, 24) and mask.dtype == torch.bool
+    assert mask.sum(1).tolist() == [21, 3]  # ByT5: one token per byte + end of sequence
+    assert torch.equal(tokens, b.encode(["a teddy bear surfing", "hi"])[0])
+    assert not torch.equal(tokens, tiny_random_t5(24, seed=1).encode(["a teddy bear surfing", "hi"])[0])
+    with pytest.raises(TypeError, match="prompts must be a list of strings"):
+        a.encode("a teddy bear")
+
+
+def test_text_encoders_load_from_a_local_directory(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    enc = tiny_random_t5(24, seed=0)
+    enc.model.save_pretrained(tmp_path / "t5")
+    enc.tokenizer.save_pretrained(tmp_path / "t5")
+    loaded = load_text_encoder(tmp_path / "t5")
+    assert torch.equal(loaded.encode(["abc"])[0], enc.encode(["abc"])[0])
+
+    clip_cfg = transformers.CLIPTextConfig(vocab_size=384, hidden_size=32, intermediate_size=64,
+                                           num_hidden_layers=1, num_attention_heads=2, max_position_embeddings=77,
+                                           eos_token_id=1, pad_token_id=0, bos_token_id=2)
+    torch.manual_seed(0)
+    transformers.CLIPTextModel(clip_cfg).save_pretrained(tmp_path / "clip")
+    transformers.ByT5Tokenizer().save_pretrained(tmp_path / "clip")
+    clip = load_text_encoder(tmp_path / "clip")
+    tokens, mask = clip.encode(["a cat", "a teddy bear"])
+    assert isinstance(clip, HFTextEncoder) and clip.dim == 32 and tokens.shape[::2] == (2, 32)
+    with pytest.raises(FileNotFoundError, match="has no config.json"):
+        load_text_encoder(tmp_path / "none")
+
+
+def test_cli_generate_writes_a_video(tmp_path, capsys):
+    out = tmp_path / "out.mp4"
+    rc = main(["generate", "a teddy bear surfing", "-o", str(out), "--preset", "tiny", "--steps", "2",
+               "--frames", "4", "-q"])
+    assert rc == 0 and len(_read_mp4(out)) == 4
+    err = capsys.readouterr().err
+    assert "RANDOM weights" in err and f"wrote {out}" in err
+
+
+def test_cli_generate_with_saved_models_and_modes(tmp_path, capsys):
+    import stunet
+
+    torch.manual_seed(0)
+    stunet.STUNet(stunet.STUNetConfig.from_preset("tiny", in_channels=7)).save_pretrained(tmp_path / "m")
+    PIL.fromarray(np.zeros((16, 16, 3), dtype=np.uint8)).save(tmp_path / "img.png")
+    mask = np.zeros((16, 16, 3), dtype=np.uint8)
+    mask[4:12, 4:12] = 255
+    PIL.fromarray(mask).save(tmp_path / "mask.png")
+    common = ["--model", str(tmp_path / "m"), "--steps", "2", "--frames", "4", "-q"]
+    assert main(["image-to-video", "x", "-o", str(tmp_path / "a.gif"), "--image", str(tmp_path / "img.png"),
+                 *common]) == 0
+    assert main(["cinemagraph", "x", "-o", str(tmp_path / "b.mp4"), "--image", str(tmp_path / "img.png"),
+                 "--region", str(tmp_path / "mask.png"), *common]) == 0
+    assert main(["inpaint", "x", "-o", str(tmp_path / "c.mp4"), "--video", str(tmp_path / "b.mp4"),
+                 "--region", str(tmp_path / "mask.png"), *common]) == 0
+    assert main(["video-to-video", "x", "-o", str(tmp_path / "d.mp4"), "--video", str(tmp_path / "b.mp4"),
+                 "--strength", "0.5", *common]) == 0
+    assert len(_read_mp4(tmp_path / "d.mp4")) == 4
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["generate", "x", "-o", "out.avi"], "must end in .mp4 or .gif"),
+    (["generate", "x", "-o", "/nonexistent/out.mp4"], "does not exist"),
+    (["generate", "x", "-o", "out.mp4", "--model", "/nonexistent"], "argument --model: '/nonexistent' is not a "),
+    (["generate", "x", "-o", "{tmp}/o.mp4", "--preset", "tiny", "--frames", "3", "-q"],
+     "num_frames must be a positive multiple of 2"),
+    (["generate", "x", "-o", "{tmp}/o.mp4", "--steps", "0"], "argument --steps: must be a positive integer"),
+    (["image-to-video", "x", "-o", "{tmp}/o.mp4", "--preset", "tiny", "--image", "/nonexistent.png"],
+     "argument --image: no file"),
+    (["image-to-video", "x", "-o", "{tmp}/o.mp4", "--preset", "tiny", "--frames", "4", "-q", "--image",
+      "{tmp}/i.png"], "image_to_video needs a conditional model"),
+])
+def test_cli_generate_bad_arguments_exit_2(argv, message, tmp_path, capsys):
+    PIL.fromarray(np.zeros((16, 16, 3), dtype=np.uint8)).save(tmp_path / "i.png")
+    with pytest.raises(SystemExit) as info:
+        main([a.replace("{tmp}", str(tmp_path)) for a in argv])
+    assert info.value.code == 2
+    assert message in capsys.readouterr().err
