@@ -57,6 +57,16 @@ def _region(region, batch: int, frames: int, height: int, width: int, name: str 
     return r.expand(batch, frames, height, width)[:, None].clone()
 
 
+def video_frames(video, name: str = "video") -> torch.Tensor:
+    """(F, H, W, 3) or (B, F, H, W, 3) frames in [0, 1] -> (B, 3, F, H, W) in model space [-1, 1]."""
+    v = _tensor(video, name)
+    if v.dim() == 4:
+        v = v[None]
+    if v.dim() != 5 or v.shape[-1] != 3:
+        raise ValueError(f"{name} must be frames (F, H, W, 3) or (B, F, H, W, 3) in [0, 1], got {tuple(v.shape)}")
+    return v.permute(0, 4, 1, 2, 3) * 2 - 1
+
+
 @dataclass
 class Conditioning:
     video: torch.Tensor  # C: (B, 3, T, H, W) in [-1, 1], zero where M = 0
@@ -83,12 +93,7 @@ class Conditioning:
 
     @classmethod
     def inpaint(cls, video, region) -> "Conditioning":
-        v = _tensor(video, "video")
-        if v.dim() == 4:
-            v = v[None]
-        if v.dim() != 5 or v.shape[-1] != 3:
-            raise ValueError(f"video must be (F, H, W, 3) or (B, F, H, W, 3) in [0, 1], got {tuple(v.shape)}")
-        v = v.permute(0, 4, 1, 2, 3) * 2 - 1
+        v = video_frames(video)
         B, _, T, H, W = v.shape
         return cls._build(v, 1 - _region(region, B, T, H, W), "inpaint")
 

@@ -13,7 +13,6 @@ Conditional modes (7-channel models; see ``conditioning``): ``image_to_video``, 
 """
 from __future__ import annotations
 
-import logging
 import os
 import random
 import time
@@ -25,13 +24,12 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .conditioning import Conditioning
+from .conditioning import Conditioning, video_frames
 from .model import STUNet
 from .multidiffusion import multidiffusion_predict
 from .samplers import Sampler, cfg_combine, make_sampler, sampler_class
 from .text import TextEncoder
 
-log = logging.getLogger(__name__)
 BACKENDS = ("reference",)
 OUTPUT_TYPES = ("np", "pt", "pil")
 
@@ -51,18 +49,6 @@ class PipelineOutput:
 def to_frames(video: torch.Tensor) -> torch.Tensor:
     """Model space (B, 3, T, H, W) in [-1, 1] -> frames (B, T, H, W, 3) in [0, 1], fp32 on the CPU."""
     return ((video.float().clamp(-1, 1) + 1) / 2).permute(0, 2, 3, 4, 1).cpu().contiguous()
-
-
-def from_frames(frames, name: str) -> torch.Tensor:
-    """Frames (B, F, H, W, 3) / (F, H, W, 3) in [0, 1] (numpy or torch) -> model space (B, 3, F, H, W)."""
-    t = torch.as_tensor(np.asarray(frames) if not isinstance(frames, torch.Tensor) else frames).float()
-    if t.dim() == 4:
-        t = t[None]
-    if t.dim() != 5 or t.shape[-1] != 3:
-        raise ValueError(f"{name} must be frames (F, H, W, 3) or (B, F, H, W, 3) in [0, 1], got {tuple(t.shape)}")
-    if t.min() < 0 or t.max() > 1:
-        raise ValueError(f"{name} must hold values in [0, 1], got [{t.min().item():.3g}, {t.max().item():.3g}]")
-    return t.permute(0, 4, 1, 2, 3) * 2 - 1
 
 
 class Pipeline:
@@ -125,7 +111,7 @@ class Pipeline:
         tokens, mask = self.text_encoder.encode(prompts + negative)
         return tokens.to(self.device, self.base.dtype), mask.to(self.device)
 
-    def _text(self, prompt, negative_prompt, prompt_embeds, negative_prompt_embeds, cfg: bool):
+    def _text(self, prompt, negative_prompt, prompt_embeds, negative_prompt_embeds):
         if prompt_embeds is not None:
             if prompt is not None:
                 raise ValueError("pass either prompt or prompt_embeds, not both")
@@ -216,8 +202,7 @@ class Pipeline:
         timings: dict[str, float] = {}
 
         t0 = time.perf_counter()
-        text, mask, B = self._text(prompt, negative_prompt, prompt_embeds, negative_prompt_embeds,
-                                   guidance_scale != 1.0)
+        text, mask, B = self._text(prompt, negative_prompt, prompt_embeds, negative_prompt_embeds)
         timings["text"] = time.perf_counter() - t0
 
         t0 = time.perf_counter()
@@ -341,7 +326,7 @@ class Pipeline:
 
     def video_to_video(self, video, prompt=None, strength: float = 0.6, **kwargs) -> PipelineOutput:
         """SDEdit: noise ``video`` (frames in [0, 1]) to ``strength`` and denoise it towards the prompt."""
-        init = from_frames(video, "video")
+        init = video_frames(video)
         kwargs.setdefault("num_frames", init.shape[2])
         kwargs.setdefault("height", init.shape[3])
         kwargs.setdefault("width", init.shape[4])
