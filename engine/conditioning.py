@@ -32,14 +32,21 @@ def _tensor(value, name: str) -> torch.Tensor:
     return t
 
 
+def _rgb(value, name: str, layout: str) -> torch.Tensor:
+    """RGB frames in [0, 1] of ``layout`` ("(H, W, 3)" or "(F, H, W, 3)"), optionally batched, -> channels at
+    axis 1 in model space [-1, 1]: (B, 3, H, W) or (B, 3, F, H, W)."""
+    t = _tensor(value, name)
+    dims = layout.count(",") + 1
+    if t.dim() == dims:
+        t = t[None]
+    if t.dim() != dims + 1 or t.shape[-1] != 3:
+        raise ValueError(f"{name} must be {layout} or (B, {layout[1:]} RGB in [0, 1], got shape {tuple(t.shape)}")
+    return t.movedim(-1, 1) * 2 - 1
+
+
 def _image(image, name: str = "image") -> torch.Tensor:
     """(H, W, 3) or (B, H, W, 3) in [0, 1] -> (B, 3, H, W) in [-1, 1]."""
-    t = _tensor(image, name)
-    if t.dim() == 3:
-        t = t[None]
-    if t.dim() != 4 or t.shape[-1] != 3:
-        raise ValueError(f"{name} must be (H, W, 3) or (B, H, W, 3) RGB in [0, 1], got shape {tuple(t.shape)}")
-    return t.permute(0, 3, 1, 2) * 2 - 1
+    return _rgb(image, name, "(H, W, 3)")
 
 
 def _region(region, batch: int, frames: int, height: int, width: int, name: str = "region") -> torch.Tensor:
@@ -59,12 +66,7 @@ def _region(region, batch: int, frames: int, height: int, width: int, name: str 
 
 def video_frames(video, name: str = "video") -> torch.Tensor:
     """(F, H, W, 3) or (B, F, H, W, 3) frames in [0, 1] -> (B, 3, F, H, W) in model space [-1, 1]."""
-    v = _tensor(video, name)
-    if v.dim() == 4:
-        v = v[None]
-    if v.dim() != 5 or v.shape[-1] != 3:
-        raise ValueError(f"{name} must be frames (F, H, W, 3) or (B, F, H, W, 3) in [0, 1], got {tuple(v.shape)}")
-    return v.permute(0, 4, 1, 2, 3) * 2 - 1
+    return _rgb(video, name, "(F, H, W, 3)")
 
 
 @dataclass

@@ -85,7 +85,8 @@ def analyse(config: STUNetConfig, name: str = "custom", *, batch: int = 1, frame
     with torch.device("meta"):
         model = STUNet(config)
     params = sum(p.numel() for p in model.parameters())
-    temporal = sum(p.numel() for k, p in model.named_parameters() if model.is_temporal_key(k))
+    temporal_keys = model.temporal_keys()
+    temporal = sum(p.numel() for k, p in model.named_parameters() if k in temporal_keys)
 
     kinds: dict[int, Counter] = {}
     shapes = config.level_shapes(frames, height, width)

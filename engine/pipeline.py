@@ -255,7 +255,7 @@ class Pipeline:
             raise ValueError(f"the SSR model upsamples {h}x{w} to {H}x{W}, which is not a multiple of "
                              f"{cfg.spatial_divisor}; choose a base size that is")
         dtype = self.ssr.dtype
-        text, mask = text.to(dtype), mask
+        text = text.to(dtype)
         folded = low.float().transpose(1, 2).reshape(B * T, 3, h, w)
         up = F.interpolate(folded, size=(H, W), mode="bilinear", align_corners=False)
         up = up.reshape(B, T, 3, H, W).transpose(1, 2)

@@ -15,6 +15,7 @@ This Python module is the reference for the C++ runtime's fused step.
 """
 from __future__ import annotations
 
+import abc
 import math
 
 import torch
@@ -68,7 +69,7 @@ def cfg_combine(cond: torch.Tensor, uncond: torch.Tensor, guidance_scale: float,
     return guided
 
 
-class Sampler:
+class Sampler(abc.ABC):
     """Shared schedule tables, timestep spacing and prediction conversions; subclasses define ``_update``."""
 
     order = 1
@@ -171,8 +172,9 @@ class Sampler:
         i = self._step_index(t)
         return self._update(model_output, t, self.prev_timestep(t), i, x, generator).to(x.dtype)
 
+    @abc.abstractmethod
     def _update(self, out, t, t_prev, i, x, generator) -> torch.Tensor:
-        raise NotImplementedError
+        """x at ``t_prev`` (fp32) from the prediction ``out`` at ``t``; ``i`` is the step index."""
 
 
 class DDIM(Sampler):

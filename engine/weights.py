@@ -95,7 +95,8 @@ def from_pretrained(cls: type["STUNet"], directory: str | os.PathLike, *, device
 
 def spatial_keys(model: "STUNet") -> list[str]:
     """State-dict keys of the pretrained per-frame trunk (everything but the temporal modules)."""
-    return [k for k in model.state_dict() if not model.is_temporal_key(k)]
+    temporal = model.temporal_keys()
+    return [k for k in model.state_dict() if k not in temporal]
 
 
 def interpolate_spatial(orig: "STUNet", style: "STUNet | Mapping[str, torch.Tensor]", alpha: float) -> "STUNet":
@@ -114,8 +115,9 @@ def interpolate_spatial(orig: "STUNet", style: "STUNet | Mapping[str, torch.Tens
     style_state = style.state_dict() if isinstance(style, STUNet) else dict(style)
     orig_state = orig.state_dict()
     keys = spatial_keys(orig)
+    temporal = orig.temporal_keys()
     check_state_dict({k: orig_state[k] for k in keys},
-                     {k: v for k, v in style_state.items() if not orig.is_temporal_key(k)},
+                     {k: v for k, v in style_state.items() if k not in temporal},
                      what="interpolate_spatial: the style weights")
     result = copy.deepcopy(orig)
     with torch.no_grad():

@@ -13,6 +13,7 @@ linear layers and attention matmuls; norms and element-wise ops are not counted,
 """
 from __future__ import annotations
 
+import abc
 import math
 from dataclasses import dataclass
 
@@ -44,7 +45,7 @@ def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -
     return emb
 
 
-class Block(nn.Module):
+class Block(nn.Module, abc.ABC):
     """A block of the folded trunk: ``forward(x, cond)``; shape-preserving unless it says otherwise."""
 
     def out_shape(self, shape: Shape) -> Shape:
@@ -53,8 +54,9 @@ class Block(nn.Module):
     def out_channels(self, in_channels: int) -> int:
         return in_channels
 
+    @abc.abstractmethod
     def flops(self, shape: Shape, text_len: int) -> int:
-        raise NotImplementedError
+        """Analytic FLOPs of one forward on an input of ``shape`` (B, T, H, W)."""
 
 
 def conv2d_flops(conv: nn.Conv2d, n: int, h_out: int, w_out: int) -> int:

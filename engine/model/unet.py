@@ -141,9 +141,13 @@ class STUNet(nn.Module):
             if isinstance(module, TemporalModule):
                 yield name, module
 
+    def temporal_keys(self) -> set[str]:
+        """State-dict keys of the temporal modules (added by inflation, not pretrained)."""
+        return {f"{name}.{key}" for name, module in self.temporal_modules() for key in module.state_dict()}
+
     def is_temporal_key(self, key: str) -> bool:
-        """Whether a state-dict key belongs to a temporal module (added by inflation, not pretrained)."""
-        return any(key.startswith(name + ".") for name, _ in self.temporal_modules())
+        """Whether a state-dict key belongs to a temporal module (one lookup: prefer ``temporal_keys()`` in loops)."""
+        return key in self.temporal_keys()
 
     @contextlib.contextmanager
     def without_temporal(self) -> Iterator["STUNet"]:
