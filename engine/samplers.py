@@ -25,34 +25,42 @@ SPACINGS = ("leading", "trailing", "linspace")
 PREDICTIONS = ("v", "eps")
 
 
+def _linspace(start: float, end: float, n: int) -> list[float]:
+    # Written out (not torch.linspace) so the C++ runtime computes the same doubles bit for bit.
+    return [start] if n == 1 else [start + (end - start) * i / (n - 1) for i in range(n)]
+
+
 def make_betas(schedule: str, num_train_timesteps: int = 1000) -> torch.Tensor:
     """Betas (float64) of a named schedule: "linear" 1e-4..2e-2, "scaled_linear" sqrt-space 0.00085..0.012,
-    "cosine" (Nichol & Dhariwal 2021, s = 0.008, beta capped at 0.999)."""
+    "cosine" (Nichol & Dhariwal 2021, s = 0.008, beta capped at 0.999).
+
+    Every table is plain double arithmetic in a fixed order; csrc/schedule.cpp repeats it exactly.
+    """
     n = num_train_timesteps
     if schedule == "linear":
-        return torch.linspace(1e-4, 2e-2, n, dtype=torch.float64)
+        return torch.tensor(_linspace(1e-4, 2e-2, n), dtype=torch.float64)
     if schedule == "scaled_linear":
-        return torch.linspace(0.00085 ** 0.5, 0.012 ** 0.5, n, dtype=torch.float64) ** 2
+        return torch.tensor([b * b for b in _linspace(0.00085 ** 0.5, 0.012 ** 0.5, n)], dtype=torch.float64)
     if schedule == "cosine":
         def abar(t: float) -> float:
-            return math.cos((t / n + 0.008) / 1.008 * math.pi / 2) ** 2
+            c = math.cos((t / n + 0.008) / 1.008 * math.pi / 2)
+            return c * c
         return torch.tensor([min(1 - abar(i + 1) / abar(i), 0.999) for i in range(n)], dtype=torch.float64)
     raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
 
 
 def make_timesteps(num_inference_steps: int, num_train_timesteps: int, spacing: str) -> torch.Tensor:
-    """Descending int64 timesteps (as diffusers' ``timestep_spacing``)."""
+    """Descending int64 timesteps (as diffusers' ``timestep_spacing``); always ``num_inference_steps`` of them."""
     n, N = num_inference_steps, num_train_timesteps
     if spacing == "leading":
-        ts = torch.arange(n, dtype=torch.float64) * (N // n)
-    elif spacing == "trailing":
-        ts = torch.arange(N, 0, -N / n, dtype=torch.float64).round() - 1
-        return ts.to(torch.int64)
+        ts = [i * (N // n) for i in range(n)]
+    elif spacing == "trailing":  # round(N - i N / n) - 1, i = 0..n-1 (already descending)
+        return torch.tensor([round(N - i * N / n) - 1 for i in range(n)], dtype=torch.int64)
     elif spacing == "linspace":
-        ts = torch.linspace(0, N - 1, n, dtype=torch.float64).round()
+        ts = [round(v) for v in _linspace(0.0, N - 1.0, n)]
     else:
         raise ValueError(f"spacing must be one of {SPACINGS}, got {spacing!r}")
-    return ts.flip(0).to(torch.int64)
+    return torch.tensor(ts[::-1], dtype=torch.int64)
 
 
 def cfg_combine(cond: torch.Tensor, uncond: torch.Tensor, guidance_scale: float,

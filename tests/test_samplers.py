@@ -30,8 +30,10 @@ def test_timestep_spacings():
     assert make_timesteps(10, N, "trailing").tolist() == [999, 899, 799, 699, 599, 499, 399, 299, 199, 99]
     assert make_timesteps(4, N, "linspace").tolist() == [999, 666, 333, 0]
     for spacing in samplers.SPACINGS:
-        ts = make_timesteps(32, N, spacing)
-        assert ts.dtype == torch.int64 and len(ts) == 32 and (ts[:-1] > ts[1:]).all()
+        for n in range(1, N + 1):  # every count: float stepping (arange) once gave n + 1 timesteps for n = 61
+            ts = make_timesteps(n, N, spacing)
+            assert ts.dtype == torch.int64 and len(ts) == n, (spacing, n)
+            assert (ts[:-1] > ts[1:]).all() and 0 <= int(ts[-1]) and int(ts[0]) <= N - 1, (spacing, n)
     s = DDIM()
     s.set_timesteps(32)
     assert s.timesteps[0] == 31 * 31 and s.timesteps[-1] == 0
