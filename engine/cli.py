@@ -106,8 +106,8 @@ def cmd_generate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> i
             if args.model is not None:
                 print("stunet: no --text-encoder given: using a random tiny text encoder", file=sys.stderr)
             encoder = tiny_random_t5(base.config.text_dim, seed=args.seed)
-        pipe = Pipeline(base, encoder, ssr, sampler=args.sampler)
-    except (FileNotFoundError, ValueError, TypeError) as e:
+        pipe = Pipeline(base, encoder, ssr, sampler=args.sampler, runtime=args.runtime)
+    except (FileNotFoundError, ValueError, TypeError, RuntimeError) as e:
         parser.error(str(e))
 
     call = dict(negative_prompt=args.negative_prompt, num_frames=args.frames, height=args.height, width=args.width,
@@ -155,12 +155,38 @@ def _add_generation_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ssr-steps", type=_positive, help="SSR denoising steps (default: --steps)")
     p.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale (default 7.5)")
     p.add_argument("--sampler", default="ddim", choices=["ddim", "ddpm", "dpmpp2m"])
+    p.add_argument("--runtime", choices=["cpp", "python"],
+                   help="sampler step: the C++ runtime (default when built) or the Python reference")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--fps", type=_positive, default=16)
     p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     p.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], help="default fp16 on cuda, fp32 on cpu")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_generate)
+
+
+def cmd_env(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    """What this install can run, and why not where it cannot."""
+    import platform
+
+    import torch
+
+    from . import runtime
+
+    lines = {"stunet": __import__("stunet").__version__, "python": platform.python_version(),
+             "torch": torch.__version__,
+             "cuda": (f"{torch.cuda.get_device_name()} (CUDA {torch.version.cuda})" if torch.cuda.is_available()
+                      else "no CUDA device visible to torch"),
+             "runtime (stunet._C)": runtime.status()}
+    try:
+        import triton
+        lines["triton"] = triton.__version__
+    except ImportError as e:
+        lines["triton"] = f"not installed ({e}); the Triton kernels fall back to their reference math"
+    width = max(map(len, lines))
+    for k, v in lines.items():
+        print(f"{k:<{width}}  {v}")
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -178,6 +204,9 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("--dtype", choices=["fp16", "bf16", "fp32"], default="fp16")
     info.add_argument("--json", action="store_true", help="print JSON instead of a table")
     info.set_defaults(func=cmd_info)
+
+    env = sub.add_parser("env", help="what this install can run (torch, CUDA, C++ runtime, Triton)")
+    env.set_defaults(func=cmd_env)
 
     _add_generation_args(sub.add_parser("generate", help="text to video",
                                         description="Generate a video from a text prompt."))

@@ -78,11 +78,14 @@ def blend(outputs: list[torch.Tensor], starts: list[int], weights: torch.Tensor,
 
 
 def multidiffusion_predict(predict: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, window: int,
-                           overlap: int, batch_size: int = 4, weighting: str = "uniform") -> torch.Tensor:
+                           overlap: int, batch_size: int = 4, weighting: str = "uniform",
+                           blender: Callable | None = None) -> torch.Tensor:
     """Blend the predictions of ``predict`` on the temporal windows of ``x`` (B, C, T, H, W).
 
     ``predict`` maps a batch of clips (N*B, C, W, H, W') to predictions (N*B, C_out, W, H, W'); up to
     ``batch_size`` windows go into one call (the windows of a clip are stacked along the batch).
+    ``blender``: ``runtime.blend_windows`` (the C++ runtime's one-pass blend, same result bit for bit) or
+    None for :func:`blend` here. The result has the dtype of ``x``.
     """
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
@@ -90,10 +93,13 @@ def multidiffusion_predict(predict: Callable[[torch.Tensor], torch.Tensor], x: t
     starts = window_plan(T, window, overlap)
     weights = window_weights(T, starts, window, weighting)
     length = min(window, T)
-    outputs: list[torch.Tensor] = []
+    preds: list[torch.Tensor] = []
     for i in range(0, len(starts), batch_size):
         chunk = starts[i:i + batch_size]
-        batch = torch.cat([x[:, :, s:s + length] for s in chunk], dim=0)
-        pred = predict(batch)
-        outputs += list(pred.chunk(len(chunk), dim=0))
+        preds.append(predict(torch.cat([x[:, :, s:s + length] for s in chunk], dim=0)))
+    if blender is not None:  # all windows as one (N, B, ...) tensor: no copy when one call made them all
+        stacked = (preds[0] if len(preds) == 1 else torch.cat(preds)).contiguous()
+        stacked = stacked.view(len(starts), x.shape[0], *stacked.shape[1:])
+        return blender(stacked, T, window, overlap, weighting, x.dtype)
+    outputs = [o for p in preds for o in p.chunk(p.shape[0] // x.shape[0], dim=0)]
     return blend(outputs, starts, weights, T).to(x.dtype)

@@ -13,6 +13,7 @@ Conditional modes (7-channel models; see ``conditioning``): ``image_to_video``, 
 """
 from __future__ import annotations
 
+import logging
 import os
 import random
 import time
@@ -26,12 +27,25 @@ from tqdm.auto import tqdm
 
 from .conditioning import Conditioning, video_frames
 from .model import STUNet
+from . import runtime as cpp_runtime
 from .multidiffusion import multidiffusion_predict
 from .samplers import Sampler, cfg_combine, make_sampler, sampler_class
 from .text import TextEncoder
 
+log = logging.getLogger(__name__)
+
 BACKENDS = ("reference",)
+RUNTIMES = ("cpp", "python")
 OUTPUT_TYPES = ("np", "pt", "pil")
+
+
+def default_runtime() -> str:
+    """"cpp" (the C++ runtime) when stunet._C imported, else "python", saying why."""
+    if cpp_runtime.available():
+        return "cpp"
+    log.warning("stunet: the C++ runtime is unavailable, sampling with the Python reference: %s",
+                cpp_runtime.status())
+    return "python"
 
 
 @dataclass
@@ -55,7 +69,8 @@ class Pipeline:
     """Text-to-video cascade. ``Pipeline(base_model, text_encoder, ssr_model=None)``."""
 
     def __init__(self, base_model: STUNet, text_encoder: TextEncoder | None = None, ssr_model: STUNet | None = None,
-                 *, backend: str = "reference", sampler: str = "ddim", progress: bool = True):
+                 *, backend: str = "reference", sampler: str = "ddim", runtime: str | None = None,
+                 progress: bool = True):
         if not isinstance(base_model, STUNet):
             raise TypeError(f"base_model must be a STUNet, got {type(base_model).__name__}")
         if base_model.config.is_ssr:
@@ -72,10 +87,15 @@ class Pipeline:
         if backend not in BACKENDS:
             raise ValueError(f"backend {backend!r} is not available in this build; available: {BACKENDS}")
         sampler_class(sampler)  # validate the name early
+        runtime = default_runtime() if runtime is None else runtime
+        if runtime not in RUNTIMES:
+            raise ValueError(f"runtime must be one of {RUNTIMES}, got {runtime!r}")
+        if runtime == "cpp" and not cpp_runtime.available():
+            raise RuntimeError(f"runtime='cpp' but {cpp_runtime.status()}")
         self.base, self.ssr, self.text_encoder = base_model.eval(), ssr_model, text_encoder
         if self.ssr is not None:
             self.ssr.eval()
-        self.backend, self.sampler_name, self.progress = backend, sampler, progress
+        self.backend, self.sampler_name, self.runtime, self.progress = backend, sampler, runtime, progress
 
     @classmethod
     def from_pretrained(cls, base: str | os.PathLike, ssr: str | os.PathLike | None = None,
@@ -96,7 +116,8 @@ class Pipeline:
         from .weights import interpolate_spatial
 
         return Pipeline(interpolate_spatial(self.base, style, alpha), self.text_encoder, self.ssr,
-                        backend=self.backend, sampler=self.sampler_name, progress=self.progress)
+                        backend=self.backend, sampler=self.sampler_name, runtime=self.runtime,
+                        progress=self.progress)
 
     @property
     def device(self) -> torch.device:
@@ -137,29 +158,29 @@ class Pipeline:
         tokens, mask = self.encode_prompt(list(prompt), negative)
         return tokens, mask, B
 
-    # -- one guided prediction -------------------------------------------------------------------------------
+    # -- one prediction, conditional and unconditional ---------------------------------------------------------
     @staticmethod
-    def _guided(model: STUNet, x_in: torch.Tensor, t: int, text: torch.Tensor, mask: torch.Tensor, B: int,
-                scale: float, rescale: float, **kwargs) -> torch.Tensor:
-        """Model prediction with classifier-free guidance; ``text``/``mask`` hold [cond; uncond] (2B rows).
-
-        ``x_in`` may hold several clips per prompt (N*B rows, N windows): text rows are repeated to match.
-        """
+    def _predict(model: STUNet, x_in: torch.Tensor, t: int, text: torch.Tensor, mask: torch.Tensor, B: int,
+                 scale: float, **kwargs) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(cond, uncond) predictions in one batched call; uncond is None when ``scale == 1`` (no guidance).
+        ``text``/``mask`` hold [cond; uncond] (2B rows); ``x_in`` may hold several clips per prompt (N*B rows,
+        N windows): text rows are repeated to match."""
         n = x_in.shape[0] // B
         cond_t, uncond_t = text[:B].repeat(n, 1, 1), text[B:].repeat(n, 1, 1)
         cond_m, uncond_m = mask[:B].repeat(n, 1), mask[B:].repeat(n, 1)
         if scale == 1.0:
-            return model(x_in, t, cond_t, cond_m, **kwargs)
+            return model(x_in, t, cond_t, cond_m, **kwargs), None
         both = model(torch.cat([x_in, x_in]), t, torch.cat([cond_t, uncond_t]), torch.cat([cond_m, uncond_m]),
                      **{k: torch.cat([v, v]) if isinstance(v, torch.Tensor) and v.dim() else v
                         for k, v in kwargs.items()})
         cond, uncond = both.chunk(2)
-        return cfg_combine(cond, uncond, scale, rescale)
+        return cond, uncond
 
-    def _sampler(self, model: STUNet, name: str | None, eta: float) -> Sampler:
+    def _sampler(self, model: STUNet, name: str | None, eta: float) -> Sampler | cpp_runtime.FusedSampler:
         cfg = model.config
-        return make_sampler(name or self.sampler_name, schedule=cfg.schedule, prediction=cfg.prediction,
-                            num_train_timesteps=cfg.num_train_timesteps, eta=eta)
+        s = make_sampler(name or self.sampler_name, schedule=cfg.schedule, prediction=cfg.prediction,
+                         num_train_timesteps=cfg.num_train_timesteps, eta=eta)
+        return cpp_runtime.FusedSampler(s) if self.runtime == "cpp" else s
 
     # -- the call ---------------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -223,12 +244,12 @@ class Pipeline:
             timesteps = timesteps[skip:]
             if not len(timesteps):
                 raise ValueError(f"strength {strength} leaves no denoising step; raise it or the step count")
-            x = s.add_noise(init, x.float(), int(timesteps[0])).to(self.base.dtype)
+            x = s.add_noise(init, x.float(), int(timesteps[0])).to(self.base.dtype).contiguous()
 
         for i, t in enumerate(tqdm(timesteps, desc="base", disable=not show)):
             x_in = x if conditioning is None else torch.cat([x, conditioning.video, conditioning.mask], dim=1)
-            pred = self._guided(self.base, x_in, int(t), text, mask, B, guidance_scale, guidance_rescale)
-            x = s.step(pred, t, x, generator=generator)
+            cond, uncond = self._predict(self.base, x_in, int(t), text, mask, B, guidance_scale)
+            x = s.guided_step(cond, uncond, t, x, guidance_scale, guidance_rescale, generator)
             x = self._callback(callback_on_step_end, "base", i, int(t), x)
         timings["base"] = time.perf_counter() - t0
 
@@ -266,13 +287,15 @@ class Pipeline:
         up = up.to(dtype)
         x = Sampler.draw_noise(torch.empty(B, 3, T, H, W), generator).to(self.device, dtype)
         level = torch.full((1,), float(noise_level), device=self.device)
+        blender = cpp_runtime.blend_windows if self.runtime == "cpp" else None
         for i, t in enumerate(tqdm(s.timesteps, desc="ssr", disable=not show)):
             def predict(batch: torch.Tensor, t=int(t)) -> torch.Tensor:
-                return self._guided(self.ssr, batch, t, text, mask, B, scale, rescale,
-                                    noise_level=level.expand(batch.shape[0]))
+                cond, uncond = self._predict(self.ssr, batch, t, text, mask, B, scale,
+                                             noise_level=level.expand(batch.shape[0]))
+                return cond if uncond is None else cfg_combine(cond, uncond, scale, rescale)
 
             pred = multidiffusion_predict(predict, torch.cat([x, up], dim=1), window, overlap, batch_size,
-                                          weighting)
+                                          weighting, blender)
             x = s.step(pred, t, x, generator=generator)
             x = self._callback(callback, "ssr", i, int(t), x)
         return x

@@ -40,7 +40,7 @@ def make_betas(schedule: str, num_train_timesteps: int = 1000) -> torch.Tensor:
     if schedule == "linear":
         return torch.tensor(_linspace(1e-4, 2e-2, n), dtype=torch.float64)
     if schedule == "scaled_linear":
-        return torch.tensor([b * b for b in _linspace(0.00085 ** 0.5, 0.012 ** 0.5, n)], dtype=torch.float64)
+        return torch.tensor([b * b for b in _linspace(math.sqrt(0.00085), math.sqrt(0.012), n)], dtype=torch.float64)
     if schedule == "cosine":
         def abar(t: float) -> float:
             c = math.cos((t / n + 0.008) / 1.008 * math.pi / 2)
@@ -179,6 +179,14 @@ class Sampler(abc.ABC):
         t = int(t)
         i = self._step_index(t)
         return self._update(model_output, t, self.prev_timestep(t), i, x, generator).to(x.dtype)
+
+    def guided_step(self, cond: torch.Tensor, uncond: torch.Tensor | None, t, x: torch.Tensor,
+                    guidance_scale: float = 1.0, guidance_rescale: float = 0.0,
+                    generator: torch.Generator | None = None) -> torch.Tensor:
+        """x_{t-1} from the conditional and unconditional predictions (``uncond=None``: no guidance): the
+        torch-op sequence that the C++ runtime's ``FusedSampler.guided_step`` does in one pass."""
+        pred = cond if uncond is None else cfg_combine(cond, uncond, guidance_scale, guidance_rescale)
+        return self.step(pred, t, x, generator=generator)
 
     @abc.abstractmethod
     def _update(self, out, t, t_prev, i, x, generator) -> torch.Tensor:

@@ -140,3 +140,11 @@ def test_cli_generate_bad_arguments_exit_2(argv, message, tmp_path, capsys):
         main([a.replace("{tmp}", str(tmp_path)) for a in argv])
     assert info.value.code == 2
     assert message in capsys.readouterr().err
+
+
+def test_cli_env_reports_the_runtime(capsys):
+    from stunet.cli import main
+
+    assert main(["env"]) == 0
+    out = capsys.readouterr().out
+    assert "torch" in out and "stunet runtime: C++17" in out

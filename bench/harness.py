@@ -1,0 +1,149 @@
+"""Shared benchmark harness: timing (CUDA events on GPUs), bytes and FLOPs per row, % of roofline, JSON and a
+markdown table. Every benchmark script builds ``Row``s, the stock-PyTorch alternative among them, and calls
+``report``.
+
+Roofline: the GPU's datasheet HBM bandwidth and dense FP16 tensor throughput, by device name (``PEAKS``); a
+copy of a large buffer is measured in the same run and reported beside it, since it bounds what any
+memory-bound kernel reaches. On the CPU the roofline is that measured copy.
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import re
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+# Datasheet peaks: HBM GB/s and dense FP16 tensor-core TFLOP/s (no sparsity).
+PEAKS = {
+    "H100 SXM": (3350.0, 989.0),
+    "H100 NVL": (3900.0, 835.0),
+    "H100 PCIe": (2000.0, 756.0),
+    "H100": (3350.0, 989.0),
+    "H200": (4800.0, 989.0),
+    "A100-SXM4-80GB": (2039.0, 312.0),
+    "A100": (1555.0, 312.0),
+    "L4": (300.0, 121.0),
+    "Orin": (204.8, 42.5),
+}
+
+
+@dataclass
+class Row:
+    bench: str            # what is measured, e.g. "step ddim cfg"
+    shape: str            # the workload, e.g. "ssr 1x3x80x1024x1024 fp16"
+    impl: str             # "stunet" or the stock alternative, e.g. "torch ops"
+    ms: float
+    bytes: float = 0.0    # HBM bytes an ideal implementation moves
+    flops: float = 0.0
+    extra: dict = field(default_factory=dict)
+    gbps: float = 0.0
+    tflops: float = 0.0
+    pct_roofline: float = 0.0
+    speedup: float | None = None  # vs the stock row of the same bench and shape
+
+
+def device_info(device: torch.device) -> dict:
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        key = next((k for k in PEAKS if k.lower() in name.lower()), None)
+        bw, tf = PEAKS[key] if key else (0.0, 0.0)
+        return {"device": name, "peak_gbps": bw, "peak_tflops_fp16": tf, "torch": torch.__version__,
+                "cuda": torch.version.cuda}
+    return {"device": f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)",
+            "peak_gbps": 0.0, "peak_tflops_fp16": 0.0, "torch": torch.__version__}
+
+
+def slug(name: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+
+
+def timeit(fn: Callable[[], object], device: torch.device, warmup: int = 3, iters: int = 10) -> float:
+    """Median milliseconds per call (CUDA events around each call on a GPU)."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        for _ in range(iters):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+    else:
+        for _ in range(iters):
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def copy_bandwidth(device: torch.device, nbytes: int) -> float:
+    """GB/s of a device-to-device copy of ``nbytes`` (read + write counted)."""
+    src = torch.empty(nbytes // 2, dtype=torch.float16, device=device)
+    dst = torch.empty_like(src)
+    ms = timeit(lambda: dst.copy_(src), device)
+    return 2 * nbytes / ms / 1e6
+
+
+def finish(rows: list[Row], roofline_gbps: float, peak_tflops: float, stock: str) -> None:
+    """Fills GB/s, TFLOP/s, % of roofline (memory or compute, whichever bounds the row) and speed-ups."""
+    for r in rows:
+        r.gbps = r.bytes / r.ms / 1e6 if r.bytes else 0.0
+        r.tflops = r.flops / r.ms / 1e9 if r.flops else 0.0
+        ideal_ms = max(r.bytes / roofline_gbps / 1e6 if roofline_gbps else 0.0,
+                       r.flops / peak_tflops / 1e9 if peak_tflops else 0.0)
+        r.pct_roofline = 100.0 * ideal_ms / r.ms if ideal_ms else 0.0
+    for r in rows:
+        base = next((s for s in rows if s.impl == stock and s.bench == r.bench and s.shape == r.shape), None)
+        r.speedup = base.ms / r.ms if base is not None else None
+
+
+def markdown(rows: list[Row], info: dict) -> str:
+    lines = [f"Device: {info['device']}; roofline: {info['roofline_gbps']:.0f} GB/s ({info['roofline_source']}); "
+             f"measured copy: {info['copy_gbps']:.0f} GB/s; torch {info['torch']}",
+             "",
+             "| bench | shape | impl | ms | GB/s | TFLOP/s | % roofline | speed-up |",
+             "|---|---|---|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        sp = f"{r.speedup:.2f}x" if r.speedup is not None else ""
+        lines.append(f"| {r.bench} | {r.shape} | {r.impl} | {r.ms:.3f} | {r.gbps:.0f} | {r.tflops:.1f} | "
+                     f"{r.pct_roofline:.1f}% | {sp} |")
+    return "\n".join(lines)
+
+
+def report(name: str, rows: list[Row], device: torch.device, *, stock: str, command: str,
+           copy_bytes: int = 1 << 30, out_dir: Path | None = None) -> dict:
+    """Computes the derived columns, prints the table, writes <out_dir or results/<device>>/<name>.json and .md
+    (atomically) and returns the JSON document."""
+    info = device_info(device)
+    info["copy_gbps"] = copy_bandwidth(device, copy_bytes)
+    if info["peak_gbps"]:
+        info["roofline_gbps"], info["roofline_source"] = info["peak_gbps"], "datasheet HBM"
+    else:
+        info["roofline_gbps"], info["roofline_source"] = info["copy_gbps"], "measured copy"
+    finish(rows, info["roofline_gbps"], info["peak_tflops_fp16"], stock)
+    table = markdown(rows, info)
+    print(table)
+    doc = {"bench": name, "command": command, "python": sys.version.split()[0], **info,
+           "rows": [asdict(r) for r in rows]}
+    out = Path(out_dir) if out_dir is not None else RESULTS / slug(info["device"].split(" (")[0])
+    out.mkdir(parents=True, exist_ok=True)
+    for suffix, text in ((".json", json.dumps(doc, indent=2)), (".md", f"`{command}`\n\n{table}\n")):
+        fd, tmp = tempfile.mkstemp(dir=out, prefix=f".{name}", suffix=suffix)
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, out / f"{name}{suffix}")
+    return doc

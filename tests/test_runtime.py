@@ -1,0 +1,344 @@
+"""The C++ runtime (stunet._C) against the Python reference: tables, fused step, window plans and blends.
+
+On the CPU the runtime repeats the reference's operation order, so results are compared bit for bit
+(``torch.equal``); the one exception is guidance rescale, whose per-sample std is reduced in another order
+(bound: 1e-6 relative in fp32, one fp16 ulp in fp16). GPU tests compare the CUDA passes the same way.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from utils import assert_close
+
+from stunet import runtime
+from stunet.multidiffusion import blend, window_plan, window_weights
+from stunet.samplers import DDIM, SAMPLERS, SCHEDULES, SPACINGS, make_betas, make_sampler
+
+_C = pytest.importorskip("stunet._C", reason="the C++ runtime is not built")
+CSRC = Path(__file__).resolve().parent.parent / "csrc"
+
+
+# -- tables ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("schedule", SCHEDULES)
+def test_schedule_tables_bit_identical(schedule):
+    ref = make_sampler("ddim", schedule=schedule)
+    sched = _C.Scheduler("ddim", schedule)
+    assert sched.betas == make_betas(schedule).tolist()
+    assert sched.alphas_cumprod == ref.alphas_cumprod.tolist()
+
+
+@pytest.mark.parametrize("spacing", SPACINGS)
+def test_timesteps_identical_for_every_count(spacing):
+    ref = make_sampler("ddim", spacing=spacing)
+    for n in range(1, 1001):
+        ref.set_timesteps(n)
+        assert _C.make_timesteps(n, 1000, spacing) == ref.timesteps.tolist(), n
+
+
+def test_fp16_conversion_matches_torch():
+    bits = torch.arange(-32768, 32768, dtype=torch.int32).to(torch.int16)
+    halves = bits.view(torch.float16)
+    got = torch.empty(65536, dtype=torch.float32)
+    _C.f16_bits_to_f32(bits.data_ptr(), got.data_ptr(), 65536)
+    want = halves.float()
+    assert torch.equal(got.isnan(), want.isnan()) and torch.equal(got[~want.isnan()], want[~want.isnan()])
+
+    g = torch.Generator().manual_seed(0)
+    specials = torch.tensor([0.0, -0.0, 65504.0, 65519.99, 65520.0, -65520.0, 2 ** -24, 2 ** -25, 1.5 * 2 ** -25,
+                             2 ** -14, 2 ** -14 * (1 - 2 ** -11), float("inf"), -float("inf"), 1 + 2 ** -11,
+                             1 + 3 * 2 ** -11, 1e-30, 3e38])
+    values = torch.cat([specials, torch.randn(200_000, generator=g) * 10 ** torch.randint(-8, 6, (200_000,), generator=g),
+                        halves.float() * (1 + 2 ** -11)])  # every tie between neighbouring halves
+    values = values[~values.isnan()].contiguous()
+    out = torch.empty(values.numel(), dtype=torch.int16)
+    _C.f32_to_f16_bits(values.data_ptr(), out.data_ptr(), values.numel())
+    assert torch.equal(out, values.half().view(torch.int16))
+
+
+# -- the fused step ------------------------------------------------------------------------------------------
+GUIDANCE = {"none": (1.0, 0.0), "cfg": (7.5, 0.0), "cfg+rescale": (5.0, 0.7)}
+
+
+def _sampler(name, prediction, clip):
+    kw = {"eta": 0.6} if name == "ddim-eta" else {}
+    return make_sampler(name.split("-")[0], schedule="cosine", prediction=prediction, spacing="trailing",
+                        clip_sample=clip, **kw)
+
+
+def _prediction(sampler, t, x, x0, noise):
+    """What a good model predicts at t for a sample x heading to x0 (eps or v), plus ``noise``: keeps every
+    step finite in fp16, where purely random eps predictions overflow as alpha_t -> 0."""
+    a = sampler.abar(int(t))
+    eps = (x.float() - a ** 0.5 * x0) / (1 - a) ** 0.5
+    out = eps if sampler.prediction == "eps" else a ** 0.5 * eps - (1 - a) ** 0.5 * x0
+    return out + noise
+
+
+def _run_both(name, prediction, guidance, dtype, clip=False, steps=6, shape=(2, 3, 5, 6, 7)):
+    """Steps the reference and the fused sampler side by side on the same predictions and noise draws."""
+    scale, rescale = GUIDANCE[guidance]
+    ref, fused = _sampler(name, prediction, clip), runtime.FusedSampler(_sampler(name, prediction, clip))
+    ref.set_timesteps(steps)
+    fused.set_timesteps(steps)
+    g = torch.Generator().manual_seed(1)
+    x_ref = x_fused = torch.randn(shape, generator=g).to(dtype)
+    x0 = torch.randn(shape, generator=g) * 0.5
+    gen_ref, gen_fused = torch.Generator().manual_seed(7), torch.Generator().manual_seed(7)
+    pairs = []
+    for t in ref.timesteps:
+        cond = _prediction(ref, t, x_ref, x0, 0.1 * torch.randn(shape, generator=g)).to(dtype)
+        uncond = (_prediction(ref, t, x_ref, x0, 0.3 * torch.randn(shape, generator=g)).to(dtype)
+                  if guidance != "none" else None)
+        x_ref = ref.guided_step(cond, uncond, t, x_ref, scale, rescale, gen_ref)
+        x_fused = fused.guided_step(cond, uncond, t, x_fused, scale, rescale, gen_fused)
+        pairs.append((x_fused, x_ref))
+    return pairs
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("guidance", list(GUIDANCE))
+@pytest.mark.parametrize("prediction", ["v", "eps"])
+@pytest.mark.parametrize("name", ["ddim", "ddim-eta", "ddpm", "dpmpp2m"])
+def test_fused_step_matches_reference(name, prediction, guidance, dtype):
+    for i, (got, want) in enumerate(_run_both(name, prediction, guidance, dtype)):
+        assert got.dtype == want.dtype == dtype
+        if guidance == "cfg+rescale":
+            tol = 1e-6 if dtype == torch.float32 else 1e-3  # fp16: one ulp
+            assert_close(got, want, atol=tol, rtol=tol, what=f"step {i}")
+        else:
+            assert torch.equal(got, want), f"step {i}: max |diff| {(got.float() - want.float()).abs().max()}"
+    assert got.isfinite().all()
+
+
+@pytest.mark.parametrize("name", ["ddim", "dpmpp2m"])
+def test_fused_step_with_clipping_is_bit_identical(name):
+    for got, want in _run_both(name, "eps", "cfg", torch.float32, clip=True):
+        assert torch.equal(got, want)
+
+
+def test_mixed_dtypes_and_in_place():
+    ref, fused = DDIM(prediction="v"), runtime.FusedSampler(DDIM(prediction="v"))
+    ref.set_timesteps(4)
+    fused.set_timesteps(4)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 3, 4, 4, 4, generator=g).half()
+    pred = torch.randn(x.shape, generator=g)  # fp32 prediction (a blend's output) stepping an fp16 sample
+    t = ref.timesteps[0]
+    want = ref.step(pred, t, x)
+    x_in_place = x.clone()
+    got = fused.step(pred, t, x_in_place, out=x_in_place)
+    assert got is x_in_place and torch.equal(got, want)
+
+
+def test_dpm_history_resets_with_set_timesteps():
+    pairs_a = _run_both("dpmpp2m", "v", "cfg", torch.float32, steps=5)
+    pairs_b = _run_both("dpmpp2m", "v", "cfg", torch.float32, steps=5)
+    assert all(torch.equal(a[0], b[0]) for a, b in zip(pairs_a, pairs_b))
+
+
+def test_fused_step_bad_inputs():
+    s = runtime.FusedSampler.make("ddim")
+    s.set_timesteps(4)
+    x = torch.zeros(2, 3, 4, 4, 4)
+    t = int(s.timesteps[0])
+    with pytest.raises(ValueError, match="model_output has shape"):
+        s.step(torch.zeros(2, 3, 4, 4, 5), t, x)
+    with pytest.raises(TypeError, match="x must be a float32 or float16"):
+        s.step(x, t, x.bfloat16())
+    with pytest.raises(TypeError, match="uncond must be one of"):
+        s.guided_step(x, x.to(torch.float64), t, x, 2.0)
+    with pytest.raises(ValueError, match="contiguous"):
+        s.step(x.transpose(3, 4), t, x)
+    with pytest.raises(ValueError, match="contiguous"):
+        s.step(x, t, x.transpose(3, 4))
+    with pytest.raises(ValueError, match="not in this sampler's timesteps"):
+        s.step(x, 5, x)
+    with pytest.raises(ValueError, match="guidance_rescale must be in"):
+        s.guided_step(x, x, t, x, 2.0, 1.5)
+    with pytest.raises(ValueError, match="needs uncond"):
+        s.step(x, t, x, guidance_rescale=0.5)
+    with pytest.raises(TypeError, match="out must be one of"):
+        s.step(x, t, x, out=torch.zeros(2, 3, 4, 4, 4, dtype=torch.float16))
+    with pytest.raises(ValueError, match="eta is a DDIM parameter"):
+        _C.Scheduler("ddpm", eta=0.5)
+    with pytest.raises(ValueError, match="schedule must be one of"):
+        _C.Scheduler("ddim", "sigmoid")
+    with pytest.raises(TypeError, match="reference must be one of"):
+        runtime.FusedSampler(object())
+
+
+# -- MultiDiffusion ------------------------------------------------------------------------------------------
+def test_window_plans_and_weights_identical():
+    for T in range(1, 90):
+        for window in (1, 2, 3, 5, 8, 16):
+            for overlap in range(0, window):
+                starts = window_plan(T, window, overlap)
+                assert _C.window_plan(T, window, overlap) == starts
+                for weighting in ("uniform", "ramp"):
+                    assert _C.window_weights(T, starts, window, weighting) == \
+                        window_weights(T, starts, window, weighting).tolist()
+    with pytest.raises(ValueError, match="overlap"):
+        _C.window_plan(10, 4, 4)
+
+
+@settings(max_examples=60, deadline=None)
+@given(T=st.integers(1, 40), window=st.integers(1, 12), overlap_frac=st.floats(0, 0.95), b=st.integers(1, 3),
+       c=st.integers(1, 4), h=st.integers(1, 9), w=st.integers(1, 9), weighting=st.sampled_from(["uniform", "ramp"]),
+       dtypes=st.sampled_from([(torch.float32, torch.float32), (torch.float16, torch.float16),
+                               (torch.float16, torch.float32), (torch.float32, torch.float16)]))
+def test_blend_bit_identical(T, window, overlap_frac, b, c, h, w, weighting, dtypes):
+    overlap = min(int(overlap_frac * window), window - 1)
+    starts = window_plan(T, window, overlap)
+    length = min(window, T)
+    in_dtype, out_dtype = dtypes
+    g = torch.Generator().manual_seed(T * 1000 + window)
+    stacked = torch.randn(len(starts), b, c, length, h, w, generator=g).to(in_dtype)
+    want = blend(list(stacked), starts, window_weights(T, starts, window, weighting), T).to(out_dtype)
+    got = runtime.blend_windows(stacked, T, window, overlap, weighting, out_dtype)
+    assert got.shape == (b, c, T, h, w) and got.dtype == out_dtype
+    assert torch.equal(got, want)
+    assert torch.equal(runtime.blend_windows(list(stacked), T, window, overlap, weighting, out_dtype), want)
+
+
+def test_blend_bad_inputs():
+    x = torch.zeros(6, 1, 3, 16, 4, 4)
+    with pytest.raises(ValueError, match="hold 6 windows of 16 frames, but the plan"):
+        runtime.blend_windows(x, 80, 16, 4)
+    with pytest.raises(ValueError, match=r"\(N, B, C, L, H, W\)"):
+        runtime.blend_windows(x[0], 80, 16, 2)
+    with pytest.raises(TypeError, match="float32 or float16"):
+        runtime.blend_windows(x.double(), 80, 16, 2)
+    with pytest.raises(ValueError, match="contiguous"):
+        runtime.blend_windows(x.transpose(4, 5), 80, 16, 2)
+    assert runtime.blend_windows(x, 80, 16, 2).shape == (1, 3, 80, 4, 4)
+
+
+# -- the C++-only program --------------------------------------------------------------------------------------
+def test_cpp_program_links_and_runs_without_python(tmp_path):
+    """csrc/ builds as a plain C++ library plus a test executable (CMake, or the compiler directly)."""
+    exe = tmp_path / "stunet_runtime_test"
+    if shutil.which("cmake"):
+        subprocess.run(["cmake", "-S", str(CSRC), "-B", str(tmp_path), "-DCMAKE_BUILD_TYPE=Release"], check=True,
+                       capture_output=True)
+        subprocess.run(["cmake", "--build", str(tmp_path), "--parallel", "2"], check=True, capture_output=True)
+    else:
+        cxx = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")
+        if cxx is None:
+            pytest.fail("neither cmake nor a C++ compiler is on PATH: install one to build the runtime")
+        sources = [str(CSRC / f) for f in ("schedule.cpp", "multidiffusion.cpp", "runtime_cpu.cpp",
+                                           "tests/runtime_test.cpp")]
+        subprocess.run([cxx, "-std=c++17", "-O2", "-ffp-contract=off", f"-I{CSRC}", *sources, "-o", str(exe)],
+                       check=True, capture_output=True)
+    run = subprocess.run([str(exe)], capture_output=True, text=True, env={"PATH": os.environ.get("PATH", "")})
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert "0 failure(s)" in run.stdout
+
+
+# -- the pipeline ------------------------------------------------------------------------------------------------
+def test_runtime_status_reports_the_build():
+    assert runtime.available() and "stunet runtime" in runtime.status()
+
+
+@pytest.mark.parametrize("sampler", ["ddim", "ddpm", "dpmpp2m"])
+def test_pipeline_videos_identical_with_either_runtime(sampler):
+    """Base (CFG, rescale off) and SSR (MultiDiffusion over 3 windows in 2 model calls): same frames, bit for bit."""
+    import stunet
+    from stunet.pipeline import Pipeline
+    from utils import randomize_temporal
+
+    torch.manual_seed(0)
+    base = randomize_temporal(stunet.STUNet(stunet.STUNetConfig.from_preset("tiny")))
+    ssr = randomize_temporal(stunet.STUNet(stunet.STUNetConfig.from_preset(
+        "tiny", in_channels=6, noise_aug=True, low_res_size=8, temporal_downsample=(False, False),
+        temporal_attn_depth=0, sample_size=16)))
+    text = torch.randn(1, 5, base.config.text_dim)
+    kw = dict(prompt_embeds=text, num_frames=8, height=8, width=8, num_inference_steps=3, ssr_window=4,
+              ssr_overlap=1, ssr_batch_size=2, ssr_guidance_scale=2.0, seed=5)
+    frames = {}
+    for rt in ("cpp", "python"):
+        pipe = Pipeline(base, None, ssr, sampler=sampler, runtime=rt, progress=False)
+        frames[rt] = pipe(**kw)
+    assert np.array_equal(frames["cpp"].frames, frames["python"].frames)
+    assert np.array_equal(frames["cpp"].low_res_frames, frames["python"].low_res_frames)
+
+
+def test_pipeline_runtime_argument_is_checked():
+    import stunet
+    from stunet.pipeline import Pipeline
+
+    with pytest.raises(ValueError, match="runtime must be one of"):
+        Pipeline(stunet.STUNet(stunet.STUNetConfig.from_preset("tiny")), runtime="rust")
+
+
+# -- GPU ---------------------------------------------------------------------------------------------------------
+def _cuda_runtime():
+    if not runtime.cuda_available():
+        pytest.fail("stunet._C was built without CUDA: reinstall with STUNET_CUDA=1 on the GPU machine")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("guidance", list(GUIDANCE))
+@pytest.mark.parametrize("name", sorted(SAMPLERS))
+def test_cuda_fused_step_matches_torch_on_cuda(name, guidance, dtype):
+    _cuda_runtime()
+    scale, rescale = GUIDANCE[guidance]
+    shape = (2, 3, 9, 33, 31)  # odd sizes: the scalar path; (2, 3, 8, 32, 32) below takes the vector path
+    for shp in (shape, (2, 3, 8, 32, 32)):
+        ref, fused = make_sampler(name), runtime.FusedSampler(make_sampler(name))
+        ref.set_timesteps(5)
+        fused.set_timesteps(5)
+        g = torch.Generator().manual_seed(0)
+        x_ref = x_fused = torch.randn(shp, generator=g).to("cuda", dtype)
+        gr, gf = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
+        x0 = torch.randn(shp, generator=g).cuda() * 0.5
+        for t in ref.timesteps:
+            cond = _prediction(ref, t, x_ref, x0, 0.1 * torch.randn(shp, generator=g).cuda()).to(dtype)
+            uncond = (_prediction(ref, t, x_ref, x0, 0.3 * torch.randn(shp, generator=g).cuda()).to(dtype)
+                      if guidance != "none" else None)
+            x_ref = ref.guided_step(cond, uncond, t, x_ref, scale, rescale, gr)
+            x_fused = fused.guided_step(cond, uncond, t, x_fused, scale, rescale, gf)
+            tol = 1e-6 if dtype == torch.float32 else 1e-3
+            assert_close(x_fused, x_ref, atol=tol, rtol=tol, what=f"{shp} t={int(t)}")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+def test_cuda_blend_bit_identical(dtype):
+    _cuda_runtime()
+    for T, window, overlap, hw in ((80, 16, 2, (32, 32)), (37, 8, 3, (5, 7)), (5, 16, 2, (8, 8))):
+        starts = window_plan(T, window, overlap)
+        stacked = torch.randn(len(starts), 2, 3, min(window, T), *hw, device="cuda").to(dtype)
+        want = blend(list(stacked), starts, window_weights(T, starts, window, "ramp"), T).to(dtype)
+        assert torch.equal(runtime.blend_windows(stacked, T, window, overlap, "ramp", dtype), want)
+
+
+@pytest.mark.gpu
+def test_cuda_step_and_blend_capture_in_a_cuda_graph():
+    _cuda_runtime()
+    s = runtime.FusedSampler.make("dpmpp2m")
+    s.set_timesteps(4)
+    x = torch.randn(1, 3, 16, 64, 64, device="cuda", dtype=torch.float16)
+    windows = torch.randn(2, 1, 3, 16, 64, 64, device="cuda", dtype=torch.float16)
+    out = torch.empty_like(x)
+    t0 = int(s.timesteps[0])
+    ref = runtime.FusedSampler.make("dpmpp2m")
+    ref.set_timesteps(4)
+    want = ref.step(runtime.blend_windows(windows, 16, 16, 2, dtype=torch.float16), t0, x)
+    s.step(x, t0, x, out=out)  # warm-up allocates the history buffer outside the capture
+    s.reset()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        pred = runtime.blend_windows(windows, 16, 16, 2, dtype=torch.float16)
+        s.step(pred, t0, x, out=out)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(out, want)
