@@ -106,7 +106,8 @@ setup(
     extras_require={
         "video": ["av>=12", "pillow"],
         "text": ["transformers>=4.40"],
-        "test": ["pytest>=8", "hypothesis>=6", "av>=12", "pillow", "transformers>=4.40"],
+        "triton": ["triton>=3.2"],
+        "test": ["pytest>=8", "hypothesis>=6", "av>=12", "pillow", "transformers>=4.40", "triton>=3.2"],
     },
     ext_modules=[Extension("stunet._C", CPU_SOURCES, depends=["csrc/runtime.h", "csrc/step_math.h"],
                            extra_compile_args=CXX_FLAGS, language="c++")],

@@ -178,11 +178,11 @@ def cmd_env(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
              "cuda": (f"{torch.cuda.get_device_name()} (CUDA {torch.version.cuda})" if torch.cuda.is_available()
                       else "no CUDA device visible to torch"),
              "runtime (stunet._C)": runtime.status()}
-    try:
-        import triton
-        lines["triton"] = triton.__version__
-    except ImportError as e:
-        lines["triton"] = f"not installed ({e}); the Triton kernels fall back to their reference math"
+    from .kernels import _triton
+
+    lines["triton kernels"] = (f"triton {_triton.triton.__version__}" if _triton.triton is not None else
+                               f"unavailable ({_triton.IMPORT_ERROR}); the ops run their reference math "
+                               "(`pip install -e .[triton]`)")
     width = max(map(len, lines))
     for k, v in lines.items():
         print(f"{k:<{width}}  {v}")

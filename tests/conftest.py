@@ -4,10 +4,19 @@ CUDA is queried lazily (at collection of a gpu-marked test), never at import.
 """
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
 import stunet
+
+
+def pytest_configure(config):
+    # Without a GPU the Triton kernels run on CPU tensors through Triton's interpreter (set before any kernel
+    # module is imported: triton.jit reads it at decoration time). An explicit TRITON_INTERPRET wins.
+    if not torch.cuda.is_available():
+        os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 def pytest_collection_modifyitems(config, items):

@@ -11,7 +11,7 @@ import pytest
 BENCH = Path(__file__).resolve().parent.parent / "bench"
 
 
-@pytest.mark.parametrize("script", ["runtime.py"])
+@pytest.mark.parametrize("script", ["runtime.py", "kernels.py"])
 def test_bench_script_smoke_run(script, tmp_path):
     name = script.removesuffix(".py")
     run = subprocess.run([sys.executable, str(BENCH / script), "--device", "cpu", "--quick", "--iters", "2",

@@ -1,0 +1,153 @@
+"""Triton kernels against the stock PyTorch a user would write, at the presets' shapes and the measured ones.
+
+    python bench/kernels.py                     # CUDA; --no-compile skips the torch.compile rows (slow to build)
+    python bench/kernels.py --device cpu --quick
+
+Rows (fp16 on CUDA, fp32 on CPU; bytes are what an ideal kernel moves once; the stock rows are "torch eager"):
+- temporal attention: qkv (B, T, S, 3C) -> (B, T, S, C); stock = view/permute to (B*S, heads, T, D) copies, the
+  best SDPA backend torch picks, permute back. Bytes 4 * B*T*S*C * 2; FLOPs 4 * B*S*heads*T^2*D.
+- group norm + SiLU on (B, C, T, H, W) videos, per-frame statistics, NCDHW and channels-last; stock = fold the
+  frames into the batch (a copy for NCDHW), F.group_norm, F.silu, unfold; also that function under
+  torch.compile. Bytes: read x + write y.
+- avg pooling (2,2,2), (2,1,1), (1,2,2) and frame duplication, both layouts; stock F.avg_pool3d /
+  repeat_interleave. Bytes: read x + write y.
+- TemporalUp (duplication + depth-3 temporal conv): folded polyphase form vs duplicate-then-conv3d; FLOPs
+  counted as the stock form's.
+"""
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from harness import Row, report, timeit  # noqa: E402
+
+from stunet import STUNetConfig, kernels  # noqa: E402
+
+
+
+def attention_shapes(quick: bool):
+    """(label, B, T, S, C, heads)."""
+    if quick:
+        return [("quick", 1, 16, 64, 64, 2), ("quick T=5", 2, 5, 16, 64, 1)]
+    base, edge = STUNetConfig.from_preset("lumiere-base"), STUNetConfig.from_preset("edge")
+    rows = [("issue: B2 C512 T16 32x32", 2, 16, 1024, 512, 8), ("design: 16384 seq x T16 h8 d64", 1, 16, 16384, 512, 8)]
+    rows += [(f"sweep T={T}", 1, T, 4096, 512, 8) for T in (8, 32, 64, 128)]
+    for name, cfg in (("lumiere-base mid", base), ("edge mid", edge)):
+        T, H, W, C = cfg.level_shapes(cfg.sample_frames, cfg.sample_size, cfg.sample_size)[-1]
+        rows.append((f"{name} (CFG batch 2)", 2, T, H * W, C, cfg.temporal_attn_heads))
+    rows.append(("131072 sequences (beyond flash's 65535)", 2, 16, 65536, 256, 4))
+    return rows
+
+
+def video_shapes(quick: bool):
+    """(label, (B, C, T, H, W)) at every level of lumiere-base, CFG batch 2."""
+    if quick:
+        return [("quick", (2, 32, 4, 16, 16))]
+    cfg = STUNetConfig.from_preset("lumiere-base")
+    return [(f"lumiere-base L{i}", (2, C, T, H, W))
+            for i, (T, H, W, C) in enumerate(cfg.level_shapes(cfg.sample_frames, cfg.sample_size, cfg.sample_size))]
+
+
+def sdpa_stock(qkv: torch.Tensor, heads: int) -> torch.Tensor:
+    B, T, S, C3 = qkv.shape
+    C = C3 // 3
+    q, k, v = qkv.view(B, T, S, 3, heads, C // heads).permute(3, 0, 2, 4, 1, 5).reshape(3, B * S, heads, T, -1)
+    o = F.scaled_dot_product_attention(q, k, v)
+    return o.view(B, S, heads, T, -1).permute(0, 3, 1, 2, 4).reshape(B, T, S, C)
+
+
+def gn_silu_stock(x: torch.Tensor, groups: int, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    B, C, T, H, W = x.shape
+    folded = x.transpose(1, 2).reshape(B * T, C, H, W)  # free for channels-last, a copy for NCDHW
+    y = F.silu(F.group_norm(folded, groups, w, b))
+    return y.view(B, T, C, H, W).transpose(1, 2)
+
+
+def attention_rows(device, quick, iters, dtype):
+    rows = []
+    for label, B, T, S, C, heads in attention_shapes(quick):
+        qkv = torch.randn(B, T, S, 3 * C, device=device, dtype=dtype)
+        nbytes = 4 * B * T * S * C * qkv.element_size()
+        flops = 4 * B * S * heads * T * T * (C // heads)
+        shape = f"{label}: B{B} T{T} S{S} C{C} h{heads}"
+        rows.append(Row("temporal attention", shape, "torch eager", timeit(lambda: sdpa_stock(qkv, heads), device,
+                                                                         iters=iters), nbytes, flops))
+        rows.append(Row("temporal attention", shape, "stunet", timeit(lambda: kernels.temporal_attention(qkv, heads),
+                                                                     device, iters=iters), nbytes, flops))
+        del qkv
+    return rows
+
+
+def video_rows(device, quick, iters, compile_stock, dtype):
+    rows = []
+    for label, shape in video_shapes(quick):
+        B, C, T, H, W = shape
+        for layout in ("ncdhw", "channels-last"):
+            x = torch.randn(shape, device=device, dtype=dtype)
+            if layout == "channels-last":
+                x = x.contiguous(memory_format=torch.channels_last_3d)
+            w, b = torch.randn(C, device=device, dtype=dtype), torch.randn(C, device=device, dtype=dtype)
+            name = f"{label} {'x'.join(map(str, shape))} {layout}"
+            nbytes = 2 * x.numel() * x.element_size()
+            rows.append(Row("group norm + silu", name, "torch eager",
+                            timeit(lambda: gn_silu_stock(x, 32, w, b), device, iters=iters), nbytes))
+            if compile_stock:
+                compiled = torch.compile(gn_silu_stock, dynamic=False)
+                rows.append(Row("group norm + silu", name, "torch.compile",
+                                timeit(lambda: compiled(x, 32, w, b), device, iters=iters), nbytes))
+            rows.append(Row("group norm + silu", name, "stunet",
+                            timeit(lambda: kernels.group_norm(x, 32, w, b, silu=True), device, iters=iters), nbytes))
+            for k in kernels.POOL_KERNELS:
+                out_bytes = x.numel() * x.element_size() // (k[0] * k[1] * k[2])
+                rows.append(Row(f"avg pool {k}", name, "torch eager",
+                                timeit(lambda: F.avg_pool3d(x, k, k), device, iters=iters), x.numel() * x.element_size() + out_bytes))
+                rows.append(Row(f"avg pool {k}", name, "stunet",
+                                timeit(lambda: kernels.avg_pool_video(x, k), device, iters=iters),
+                                x.numel() * x.element_size() + out_bytes))
+            if T * H * W * C <= 20 * 32 * 32 * 768 or quick:  # the deeper levels; the top ones only add memory
+                rows.append(Row("frame duplication", name, "torch eager",
+                                timeit(lambda: x.repeat_interleave(2, dim=2), device, iters=iters), 3 * x.numel() * x.element_size()))
+                rows.append(Row("frame duplication", name, "stunet",
+                                timeit(lambda: kernels.upsample_frames(x), device, iters=iters), 3 * x.numel() * x.element_size()))
+                wt = torch.randn(C, C, 3, device=device, dtype=dtype) * 0.02
+                bt = torch.zeros(C, device=device, dtype=dtype)
+                flops = 2 * B * 2 * T * H * W * C * C * 3
+                rows.append(Row("TemporalUp (dup + conv k=3)", name, "torch eager",
+                                timeit(lambda: kernels.temporal_up_conv_ref(x, wt, bt), device, iters=iters),
+                                3 * x.numel() * x.element_size(), flops))
+                rows.append(Row("TemporalUp (dup + conv k=3)", name, "stunet",
+                                timeit(lambda: kernels.temporal_up_conv(x, wt, bt), device, iters=iters),
+                                3 * x.numel() * x.element_size(), flops))
+            del x
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+    return rows
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--quick", action="store_true", help="small shapes (a smoke run)")
+    p.add_argument("--no-compile", action="store_true", help="skip the torch.compile rows")
+    p.add_argument("--iters", type=int, default=20)
+    p.add_argument("--out", type=Path, default=None, help="folder for kernels.json/.md (default bench/results/<gpu>)")
+    args = p.parse_args(argv)
+    device = torch.device(args.device)
+    if device.type == "cuda" and kernels.available():
+        p.error(f"the Triton kernels cannot run: {kernels.available()}")
+    dtype = torch.float16 if device.type == "cuda" else torch.float32  # CPU avg_pool3d has no fp16
+    rows = attention_rows(device, args.quick, args.iters, dtype)
+    rows += video_rows(device, args.quick, args.iters, not args.no_compile and device.type == "cuda", dtype)
+    command = "python bench/kernels.py " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
+    return report("kernels", rows, device, stock="torch eager", command=command.strip(),
+                  copy_bytes=(1 << 24) if args.quick else (1 << 30), out_dir=args.out)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,24 @@
+"""Triton, when importable. Kernel files take ``jit``, ``tl`` and ``triton`` from here so that their reference
+math (the CPU path and the oracle) imports on machines without Triton; ``stunet.kernels.ops`` then reports
+why the kernels are unavailable instead of failing at import."""
+from __future__ import annotations
+
+import os
+
+try:
+    import triton
+    import triton.language as tl
+    IMPORT_ERROR: str | None = None
+except ImportError as exc:
+    triton = tl = None
+    IMPORT_ERROR = f"{type(exc).__name__}: {exc}"
+
+
+def jit(fn):
+    """``triton.jit`` when Triton is installed; otherwise the plain function (never launched)."""
+    return triton.jit(fn) if triton is not None else fn
+
+
+def interpreting() -> bool:
+    """TRITON_INTERPRET=1: kernels run on CPU tensors through Triton's interpreter (tests)."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"

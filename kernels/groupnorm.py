@@ -1,0 +1,229 @@
+"""Video GroupNorm with fused SiLU, optional FiLM scale/shift and residual add; per-frame or per-clip statistics.
+
+Layout: a logical (B, C, T, H, W) video with any strides whose (H, W) merge into one pixel axis: contiguous
+NCDHW, channels-last-3d (B, T, H, W, C physical), or the trunk's folded (B*T, C, H, W) seen as a video.
+``scope="frame"`` normalises each (clip, frame, group) over (C/G, H, W); ``scope="clip"`` each (clip, group)
+over (C/G, T, H, W). The output has x's shape and memory format:
+
+    y = (x - mean) * rstd * weight[c] + bias[c];  y = y * (1 + scale[b, c]) + shift[b, c];  y = silu(y);
+    y = y + residual
+
+Why a kernel: native GroupNorm runs one program per (batch, group), which on a video leaves most of the GPU
+idle and reads 131k-element groups serially. Here the reduction is split across many programs:
+  1. ``_gn_partial_kernel``: each of SPLIT programs per statistics group reduces a slice of its rows to
+     (count, mean, M2) in fp32 (a tile's M2 around its own mean, Chan's combination across tiles: no
+     catastrophic cancellation from sum-of-squares);
+  2. ``_gn_finalize_kernel`` combines the SPLIT partials into mean and rstd;
+  3. ``_gn_apply_kernel`` normalises [pixels x channels] tiles in x's own layout.
+Bytes: x is read twice (statistics, then apply) and y written once (+ the residual read): 3 passes of the
+video for the 2 an ideal single-pass kernel would need, unless L2 still holds x for the second read.
+"""
+from __future__ import annotations
+
+import torch
+from ._triton import jit, tl, triton
+
+
+@jit
+def _gn_partial_kernel(
+    x, part, T, P, C, G, CG, rows_per_group, rows_per_split,
+    s_b, s_c, s_t, s_p,
+    CLIP_SCOPE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_CG: tl.constexpr,
+):
+    sg = tl.program_id(0)  # statistics group: (b, t, g) for frame scope, (b, g) for clip scope
+    split = tl.program_id(1)
+    g = sg % G
+    if CLIP_SCOPE:
+        b = sg // G
+        t0 = 0
+    else:
+        bt = sg // G
+        b = bt // T
+        t0 = bt % T
+    cols = tl.arange(0, BLOCK_CG)
+    c = g * CG + cols
+    col_ok = cols < CG
+    base = x + b.to(tl.int64) * s_b + t0.to(tl.int64) * s_t
+    count = tl.zeros([1], tl.float32)
+    mean = tl.zeros([1], tl.float32)
+    m2 = tl.zeros([1], tl.float32)
+    r_start = split * rows_per_split
+    for r0 in range(r_start, r_start + rows_per_split, BLOCK_R):
+        r = r0 + tl.arange(0, BLOCK_R)  # row = (frame within the group, pixel)
+        row_ok = (r < rows_per_group) & (r < r_start + rows_per_split)
+        t = r // P
+        p = r % P
+        off = t.to(tl.int64) * s_t + p.to(tl.int64) * s_p
+        ok = row_ok[:, None] & col_ok[None, :]
+        v = tl.load(base + off[:, None] + (c * s_c)[None, :], mask=ok, other=0.0).to(tl.float32)
+        n = tl.sum(tl.sum(ok.to(tl.float32), 1), 0)
+        if n > 0:
+            tile_mean = tl.sum(tl.sum(v, 1), 0) / n
+            dev = tl.where(ok, v - tile_mean, 0.0)
+            tile_m2 = tl.sum(tl.sum(dev * dev, 1), 0)
+            total = count + n
+            delta = tile_mean - mean
+            mean += delta * (n / total)
+            m2 += tile_m2 + delta * delta * (count * n / total)
+            count = total
+    out = part + (sg * tl.num_programs(1) + split) * 3
+    idx = tl.arange(0, 1)
+    tl.store(out + idx, count)
+    tl.store(out + 1 + idx, mean)
+    tl.store(out + 2 + idx, m2)
+
+
+@jit
+def _gn_finalize_kernel(part, stats, num_groups, splits, eps, BLOCK_G: tl.constexpr, BLOCK_S: tl.constexpr):
+    gs = tl.program_id(0) * BLOCK_G + tl.arange(0, BLOCK_G)
+    g_ok = gs < num_groups
+    count = tl.zeros([BLOCK_G], tl.float32)
+    mean = tl.zeros([BLOCK_G], tl.float32)
+    m2 = tl.zeros([BLOCK_G], tl.float32)
+    for s0 in range(0, splits, BLOCK_S):
+        s = s0 + tl.arange(0, BLOCK_S)
+        ok = g_ok[:, None] & (s < splits)[None, :]
+        ptr = part + (gs[:, None] * splits + s[None, :]) * 3
+        n = tl.load(ptr, mask=ok, other=0.0)
+        mu = tl.load(ptr + 1, mask=ok, other=0.0)
+        q = tl.load(ptr + 2, mask=ok, other=0.0)
+        for j in tl.static_range(BLOCK_S):  # Chan's combination, one split at a time
+            pick = (tl.arange(0, BLOCK_S) == j)[None, :]
+            nj = tl.sum(tl.where(pick, n, 0.0), 1)
+            mj = tl.sum(tl.where(pick, mu, 0.0), 1)
+            qj = tl.sum(tl.where(pick, q, 0.0), 1)
+            total = count + nj
+            safe = tl.where(total > 0, total, 1.0)
+            delta = mj - mean
+            mean = tl.where(nj > 0, mean + delta * (nj / safe), mean)
+            m2 = tl.where(nj > 0, m2 + qj + delta * delta * (count * nj / safe), m2)
+            count = total
+    var = m2 / tl.where(count > 0, count, 1.0)
+    tl.store(stats + gs * 2, mean, mask=g_ok)
+    tl.store(stats + gs * 2 + 1, 1.0 / tl.sqrt(var + eps), mask=g_ok)
+
+
+@jit
+def _gn_apply_kernel(
+    x, y, res, weight, bias, scale, shift, stats,
+    T, P, C, G, CG,
+    s_b, s_c, s_t, s_p, y_b, y_c, y_t, y_p, r_b, r_c, r_t, r_p,
+    CLIP_SCOPE: tl.constexpr, SILU: tl.constexpr, HAS_RES: tl.constexpr, HAS_FILM: tl.constexpr,
+    BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    bt = tl.program_id(0)
+    b = bt // T
+    t = bt % T
+    p = tl.program_id(1) * BLOCK_P + tl.arange(0, BLOCK_P)
+    c = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)
+    p_ok = p < P
+    c_ok = c < C
+    ok = p_ok[:, None] & c_ok[None, :]
+    if CLIP_SCOPE:
+        sg = b * G + c // CG
+    else:
+        sg = bt * G + c // CG
+    mean = tl.load(stats + sg * 2, mask=c_ok, other=0.0)
+    rstd = tl.load(stats + sg * 2 + 1, mask=c_ok, other=0.0)
+    w = tl.load(weight + c, mask=c_ok, other=0.0).to(tl.float32)
+    bb = tl.load(bias + c, mask=c_ok, other=0.0).to(tl.float32)
+    a = rstd * w  # (x - mean) first: x * a - mean * a would cancel badly when rstd is large
+    off = b.to(tl.int64) * s_b + t.to(tl.int64) * s_t + p.to(tl.int64)[:, None] * s_p + (c * s_c)[None, :]
+    v = tl.load(x + off, mask=ok, other=0.0).to(tl.float32)
+    out = (v - mean[None, :]) * a[None, :] + bb[None, :]
+    if HAS_FILM:
+        sc = tl.load(scale + b * C + c, mask=c_ok, other=0.0).to(tl.float32)
+        sh = tl.load(shift + b * C + c, mask=c_ok, other=0.0).to(tl.float32)
+        out = out * (1.0 + sc[None, :]) + sh[None, :]
+    if SILU:
+        out = out * tl.sigmoid(out)
+    if HAS_RES:
+        r_off = b.to(tl.int64) * r_b + t.to(tl.int64) * r_t + p.to(tl.int64)[:, None] * r_p + (c * r_c)[None, :]
+        out += tl.load(res + r_off, mask=ok, other=0.0).to(tl.float32)
+    y_off = b.to(tl.int64) * y_b + t.to(tl.int64) * y_t + p.to(tl.int64)[:, None] * y_p + (c * y_c)[None, :]
+    tl.store(y + y_off, out.to(y.dtype.element_ty), mask=ok)
+
+
+def group_norm_ref(x: torch.Tensor, num_groups: int, weight: torch.Tensor, bias: torch.Tensor, eps: float = 1e-5,
+                   scope: str = "frame", silu: bool = False, residual: torch.Tensor | None = None,
+                   scale: torch.Tensor | None = None, shift: torch.Tensor | None = None) -> torch.Tensor:
+    """Reference math in fp32 on a (B, C, T, H, W) video; the result has x's dtype and memory format."""
+    B, C, T, H, W = x.shape
+    v = x.float().reshape(B, num_groups, C // num_groups, T, H * W)
+    dims = (2, 4) if scope == "frame" else (2, 3, 4)  # (channels of the group, pixels) [+ frames]
+    var, mean = torch.var_mean(v, dim=dims, unbiased=False, keepdim=True)
+    y = ((v - mean) * torch.rsqrt(var + eps)).view(B, C, T, H, W)
+    y = y * weight.float()[:, None, None, None] + bias.float()[:, None, None, None]
+    if scale is not None:
+        y = y * (1 + scale.float()[:, :, None, None, None]) + shift.float()[:, :, None, None, None]
+    if silu:
+        y = torch.nn.functional.silu(y)
+    if residual is not None:
+        y = y + residual.float()
+    return y.to(x.dtype).contiguous(memory_format=_format(x))
+
+
+def _format(x: torch.Tensor) -> torch.memory_format:
+    return (torch.channels_last_3d if x.dim() == 5 and not x.is_contiguous()
+            and x.is_contiguous(memory_format=torch.channels_last_3d) else torch.contiguous_format)
+
+
+def _video_strides(t: torch.Tensor) -> tuple[int, int, int, int]:
+    """(b, c, t, pixel) strides of a (B, C, T, H, W) tensor whose H and W merge (stride_h == W * stride_w)."""
+    sb, sc, st, sh, sw = t.stride()
+    assert t.shape[3] == 1 or t.shape[4] == 1 or sh == t.shape[4] * sw, "H and W must merge"
+    return sb, sc, st, (sw if t.shape[4] > 1 else sh)
+
+
+def unsupported(x: torch.Tensor, num_groups: int) -> list[str]:
+    reasons = []
+    if x.dim() != 5:
+        reasons.append(f"x must be (B, C, T, H, W), got {x.dim()}-D")
+        return reasons
+    sb, sc, st, sh, sw = x.stride()
+    if x.shape[3] > 1 and x.shape[4] > 1 and sh != x.shape[4] * sw:
+        reasons.append("x's H and W strides do not merge into one pixel axis")
+    if x.dtype not in (torch.float16, torch.float32, torch.bfloat16):
+        reasons.append(f"dtype {x.dtype}")
+    return reasons
+
+
+def group_norm(x: torch.Tensor, num_groups: int, weight: torch.Tensor, bias: torch.Tensor, eps: float = 1e-5,
+               scope: str = "frame", silu: bool = False, residual: torch.Tensor | None = None,
+               scale: torch.Tensor | None = None, shift: torch.Tensor | None = None,
+               num_programs: int | None = None) -> torch.Tensor:
+    """Launches the three kernels on a (B, C, T, H, W) video. ``num_programs``: target for the statistics grid
+    (default 4 per SM on a GPU)."""
+    B, C, T, H, W = x.shape
+    P, G = H * W, num_groups
+    CG = C // G
+    frames = 1 if scope == "frame" else T
+    n_groups = B * G * (T if scope == "frame" else 1)
+    rows = frames * P
+    block_cg = triton.next_power_of_2(CG)
+    block_r = max(1, min(triton.next_power_of_2(rows), 4096 // block_cg))
+    if num_programs is None:
+        num_programs = 4 * (torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 8)
+    splits = max(1, min(triton.cdiv(rows, block_r), triton.cdiv(num_programs, n_groups), 1024))
+    rows_per_split = triton.cdiv(triton.cdiv(rows, splits), block_r) * block_r
+    splits = triton.cdiv(rows, rows_per_split)
+    part = torch.empty(n_groups * splits * 3, dtype=torch.float32, device=x.device)
+    stats = torch.empty(n_groups * 2, dtype=torch.float32, device=x.device)
+    sx = _video_strides(x)
+    _gn_partial_kernel[(n_groups, splits)](x, part, T, P, C, G, CG, rows, rows_per_split, *sx,
+                                          CLIP_SCOPE=scope == "clip", BLOCK_R=block_r, BLOCK_CG=block_cg)
+    block_g = 64
+    _gn_finalize_kernel[(triton.cdiv(n_groups, block_g),)](part, stats, n_groups, splits, eps, BLOCK_G=block_g,
+                                                           BLOCK_S=min(16, triton.next_power_of_2(splits)))
+    y = torch.empty_like(x, memory_format=_format(x))
+    res = residual if residual is not None else x
+    film = scale is not None
+    block_c = min(64, triton.next_power_of_2(C))
+    block_p = max(1, min(triton.next_power_of_2(P), 4096 // block_c))
+    grid = (B * T, triton.cdiv(P, block_p), triton.cdiv(C, block_c))
+    _gn_apply_kernel[grid](x, y, res, weight, bias, scale.contiguous() if film else weight,
+                           shift.contiguous() if film else weight, stats, T, P, C, G, CG,
+                           *sx, *_video_strides(y), *_video_strides(res),
+                           CLIP_SCOPE=scope == "clip", SILU=silu, HAS_RES=residual is not None, HAS_FILM=film,
+                           BLOCK_P=block_p, BLOCK_C=block_c)
+    return y

@@ -1,0 +1,102 @@
+"""Every ``torch.ops.stunet.*`` registration, each with its fake (meta) implementation, and its dispatch.
+
+An op runs its Triton kernel when the tensors are on a CUDA device (or on the CPU under TRITON_INTERPRET=1)
+and the kernel declares no reason against the inputs; otherwise it runs the kernel file's ``*_ref`` math,
+logging the reason once per op and reason (a fallback on a GPU is never silent). Registered as custom ops,
+the kernels work eagerly, under torch.compile (opaque nodes, shapes from the fakes) and inside CUDA-graph
+capture (launches only; no host synchronisation, no allocation outside torch's allocator).
+
+Public wrappers with argument checks are in ``stunet.kernels`` (``__init__``).
+"""
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from . import _triton
+from . import groupnorm as _gn
+from . import resample as _rs
+from . import temporal_attn as _ta
+
+log = logging.getLogger("stunet.kernels")
+_warned: set[tuple[str, str]] = set()
+
+
+def kernel_reasons(op: str, x: torch.Tensor, reasons: list[str]) -> list[str]:
+    """All reasons ``op``'s Triton kernel will not run on ``x`` (empty: it will)."""
+    out = list(reasons)
+    if _triton.triton is None:
+        out.insert(0, f"Triton is unavailable ({_triton.IMPORT_ERROR})")
+    if x.device.type != "cuda" and not (x.device.type == "cpu" and _triton.interpreting()):
+        out.insert(0, f"tensors on {x.device.type} (the kernel runs on CUDA, or on CPU under TRITON_INTERPRET=1)")
+    return out
+
+
+def _use_kernel(op: str, x: torch.Tensor, reasons: list[str]) -> bool:
+    why = kernel_reasons(op, x, reasons)
+    if not why:
+        return True
+    if x.device.type == "cuda":
+        for reason in why:
+            if (op, reason) not in _warned:
+                _warned.add((op, reason))
+                log.warning("stunet.kernels: %s runs its reference math on CUDA: %s", op, reason)
+    return False
+
+
+# -- temporal attention -------------------------------------------------------------------------------------
+@torch.library.custom_op("stunet::temporal_attention", mutates_args=())
+def temporal_attention(qkv: torch.Tensor, heads: int, bias: torch.Tensor | None = None,
+                       scale: float | None = None) -> torch.Tensor:
+    if _use_kernel("temporal_attention", qkv, _ta.unsupported(qkv, heads, bias)):
+        return _ta.temporal_attention(qkv, heads, bias, scale)
+    return _ta.temporal_attention_ref(qkv, heads, bias, scale)
+
+
+@temporal_attention.register_fake
+def _(qkv, heads, bias=None, scale=None):
+    B, T, S, C3 = qkv.shape
+    return qkv.new_empty(B, T, S, C3 // 3)
+
+
+# -- video group norm -------------------------------------------------------------------------------------------
+@torch.library.custom_op("stunet::group_norm", mutates_args=())
+def group_norm(x: torch.Tensor, num_groups: int, weight: torch.Tensor, bias: torch.Tensor, eps: float,
+               scope: str, silu: bool, residual: torch.Tensor | None = None, scale: torch.Tensor | None = None,
+               shift: torch.Tensor | None = None) -> torch.Tensor:
+    if _use_kernel("group_norm", x, _gn.unsupported(x, num_groups)):
+        return _gn.group_norm(x, num_groups, weight, bias, eps, scope, silu, residual, scale, shift)
+    return _gn.group_norm_ref(x, num_groups, weight, bias, eps, scope, silu, residual, scale, shift)
+
+
+@group_norm.register_fake
+def _(x, num_groups, weight, bias, eps, scope, silu, residual=None, scale=None, shift=None):
+    return torch.empty_like(x, memory_format=_rs.memory_format(x))
+
+
+# -- resampling ---------------------------------------------------------------------------------------------------
+@torch.library.custom_op("stunet::avg_pool_video", mutates_args=())
+def avg_pool_video(x: torch.Tensor, kt: int, kh: int, kw: int) -> torch.Tensor:
+    if _use_kernel("avg_pool_video", x, []):
+        return _rs.avg_pool_video(x, (kt, kh, kw))
+    return _rs.avg_pool_video_ref(x, (kt, kh, kw))
+
+
+@avg_pool_video.register_fake
+def _(x, kt, kh, kw):
+    B, C, T, H, W = x.shape
+    return x.new_empty(B, C, T // kt, H // kh, W // kw).contiguous(memory_format=_rs.memory_format(x))
+
+
+@torch.library.custom_op("stunet::upsample_frames", mutates_args=())
+def upsample_frames(x: torch.Tensor) -> torch.Tensor:
+    if _use_kernel("upsample_frames", x, []):
+        return _rs.upsample_frames(x)
+    return _rs.upsample_frames_ref(x)
+
+
+@upsample_frames.register_fake
+def _(x):
+    B, C, T, H, W = x.shape
+    return x.new_empty(B, C, 2 * T, H, W).contiguous(memory_format=_rs.memory_format(x))

@@ -1,0 +1,157 @@
+"""Temporal self-attention: softmax(q k^T / sqrt(d) + bias) v over the T frames at every (clip, pixel).
+
+Layout: ``qkv`` is the packed projection output in the trunk's token layout, a (B, T, S, 3C) view (S = H*W;
+channels-last trunks give it with unit channel stride, folded NCHW trunks with unit pixel stride; any strides
+work). Channels are [q | k | v], each split into ``heads`` heads of D = C / heads. The output is (B, T, S, C),
+contiguous, which is the token layout the output projection reads. No permute or copy on either side.
+
+Why a kernel: a video U-Net has B*H*W sequences of T frames (16384 x 16 at 128x128), which SDPA kernels serve
+badly (one short sequence per program, and permutes around them). Here a program holds P = BLOCK // T whole
+sequences at once (block-diagonal mask; T = 17 packs 3 sequences in 64 rows), so q, k and v are read exactly
+once: bytes moved = 4 * B*T*S*C * elem (+ the T x T bias per head), and the FLOPs (4 T^2 D per head and
+position, more with the packing's masked part) stay far below the tensor cores' rate: memory-bound.
+For T > 128 a program takes one sequence's query block and streams key blocks with an online softmax.
+Softmax statistics are fp32 (exp2 with log2(e) folded into the scale).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from ._triton import jit, tl, triton
+
+_NEG = -1.0e30  # finite "minus infinity": fully masked padding rows stay NaN-free
+
+
+@jit
+def _temporal_attn_fwd_kernel(
+    qkv, out, bias,
+    T, S, num_seq, C, qk_scale,
+    s_qb, s_qt, s_qs, s_qc,
+    s_ob, s_ot, s_os, s_oc,
+    HAS_BIAS: tl.constexpr, PACKED: tl.constexpr, SEQ_PER_BLOCK: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    head = tl.program_id(1)
+    rows = tl.arange(0, BLOCK_M)
+    d = tl.arange(0, BLOCK_D)  # head dims that are not a power of two are padded and masked
+    d_ok = d < HEAD_DIM
+    if PACKED:  # rows are (sequence, frame) pairs of SEQ_PER_BLOCK whole sequences
+        seq_q = pid * SEQ_PER_BLOCK + rows // T
+        t_q = rows % T
+        valid_q = (rows < SEQ_PER_BLOCK * T) & (seq_q < num_seq)
+    else:  # one sequence, query block pid % cdiv(T, BLOCK_M)
+        blocks = tl.cdiv(T, BLOCK_M)
+        seq_q = pid // blocks + rows * 0
+        t_q = (pid % blocks) * BLOCK_M + rows
+        valid_q = t_q < T
+    b_q = seq_q // S
+    p_q = seq_q % S
+    ch = head * HEAD_DIM + d
+    q_off = b_q.to(tl.int64) * s_qb + t_q.to(tl.int64) * s_qt + p_q.to(tl.int64) * s_qs
+    q = tl.load(qkv + q_off[:, None] + (ch * s_qc)[None, :], mask=valid_q[:, None] & d_ok[None, :], other=0.0)
+
+    m_i = tl.full([BLOCK_M], _NEG, tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    if PACKED:
+        n_end = BLOCK_M  # the same rows: every key of these sequences is in this one block
+    else:
+        n_end = T
+    for n0 in range(0, n_end, BLOCK_N):
+        cols = n0 + tl.arange(0, BLOCK_N)
+        if PACKED:
+            seq_k = pid * SEQ_PER_BLOCK + cols // T
+            t_k = cols % T
+            valid_k = (cols < SEQ_PER_BLOCK * T) & (seq_k < num_seq)
+        else:
+            seq_k = pid // tl.cdiv(T, BLOCK_M) + cols * 0
+            t_k = cols
+            valid_k = t_k < T
+        k_off = (seq_k // S).to(tl.int64) * s_qb + t_k.to(tl.int64) * s_qt + (seq_k % S).to(tl.int64) * s_qs
+        kv_ptr = qkv + k_off[:, None] + (ch * s_qc)[None, :]
+        kv_ok = valid_k[:, None] & d_ok[None, :]
+        k = tl.load(kv_ptr + C * s_qc, mask=kv_ok, other=0.0)
+        v = tl.load(kv_ptr + 2 * C * s_qc, mask=kv_ok, other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+        if HAS_BIAS:  # (heads, T, T) fp32, added before the softmax (in log2 units here)
+            b_ptr = bias + head * T * T + t_q[:, None] * T + t_k[None, :]
+            s += tl.load(b_ptr, mask=valid_q[:, None] & valid_k[None, :], other=0.0) * 1.4426950408889634
+        keep = valid_k[None, :]
+        if PACKED:
+            keep = keep & (seq_q[:, None] == seq_k[None, :])
+        s = tl.where(keep, s, _NEG)
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        p = tl.exp2(s - m_new[:, None])
+        alpha = tl.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+        m_i = m_new
+    o = acc / l_i[:, None]
+    o_off = b_q.to(tl.int64) * s_ob + t_q.to(tl.int64) * s_ot + p_q.to(tl.int64) * s_os
+    tl.store(out + o_off[:, None] + (ch * s_oc)[None, :], o.to(out.dtype.element_ty),
+             mask=valid_q[:, None] & d_ok[None, :])
+
+
+def temporal_attention_ref(qkv: torch.Tensor, heads: int, bias: torch.Tensor | None = None,
+                           scale: float | None = None) -> torch.Tensor:
+    """Reference math in fp32: (B, T, S, 3C) -> (B, T, S, C) in qkv's dtype."""
+    B, T, S, C3 = qkv.shape
+    C = C3 // 3
+    D = C // heads
+    q, k, v = qkv.float().view(B, T, S, 3, heads, D).permute(3, 0, 2, 4, 1, 5)  # each (B, S, heads, T, D)
+    scores = (q @ k.transpose(-1, -2)) * (scale if scale is not None else 1.0 / math.sqrt(D))
+    if bias is not None:
+        scores = scores + bias.float()
+    o = scores.softmax(-1) @ v  # (B, S, heads, T, D)
+    return o.permute(0, 3, 1, 2, 4).reshape(B, T, S, C).to(qkv.dtype)
+
+
+def unsupported(qkv: torch.Tensor, heads: int, bias: torch.Tensor | None) -> list[str]:
+    """Why the kernel cannot take these inputs (empty: it can)."""
+    reasons = []
+    if qkv.dtype not in (torch.float16, torch.float32, torch.bfloat16):
+        reasons.append(f"dtype {qkv.dtype} (fp16, bf16, fp32 only)")
+    C = qkv.shape[-1] // 3
+    D = C // heads if heads else 0
+    if not 1 <= D <= 128:
+        reasons.append(f"head dim {D} (1 to 128 only)")
+    if bias is not None and (bias.dtype != torch.float32 or not bias.is_contiguous()):
+        reasons.append("bias must be contiguous fp32")
+    return reasons
+
+
+def _blocks(T: int, D: int) -> tuple[bool, int, int, int]:
+    """(packed, BLOCK_M, BLOCK_N, sequences per block) for T frames of (padded) head dim D."""
+    if T <= 64:
+        return True, 64, 64, 64 // T
+    if T <= 128 and D <= 64:
+        return True, 128, 128, 1
+    return False, 64, 64, 1
+
+
+def temporal_attention(qkv: torch.Tensor, heads: int, bias: torch.Tensor | None = None,
+                       scale: float | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Launches the kernel: qkv (B, T, S, 3C) -> (B, T, S, C). Validation is the op's (``stunet.kernels.ops``)."""
+    B, T, S, C3 = qkv.shape
+    C = C3 // 3
+    D = C // heads
+    block_d = max(16, triton.next_power_of_2(D))  # tl.dot needs K >= 16
+    if out is None:
+        out = torch.empty(B, T, S, C, dtype=qkv.dtype, device=qkv.device)
+    num_seq = B * S
+    packed, block_m, block_n, per_block = _blocks(T, block_d)
+    grid = (triton.cdiv(num_seq, per_block) if packed else num_seq * triton.cdiv(T, block_m), heads)
+    qk_scale = (scale if scale is not None else 1.0 / math.sqrt(D)) * 1.4426950408889634
+    _temporal_attn_fwd_kernel[grid](
+        qkv, out, bias if bias is not None else qkv,
+        T, S, num_seq, C, qk_scale,
+        *qkv.stride(), *out.stride(),
+        HAS_BIAS=bias is not None, PACKED=packed, SEQ_PER_BLOCK=per_block,
+        BLOCK_M=block_m, BLOCK_N=block_n, HEAD_DIM=D, BLOCK_D=block_d,
+        PRECISION="ieee" if qkv.dtype == torch.float32 else "tf32",
+        num_warps=4 if block_m * block_d <= 64 * 64 else 8,
+    )
+    return out

@@ -1,0 +1,264 @@
+"""Triton kernels against their reference math (``*_ref``, fp32), over hypothesis-generated shapes.
+
+Without a GPU the kernels run on CPU tensors in Triton's interpreter (TRITON_INTERPRET=1, set by conftest);
+with one, on CUDA. Tolerances: fp32 1e-5 (attention: 2e-5, its exp2 softmax); fp16 outputs one fp16 rounding of
+the fp32 result plus what the kernel's own fp16 steps add (attention casts the softmax weights to fp16 for the
+PV product, as flash attention does): atol 2e-3 + rtol 4e-3 for attention, 1e-3 + 1e-3 elsewhere.
+"""
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from utils import assert_close
+
+from stunet import kernels
+from stunet.kernels import _triton
+
+pytestmark = pytest.mark.skipif(_triton.triton is None, reason="Triton is not installed")
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
+TOL = {torch.float32: (1e-5, 1e-5), torch.float16: (1e-3, 1e-3)}
+
+
+def _same_layout(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Equal strides on every dimension longer than one (a size-1 dimension's stride means nothing)."""
+    return a.shape == b.shape and all(sa == sb for sa, sb, n in zip(a.stride(), b.stride(), a.shape) if n > 1)
+
+
+def _check(got, want, dtype, what, tol=None):
+    atol, rtol = tol or TOL[dtype]
+    assert got.dtype == want.dtype == dtype and got.shape == want.shape, (got.shape, want.shape, what)
+    assert_close(got, want, atol=atol, rtol=rtol, what=what)
+
+
+# -- temporal attention ------------------------------------------------------------------------------------------
+def _qkv(B, T, S, C, dtype, layout, g):
+    """Packed projection output as (B, T, S, 3C): token-major (channels-last trunk) or a view of a folded
+    NCHW (B*T, 3C, S) tensor (unit pixel stride)."""
+    x = torch.randn(B * T, 3 * C, S, generator=g) if layout == "nchw" else torch.randn(B, T, S, 3 * C, generator=g)
+    x = x.to(DEVICE, dtype)
+    return x.view(B, T, 3 * C, S).transpose(2, 3) if layout == "nchw" else x
+
+
+ATTN_TOL = {torch.float32: (2e-5, 2e-5), torch.float16: (2e-3, 4e-3)}
+
+
+@settings(max_examples=40, deadline=None)
+@given(B=st.integers(1, 3), T=st.sampled_from([1, 2, 3, 5, 8, 16, 17, 31, 64, 65, 80, 128, 130]),
+       S=st.integers(1, 9), heads=st.integers(1, 3), D=st.sampled_from([8, 16, 24, 32, 48, 64]),
+       dtype=st.sampled_from(list(DTYPES)), layout=st.sampled_from(["tokens", "nchw"]), with_bias=st.booleans())
+def test_temporal_attention_matches_reference(B, T, S, heads, D, dtype, layout, with_bias):
+    dtype = DTYPES[dtype]
+    g = torch.Generator().manual_seed(B * 1000 + T * 10 + S)
+    qkv = _qkv(B, T, S, heads * D, dtype, layout, g)
+    bias = torch.randn(heads, T, T, generator=g).to(DEVICE) if with_bias else None
+    got = kernels.temporal_attention(qkv, heads, bias)
+    assert got.is_contiguous()
+    _check(got, kernels.temporal_attention_ref(qkv, heads, bias), dtype, f"T={T} D={D} {layout}", ATTN_TOL[dtype])
+
+
+@pytest.mark.parametrize("D", [32, 64, 128])
+def test_temporal_attention_head_dims_and_many_sequences(D):
+    g = torch.Generator().manual_seed(D)
+    qkv = _qkv(1, 16, 300, 2 * D, torch.float16, "tokens", g)  # 300 sequences: many programs
+    _check(kernels.temporal_attention(qkv, 2), kernels.temporal_attention_ref(qkv, 2), torch.float16, f"D={D}",
+           ATTN_TOL[torch.float16])
+
+
+def test_temporal_attention_bad_inputs():
+    q = torch.zeros(1, 4, 5, 96)
+    with pytest.raises(ValueError, match="4-D"):
+        kernels.temporal_attention(q[0], 1)
+    with pytest.raises(ValueError, match="divisible by 3 \\* heads"):
+        kernels.temporal_attention(q, 5)
+    with pytest.raises(ValueError, match="heads must be a positive integer"):
+        kernels.temporal_attention(q, 0)
+    with pytest.raises(ValueError, match="bias must be a \\(heads, T, T\\)"):
+        kernels.temporal_attention(q, 1, torch.zeros(1, 4, 5))
+    with pytest.raises(TypeError, match="float16, bfloat16 or float32"):
+        kernels.temporal_attention(q.double(), 1)
+
+
+def test_temporal_attention_unsupported_head_dim_falls_back_to_reference():
+    q = torch.randn(1, 4, 3, 3 * 160)  # head dim 160: beyond the kernel's 128
+    from stunet.kernels import temporal_attn
+
+    assert temporal_attn.unsupported(q, 1, None) == ["head dim 160 (1 to 128 only)"]
+    assert torch.equal(kernels.temporal_attention(q, 1), kernels.temporal_attention_ref(q, 1))
+
+
+# -- group norm -------------------------------------------------------------------------------------------------------
+@settings(max_examples=40, deadline=None)
+@given(B=st.integers(1, 3), groups=st.sampled_from([1, 2, 3, 4]), cg=st.sampled_from([1, 2, 3, 8]),
+       T=st.integers(1, 5), H=st.integers(1, 9), W=st.integers(1, 9), scope=st.sampled_from(["frame", "clip"]),
+       silu=st.booleans(), residual=st.booleans(), film=st.booleans(), dtype=st.sampled_from(list(DTYPES)),
+       channels_last=st.booleans(), programs=st.sampled_from([1, 7, 64]))
+def test_group_norm_matches_reference(B, groups, cg, T, H, W, scope, silu, residual, film, dtype, channels_last,
+                                      programs):
+    dtype = DTYPES[dtype]
+    C = groups * cg
+    g = torch.Generator().manual_seed(B + 10 * C + 100 * T + 1000 * H + 10000 * W)
+    x = (torch.randn(B, C, T, H, W, generator=g) * 3 + 2).to(DEVICE, dtype)  # offset mean: tests the variance
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last_3d)
+    w, b = torch.randn(C, generator=g).to(DEVICE), torch.randn(C, generator=g).to(DEVICE)
+    kw = dict(eps=1e-5, scope=scope, silu=silu)
+    if residual:
+        kw["residual"] = torch.randn(B, C, T, H, W, generator=g).to(DEVICE, dtype)
+    if film:
+        kw["scale"], kw["shift"] = torch.randn(B, C, generator=g).to(DEVICE), torch.randn(B, C, generator=g).to(DEVICE)
+    from stunet.kernels import groupnorm
+
+    got = groupnorm.group_norm(x, groups, w, b, num_programs=programs, **kw)  # the launcher: split count varies
+    want = kernels.group_norm_ref(x, groups, w, b, **kw)
+    assert _same_layout(got, x) and _same_layout(want, x)
+    _check(got, want, dtype, f"{scope} C={C} G={groups} T={T} {H}x{W}")
+    _check(kernels.group_norm(x, groups, w, b, **kw), want, dtype, "through the op")
+
+
+def test_group_norm_large_mean_is_stable():
+    """Statistics by Chan's parallel combination: a mean of 1000 over unit noise loses nothing in fp32."""
+    x = (torch.randn(1, 4, 2, 16, 16) + 1000.0).to(DEVICE)
+    w, b = torch.ones(4, device=DEVICE), torch.zeros(4, device=DEVICE)
+    got = kernels.group_norm(x, 2, w, b, scope="clip")
+    ref = torch.nn.functional.group_norm(x.double(), 2, w.double(), b.double()).float()
+    assert_close(got, ref, atol=2e-3, rtol=2e-3, what="mean 1000")
+
+
+def test_group_norm_bad_inputs():
+    x = torch.zeros(1, 8, 2, 4, 4)
+    w, b = torch.ones(8), torch.zeros(8)
+    with pytest.raises(ValueError, match="num_groups must be a positive divisor"):
+        kernels.group_norm(x, 3, w, b)
+    with pytest.raises(ValueError, match="scope must be one of"):
+        kernels.group_norm(x, 2, w, b, scope="video")
+    with pytest.raises(ValueError, match=r"weight must be a \(8,\)"):
+        kernels.group_norm(x, 2, torch.ones(4), b)
+    with pytest.raises(ValueError, match="scale and shift go together"):
+        kernels.group_norm(x, 2, w, b, scale=torch.zeros(1, 8))
+    with pytest.raises(ValueError, match="residual must have x's shape"):
+        kernels.group_norm(x, 2, w, b, residual=torch.zeros(1, 8, 2, 4, 5))
+    with pytest.raises(ValueError, match="5-D"):
+        kernels.group_norm(x[0], 2, w, b)
+
+
+# -- resampling -----------------------------------------------------------------------------------------------------------
+@settings(max_examples=40, deadline=None)
+@given(B=st.integers(1, 3), C=st.integers(1, 70), T=st.integers(1, 6), H=st.integers(1, 9), W=st.integers(1, 9),
+       kernel=st.sampled_from(kernels.POOL_KERNELS), dtype=st.sampled_from(list(DTYPES)),
+       channels_last=st.booleans())
+def test_avg_pool_and_upsample_match_reference(B, C, T, H, W, kernel, dtype, channels_last):
+    dtype = DTYPES[dtype]
+    g = torch.Generator().manual_seed(B + C * 7 + T * 70 + H * 700 + W * 7000)
+    x = torch.randn(B, C, T, H, W, generator=g).to(DEVICE, dtype)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last_3d)
+    up = kernels.upsample_frames(x)
+    assert torch.equal(up, kernels.upsample_frames_ref(x)) and _same_layout(up, kernels.upsample_frames_ref(x))
+    if any(s < k for s, k in zip((T, H, W), kernel)):
+        with pytest.raises(ValueError, match="smaller than the pooling kernel"):
+            kernels.avg_pool_video(x, kernel)
+        return
+    got, want = kernels.avg_pool_video(x, kernel), kernels.avg_pool_video_ref(x, kernel)
+    assert _same_layout(got, want)
+    _check(got, want, dtype, f"{kernel} {tuple(x.shape)}")
+
+
+@pytest.mark.parametrize("T", [1, 2, 5, 8])
+def test_temporal_up_conv_folds_the_duplication(T):
+    g = torch.Generator().manual_seed(T)
+    x, w, b = torch.randn(2, 6, T, 5, 3, generator=g), torch.randn(4, 6, 3, generator=g), torch.randn(4, generator=g)
+    assert_close(kernels.temporal_up_conv(x, w, b), kernels.temporal_up_conv_ref(x, w, b), atol=1e-5, rtol=1e-5)
+
+
+def test_temporal_up_conv_identity_init_is_frame_duplication():
+    w = torch.zeros(3, 3, 3)
+    w[:, :, 1] = torch.eye(3)
+    x = torch.randn(1, 3, 4, 2, 2)
+    assert torch.equal(kernels.temporal_up_conv(x, w, None), x.repeat_interleave(2, dim=2))
+
+
+# -- the ops: schema, fakes, compile, fallbacks -------------------------------------------------------------------------
+def _op_samples():
+    x = torch.randn(1, 8, 3, 4, 4)
+    w, b = torch.randn(8), torch.randn(8)
+    return [
+        (torch.ops.stunet.temporal_attention.default, (torch.randn(1, 4, 5, 96), 2, None, None)),
+        (torch.ops.stunet.group_norm.default, (x, 2, w, b, 1e-5, "frame", True, None, None, None)),
+        (torch.ops.stunet.group_norm.default, (x, 4, w, b, 1e-5, "clip", False, torch.randn_like(x),
+                                                torch.randn(1, 8), torch.randn(1, 8))),
+        (torch.ops.stunet.avg_pool_video.default, (x, 1, 2, 2)),
+        (torch.ops.stunet.upsample_frames.default, (x.contiguous(memory_format=torch.channels_last_3d),)),
+    ]
+
+
+def test_ops_pass_opcheck():
+    from stunet.kernels import ops  # noqa: F401  (registers the ops)
+
+    for op, args in _op_samples():
+        torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor"))
+
+
+def test_ops_trace_under_torch_compile():
+    x = torch.randn(1, 8, 4, 4, 4)
+    w, b = torch.randn(8), torch.randn(8)
+
+    def f(x):
+        h = kernels.group_norm(x, 2, w, b, silu=True)
+        return kernels.upsample_frames(kernels.avg_pool_video(h, (2, 2, 2)))
+
+    compiled = torch.compile(f, backend="aot_eager", fullgraph=True)
+    assert torch.equal(compiled(x), f(x))
+
+
+def test_kernel_reasons_name_every_obstacle(monkeypatch, caplog):
+    from stunet.kernels import ops
+
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    reasons = ops.kernel_reasons("group_norm", torch.zeros(1), ["dtype torch.float64"])
+    assert any("tensors on cpu" in r for r in reasons) and "dtype torch.float64" in reasons
+    with caplog.at_level(logging.WARNING, logger="stunet.kernels"):
+        x = torch.randn(1, 4, 2, 3, 3)
+        assert torch.equal(kernels.upsample_frames(x), kernels.upsample_frames_ref(x))
+    assert not caplog.records  # CPU tensors outside the interpreter: the reference path is the CPU path, no warning
+
+
+# -- GPU ------------------------------------------------------------------------------------------------------------------
+@pytest.mark.gpu
+def test_gpu_temporal_attention_beyond_flash_batch_limit():
+    """B*H*W = 2 x 256 x 256 = 131,072 sequences (SDPA's flash backend refuses batch >= 65,536)."""
+    qkv = torch.randn(2, 16, 256 * 256, 3 * 128, device="cuda", dtype=torch.float16)
+    got = kernels.temporal_attention(qkv, 2)
+    idx = torch.randint(0, 256 * 256, (512,), device="cuda")
+    want = kernels.temporal_attention_ref(qkv[:, :, idx], 2)
+    _check(got[:, :, idx], want, torch.float16, "131072 sequences", ATTN_TOL[torch.float16])
+
+
+@pytest.mark.gpu
+def test_gpu_ops_under_compile_and_cuda_graphs():
+    x = torch.randn(2, 64, 8, 32, 32, device="cuda", dtype=torch.float16).contiguous(
+        memory_format=torch.channels_last_3d)
+    w, b = torch.randn(64, device="cuda"), torch.randn(64, device="cuda")
+    qkv = torch.randn(2, 8, 1024, 3 * 64, device="cuda", dtype=torch.float16)
+
+    def f(x, qkv):
+        h = kernels.group_norm(x, 32, w, b, silu=True)
+        return kernels.upsample_frames(kernels.avg_pool_video(h, (2, 2, 2))), kernels.temporal_attention(qkv, 2)
+
+    eager = f(x, qkv)
+    compiled = torch.compile(f, fullgraph=True)(x, qkv)
+    for a, e in zip(compiled, eager):
+        assert torch.equal(a, e)
+    f(x, qkv)  # warm-up: autotuning and allocation outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = f(x, qkv)
+    graph.replay()
+    torch.cuda.synchronize()
+    for a, e in zip(captured, eager):
+        assert torch.equal(a, e)
