@@ -106,7 +106,7 @@ def cmd_generate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> i
             if args.model is not None:
                 print("stunet: no --text-encoder given: using a random tiny text encoder", file=sys.stderr)
             encoder = tiny_random_t5(base.config.text_dim, seed=args.seed)
-        pipe = Pipeline(base, encoder, ssr, sampler=args.sampler, runtime=args.runtime)
+        pipe = Pipeline(base, encoder, ssr, sampler=args.sampler, runtime=args.runtime, backend=args.backend)
     except (FileNotFoundError, ValueError, TypeError, RuntimeError) as e:
         parser.error(str(e))
 
@@ -155,6 +155,9 @@ def _add_generation_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ssr-steps", type=_positive, help="SSR denoising steps (default: --steps)")
     p.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale (default 7.5)")
     p.add_argument("--sampler", default="ddim", choices=["ddim", "ddpm", "dpmpp2m"])
+    p.add_argument("--backend", default="reference", choices=["reference", "fast", "compile"],
+                   help="model executor: the eager reference (default), fast (Triton kernels, CUDA graphs) or "
+                        "torch.compile")
     p.add_argument("--runtime", choices=["cpp", "python"],
                    help="sampler step: the C++ runtime (default when built) or the Python reference")
     p.add_argument("--seed", type=int, default=0)

@@ -28,13 +28,13 @@ from tqdm.auto import tqdm
 from .conditioning import Conditioning, video_frames
 from .model import STUNet
 from . import runtime as cpp_runtime
+from .backends import BACKENDS, Backend, make_backend
 from .multidiffusion import multidiffusion_predict
 from .samplers import Sampler, cfg_combine, make_sampler, sampler_class
 from .text import TextEncoder
 
 log = logging.getLogger(__name__)
 
-BACKENDS = ("reference",)
 RUNTIMES = ("cpp", "python")
 OUTPUT_TYPES = ("np", "pt", "pil")
 
@@ -85,7 +85,7 @@ class Pipeline:
             raise ValueError(f"text_encoder gives {text_encoder.dim}-wide tokens but the model takes "
                              f"text_dim={base_model.config.text_dim}; use the encoder the model was trained with")
         if backend not in BACKENDS:
-            raise ValueError(f"backend {backend!r} is not available in this build; available: {BACKENDS}")
+            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
         sampler_class(sampler)  # validate the name early
         runtime = default_runtime() if runtime is None else runtime
         if runtime not in RUNTIMES:
@@ -96,6 +96,8 @@ class Pipeline:
         if self.ssr is not None:
             self.ssr.eval()
         self.backend, self.sampler_name, self.runtime, self.progress = backend, sampler, runtime, progress
+        self._base_exec: Backend = make_backend(self.base, backend)
+        self._ssr_exec: Backend | None = make_backend(self.ssr, backend) if self.ssr is not None else None
 
     @classmethod
     def from_pretrained(cls, base: str | os.PathLike, ssr: str | os.PathLike | None = None,
@@ -160,20 +162,30 @@ class Pipeline:
 
     # -- one prediction, conditional and unconditional ---------------------------------------------------------
     @staticmethod
-    def _predict(model: STUNet, x_in: torch.Tensor, t: int, text: torch.Tensor, mask: torch.Tensor, B: int,
-                 scale: float, **kwargs) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def _text_rows(cache: dict, text: torch.Tensor, mask: torch.Tensor, B: int, n: int, guided: bool):
+        """Text and mask rows for n clips per prompt, [cond; uncond] when guided: built once per generation
+        (``cache``), so backends that key cross-attention keys/values on the text tensor reuse them."""
+        key = (n, guided)
+        if key not in cache:
+            rows_t, rows_m = [text[:B].repeat(n, 1, 1)], [mask[:B].repeat(n, 1)]
+            if guided:
+                rows_t.append(text[B:].repeat(n, 1, 1))
+                rows_m.append(mask[B:].repeat(n, 1))
+            cache[key] = (torch.cat(rows_t), torch.cat(rows_m))
+        return cache[key]
+
+    def _predict(self, model: Backend, x_in: torch.Tensor, t: int, text: torch.Tensor, mask: torch.Tensor, B: int,
+                 scale: float, texts: dict, noise_level: torch.Tensor | None = None
+                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(cond, uncond) predictions in one batched call; uncond is None when ``scale == 1`` (no guidance).
         ``text``/``mask`` hold [cond; uncond] (2B rows); ``x_in`` may hold several clips per prompt (N*B rows,
         N windows): text rows are repeated to match."""
-        n = x_in.shape[0] // B
-        cond_t, uncond_t = text[:B].repeat(n, 1, 1), text[B:].repeat(n, 1, 1)
-        cond_m, uncond_m = mask[:B].repeat(n, 1), mask[B:].repeat(n, 1)
-        if scale == 1.0:
-            return model(x_in, t, cond_t, cond_m, **kwargs), None
-        both = model(torch.cat([x_in, x_in]), t, torch.cat([cond_t, uncond_t]), torch.cat([cond_m, uncond_m]),
-                     **{k: torch.cat([v, v]) if isinstance(v, torch.Tensor) and v.dim() else v
-                        for k, v in kwargs.items()})
-        cond, uncond = both.chunk(2)
+        guided = scale != 1.0
+        rows_t, rows_m = self._text_rows(texts, text, mask, B, x_in.shape[0] // B, guided)
+        if not guided:
+            return model(x_in, t, rows_t, rows_m, noise_level=noise_level), None
+        level = None if noise_level is None else torch.cat([noise_level, noise_level])
+        cond, uncond = model(torch.cat([x_in, x_in]), t, rows_t, rows_m, noise_level=level).chunk(2)
         return cond, uncond
 
     def _sampler(self, model: STUNet, name: str | None, eta: float) -> Sampler | cpp_runtime.FusedSampler:
@@ -246,9 +258,10 @@ class Pipeline:
                 raise ValueError(f"strength {strength} leaves no denoising step; raise it or the step count")
             x = s.add_noise(init, x.float(), int(timesteps[0])).to(self.base.dtype).contiguous()
 
+        texts: dict = {}
         for i, t in enumerate(tqdm(timesteps, desc="base", disable=not show)):
             x_in = x if conditioning is None else torch.cat([x, conditioning.video, conditioning.mask], dim=1)
-            cond, uncond = self._predict(self.base, x_in, int(t), text, mask, B, guidance_scale)
+            cond, uncond = self._predict(self._base_exec, x_in, int(t), text, mask, B, guidance_scale, texts)
             x = s.guided_step(cond, uncond, t, x, guidance_scale, guidance_rescale, generator)
             x = self._callback(callback_on_step_end, "base", i, int(t), x)
         timings["base"] = time.perf_counter() - t0
@@ -288,9 +301,10 @@ class Pipeline:
         x = Sampler.draw_noise(torch.empty(B, 3, T, H, W), generator).to(self.device, dtype)
         level = torch.full((1,), float(noise_level), device=self.device)
         blender = cpp_runtime.blend_windows if self.runtime == "cpp" else None
+        texts: dict = {}
         for i, t in enumerate(tqdm(s.timesteps, desc="ssr", disable=not show)):
             def predict(batch: torch.Tensor, t=int(t)) -> torch.Tensor:
-                cond, uncond = self._predict(self.ssr, batch, t, text, mask, B, scale,
+                cond, uncond = self._predict(self._ssr_exec, batch, t, text, mask, B, scale, texts,
                                              noise_level=level.expand(batch.shape[0]))
                 return cond if uncond is None else cfg_combine(cond, uncond, scale, rescale)
 

@@ -130,8 +130,8 @@ def test_bad_construction(encoder):
         Pipeline(ssr, encoder)
     with pytest.raises(ValueError, match="text_encoder gives 16-wide tokens"):
         Pipeline(base, tiny_random_t5(16))
-    with pytest.raises(ValueError, match="backend 'fast' is not available"):
-        Pipeline(base, encoder, backend="fast")
+    with pytest.raises(ValueError, match="backend must be one of"):
+        Pipeline(base, encoder, backend="turbo")
     with pytest.raises(ValueError, match="no text encoder"):
         Pipeline(base, None, progress=False)("x", **SMALL)
 

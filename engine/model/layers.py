@@ -32,6 +32,26 @@ class Cond:
     emb: torch.Tensor  # (B, E)
     text: torch.Tensor  # (B, L, D_text)
     text_mask: torch.Tensor | None  # (B, L) bool, True = attend; None = every token
+    text_kv: dict | None = None
+    """Cross-attention keys/values of ``text`` per layer, reused across calls with the same text (a
+    generation's steps) when a backend provides the dict; None recomputes them every call."""
+
+    def cross_kv(self, layer: nn.Linear) -> tuple[torch.Tensor, torch.Tensor]:
+        """(k, v), each (B, L, C): ``layer(text)`` split in two, from ``text_kv`` when it holds them."""
+        if self.text_kv is None:
+            return layer(self.text).chunk(2, dim=-1)
+        if layer not in self.text_kv:
+            self.text_kv[layer] = layer(self.text).chunk(2, dim=-1)
+        return self.text_kv[layer]
+
+
+class KernelSwitch:
+    """Mixin of the modules with a Triton-kernel path (``stunet.kernels``): ``use_kernels`` picks it.
+
+    The reference path stays the default and the source of truth; ``STUNet.using_kernels()`` switches a
+    whole model (the same module tree: no second copy of the weights)."""
+
+    use_kernels: bool = False
 
 
 def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
@@ -68,8 +88,8 @@ def linear_flops(layer: nn.Linear, tokens: int) -> int:
     return 2 * tokens * layer.in_features * layer.out_features
 
 
-class VideoGroupNorm(nn.GroupNorm):
-    """GroupNorm on the folded layout, statistics in fp32.
+class VideoGroupNorm(KernelSwitch, nn.GroupNorm):
+    """GroupNorm on the folded layout, statistics in fp32, optionally followed by SiLU (fused by the kernel).
 
     ``scope="frame"``: statistics per frame (norms never mix frames; what a per-frame T2I U-Net computes).
     ``scope="clip"``: statistics over all T frames of a clip.
@@ -79,14 +99,23 @@ class VideoGroupNorm(nn.GroupNorm):
         super().__init__(num_groups, num_channels, eps=eps)
         self.scope = scope
 
-    def forward(self, x: torch.Tensor, batch: int = 1) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, batch: int = 1, silu: bool = False) -> torch.Tensor:
+        if self.use_kernels:
+            from .. import kernels
+
+            bt, c, h, wd = x.shape  # the folded layout seen as a video: a view in either memory format
+            video = x.view(batch, bt // batch, c, h, wd).transpose(1, 2)
+            y = kernels.group_norm(video, self.num_groups, self.weight, self.bias, self.eps, scope=self.scope,
+                                   silu=silu)
+            return y.transpose(1, 2).reshape(bt, c, h, wd)
         w, b = self.weight.float(), self.bias.float()
         if self.scope == "frame":
-            return F.group_norm(x.float(), self.num_groups, w, b, self.eps).to(x.dtype)
-        bt, c, h, wd = x.shape
-        v = x.float().view(batch, bt // batch, c, h, wd).transpose(1, 2)  # (B, C, T, H, W)
-        y = F.group_norm(v, self.num_groups, w, b, self.eps)
-        return y.transpose(1, 2).reshape(bt, c, h, wd).to(x.dtype)
+            y = F.group_norm(x.float(), self.num_groups, w, b, self.eps).to(x.dtype)
+        else:
+            bt, c, h, wd = x.shape
+            v = x.float().view(batch, bt // batch, c, h, wd).transpose(1, 2)  # (B, C, T, H, W)
+            y = F.group_norm(v, self.num_groups, w, b, self.eps).transpose(1, 2).reshape(bt, c, h, wd).to(x.dtype)
+        return F.silu(y) if silu else y
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", scope={self.scope}"
@@ -122,12 +151,12 @@ class ResBlock(Block):
 
     def forward(self, x: torch.Tensor, cond: Cond) -> torch.Tensor:
         B = cond.batch
-        h = self.conv1(F.silu(self.norm1(x, B)))
+        h = self.conv1(self.norm1(x, B, silu=True))
         bt, c, hh, ww = h.shape
         # (B, C) broadcast over the T frames of each clip: a view, never T copies.
         emb = self.emb_proj(F.silu(cond.emb)).to(h.dtype)
         h = (h.view(B, bt // B, c, hh, ww) + emb[:, None, :, None, None]).view(bt, c, hh, ww)
-        h = self.conv2(F.silu(self.norm2(h, B)))
+        h = self.conv2(self.norm2(h, B, silu=True))
         return self.skip(x) + h
 
     def flops(self, shape: Shape, text_len: int) -> int:
@@ -185,7 +214,7 @@ class SpatialAttention(Block):
         h = h + self.attn_out(self._merge(a))
 
         q = self.cross_q(self.norm2(h)).reshape(B, -1, c)  # (B, T*H*W, C): frames share the clip's text
-        k, v = self.cross_kv(cond.text).chunk(2, dim=-1)  # (B, L, C)
+        k, v = cond.cross_kv(self.cross_kv)  # (B, L, C), once per generation when the backend caches them
         mask = None if cond.text_mask is None else cond.text_mask[:, None, None, :]
         a = F.scaled_dot_product_attention(self._split(q), self._split(k), self._split(v), attn_mask=mask)
         h = h + self.cross_out(self._merge(a)).reshape(bt, hh * ww, c)
@@ -271,7 +300,7 @@ class OutHead(Block):
         return self.conv.out_channels
 
     def forward(self, x: torch.Tensor, cond: Cond) -> torch.Tensor:
-        return self.conv(F.silu(self.norm(x, cond.batch)))
+        return self.conv(self.norm(x, cond.batch, silu=True))
 
     def flops(self, shape: Shape, text_len: int) -> int:
         B, T, H, W = shape

@@ -17,8 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .layers import (Block, Cond, LayerNorm32, Shape, VideoGroupNorm, attention_flops, conv2d_flops,
-                     linear_flops)
+from .layers import (Block, Cond, KernelSwitch, LayerNorm32, Shape, VideoGroupNorm, attention_flops,
+                     conv2d_flops, linear_flops)
 
 
 class TemporalModule(Block):
@@ -83,8 +83,8 @@ class ConvInflationBlock(TemporalModule):
 
     def forward(self, x: torch.Tensor, cond: Cond) -> torch.Tensor:
         B = cond.batch
-        h = F.silu(self.norm_s(self.conv_s(x), B))
-        h = F.silu(self.norm_t(self.conv_t(h, B), B))
+        h = self.norm_s(self.conv_s(x), B, silu=True)
+        h = self.norm_t(self.conv_t(h, B), B, silu=True)
         return x + self.proj(h)
 
     def flops(self, shape: Shape, text_len: int) -> int:
@@ -103,7 +103,7 @@ def sinusoidal_positions(length: int, dim: int, device=None) -> torch.Tensor:
     return pe
 
 
-class TemporalAttentionBlock(TemporalModule):
+class TemporalAttentionBlock(KernelSwitch, TemporalModule):
     """Self-attention over the T frames at every (b, h, w), then an MLP; pre-norm, residual.
 
     Sequences are ``(B*H*W, T, C)``; the optional sinusoidal positional encoding is added to the normed input
@@ -124,6 +124,8 @@ class TemporalAttentionBlock(TemporalModule):
             nn.init.zeros_(layer.bias)
 
     def forward(self, x: torch.Tensor, cond: Cond) -> torch.Tensor:
+        if self.use_kernels:
+            return self._forward_kernels(x, cond)
         B = cond.batch
         bt, c, h, w = x.shape
         T = bt // B
@@ -137,6 +139,23 @@ class TemporalAttentionBlock(TemporalModule):
         seq = seq + self.attn_out(a.transpose(1, 2).reshape(-1, T, c))
         seq = seq + self.mlp_out(F.gelu(self.mlp_in(self.norm2(seq))))
         return seq.view(B, h, w, T, c).permute(0, 3, 4, 1, 2).reshape(bt, c, h, w)
+
+    def _forward_kernels(self, x: torch.Tensor, cond: Cond) -> torch.Tensor:
+        """The same block in the token layout (B, T, H*W, C): for a channels-last trunk every step is a view
+        or a GEMM, and the attention kernel reads q, k, v straight from the packed projection."""
+        from .. import kernels
+
+        B = cond.batch
+        bt, c, h, w = x.shape
+        T = bt // B
+        tokens = x.permute(0, 2, 3, 1).reshape(B, T, h * w, c)
+        y = self.norm1(tokens)
+        if self.pos_embed == "sinusoidal":
+            y = y + sinusoidal_positions(T, c, device=x.device).to(y.dtype)[None, :, None, :]
+        a = kernels.temporal_attention(self.qkv(y), self.heads)  # (B, T, H*W, C)
+        tokens = tokens + self.attn_out(a)
+        tokens = tokens + self.mlp_out(F.gelu(self.mlp_in(self.norm2(tokens))))
+        return tokens.reshape(bt, h, w, c).permute(0, 3, 1, 2)
 
     def flops(self, shape: Shape, text_len: int) -> int:
         B, T, H, W = shape
@@ -164,7 +183,7 @@ class TemporalDown(TemporalModule):
         return self.conv.flops(shape)
 
 
-class TemporalUp(TemporalModule):
+class TemporalUp(KernelSwitch, TemporalModule):
     """T -> 2T: duplicate every frame, then Conv1d over time (k=3) identity-init (nearest neighbour at init)."""
 
     def __init__(self, ch: int):
@@ -173,6 +192,10 @@ class TemporalUp(TemporalModule):
         self.conv.init_identity()
 
     def forward(self, x: torch.Tensor, cond: Cond) -> torch.Tensor:
+        if self.use_kernels:  # duplication folded into the conv: the doubled tensor is never materialised
+            from .. import kernels
+
+            return from_clips(kernels.temporal_up_conv(to_clips(x, cond.batch), self.conv.weight, self.conv.bias))
         # Frame-major folding: duplicating rows of (B*T) duplicates frames within each clip.
         return self.conv(x.repeat_interleave(2, dim=0), cond.batch)
 

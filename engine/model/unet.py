@@ -28,8 +28,8 @@ import torch
 from torch import nn
 
 from ..config import STUNetConfig
-from .layers import (Block, Cond, ConvIn, Downsample, OutHead, ResBlock, Shape, SpatialAttention, Upsample,
-                     linear_flops, timestep_embedding)
+from .layers import (Block, Cond, ConvIn, Downsample, KernelSwitch, OutHead, ResBlock, Shape, SpatialAttention,
+                     Upsample, linear_flops, timestep_embedding)
 from .temporal import ConvInflationBlock, TemporalAttentionBlock, TemporalDown, TemporalModule, TemporalUp
 
 Stage = nn.ModuleList
@@ -53,6 +53,34 @@ class TraceRow:
         return math.prod(self.out_shape) * self.out_channels
 
 
+class TextKVCache:
+    """Cross-attention keys and values of one text tensor, kept across calls (a generation's steps).
+
+    Valid while the caller passes the *same* tensor object; it holds a reference, so the address cannot be
+    reused by another tensor. When that tensor was written in place (its version changed), the values are
+    recomputed into the existing buffers, so CUDA graphs that read them stay valid.
+    """
+
+    def __init__(self):
+        self.text: torch.Tensor | None = None
+        self.version = -1
+        self.kv: dict = {}
+
+    def for_text(self, text: torch.Tensor) -> dict:
+        if text is not self.text:
+            self.text, self.version, self.kv = text, text._version, {}
+        elif text._version != self.version:
+            for layer, (k, v) in self.kv.items():
+                new_k, new_v = layer(text).chunk(2, dim=-1)
+                k.copy_(new_k)
+                v.copy_(new_v)
+            self.version = text._version
+        return self.kv
+
+    def clear(self) -> None:
+        self.text, self.version, self.kv = None, -1, {}
+
+
 def _embedder(in_dim: int, dim: int) -> nn.Sequential:
     return nn.Sequential(nn.Linear(in_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
 
@@ -67,6 +95,8 @@ class STUNet(nn.Module):
                             "use STUNetConfig.from_preset(name)")
         self.config = cfg = config
         self._temporal_enabled = True
+        self.channels_last = False  # fold frames into a channels-last (B*T, H, W, C) trunk (fast backend)
+        self.text_kv_cache: TextKVCache | None = None  # set by backends that reuse text keys/values
         groups, scope, E = cfg.num_groups, cfg.norm_scope, cfg.time_embed_dim
         last = cfg.num_levels - 1
 
@@ -158,6 +188,23 @@ class STUNet(nn.Module):
         finally:
             self._temporal_enabled = previous
 
+    def kernel_modules(self) -> Iterator[KernelSwitch]:
+        return (m for m in self.modules() if isinstance(m, KernelSwitch))
+
+    @contextlib.contextmanager
+    def using_kernels(self, enabled: bool = True) -> Iterator["STUNet"]:
+        """Run with the Triton kernels of ``stunet.kernels`` swapped in for the reference ops (GroupNorm+SiLU,
+        temporal attention, TemporalUp's duplication + conv) in this same module tree."""
+        modules = list(self.kernel_modules())
+        previous = [m.use_kernels for m in modules]
+        for m in modules:
+            m.use_kernels = enabled
+        try:
+            yield self
+        finally:
+            for m, p in zip(modules, previous):
+                m.use_kernels = p
+
     # -- forward ---------------------------------------------------------------------------------------------
     def _run(self, stage: Stage, h: torch.Tensor, cond: Cond) -> torch.Tensor:
         for block in stage:
@@ -188,15 +235,25 @@ class STUNet(nn.Module):
             check_finite = os.environ.get("STUNET_CHECK_FINITE", "0") == "1"
         x, t, text_embeds, text_mask, noise_level = check_forward_inputs(
             self, x, timesteps, text_embeds, text_mask, noise_level, check_finite)
+        return self.forward_checked(x, t, text_embeds, text_mask, noise_level)
+
+    def forward_checked(self, x: torch.Tensor, t: torch.Tensor, text_embeds: torch.Tensor,
+                        text_mask: torch.Tensor | None, noise_level: torch.Tensor | None) -> torch.Tensor:
+        """``forward`` on inputs ``check_forward_inputs`` already accepted: t (and noise_level) (B,) tensors on
+        x's device, mask bool or None. No host synchronisation, so CUDA graphs can capture it."""
         B, C, T, H, W = x.shape
         cfg = self.config
 
         emb = self.time_embed(timestep_embedding(t, cfg.model_channels).to(x.dtype))
         if self.noise_aug_embed is not None:
             emb = emb + self.noise_aug_embed(timestep_embedding(noise_level, cfg.model_channels).to(x.dtype))
-        cond = Cond(batch=B, emb=emb, text=text_embeds, text_mask=text_mask)
+        text_kv = self.text_kv_cache.for_text(text_embeds) if self.text_kv_cache is not None else None
+        cond = Cond(batch=B, emb=emb, text=text_embeds, text_mask=text_mask, text_kv=text_kv)
 
-        h = x.transpose(1, 2).reshape(B * T, C, H, W)  # video -> folded layout
+        if self.channels_last:  # video -> folded (B*T, C, H, W) with (B*T, H, W, C) memory
+            h = x.permute(0, 2, 3, 4, 1).reshape(B * T, H, W, C).permute(0, 3, 1, 2)
+        else:
+            h = x.transpose(1, 2).reshape(B * T, C, H, W)  # video -> folded layout
         skips = []
         for stage in self.encoder:
             h = self._run(stage, h, cond)

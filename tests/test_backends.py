@@ -1,0 +1,158 @@
+"""Backends against the reference on the same weights: the fast backend's swap logic, layout and text-K/V
+reuse on CPU (kernels in Triton's interpreter), and its fidelity, CUDA graphs and memory on the GPU."""
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+from utils import assert_close, make_inputs, randomize_temporal
+
+import stunet
+from stunet.backends import BACKENDS, CompileBackend, FastBackend, make_backend
+from stunet.kernels import _triton
+from stunet.model.layers import KernelSwitch
+from stunet.pipeline import Pipeline
+
+needs_triton = pytest.mark.skipif(_triton.triton is None, reason="Triton is not installed")
+
+
+def _model(preset="tiny", seed=0, **overrides):
+    torch.manual_seed(seed)
+    return randomize_temporal(stunet.STUNet(stunet.STUNetConfig.from_preset(preset, **overrides)), scale=0.2).eval()
+
+
+def _rel_l2(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.double() - b.double()).norm() / b.double().norm())
+
+
+@needs_triton
+@pytest.mark.parametrize("scope", ["frame", "clip"])
+def test_fast_backend_matches_reference_fp32(scope):
+    """fp32 on CPU: the kernels (interpreted) and the channels-last trunk change only rounding."""
+    model = _model(norm_scope=scope)
+    reference = copy.deepcopy(model)
+    x, t, text = make_inputs(model.config, batch=2, frames=8, size=16)
+    mask = torch.ones(text.shape[:2], dtype=torch.bool)
+    mask[1, 3:] = False
+    fast = FastBackend(model)
+    got = fast(x, t, text, mask)
+    want = reference(x, t, text, mask)
+    assert got.shape == want.shape and got.is_contiguous()
+    assert_close(got, want, atol=2e-5, rtol=2e-5, what="fast vs reference, fp32")
+
+
+@needs_triton
+def test_fast_backend_swaps_kernels_only_during_its_calls():
+    model = _model()
+    x, t, text = make_inputs(model.config, batch=1, frames=8, size=16)
+    seen = []
+    model.mid[2].register_forward_pre_hook(lambda m, args: seen.append((m.use_kernels, m.__class__.__name__)))
+    FastBackend(model)(x, t, text)
+    assert seen == [(True, "TemporalAttentionBlock")]
+    assert not any(m.use_kernels for m in model.kernel_modules()) and not model.channels_last
+    assert model.text_kv_cache is None
+    kinds = {type(m).__name__ for m in model.kernel_modules()}
+    assert kinds == {"VideoGroupNorm", "TemporalAttentionBlock", "TemporalUp"}
+    assert all(isinstance(m, KernelSwitch) for m in model.kernel_modules())
+
+
+def test_text_keys_and_values_are_computed_once_per_text(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")  # the ops' reference paths: this tests the caching, not kernels
+    model = _model()
+    reference = copy.deepcopy(model)
+    fast = FastBackend(model)
+    calls = []
+    for name, m in model.named_modules():
+        if name.endswith("cross_kv"):
+            m.register_forward_hook(lambda mod, i, o: calls.append(mod))
+    layers = sum(1 for n, _ in model.named_modules() if n.endswith("cross_kv"))
+    x, t, text = make_inputs(model.config, batch=1, frames=8, size=16)
+    for step in range(3):  # a generation: same text tensor at every step
+        fast(x, t - step, text)
+    assert len(calls) == layers
+    other = torch.randn_like(text)
+    got = fast(x, t, other)  # a new text: recomputed once
+    assert len(calls) == 2 * layers
+    assert_close(got, reference(x, t, other), atol=2e-5, rtol=2e-5, what="after a text change")
+    text.mul_(0.5)  # written in place: refreshed into the same buffers
+    assert_close(fast(x, t, text), reference(x, t, text), atol=2e-5, rtol=2e-5, what="after an in-place change")
+
+
+def test_make_backend_names_and_errors():
+    model = _model()
+    assert make_backend(model).name == "reference" and set(BACKENDS) == {"reference", "fast", "compile"}
+    with pytest.raises(ValueError, match="backend must be one of"):
+        make_backend(model, "tensorrt-ish")
+    with pytest.raises(ValueError, match="graphs=True needs the model on a CUDA device"):
+        FastBackend(model, graphs=True)
+    with pytest.raises(TypeError, match="model must be a STUNet"):
+        make_backend(torch.nn.Linear(2, 2))
+
+
+def test_compile_backend_traces_the_reference():
+    model = _model()
+    x, t, text = make_inputs(model.config, batch=1, frames=8, size=16)
+    compiled = CompileBackend(model, mode=None, compiler="aot_eager")
+    assert_close(compiled(x, t, text), model(x, t, text), atol=1e-5, rtol=1e-5, what="aot_eager compile")
+
+
+def test_pipeline_with_fast_backend_close_to_reference(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")  # the kernels' reference paths (the kernels are tested above)
+    base, ssr = _model(), _model("tiny", seed=1, in_channels=6, noise_aug=True, low_res_size=8,
+                                 temporal_downsample=(False, False), temporal_attn_depth=0, sample_size=16)
+    text = torch.randn(1, 5, base.config.text_dim)
+    kw = dict(prompt_embeds=text, num_frames=8, height=8, width=8, num_inference_steps=3, ssr_window=4,
+              ssr_overlap=1, ssr_batch_size=2, ssr_guidance_scale=2.0, seed=5)
+    ref = Pipeline(copy.deepcopy(base), None, copy.deepcopy(ssr), progress=False)(**kw)
+    fast = Pipeline(base, None, ssr, backend="fast", progress=False)(**kw)
+    assert fast.frames.shape == ref.frames.shape
+    assert np.abs(fast.frames - ref.frames).max() < 1e-4
+
+
+# -- GPU ----------------------------------------------------------------------------------------------------------
+def _psnr(a: np.ndarray, b: np.ndarray) -> float:
+    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
+    return float("inf") if mse == 0 else 10 * np.log10(1.0 / mse)
+
+
+@pytest.mark.gpu
+def test_gpu_fast_step_error_within_twice_fp16_reference_error():
+    """Per step (one forward with CFG batch 2) on `small`: rel. L2 error of fast FP16 vs reference FP32 at most
+    twice that of the reference in FP16, plus 1e-3."""
+    model32 = _model("small").cuda()
+    ref16 = copy.deepcopy(model32).half()
+    fast = FastBackend(copy.deepcopy(model32))
+    x, t, text = make_inputs(model32.config, batch=2, frames=16, size=64)
+    x, t, text = x.cuda(), t.cuda(), text.cuda()
+    for step_t in (999, 500, 20):
+        tt = torch.full_like(t, step_t)
+        want = model32(x, tt, text)
+        err16 = _rel_l2(ref16(x.half(), tt, text.half()).float(), want)
+        err_fast = _rel_l2(fast(x.half(), tt, text.half()).float(), want)
+        assert err_fast <= 2 * err16 + 1e-3, (step_t, err_fast, err16)
+
+
+@pytest.mark.gpu
+def test_gpu_fast_video_psnr_against_fp32_reference():
+    base32 = _model("small").cuda()
+    text = torch.randn(1, 7, base32.config.text_dim, device="cuda")
+    kw = dict(prompt_embeds=text, num_frames=16, height=64, width=64, num_inference_steps=8, seed=0)
+    ref32 = Pipeline(copy.deepcopy(base32), None, progress=False)(**kw).frames
+    ref16 = Pipeline(copy.deepcopy(base32).half(), None, progress=False)(**kw).frames
+    fast = Pipeline(copy.deepcopy(base32), None, backend="fast", progress=False)(**kw).frames
+    assert _psnr(fast, ref32) >= min(40.0, _psnr(ref16, ref32) - 3.0)
+
+
+@pytest.mark.gpu
+def test_gpu_cuda_graph_replay_equals_eager_fast_and_follows_text_changes():
+    model = _model("small").cuda().half()
+    graphed, eager = FastBackend(model), FastBackend(model, graphs=False)
+    x, t, text = make_inputs(model.config, batch=2, frames=16, size=64)
+    x, t, text = x.cuda().half(), t.cuda(), text.cuda().half()
+    for step in range(3):
+        assert torch.equal(graphed(x, t - step, text), eager(x, t - step, text))
+    other = torch.randn_like(text)
+    assert torch.equal(graphed(x, t, other), eager(x, t, other))
+    assert len(graphed._graphs) == 1
