@@ -99,7 +99,9 @@ def copy_bandwidth(device: torch.device, nbytes: int) -> float:
 
 
 def finish(rows: list[Row], roofline_gbps: float, peak_tflops: float, stock: str) -> None:
-    """Fills GB/s, TFLOP/s, % of roofline (memory or compute, whichever bounds the row) and speed-ups."""
+    """Fills GB/s, TFLOP/s, % of roofline (memory or compute, whichever bounds the row) and speed-ups.
+    Rows that failed (ms == 0, the reason in ``extra["error"]``) keep zeros."""
+    rows = [r for r in rows if r.ms > 0]
     for r in rows:
         r.gbps = r.bytes / r.ms / 1e6 if r.bytes else 0.0
         r.tflops = r.flops / r.ms / 1e9 if r.flops else 0.0
@@ -118,9 +120,13 @@ def markdown(rows: list[Row], info: dict) -> str:
              "| bench | shape | impl | ms | GB/s | TFLOP/s | % roofline | speed-up |",
              "|---|---|---|---:|---:|---:|---:|---:|"]
     for r in rows:
+        if r.ms <= 0:
+            lines.append(f"| {r.bench} | {r.shape} | {r.impl} | {r.extra.get('error', 'failed')} | | | | |")
+            continue
         sp = f"{r.speedup:.2f}x" if r.speedup is not None else ""
+        pct = f"{r.pct_roofline:.1f}%" if r.pct_roofline else "n/a"
         lines.append(f"| {r.bench} | {r.shape} | {r.impl} | {r.ms:.3f} | {r.gbps:.0f} | {r.tflops:.1f} | "
-                     f"{r.pct_roofline:.1f}% | {sp} |")
+                     f"{pct} | {sp} |")
     return "\n".join(lines)
 
 
@@ -137,7 +143,7 @@ def report(name: str, rows: list[Row], device: torch.device, *, stock: str, comm
     finish(rows, info["roofline_gbps"], info["peak_tflops_fp16"], stock)
     table = markdown(rows, info)
     print(table)
-    doc = {"bench": name, "command": command, "python": sys.version.split()[0], **info,
+    doc = {"bench": name, "command": command, "stock": stock, "python": sys.version.split()[0], **info,
            "rows": [asdict(r) for r in rows]}
     out = Path(out_dir) if out_dir is not None else RESULTS / slug(info["device"].split(" (")[0])
     out.mkdir(parents=True, exist_ok=True)

@@ -236,7 +236,7 @@ class Pipeline:
 
         t0 = time.perf_counter()
         text, mask, B = self._text(prompt, negative_prompt, prompt_embeds, negative_prompt_embeds)
-        timings["text"] = time.perf_counter() - t0
+        timings["text"] = self._elapsed(t0)
 
         t0 = time.perf_counter()
         if conditioning is not None:
@@ -264,7 +264,7 @@ class Pipeline:
             cond, uncond = self._predict(self._base_exec, x_in, int(t), text, mask, B, guidance_scale, texts)
             x = s.guided_step(cond, uncond, t, x, guidance_scale, guidance_rescale, generator)
             x = self._callback(callback_on_step_end, "base", i, int(t), x)
-        timings["base"] = time.perf_counter() - t0
+        timings["base"] = self._elapsed(t0)
 
         low = x
         if self.ssr is not None:
@@ -272,13 +272,19 @@ class Pipeline:
             x = self._ssr(low, text, mask, B, generator, ssr_steps or num_inference_steps, ssr_window, ssr_overlap,
                           ssr_batch_size, ssr_guidance_scale, guidance_rescale, ssr_noise_level, ssr_weighting,
                           sampler, eta, callback_on_step_end, show)
-            timings["ssr"] = time.perf_counter() - t0
+            timings["ssr"] = self._elapsed(t0)
 
         t0 = time.perf_counter()
         frames = self._output(x, output_type)
         low_frames = self._output(low, output_type) if self.ssr is not None else None
-        timings["decode"] = time.perf_counter() - t0
+        timings["decode"] = self._elapsed(t0)
         return PipelineOutput(frames=frames, seed=seed, timings=timings, low_res_frames=low_frames)
+
+    def _elapsed(self, t0: float) -> float:
+        """Seconds since t0 once the device's queued work is done (stage timings of asynchronous GPU work)."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter() - t0
 
     def _ssr(self, low, text, mask, B, generator, steps, window, overlap, batch_size, scale, rescale, noise_level,
              weighting, sampler, eta, callback, show) -> torch.Tensor:

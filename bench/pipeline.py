@@ -1,0 +1,102 @@
+"""End to end: text embeddings -> base STUNet (CFG) -> SSR on MultiDiffusion windows -> frames, per backend.
+
+    python bench/pipeline.py                                  # lumiere-base + lumiere-ssr, 80 frames
+    python bench/pipeline.py --steps 8 --ssr-steps 4 --backend fast --backend reference
+    python bench/pipeline.py --device cpu --quick
+
+Seconds per video and per stage (text, base, ssr, decode; each stage ends with a device synchronisation).
+Weights are random; the text encoder is replaced by fixed embeddings (its cost is a T5 forward, not ours).
+The stock row is the eager FP16 reference backend with the Python sampler ("reference + python").
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import shlex
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from harness import Row, report  # noqa: E402
+
+from stunet import Pipeline, STUNet, STUNetConfig  # noqa: E402
+
+TINY_SSR = dict(in_channels=6, noise_aug=True, low_res_size=8, temporal_downsample=(False, False),
+                temporal_attn_depth=0, sample_size=16)
+
+
+def models(quick: bool, device, dtype):
+    torch.manual_seed(0)
+    with torch.device(device):
+        if quick:
+            base = STUNet(STUNetConfig.from_preset("tiny"))
+            ssr = STUNet(STUNetConfig.from_preset("tiny", **TINY_SSR))
+        else:
+            base = STUNet(STUNetConfig.from_preset("lumiere-base"))
+            ssr = STUNet(STUNetConfig.from_preset("lumiere-ssr"))
+    return base.to(dtype).eval(), ssr.to(dtype).eval()
+
+
+def run(backend: str, runtime: str, args, device, dtype) -> Row:
+    base, ssr = models(args.quick, device, dtype)
+    pipe = Pipeline(base, None, ssr, backend=backend, runtime=runtime, progress=False)
+    cfg = base.config
+    frames, size = (8, 8) if args.quick else (cfg.sample_frames, cfg.sample_size)
+    text = torch.randn(1, 77, cfg.text_dim, device=device, dtype=dtype)
+    kw = dict(prompt_embeds=text, num_frames=frames, height=size, width=size, num_inference_steps=args.steps,
+              ssr_steps=args.ssr_steps, guidance_scale=7.5, seed=0, ssr_window=4 if args.quick else 16,
+              ssr_overlap=1 if args.quick else 2, ssr_batch_size=args.ssr_batch)
+    label = f"{'tiny' if args.quick else 'lumiere-base + lumiere-ssr'} {frames} frames, {args.steps}+{args.ssr_steps} steps"
+    impl = f"{backend} + {runtime}"
+    try:
+        if args.warmup:
+            pipe(**{**kw, "num_inference_steps": 1, "ssr_steps": 1})  # compile / capture once
+        t0 = time.perf_counter()
+        res = pipe(**kw)
+        total = time.perf_counter() - t0
+    except torch.OutOfMemoryError as e:
+        return Row("video", label, impl, 0.0, extra={"error": f"out of memory ({e})"[:200]})
+    extra = {f"{k}_s": v for k, v in res.timings.items()}
+    extra["frames"] = list(res.frames.shape)
+    if device.type == "cuda":
+        extra["peak_memory_gb"] = torch.cuda.max_memory_allocated() / 1e9
+    del pipe, base, ssr
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    return Row("video", label, impl, total * 1e3, extra=extra)
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--backend", action="append", help="reference, compile, fast (repeatable; default reference, fast)")
+    p.add_argument("--steps", type=int, default=32)
+    p.add_argument("--ssr-steps", type=int, default=32)
+    p.add_argument("--ssr-batch", type=int, default=6, help="SSR windows per model call (default 6: all of 80 frames)")
+    p.add_argument("--no-warmup", dest="warmup", action="store_false", help="time the first call too")
+    p.add_argument("--quick", action="store_true", help="tiny presets, 8 frames (a smoke run)")
+    p.add_argument("--out", type=Path, default=None, help="folder for pipeline.json/.md (default bench/results/<gpu>)")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.steps, args.ssr_steps = min(args.steps, 2), min(args.ssr_steps, 2)
+    device = torch.device(args.device)
+    dtype = torch.float16 if device.type == "cuda" else torch.float32
+    rows = [run("reference", "python", args, device, dtype)]
+    for backend in args.backend or ["reference", "fast"]:
+        rows.append(run(backend, "cpp", args, device, dtype))
+    for r in rows:  # per-stage rows, so the table shows where the time goes
+        for stage in ("base", "ssr"):
+            if f"{stage}_s" in r.extra:
+                rows.append(Row(f"stage {stage}", r.shape, r.impl, r.extra[f"{stage}_s"] * 1e3))
+    command = "python bench/pipeline.py " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
+    return report("pipeline", rows, device, stock="reference + python", command=command.strip(),
+                  copy_bytes=(1 << 24) if args.quick else (1 << 30), out_dir=args.out)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,101 @@
+"""One denoising step with classifier-free guidance (model batch 2 + the fused sampler step), per backend.
+
+    python bench/step.py --preset lumiere-base           # reference FP16 eager, torch.compile, fast
+    python bench/step.py --preset small --preset lumiere-ssr --compile-mode default
+    python bench/step.py --device cpu --quick
+
+Reports ms per step, TFLOP/s from the model's analytic FLOP count (``STUNet.flops``: convs, linears, attention
+matmuls), MFU against the GPU's dense FP16 peak (the roofline column), and the step's peak memory. The stock
+row is the eager reference in FP16 ("reference"); "compile" is torch.compile of the same module. Weights are
+random (timing does not depend on them).
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import shlex
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from harness import Row, report, timeit  # noqa: E402
+
+from stunet import STUNet, STUNetConfig, runtime  # noqa: E402
+from stunet.backends import make_backend  # noqa: E402
+from stunet.samplers import make_sampler  # noqa: E402
+
+
+def geometry(cfg: STUNetConfig) -> tuple[int, int, int]:
+    """(T, H, W) of one forward: the clip for a base model, one window for an SSR model."""
+    return (cfg.window_frames if cfg.is_ssr else cfg.sample_frames), cfg.sample_size, cfg.sample_size
+
+
+def step_row(preset: str, backend: str, device, dtype, iters: int, compile_mode: str | None, quick: bool) -> Row:
+    cfg = STUNetConfig.from_preset(preset)
+    T, H, W = (8, 16, 16) if quick else geometry(cfg)
+    shape = f"{preset} 2x{cfg.in_channels}x{T}x{H}x{W}"
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = STUNet(cfg).to(dtype).eval()
+    kwargs = {"mode": compile_mode} if backend == "compile" else {}
+    executor = make_backend(model, backend, **kwargs)
+    x = torch.randn(1, cfg.in_channels, T, H, W, device=device, dtype=dtype)
+    text = torch.randn(2, 77, cfg.text_dim, device=device, dtype=dtype)
+    sampler = runtime.FusedSampler(make_sampler("ddim", schedule=cfg.schedule, prediction=cfg.prediction))
+    sampler.set_timesteps(32)
+    t = int(sampler.timesteps[4])
+    coefs = sampler.step_coefs(t)
+    latent = x[:, :3].contiguous()
+    out = torch.empty_like(latent)
+    level = {"noise_level": 0} if cfg.noise_aug else {}
+
+    def step():
+        pred = executor(torch.cat([x, x]), t, text, None, **level)
+        cond, uncond = pred.chunk(2)
+        sampler.launch(coefs, cond, uncond, latent, out, 7.5)
+
+    flops = model.flops(2, T, H, W, 77)
+    if device.type == "cuda":
+        step()  # compile, capture, autotune before the peak-memory window
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    try:
+        ms = timeit(step, device, warmup=2, iters=iters)
+    except torch.OutOfMemoryError as e:
+        return Row("step (CFG)", shape, backend, 0.0, flops=flops, extra={"error": f"out of memory ({e})"[:200]})
+    extra = {"tflop_per_step": flops / 1e12}
+    if device.type == "cuda":
+        extra["peak_memory_gb"] = torch.cuda.max_memory_allocated() / 1e9
+    del executor, model
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return Row("step (CFG)", shape, backend, ms, flops=flops, extra=extra)
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--preset", action="append", help="small, lumiere-base, lumiere-ssr, edge (repeatable; "
+                                                     "default: small, lumiere-base, lumiere-ssr)")
+    p.add_argument("--backend", action="append", help="reference, compile, fast (repeatable; default all)")
+    p.add_argument("--compile-mode", default="max-autotune", help="torch.compile mode for the compile backend")
+    p.add_argument("--quick", action="store_true", help="tiny preset at 8x16x16 (a smoke run)")
+    p.add_argument("--iters", type=int, default=10)
+    p.add_argument("--out", type=Path, default=None, help="folder for step.json/.md (default bench/results/<gpu>)")
+    args = p.parse_args(argv)
+    device = torch.device(args.device)
+    dtype = torch.float16 if device.type == "cuda" else torch.float32
+    presets = ["tiny"] if args.quick else (args.preset or ["small", "lumiere-base", "lumiere-ssr"])
+    backends = args.backend or (["reference", "compile", "fast"] if device.type == "cuda" else ["reference", "fast"])
+    rows = [step_row(preset, b, device, dtype, args.iters, args.compile_mode, args.quick)
+            for preset in presets for b in backends]
+    command = "python bench/step.py " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
+    return report("step", rows, device, stock="reference", command=command.strip(),
+                  copy_bytes=(1 << 24) if args.quick else (1 << 30), out_dir=args.out)
+
+
+if __name__ == "__main__":
+    main()
