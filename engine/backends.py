@@ -79,8 +79,9 @@ class _Graph:
     noise_level: torch.Tensor | None
     out: torch.Tensor
     kv: TextKVCache  # this graph's own text keys/values: the graph reads these buffers
-    source_text: torch.Tensor | None = None  # the caller's text last copied in (identity and version)
+    source_text: torch.Tensor | None = None  # the caller's text and mask last copied in (identity, version)
     source_version: int = -1
+    source_mask: torch.Tensor | None = None
 
 
 class FastBackend(Backend):
@@ -144,11 +145,11 @@ class FastBackend(Backend):
         g.t.copy_(t, non_blocking=True)
         if nl is not None:
             g.noise_level.copy_(nl, non_blocking=True)
-        if text is not g.source_text or text._version != g.source_version:
+        if text is not g.source_text or text._version != g.source_version or text_mask is not g.source_mask:
             g.text.copy_(text)  # a new text: the cache recomputes its keys/values into the graph's buffers
             if text_mask is not None:
                 g.mask.copy_(text_mask.bool())
-            g.source_text, g.source_version = text, text._version
+            g.source_text, g.source_version, g.source_mask = text, text._version, text_mask
             g.kv.for_text(g.text)
         g.graph.replay()
         return g.out.clone()
@@ -172,7 +173,8 @@ class FastBackend(Backend):
         with self._fast_mode(kv), torch.cuda.graph(graph, pool=self._pool):
             out = m.forward_checked(static["x"], static["t"], static["text"], static["mask"], static["noise_level"])
         log.info("stunet fast backend: captured a CUDA graph for x %s", tuple(x.shape))
-        return _Graph(graph=graph, out=out, kv=kv, source_text=text, source_version=text._version, **static)
+        return _Graph(graph=graph, out=out, kv=kv, source_text=text, source_version=text._version,
+                      source_mask=text_mask, **static)
 
 
 def make_backend(model: STUNet, name: str = "reference", **kwargs) -> Backend:
