@@ -20,7 +20,8 @@ import math
 import torch
 from ._triton import jit, tl, triton
 
-_NEG = -1.0e30  # finite "minus infinity": fully masked padding rows stay NaN-free
+# A finite "minus infinity": fully masked padding rows stay NaN-free. Kernels may only read constexpr globals.
+_NEG = tl.constexpr(-1.0e30) if tl is not None else -1.0e30
 
 
 @jit
@@ -123,11 +124,12 @@ def unsupported(qkv: torch.Tensor, heads: int, bias: torch.Tensor | None) -> lis
     return reasons
 
 
-def _blocks(T: int, D: int) -> tuple[bool, int, int, int]:
-    """(packed, BLOCK_M, BLOCK_N, sequences per block) for T frames of (padded) head dim D."""
+def _blocks(T: int, D: int, dtype: torch.dtype) -> tuple[bool, int, int, int]:
+    """(packed, BLOCK_M, BLOCK_N, sequences per block) for T frames of (padded) head dim D. fp32 (exact
+    "ieee" dots, not the fast path) keeps 64-row tiles: 128 x 128 fp32 tiles spill and compile slowly."""
     if T <= 64:
         return True, 64, 64, 64 // T
-    if T <= 128 and D <= 64:
+    if T <= 128 and D <= 64 and dtype != torch.float32:
         return True, 128, 128, 1
     return False, 64, 64, 1
 
@@ -142,7 +144,7 @@ def temporal_attention(qkv: torch.Tensor, heads: int, bias: torch.Tensor | None 
     if out is None:
         out = torch.empty(B, T, S, C, dtype=qkv.dtype, device=qkv.device)
     num_seq = B * S
-    packed, block_m, block_n, per_block = _blocks(T, block_d)
+    packed, block_m, block_n, per_block = _blocks(T, block_d, qkv.dtype)
     grid = (triton.cdiv(num_seq, per_block) if packed else num_seq * triton.cdiv(T, block_m), heads)
     qk_scale = (scale if scale is not None else 1.0 / math.sqrt(D)) * 1.4426950408889634
     _temporal_attn_fwd_kernel[grid](
