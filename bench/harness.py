@@ -8,10 +8,12 @@ memory-bound kernel reaches. On the CPU the roofline is that measured copy.
 """
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
 import re
+import shlex
 import statistics
 import sys
 import tempfile
@@ -51,6 +53,24 @@ class Row:
     tflops: float = 0.0
     pct_roofline: float = 0.0
     speedup: float | None = None  # vs the stock row of the same bench and shape
+
+
+def parser(name: str, doc: str, iters: int | None = 20) -> argparse.ArgumentParser:
+    """The options every script shares: --device, --quick (a smoke run), --iters, --out."""
+    p = argparse.ArgumentParser(prog=f"bench/{name}.py", description=doc.split("\n")[0])
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--quick", action="store_true", help="small shapes (a smoke run; the test suite runs it)")
+    if iters is not None:
+        p.add_argument("--iters", type=int, default=iters, help=f"timed calls per row (default {iters})")
+    p.add_argument("--out", type=Path, default=None,
+                   help=f"folder for {name}.json/.md (default bench/results/<gpu>)")
+    return p
+
+
+def command(name: str, argv: list[str] | None) -> str:
+    """The command line that reproduces this run, as recorded in the results."""
+    args = argv if argv is not None else sys.argv[1:]
+    return " ".join([f"python bench/{name}.py", *(shlex.quote(a) for a in args)])
 
 
 def device_info(device: torch.device) -> dict:

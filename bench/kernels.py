@@ -16,8 +16,6 @@ Rows (fp16 on CUDA, fp32 on CPU; bytes are what an ideal kernel moves once; the 
 """
 from __future__ import annotations
 
-import argparse
-import shlex
 import sys
 from pathlib import Path
 
@@ -25,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from harness import Row, report, timeit  # noqa: E402
+from harness import Row, command, parser, report, timeit  # noqa: E402
 
 from stunet import STUNetConfig, kernels  # noqa: E402
 
@@ -131,12 +129,8 @@ def video_rows(device, quick, iters, compile_stock, dtype):
 
 
 def main(argv=None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--quick", action="store_true", help="small shapes (a smoke run)")
+    p = parser("kernels", __doc__)
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile rows")
-    p.add_argument("--iters", type=int, default=20)
-    p.add_argument("--out", type=Path, default=None, help="folder for kernels.json/.md (default bench/results/<gpu>)")
     args = p.parse_args(argv)
     device = torch.device(args.device)
     if device.type == "cuda" and kernels.available():
@@ -144,8 +138,7 @@ def main(argv=None) -> dict:
     dtype = torch.float16 if device.type == "cuda" else torch.float32  # CPU avg_pool3d has no fp16
     rows = attention_rows(device, args.quick, args.iters, dtype)
     rows += video_rows(device, args.quick, args.iters, not args.no_compile and device.type == "cuda", dtype)
-    command = "python bench/kernels.py " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
-    return report("kernels", rows, device, stock="torch eager", command=command.strip(),
+    return report("kernels", rows, device, stock="torch eager", command=command("kernels", argv),
                   copy_bytes=(1 << 24) if args.quick else (1 << 30), out_dir=args.out)
 
 

@@ -10,9 +10,7 @@ The stock row is the eager FP16 reference backend with the Python sampler ("refe
 """
 from __future__ import annotations
 
-import argparse
 import gc
-import shlex
 import sys
 import time
 from pathlib import Path
@@ -20,7 +18,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from harness import Row, report  # noqa: E402
+from harness import Row, command, parser, report  # noqa: E402
 
 from stunet import Pipeline, STUNet, STUNetConfig  # noqa: E402
 
@@ -72,15 +70,12 @@ def run(backend: str, runtime: str, args, device, dtype) -> Row:
 
 
 def main(argv=None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p = parser("pipeline", __doc__, iters=None)
     p.add_argument("--backend", action="append", help="reference, compile, fast (repeatable; default reference, fast)")
     p.add_argument("--steps", type=int, default=32)
     p.add_argument("--ssr-steps", type=int, default=32)
     p.add_argument("--ssr-batch", type=int, default=6, help="SSR windows per model call (default 6: all of 80 frames)")
     p.add_argument("--no-warmup", dest="warmup", action="store_false", help="time the first call too")
-    p.add_argument("--quick", action="store_true", help="tiny presets, 8 frames (a smoke run)")
-    p.add_argument("--out", type=Path, default=None, help="folder for pipeline.json/.md (default bench/results/<gpu>)")
     args = p.parse_args(argv)
     if args.quick:
         args.steps, args.ssr_steps = min(args.steps, 2), min(args.ssr_steps, 2)
@@ -93,8 +88,7 @@ def main(argv=None) -> dict:
         for stage in ("base", "ssr"):
             if f"{stage}_s" in r.extra:
                 rows.append(Row(f"stage {stage}", r.shape, r.impl, r.extra[f"{stage}_s"] * 1e3))
-    command = "python bench/pipeline.py " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
-    return report("pipeline", rows, device, stock="reference + python", command=command.strip(),
+    return report("pipeline", rows, device, stock="reference + python", command=command("pipeline", argv),
                   copy_bytes=(1 << 24) if args.quick else (1 << 30), out_dir=args.out)
 
 

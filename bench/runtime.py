@@ -12,15 +12,13 @@ the step's, so DDPM is not timed here.
 """
 from __future__ import annotations
 
-import argparse
-import shlex
 import sys
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from harness import Row, report, timeit  # noqa: E402
+from harness import Row, command, parser, report, timeit  # noqa: E402
 
 from stunet import runtime  # noqa: E402
 from stunet.multidiffusion import blend, window_plan, window_weights  # noqa: E402
@@ -88,12 +86,8 @@ def blend_rows(name: str, shape, window: int, overlap: int, device, dtype, iters
 
 
 def main(argv=None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p = parser("runtime", __doc__)
     p.add_argument("--dtype", choices=["float16", "float32"], default="float16")
-    p.add_argument("--quick", action="store_true", help="one small workload (a smoke run)")
-    p.add_argument("--iters", type=int, default=20)
-    p.add_argument("--out", type=Path, default=None, help="folder for runtime.json/.md (default bench/results/<gpu>)")
     args = p.parse_args(argv)
     device = torch.device(args.device)
     if device.type == "cuda" and not runtime.cuda_available():
@@ -105,8 +99,7 @@ def main(argv=None) -> dict:
         rows += blend_rows(name, shape, window, overlap, device, dtype, args.iters)
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    command = "python bench/runtime.py " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
-    return report("runtime", rows, device, stock="torch ops", command=command.strip(),
+    return report("runtime", rows, device, stock="torch ops", command=command("runtime", argv),
                   copy_bytes=(1 << 24) if args.quick else (1 << 30), out_dir=args.out)
 
 

@@ -11,16 +11,14 @@ random (timing does not depend on them).
 """
 from __future__ import annotations
 
-import argparse
 import gc
-import shlex
 import sys
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from harness import Row, report, timeit  # noqa: E402
+from harness import Row, command, parser, report, timeit  # noqa: E402
 
 from stunet import STUNet, STUNetConfig, runtime  # noqa: E402
 from stunet.backends import make_backend  # noqa: E402
@@ -76,15 +74,11 @@ def step_row(preset: str, backend: str, device, dtype, iters: int, compile_mode:
 
 
 def main(argv=None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p = parser("step", __doc__, iters=10)
     p.add_argument("--preset", action="append", help="small, lumiere-base, lumiere-ssr, edge (repeatable; "
                                                      "default: small, lumiere-base, lumiere-ssr)")
     p.add_argument("--backend", action="append", help="reference, compile, fast (repeatable; default all)")
     p.add_argument("--compile-mode", default="max-autotune", help="torch.compile mode for the compile backend")
-    p.add_argument("--quick", action="store_true", help="tiny preset at 8x16x16 (a smoke run)")
-    p.add_argument("--iters", type=int, default=10)
-    p.add_argument("--out", type=Path, default=None, help="folder for step.json/.md (default bench/results/<gpu>)")
     args = p.parse_args(argv)
     device = torch.device(args.device)
     dtype = torch.float16 if device.type == "cuda" else torch.float32
@@ -92,8 +86,7 @@ def main(argv=None) -> dict:
     backends = args.backend or (["reference", "compile", "fast"] if device.type == "cuda" else ["reference", "fast"])
     rows = [step_row(preset, b, device, dtype, args.iters, args.compile_mode, args.quick)
             for preset in presets for b in backends]
-    command = "python bench/step.py " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
-    return report("step", rows, device, stock="reference", command=command.strip(),
+    return report("step", rows, device, stock="reference", command=command("step", argv),
                   copy_bytes=(1 << 24) if args.quick else (1 << 30), out_dir=args.out)
 
 

@@ -81,10 +81,7 @@ float rescale_factor_of(const StepArgs& a, int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
         const float c = SP::load(cond, i);
         const float g = detail::guide<P>(c, SP::load(uncond, i), true, a.guidance_scale);
-        s[0] += c;
-        s[1] += static_cast<double>(c) * c;
-        s[2] += g;
-        s[3] += static_cast<double>(g) * g;
+        detail::accumulate_stats(s, c, g);
     }
     return detail::rescale_factor(s, end - begin);
 }

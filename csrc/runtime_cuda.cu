@@ -91,10 +91,7 @@ __global__ void rescale_stats_kernel(StepArgs a, int64_t per_sample) {
          i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
         const float c = DP::load(cond, base + i);
         const float g = detail::guide<P>(c, DP::load(uncond, base + i), true, a.guidance_scale);
-        s[0] += c;
-        s[1] += static_cast<double>(c) * c;
-        s[2] += g;
-        s[3] += static_cast<double>(g) * g;
+        detail::accumulate_stats(s, c, g);
     }
     __shared__ double partial[4][kThreads / 32];
 #pragma unroll

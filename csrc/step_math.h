@@ -162,6 +162,14 @@ STUNET_HD float update(const StepCoefs& k, float g, float x, float prev, float z
     }
 }
 
+// Adds one element to a sample's (sum, sum of squares) of cond and of the guided prediction, in double.
+STUNET_HD void accumulate_stats(double* s, float c, float g) {
+    s[0] += c;
+    s[1] += static_cast<double>(c) * c;
+    s[2] += g;
+    s[3] += static_cast<double>(g) * g;
+}
+
 // Per-sample rescale factor from the (sum, sum of squares) of cond and guided: float(std_c) / float(std_g),
 // unbiased (n - 1) as torch.std.
 STUNET_HD float rescale_factor(const double* s, int64_t n) {
