@@ -20,7 +20,7 @@ import torch
 
 from .model import STUNet
 from .model.unet import TextKVCache
-from .model.validate import check_forward_inputs
+from .model.validate import _as_batch_vector, check_forward_inputs
 
 log = logging.getLogger(__name__)
 
@@ -56,17 +56,19 @@ class ReferenceBackend(Backend):
 
 
 class CompileBackend(Backend):
-    """torch.compile of the reference (compiled once per input shape; ``dynamic=False``)."""
+    """torch.compile of the reference's ``forward_checked`` (once per input shape, ``dynamic=False``); inputs
+    are validated eagerly first, and timesteps enter as tensors, so a new timestep never recompiles."""
 
     name = "compile"
 
-    def __init__(self, model: STUNet, mode: str | None = "max-autotune", compiler: str = "inductor"):
+    def __init__(self, model: STUNet, mode: str | None = "max-autotune", compiler="inductor"):
         super().__init__(model)
         self.mode = mode
-        self._compiled = torch.compile(model, mode=mode, backend=compiler, dynamic=False)
+        self._compiled = torch.compile(model.forward_checked, mode=mode, backend=compiler, dynamic=False)
 
     def __call__(self, x, timesteps, text, text_mask=None, *, noise_level=None):
-        return self._compiled(x, timesteps, text, text_mask, noise_level=noise_level)
+        args = check_forward_inputs(self.model, x, timesteps, text, text_mask, noise_level, False)
+        return self._compiled(*args)
 
 
 @dataclass
@@ -122,14 +124,10 @@ class FastBackend(Backend):
 
     # -- CUDA graphs -----------------------------------------------------------------------------------------
     def _host_vector(self, name: str, value, batch: int) -> torch.Tensor:
-        """A (B,) float timestep vector checked on the host (no device synchronisation)."""
-        v = torch.as_tensor(value, dtype=torch.float32, device="cpu") if not isinstance(value, torch.Tensor) \
-            else value.detach().to("cpu", torch.float32)
-        v = v.expand(batch) if v.dim() == 0 else v
-        upper = self.config.num_train_timesteps
-        if v.shape != (batch,) or not torch.isfinite(v).all() or (v < 0).any() or (v > upper).any():
-            raise ValueError(f"{name} must be a scalar or ({batch},) values in [0, {upper}], got {value!r}")
-        return v
+        """A (B,) fp32 timestep vector on the host, range-checked there (no device synchronisation)."""
+        if isinstance(value, torch.Tensor) and value.device.type != "cpu":
+            value = value.detach().cpu()
+        return _as_batch_vector(name, value, batch, torch.device("cpu"), self.config.num_train_timesteps)
 
     def _replay(self, x, timesteps, text, text_mask, noise_level) -> torch.Tensor:
         B = x.shape[0]

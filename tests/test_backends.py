@@ -91,11 +91,21 @@ def test_make_backend_names_and_errors():
         make_backend(torch.nn.Linear(2, 2))
 
 
-def test_compile_backend_traces_the_reference():
+def test_compile_backend_traces_the_reference_once_for_every_timestep():
     model = _model()
     x, t, text = make_inputs(model.config, batch=1, frames=8, size=16)
-    compiled = CompileBackend(model, mode=None, compiler="aot_eager")
-    assert_close(compiled(x, t, text), model(x, t, text), atol=1e-5, rtol=1e-5, what="aot_eager compile")
+    graphs = []
+
+    def counting(gm, example_inputs):  # a torch.compile backend that records each graph it is given
+        graphs.append(gm)
+        return gm.forward
+
+    compiled = CompileBackend(model, mode=None, compiler=counting)
+    assert_close(compiled(x, t, text), model(x, t, text), atol=1e-5, rtol=1e-5, what="compiled")
+    first = len(graphs)
+    for step in (999, 500, 3):  # a sampling run: new timesteps must not recompile
+        assert_close(compiled(x, step, text), model(x, step, text), atol=1e-5, rtol=1e-5, what=f"t={step}")
+    assert first >= 1 and len(graphs) == first
 
 
 def test_pipeline_with_fast_backend_close_to_reference(monkeypatch):

@@ -19,20 +19,19 @@ def _as_batch_vector(name: str, value, batch: int, device: torch.device, upper: 
     t = torch.as_tensor(value)
     if t.is_complex() or t.dtype == torch.bool:
         raise TypeError(f"{name} must be real-valued, got dtype {t.dtype}")
-    if t.dim() == 0:
-        t = t.expand(batch)
+    if t.dim() == 0:  # a real (B,) vector, not an expanded view: compiled callers see one layout, never re-trace
+        t = t.expand(batch).clone(memory_format=torch.contiguous_format)
     elif t.shape != (batch,):
         raise ValueError(f"{name} must be a scalar or have shape ({batch},) (one per clip), got {tuple(t.shape)}")
     if t.device != device and t.device.type != "cpu":
         raise ValueError(f"{name} is on {t.device} but the model is on {device}; move it with .to({str(device)!r})")
-    t = t.to(device=device, dtype=torch.float32)
-    if t.device.type == "cpu":  # a range check on the GPU would cost a host sync every step
+    if t.device.type == "cpu":  # checked on the host, before the move: on the GPU it would cost a sync
         if not torch.isfinite(t).all():
             raise ValueError(f"{name} contains NaN or inf")
         if (t < 0).any() or (t > upper).any():
             raise ValueError(f"{name} must lie in [0, {upper:g}] (the training timesteps), "
                              f"got values in [{t.min().item():g}, {t.max().item():g}]")
-    return t
+    return t.to(device=device, dtype=torch.float32)
 
 
 def _check_tensor_placement(name: str, t: torch.Tensor, model: "STUNet") -> None:
