@@ -12,7 +12,8 @@ Why a kernel: native GroupNorm runs one program per (batch, group), which on a v
 idle and reads 131k-element groups serially. Here the reduction is split across many programs:
   1. ``_gn_partial_kernel``: each of SPLIT programs per statistics group reduces a slice of its rows to
      (count, mean, M2) in fp32 (a tile's M2 around its own mean, Chan's combination across tiles: no
-     catastrophic cancellation from sum-of-squares);
+     catastrophic cancellation from sum-of-squares); for channels-last tensors ``_gn_partial_rows_kernel``
+     reduces whole contiguous pixel rows into all G groups of a frame at once;
   2. ``_gn_finalize_kernel`` combines the SPLIT partials into mean and rstd;
   3. ``_gn_apply_kernel`` normalises [pixels x channels] tiles in x's own layout.
 Bytes: x is read twice (statistics, then apply) and y written once (+ the residual read): 3 passes of the
@@ -71,6 +72,55 @@ def _gn_partial_kernel(
     tl.store(out + idx, count)
     tl.store(out + 1 + idx, mean)
     tl.store(out + 2 + idx, m2)
+
+
+@jit
+def _gn_partial_rows_kernel(
+    x, part, T, P, C, G, CG, rows_per_group, rows_per_split,
+    s_b, s_c, s_t, s_p,
+    CLIP_SCOPE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_CG: tl.constexpr,
+):
+    """Channels-last partial statistics: a program reduces whole pixel rows (all C channels, contiguous) into
+    every group's (count, mean, M2) at once, where the per-group kernel would read C/G-channel slivers of each
+    row (16 bytes of a 512-byte row at C = 256, G = 32)."""
+    sf = tl.program_id(0)  # the frame (frame scope) or clip (clip scope) whose G groups this program reduces
+    split = tl.program_id(1)
+    if CLIP_SCOPE:
+        b = sf
+        t0 = 0
+    else:
+        b = sf // T
+        t0 = sf % T
+    g = tl.arange(0, BLOCK_G)
+    j = tl.arange(0, BLOCK_CG)
+    c = g[:, None] * CG + j[None, :]
+    c_ok = (g[:, None] < G) & (j[None, :] < CG)
+    base = x + b.to(tl.int64) * s_b + t0.to(tl.int64) * s_t
+    count = tl.zeros([BLOCK_G], tl.float32)
+    mean = tl.zeros([BLOCK_G], tl.float32)
+    m2 = tl.zeros([BLOCK_G], tl.float32)
+    r_start = split * rows_per_split
+    for r0 in range(r_start, r_start + rows_per_split, BLOCK_R):
+        r = r0 + tl.arange(0, BLOCK_R)
+        row_ok = (r < rows_per_group) & (r < r_start + rows_per_split)
+        off = (r // P).to(tl.int64) * s_t + (r % P).to(tl.int64) * s_p
+        ok = row_ok[:, None, None] & c_ok[None, :, :]
+        v = tl.load(base + off[:, None, None] + (c * s_c)[None, :, :], mask=ok, other=0.0).to(tl.float32)
+        n = tl.sum(tl.sum(ok.to(tl.float32), 2), 0)
+        tile_mean = tl.sum(tl.sum(v, 2), 0) / tl.where(n > 0, n, 1.0)
+        dev = tl.where(ok, v - tile_mean[None, :, None], 0.0)
+        tile_m2 = tl.sum(tl.sum(dev * dev, 2), 0)
+        total = count + n
+        safe = tl.where(total > 0, total, 1.0)
+        delta = tile_mean - mean
+        mean = tl.where(n > 0, mean + delta * (n / safe), mean)
+        m2 = tl.where(n > 0, m2 + tile_m2 + delta * delta * (count * n / safe), m2)
+        count = total
+    out = part + ((sf * G + g) * tl.num_programs(1) + split) * 3
+    g_ok = g < G
+    tl.store(out, count, mask=g_ok)
+    tl.store(out + 1, mean, mask=g_ok)
+    tl.store(out + 2, m2, mask=g_ok)
 
 
 @jit
@@ -201,17 +251,25 @@ def group_norm(x: torch.Tensor, num_groups: int, weight: torch.Tensor, bias: tor
     n_groups = B * G * (T if scope == "frame" else 1)
     rows = frames * P
     block_cg = triton.next_power_of_2(CG)
-    block_r = max(1, min(triton.next_power_of_2(rows), 4096 // block_cg))
+    rows_kernel = x.stride(1) == 1 and C > 1  # channels-last: reduce whole rows, all groups per program
+    tile_cols = triton.next_power_of_2(G) * block_cg if rows_kernel else block_cg
+    block_r = max(1, min(triton.next_power_of_2(rows), 4096 // tile_cols))
     if num_programs is None:
         num_programs = 4 * (torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 8)
-    splits = max(1, min(triton.cdiv(rows, block_r), triton.cdiv(num_programs, n_groups), 1024))
+    stat_programs = n_groups // G if rows_kernel else n_groups  # programs per split
+    splits = max(1, min(triton.cdiv(rows, block_r), triton.cdiv(num_programs, stat_programs), 1024))
     rows_per_split = triton.cdiv(triton.cdiv(rows, splits), block_r) * block_r
     splits = triton.cdiv(rows, rows_per_split)
     part = torch.empty(n_groups * splits * 3, dtype=torch.float32, device=x.device)
     stats = torch.empty(n_groups * 2, dtype=torch.float32, device=x.device)
     sx = _video_strides(x)
-    _gn_partial_kernel[(n_groups, splits)](x, part, T, P, C, G, CG, rows, rows_per_split, *sx,
-                                          CLIP_SCOPE=scope == "clip", BLOCK_R=block_r, BLOCK_CG=block_cg)
+    if rows_kernel:
+        _gn_partial_rows_kernel[(stat_programs, splits)](
+            x, part, T, P, C, G, CG, rows, rows_per_split, *sx, CLIP_SCOPE=scope == "clip", BLOCK_R=block_r,
+            BLOCK_G=triton.next_power_of_2(G), BLOCK_CG=block_cg)
+    else:
+        _gn_partial_kernel[(n_groups, splits)](x, part, T, P, C, G, CG, rows, rows_per_split, *sx,
+                                              CLIP_SCOPE=scope == "clip", BLOCK_R=block_r, BLOCK_CG=block_cg)
     block_g = 64
     _gn_finalize_kernel[(triton.cdiv(n_groups, block_g),)](part, stats, n_groups, splits, eps, BLOCK_G=block_g,
                                                            BLOCK_S=min(16, triton.next_power_of_2(splits)))

@@ -47,6 +47,10 @@ def _variants(arch: int):
                         {"x": f"*{dt}", "part": "*fp32", "T": I32, "P": I32, "C": I32, "G": I32, "CG": I32,
                          "rows_per_group": I32, "rows_per_split": I32, **strides},
                         dict(CLIP_SCOPE=clip, BLOCK_R=256, BLOCK_CG=16)))
+            out.append((f"gn-partial-rows-{dt}-clip{int(clip)}", gn._gn_partial_rows_kernel,
+                        {"x": f"*{dt}", "part": "*fp32", "T": I32, "P": I32, "C": I32, "G": I32, "CG": I32,
+                         "rows_per_group": I32, "rows_per_split": I32, **strides},
+                        dict(CLIP_SCOPE=clip, BLOCK_R=16, BLOCK_G=32, BLOCK_CG=8)))
         for silu, res, film in ((False, False, False), (True, True, True)):
             out.append((f"gn-apply-{dt}-silu{int(silu)}-res{int(res)}-film{int(film)}", gn._gn_apply_kernel,
                         {"x": f"*{dt}", "y": f"*{dt}", "res": f"*{dt}", "weight": f"*{dt}", "bias": f"*{dt}",
