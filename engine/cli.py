@@ -106,7 +106,11 @@ def cmd_generate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> i
             if args.model is not None:
                 print("stunet: no --text-encoder given: using a random tiny text encoder", file=sys.stderr)
             encoder = tiny_random_t5(base.config.text_dim, seed=args.seed)
-        pipe = Pipeline(base, encoder, ssr, sampler=args.sampler, runtime=args.runtime, backend=args.backend)
+        options = {"max_batch": args.max_batch} if args.max_batch else {}
+        if options and args.backend != "fast":
+            parser.error("argument --max-batch: only the fast backend splits batches; add --backend fast")
+        pipe = Pipeline(base, encoder, ssr, sampler=args.sampler, runtime=args.runtime, backend=args.backend,
+                        backend_options=options)
     except (FileNotFoundError, ValueError, TypeError, RuntimeError) as e:
         parser.error(str(e))
 
@@ -158,6 +162,9 @@ def _add_generation_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--backend", default="reference", choices=["reference", "fast", "compile"],
                    help="model executor: the eager reference (default), fast (Triton kernels, CUDA graphs) or "
                         "torch.compile")
+    p.add_argument("--max-batch", type=_positive,
+                   help="fast backend: run model batches (the CFG pair, SSR windows) in slices of at most N clips "
+                        "to bound activation memory")
     p.add_argument("--runtime", choices=["cpp", "python"],
                    help="sampler step: the C++ runtime (default when built) or the Python reference")
     p.add_argument("--seed", type=int, default=0)

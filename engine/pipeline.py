@@ -70,7 +70,7 @@ class Pipeline:
 
     def __init__(self, base_model: STUNet, text_encoder: TextEncoder | None = None, ssr_model: STUNet | None = None,
                  *, backend: str = "reference", sampler: str = "ddim", runtime: str | None = None,
-                 progress: bool = True):
+                 backend_options: dict | None = None, progress: bool = True):
         if not isinstance(base_model, STUNet):
             raise TypeError(f"base_model must be a STUNet, got {type(base_model).__name__}")
         if base_model.config.is_ssr:
@@ -96,8 +96,10 @@ class Pipeline:
         if self.ssr is not None:
             self.ssr.eval()
         self.backend, self.sampler_name, self.runtime, self.progress = backend, sampler, runtime, progress
-        self._base_exec: Backend = make_backend(self.base, backend)
-        self._ssr_exec: Backend | None = make_backend(self.ssr, backend) if self.ssr is not None else None
+        self.backend_options = dict(backend_options or {})
+        self._base_exec: Backend = make_backend(self.base, backend, **self.backend_options)
+        self._ssr_exec: Backend | None = (make_backend(self.ssr, backend, **self.backend_options)
+                                          if self.ssr is not None else None)
 
     @classmethod
     def from_pretrained(cls, base: str | os.PathLike, ssr: str | os.PathLike | None = None,
@@ -119,7 +121,7 @@ class Pipeline:
 
         return Pipeline(interpolate_spatial(self.base, style, alpha), self.text_encoder, self.ssr,
                         backend=self.backend, sampler=self.sampler_name, runtime=self.runtime,
-                        progress=self.progress)
+                        backend_options=self.backend_options, progress=self.progress)
 
     @property
     def device(self) -> torch.device:

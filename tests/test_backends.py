@@ -80,6 +80,25 @@ def test_text_keys_and_values_are_computed_once_per_text(monkeypatch):
     assert_close(fast(x, t, text), reference(x, t, text), atol=2e-5, rtol=2e-5, what="after an in-place change")
 
 
+def test_fast_backend_max_batch_runs_slices_with_the_same_result(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")  # the ops' reference paths: this tests the slicing
+    model = _model()
+    x, t, text = make_inputs(model.config, batch=3, frames=8, size=16)
+    whole = FastBackend(copy.deepcopy(model))(x, t, text)
+    sliced = FastBackend(model, max_batch=2)
+    calls = []
+    for name, m in model.named_modules():
+        if name.endswith("cross_kv"):
+            m.register_forward_hook(lambda mod, i, o: calls.append(i[0].shape[0]))
+    for _ in range(2):
+        got = sliced(x, t, text)
+        assert_close(got, whole, atol=1e-5, rtol=1e-5, what="max_batch=2 over 3 clips")
+    layers = sum(1 for n, _ in model.named_modules() if n.endswith("cross_kv"))
+    assert sorted(calls) == sorted([2, 1] * layers)  # each slice's text K/V once, reused on the second call
+    with pytest.raises(ValueError, match="max_batch must be a positive integer"):
+        FastBackend(model, max_batch=0)
+
+
 def test_make_backend_names_and_errors():
     model = _model()
     assert make_backend(model).name == "reference" and set(BACKENDS) == {"reference", "fast", "compile"}

@@ -131,6 +131,8 @@ def test_cli_generate_with_saved_models_and_modes(tmp_path, capsys):
     (["generate", "x", "-o", "{tmp}/o.mp4", "--steps", "0"], "argument --steps: must be a positive integer"),
     (["image-to-video", "x", "-o", "{tmp}/o.mp4", "--preset", "tiny", "--image", "/nonexistent.png"],
      "argument --image: no file"),
+    (["generate", "x", "-o", "{tmp}/o.mp4", "--preset", "tiny", "--max-batch", "1", "-q"],
+     "only the fast backend splits batches"),
     (["image-to-video", "x", "-o", "{tmp}/o.mp4", "--preset", "tiny", "--frames", "4", "-q", "--image",
       "{tmp}/i.png"], "image_to_video needs a conditional model"),
 ])
