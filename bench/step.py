@@ -30,14 +30,18 @@ def geometry(cfg: STUNetConfig) -> tuple[int, int, int]:
     return (cfg.window_frames if cfg.is_ssr else cfg.sample_frames), cfg.sample_size, cfg.sample_size
 
 
-def step_row(preset: str, backend: str, device, dtype, iters: int, compile_mode: str | None, quick: bool) -> Row:
+def step_row(preset: str, backend: str, device, dtype, iters: int, compile_mode: str | None, quick: bool,
+             max_batch: int | None = None) -> Row:
     cfg = STUNetConfig.from_preset(preset)
     T, H, W = (8, 16, 16) if quick else geometry(cfg)
     shape = f"{preset} 2x{cfg.in_channels}x{T}x{H}x{W}"
+    impl = f"{backend} (max_batch={max_batch})" if max_batch else backend
     torch.manual_seed(0)
     with torch.device(device):
         model = STUNet(cfg).to(dtype).eval()
     kwargs = {"mode": compile_mode} if backend == "compile" else {}
+    if max_batch:
+        kwargs["max_batch"] = max_batch
     executor = make_backend(model, backend, **kwargs)
     x = torch.randn(1, cfg.in_channels, T, H, W, device=device, dtype=dtype)
     text = torch.randn(2, 77, cfg.text_dim, device=device, dtype=dtype)
@@ -62,7 +66,7 @@ def step_row(preset: str, backend: str, device, dtype, iters: int, compile_mode:
     try:
         ms = timeit(step, device, warmup=2, iters=iters)
     except torch.OutOfMemoryError as e:
-        return Row("step (CFG)", shape, backend, 0.0, flops=flops, extra={"error": f"out of memory ({e})"[:200]})
+        return Row("step (CFG)", shape, impl, 0.0, flops=flops, extra={"error": f"out of memory ({e})"[:200]})
     extra = {"tflop_per_step": flops / 1e12}
     if device.type == "cuda":
         extra["peak_memory_gb"] = torch.cuda.max_memory_allocated() / 1e9
@@ -70,7 +74,7 @@ def step_row(preset: str, backend: str, device, dtype, iters: int, compile_mode:
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
-    return Row("step (CFG)", shape, backend, ms, flops=flops, extra=extra)
+    return Row("step (CFG)", shape, impl, ms, flops=flops, extra=extra)
 
 
 def main(argv=None) -> dict:
@@ -78,14 +82,20 @@ def main(argv=None) -> dict:
     p.add_argument("--preset", action="append", help="small, lumiere-base, lumiere-ssr, edge (repeatable; "
                                                      "default: small, lumiere-base, lumiere-ssr)")
     p.add_argument("--backend", action="append", help="reference, compile, fast (repeatable; default all)")
+    p.add_argument("--max-batch", type=int, help="also time the fast backend running the CFG pair in slices of "
+                                                 "this many clips (lower peak memory)")
     p.add_argument("--compile-mode", default="max-autotune", help="torch.compile mode for the compile backend")
     args = p.parse_args(argv)
     device = torch.device(args.device)
     dtype = torch.float16 if device.type == "cuda" else torch.float32
     presets = ["tiny"] if args.quick else (args.preset or ["small", "lumiere-base", "lumiere-ssr"])
     backends = args.backend or (["reference", "compile", "fast"] if device.type == "cuda" else ["reference", "fast"])
-    rows = [step_row(preset, b, device, dtype, args.iters, args.compile_mode, args.quick)
-            for preset in presets for b in backends]
+    rows = []
+    for preset in presets:
+        rows += [step_row(preset, b, device, dtype, args.iters, args.compile_mode, args.quick) for b in backends]
+        if args.max_batch:
+            rows.append(step_row(preset, "fast", device, dtype, args.iters, args.compile_mode, args.quick,
+                                 args.max_batch))
     return report("step", rows, device, stock="reference", command=command("step", argv),
                   copy_bytes=(1 << 24) if args.quick else (1 << 30), out_dir=args.out)
 
