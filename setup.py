@@ -18,7 +18,7 @@ import subprocess
 from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
 
-CXX_FLAGS = ["-std=c++17", "-O3", "-ffp-contract=off", "-fvisibility=hidden"]
+CXX_FLAGS = ["-std=c++17", "-O3", "-ffp-contract=off", "-fno-trapping-math", "-fvisibility=hidden"]
 CPU_SOURCES = ["csrc/schedule.cpp", "csrc/multidiffusion.cpp", "csrc/runtime_cpu.cpp", "csrc/bindings.cpp"]
 CUDA_SOURCES = ["csrc/runtime_cuda.cu"]
 
