@@ -88,13 +88,16 @@ def blend_rows(name: str, shape, window: int, overlap: int, device, dtype, iters
 def main(argv=None) -> dict:
     p = parser("runtime", __doc__)
     p.add_argument("--dtype", choices=["float16", "float32"], default="float16")
+    p.add_argument("--workload", action="append", choices=sorted(WORKLOADS),
+                   help="base (1x3x80x128x128) and/or ssr (1x3x80x1024x1024); default both")
     args = p.parse_args(argv)
     device = torch.device(args.device)
     if device.type == "cuda" and not runtime.cuda_available():
         p.error(f"the runtime has no CUDA passes: {runtime.status()}")
     dtype = getattr(torch, args.dtype)
     rows: list[Row] = []
-    for name, (shape, window, overlap) in (QUICK if args.quick else WORKLOADS).items():
+    chosen = QUICK if args.quick else {k: v for k, v in WORKLOADS.items() if k in (args.workload or WORKLOADS)}
+    for name, (shape, window, overlap) in chosen.items():
         rows += step_rows(name, shape, device, dtype, args.iters)
         rows += blend_rows(name, shape, window, overlap, device, dtype, args.iters)
         if device.type == "cuda":

@@ -85,12 +85,24 @@ float rescale_factor_of(const StepArgs& a, int64_t begin, int64_t end) {
     using SP = Storage<P>;
     const auto* cond = static_cast<const typename SP::type*>(a.cond);
     const auto* uncond = static_cast<const typename SP::type*>(a.uncond);
-    double s[4] = {0, 0, 0, 0};  // per-sample std of cond and of the guided prediction, in double
-    for (int64_t i = begin; i < end; ++i) {
-        const float c = SP::load(cond, i);
-        const float g = detail::guide<P>(c, SP::load(uncond, i), true, a.guidance_scale);
-        detail::accumulate_stats(s, c, g);
-    }
+    // Per-sample (sum, sum of squares) of cond and of the guided prediction in double, over fixed chunks summed
+    // in chunk order: the same result for any thread count.
+    constexpr int64_t kChunk = 1 << 16;
+    const int64_t chunks = (end - begin + kChunk - 1) / kChunk;
+    std::vector<double> partial(static_cast<size_t>(4 * chunks), 0.0);
+    parallel_for(0, chunks, [&](int64_t lo, int64_t hi) {
+        for (int64_t ch = lo; ch < hi; ++ch) {
+            double* s = partial.data() + 4 * ch;
+            const int64_t stop = std::min(end, begin + (ch + 1) * kChunk);
+            for (int64_t i = begin + ch * kChunk; i < stop; ++i) {
+                const float c = SP::load(cond, i);
+                detail::accumulate_stats(s, c, detail::guide<P>(c, SP::load(uncond, i), true, a.guidance_scale));
+            }
+        }
+    }, 4);
+    double s[4] = {0, 0, 0, 0};
+    for (int64_t ch = 0; ch < chunks; ++ch)
+        for (int k = 0; k < 4; ++k) s[k] += partial[4 * ch + k];
     return detail::rescale_factor(s, end - begin);
 }
 
