@@ -23,6 +23,19 @@ from __future__ import annotations
 
 import torch
 from ._triton import jit, tl, triton
+from .resample import memory_format
+
+
+@jit
+def _chan_combine(count, mean, m2, n, part_mean, part_m2):
+    """Merges a part's (n, mean, M2) into running statistics (Chan et al. 1979); parts with n = 0 change
+    nothing. Works elementwise, so on one group or on a vector of groups."""
+    total = count + n
+    safe = tl.where(total > 0, total, 1.0)
+    delta = part_mean - mean
+    mean = tl.where(n > 0, mean + delta * (n / safe), mean)
+    m2 = tl.where(n > 0, m2 + part_m2 + delta * delta * (count * n / safe), m2)
+    return total, mean, m2
 
 
 @jit
@@ -58,15 +71,10 @@ def _gn_partial_kernel(
         ok = row_ok[:, None] & col_ok[None, :]
         v = tl.load(base + off[:, None] + (c * s_c)[None, :], mask=ok, other=0.0).to(tl.float32)
         n = tl.sum(tl.sum(ok.to(tl.float32), 1), 0)
-        if n > 0:
-            tile_mean = tl.sum(tl.sum(v, 1), 0) / n
-            dev = tl.where(ok, v - tile_mean, 0.0)
-            tile_m2 = tl.sum(tl.sum(dev * dev, 1), 0)
-            total = count + n
-            delta = tile_mean - mean
-            mean += delta * (n / total)
-            m2 += tile_m2 + delta * delta * (count * n / total)
-            count = total
+        tile_mean = tl.sum(tl.sum(v, 1), 0) / tl.where(n > 0, n, 1.0)
+        dev = tl.where(ok, v - tile_mean, 0.0)
+        tile_m2 = tl.sum(tl.sum(dev * dev, 1), 0)
+        count, mean, m2 = _chan_combine(count, mean, m2, n, tile_mean, tile_m2)
     out = part + (sg * tl.num_programs(1) + split) * 3
     idx = tl.arange(0, 1)
     tl.store(out + idx, count)
@@ -110,12 +118,7 @@ def _gn_partial_rows_kernel(
         tile_mean = tl.sum(tl.sum(v, 2), 0) / tl.where(n > 0, n, 1.0)
         dev = tl.where(ok, v - tile_mean[None, :, None], 0.0)
         tile_m2 = tl.sum(tl.sum(dev * dev, 2), 0)
-        total = count + n
-        safe = tl.where(total > 0, total, 1.0)
-        delta = tile_mean - mean
-        mean = tl.where(n > 0, mean + delta * (n / safe), mean)
-        m2 = tl.where(n > 0, m2 + tile_m2 + delta * delta * (count * n / safe), m2)
-        count = total
+        count, mean, m2 = _chan_combine(count, mean, m2, n, tile_mean, tile_m2)
     out = part + ((sf * G + g) * tl.num_programs(1) + split) * 3
     g_ok = g < G
     tl.store(out, count, mask=g_ok)
@@ -142,12 +145,7 @@ def _gn_finalize_kernel(part, stats, num_groups, splits, eps, BLOCK_G: tl.conste
             nj = tl.sum(tl.where(pick, n, 0.0), 1)
             mj = tl.sum(tl.where(pick, mu, 0.0), 1)
             qj = tl.sum(tl.where(pick, q, 0.0), 1)
-            total = count + nj
-            safe = tl.where(total > 0, total, 1.0)
-            delta = mj - mean
-            mean = tl.where(nj > 0, mean + delta * (nj / safe), mean)
-            m2 = tl.where(nj > 0, m2 + qj + delta * delta * (count * nj / safe), m2)
-            count = total
+            count, mean, m2 = _chan_combine(count, mean, m2, nj, mj, qj)
     var = m2 / tl.where(count > 0, count, 1.0)
     tl.store(stats + gs * 2, mean, mask=g_ok)
     tl.store(stats + gs * 2 + 1, 1.0 / tl.sqrt(var + eps), mask=g_ok)
@@ -210,12 +208,7 @@ def group_norm_ref(x: torch.Tensor, num_groups: int, weight: torch.Tensor, bias:
         y = torch.nn.functional.silu(y)
     if residual is not None:
         y = y + residual.float()
-    return y.to(x.dtype).contiguous(memory_format=_format(x))
-
-
-def _format(x: torch.Tensor) -> torch.memory_format:
-    return (torch.channels_last_3d if x.dim() == 5 and not x.is_contiguous()
-            and x.is_contiguous(memory_format=torch.channels_last_3d) else torch.contiguous_format)
+    return y.to(x.dtype).contiguous(memory_format=memory_format(x))
 
 
 def _video_strides(t: torch.Tensor) -> tuple[int, int, int, int]:
@@ -273,7 +266,7 @@ def group_norm(x: torch.Tensor, num_groups: int, weight: torch.Tensor, bias: tor
     block_g = 64
     _gn_finalize_kernel[(triton.cdiv(n_groups, block_g),)](part, stats, n_groups, splits, eps, BLOCK_G=block_g,
                                                            BLOCK_S=min(16, triton.next_power_of_2(splits)))
-    y = torch.empty_like(x, memory_format=_format(x))
+    y = torch.empty_like(x, memory_format=memory_format(x))
     res = residual if residual is not None else x
     film = scale is not None
     block_c = min(64, triton.next_power_of_2(C))

@@ -20,6 +20,12 @@ from ._triton import jit, tl, triton
 
 
 @jit
+def _decode(m, T, H, W):
+    """(b, t, h, w) of flat position indices m over a (B, T, H, W) grid."""
+    return m // (W * H * T), (m // (W * H)) % T, (m // W) % H, m % W
+
+
+@jit
 def _avg_pool_kernel(
     x, y, M, C, To, Ho, Wo,
     s_b, s_c, s_t, s_h, s_w, y_b, y_c, y_t, y_h, y_w,
@@ -28,10 +34,7 @@ def _avg_pool_kernel(
     m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)  # output position (b, t, h, w)
     c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     ok = (m < M)[:, None] & (c < C)[None, :]
-    wo = m % Wo
-    ho = (m // Wo) % Ho
-    to = (m // (Wo * Ho)) % To
-    b = m // (Wo * Ho * To)
+    b, to, ho, wo = _decode(m, To, Ho, Wo)
     base = (b.to(tl.int64) * s_b + (to * KT).to(tl.int64) * s_t + (ho * KH).to(tl.int64) * s_h
             + (wo * KW).to(tl.int64) * s_w)
     ptr = x + base[:, None] + (c * s_c)[None, :]
@@ -54,10 +57,7 @@ def _upsample_frames_kernel(
     m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)  # input position (b, t, h, w)
     c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     ok = (m < M)[:, None] & (c < C)[None, :]
-    w = m % W
-    h = (m // W) % H
-    t = (m // (W * H)) % T
-    b = m // (W * H * T)
+    b, t, h, w = _decode(m, T, H, W)
     src = b.to(tl.int64) * s_b + t.to(tl.int64) * s_t + h.to(tl.int64) * s_h + w.to(tl.int64) * s_w
     v = tl.load(x + src[:, None] + (c * s_c)[None, :], mask=ok, other=0.0)
     dst = b.to(tl.int64) * y_b + (2 * t).to(tl.int64) * y_t + h.to(tl.int64) * y_h + w.to(tl.int64) * y_w
