@@ -1,7 +1,8 @@
 """Packaging: the folders are the architecture (see README, "Layout").
 
-engine/  -> stunet          config, reference model, weights, samplers, multidiffusion, pipeline, text,
-                            video, info, cli
+engine/  -> stunet          config, info, cli; model/ (reference STUNet, policy, weights), backends/,
+                            sampling/ (samplers, MultiDiffusion, runtime binding), pipeline/ (stages,
+                            conditioning, text, video)
 kernels/ -> stunet.kernels  Triton kernels with their reference math
 export/  -> stunet.export   ONNX / TensorRT export
 csrc/    -> stunet._C       C++ denoising runtime (pybind11); CPU always, CUDA only with STUNET_CUDA=1
@@ -90,10 +91,10 @@ setup(
     version="0.1.0",
     description="FP16 inference engine for Space-Time U-Net (STUNet) video diffusion models",
     python_requires=">=3.10",
-    packages=["stunet", "stunet.model", "stunet.kernels", "stunet.export"],
+    packages=["stunet", "stunet.model", "stunet.backends", "stunet.sampling", "stunet.pipeline", "stunet.kernels",
+              "stunet.export"],
     package_dir={
         "stunet": "engine",
-        "stunet.model": "engine/model",
         "stunet.kernels": "kernels",
         "stunet.export": "export",
     },

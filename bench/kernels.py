@@ -6,11 +6,10 @@
 Rows (fp16 on CUDA, fp32 on CPU; bytes are what an ideal kernel moves once; the stock rows are "torch eager"):
 - temporal attention: qkv (B, T, S, 3C) -> (B, T, S, C); stock = view/permute to (B*S, heads, T, D) copies, the
   best SDPA backend torch picks, permute back. Bytes 4 * B*T*S*C * 2; FLOPs 4 * B*S*heads*T^2*D.
-- group norm + SiLU on (B, C, T, H, W) videos, per-frame statistics, NCDHW and channels-last; stock = fold the
-  frames into the batch (a copy for NCDHW), F.group_norm, F.silu, unfold; also that function under
-  torch.compile. Bytes: read x + write y.
-- avg pooling (2,2,2), (2,1,1), (1,2,2) and frame duplication, both layouts; stock F.avg_pool3d /
-  repeat_interleave. Bytes: read x + write y.
+- group norm + SiLU on (B, C, T, H, W) videos, per-frame and per-clip statistics, NCDHW and channels-last;
+  stock = fold the frames into the batch (a copy for NCDHW; per clip: the 5-D tensor as it is), F.group_norm,
+  F.silu, unfold; also that function under torch.compile. Bytes: read x + write y. The ResBlock's form adds
+  the (B, C) timestep embedding first (stock: a materialised ``x + emb``; stunet: fused into the norm).
 - TemporalUp (duplication + depth-3 temporal conv): folded polyphase form vs duplicate-then-conv3d; FLOPs
   counted as the stock form's.
 """
@@ -26,7 +25,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from harness import Row, command, parser, report, timeit  # noqa: E402
 
 from stunet import STUNetConfig, kernels  # noqa: E402
-
 
 
 def attention_shapes(quick: bool):
@@ -60,8 +58,13 @@ def sdpa_stock(qkv: torch.Tensor, heads: int) -> torch.Tensor:
     return o.view(B, S, heads, T, -1).permute(0, 3, 1, 2, 4).reshape(B, T, S, C)
 
 
-def gn_silu_stock(x: torch.Tensor, groups: int, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+def gn_silu_stock(x: torch.Tensor, groups: int, w: torch.Tensor, b: torch.Tensor, scope: str = "frame",
+                  emb: torch.Tensor | None = None) -> torch.Tensor:
     B, C, T, H, W = x.shape
+    if emb is not None:
+        x = x + emb[:, :, None, None, None]
+    if scope == "clip":
+        return F.silu(F.group_norm(x, groups, w, b))
     folded = x.transpose(1, 2).reshape(B * T, C, H, W)  # free for channels-last, a copy for NCDHW
     y = F.silu(F.group_norm(folded, groups, w, b))
     return y.view(B, T, C, H, W).transpose(1, 2)
@@ -91,28 +94,23 @@ def video_rows(device, quick, iters, compile_stock, dtype):
             if layout == "channels-last":
                 x = x.contiguous(memory_format=torch.channels_last_3d)
             w, b = torch.randn(C, device=device, dtype=dtype), torch.randn(C, device=device, dtype=dtype)
+            emb = torch.randn(B, C, device=device, dtype=dtype)
             name = f"{label} {'x'.join(map(str, shape))} {layout}"
             nbytes = 2 * x.numel() * x.element_size()
-            rows.append(Row("group norm + silu", name, "torch eager",
-                            timeit(lambda: gn_silu_stock(x, 32, w, b), device, iters=iters), nbytes))
-            if compile_stock:
-                compiled = torch.compile(gn_silu_stock, dynamic=False)
-                rows.append(Row("group norm + silu", name, "torch.compile",
-                                timeit(lambda: compiled(x, 32, w, b), device, iters=iters), nbytes))
-            rows.append(Row("group norm + silu", name, "stunet",
-                            timeit(lambda: kernels.group_norm(x, 32, w, b, silu=True), device, iters=iters), nbytes))
-            for k in kernels.POOL_KERNELS:
-                out_bytes = x.numel() * x.element_size() // (k[0] * k[1] * k[2])
-                rows.append(Row(f"avg pool {k}", name, "torch eager",
-                                timeit(lambda: F.avg_pool3d(x, k, k), device, iters=iters), x.numel() * x.element_size() + out_bytes))
-                rows.append(Row(f"avg pool {k}", name, "stunet",
-                                timeit(lambda: kernels.avg_pool_video(x, k), device, iters=iters),
-                                x.numel() * x.element_size() + out_bytes))
+            compiled = torch.compile(gn_silu_stock, dynamic=False) if compile_stock else None
+            for scope, bias_in in (("frame", None), ("clip", None), ("frame", emb)):
+                bench = f"group norm + silu, per {scope}" + (" + emb (ResBlock)" if bias_in is not None else "")
+                rows.append(Row(bench, name, "torch eager",
+                                timeit(lambda: gn_silu_stock(x, 32, w, b, scope, bias_in), device, iters=iters),
+                                nbytes))
+                if compiled is not None:
+                    rows.append(Row(bench, name, "torch.compile",
+                                    timeit(lambda: compiled(x, 32, w, b, scope, bias_in), device, iters=iters),
+                                    nbytes))
+                rows.append(Row(bench, name, "stunet",
+                                timeit(lambda: kernels.group_norm(x, 32, w, b, scope=scope, silu=True,
+                                                                  input_bias=bias_in), device, iters=iters), nbytes))
             if T * H * W * C <= 20 * 32 * 32 * 768 or quick:  # the deeper levels; the top ones only add memory
-                rows.append(Row("frame duplication", name, "torch eager",
-                                timeit(lambda: x.repeat_interleave(2, dim=2), device, iters=iters), 3 * x.numel() * x.element_size()))
-                rows.append(Row("frame duplication", name, "stunet",
-                                timeit(lambda: kernels.upsample_frames(x), device, iters=iters), 3 * x.numel() * x.element_size()))
                 wt = torch.randn(C, C, 3, device=device, dtype=dtype) * 0.02
                 bt = torch.zeros(C, device=device, dtype=dtype)
                 flops = 2 * B * 2 * T * H * W * C * C * 3
@@ -135,7 +133,7 @@ def main(argv=None) -> dict:
     device = torch.device(args.device)
     if device.type == "cuda" and kernels.available():
         p.error(f"the Triton kernels cannot run: {kernels.available()}")
-    dtype = torch.float16 if device.type == "cuda" else torch.float32  # CPU avg_pool3d has no fp16
+    dtype = torch.float16 if device.type == "cuda" else torch.float32
     rows = attention_rows(device, args.quick, args.iters, dtype)
     rows += video_rows(device, args.quick, args.iters, not args.no_compile and device.type == "cuda", dtype)
     return report("kernels", rows, device, stock="torch eager", command=command("kernels", argv),

@@ -10,6 +10,7 @@ The stock row is the eager FP16 reference backend with the Python sampler ("refe
 """
 from __future__ import annotations
 
+import dataclasses
 import gc
 import sys
 import time
@@ -20,7 +21,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from harness import Row, command, parser, report  # noqa: E402
 
-from stunet import Pipeline, STUNet, STUNetConfig  # noqa: E402
+from stunet import Pipeline, SSROptions, STUNet, STUNetConfig  # noqa: E402
 
 TINY_SSR = dict(in_channels=6, noise_aug=True, low_res_size=8, temporal_downsample=(False, False),
                 temporal_attn_depth=0, sample_size=16)
@@ -44,14 +45,16 @@ def run(backend: str, runtime: str, args, device, dtype) -> Row:
     cfg = base.config
     frames, size = (8, 8) if args.quick else (cfg.sample_frames, cfg.sample_size)
     text = torch.randn(1, 77, cfg.text_dim, device=device, dtype=dtype)
+    ssr_options = SSROptions(num_inference_steps=args.ssr_steps, window=4 if args.quick else 16,
+                             overlap=1 if args.quick else 2, batch_size=args.ssr_batch)
     kw = dict(prompt_embeds=text, num_frames=frames, height=size, width=size, num_inference_steps=args.steps,
-              ssr_steps=args.ssr_steps, guidance_scale=7.5, seed=0, ssr_window=4 if args.quick else 16,
-              ssr_overlap=1 if args.quick else 2, ssr_batch_size=args.ssr_batch)
+              guidance_scale=7.5, seed=0, ssr=ssr_options)
     label = f"{'tiny' if args.quick else 'lumiere-base + lumiere-ssr'} {frames} frames, {args.steps}+{args.ssr_steps} steps"
     impl = f"{backend} + {runtime}"
     try:
         if args.warmup:
-            pipe(**{**kw, "num_inference_steps": 1, "ssr_steps": 1})  # compile / capture once
+            once = dataclasses.replace(ssr_options, num_inference_steps=1)
+            pipe(**{**kw, "num_inference_steps": 1, "ssr": once})  # compile / capture once
         t0 = time.perf_counter()
         res = pipe(**kw)
         total = time.perf_counter() - t0

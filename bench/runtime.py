@@ -20,9 +20,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from harness import Row, command, parser, report, timeit  # noqa: E402
 
-from stunet import runtime  # noqa: E402
-from stunet.multidiffusion import blend, window_plan, window_weights  # noqa: E402
-from stunet.samplers import make_sampler  # noqa: E402
+from stunet.sampling import runtime  # noqa: E402
+from stunet.sampling.multidiffusion import blend, window_plan, window_weights  # noqa: E402
+from stunet.sampling.samplers import make_sampler  # noqa: E402
 
 WORKLOADS = {  # name: (B, C, T, H, W), SSR window, overlap
     "base": ((1, 3, 80, 128, 128), 16, 2),

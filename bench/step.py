@@ -20,9 +20,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from harness import Row, command, parser, report, timeit  # noqa: E402
 
-from stunet import STUNet, STUNetConfig, runtime  # noqa: E402
+from stunet import STUNet, STUNetConfig  # noqa: E402
+from stunet.sampling import runtime  # noqa: E402
 from stunet.backends import make_backend  # noqa: E402
-from stunet.samplers import make_sampler  # noqa: E402
+from stunet.sampling.samplers import make_sampler  # noqa: E402
 
 
 def geometry(cfg: STUNetConfig) -> tuple[int, int, int]:

@@ -1,11 +1,17 @@
-// pybind11 module stunet._C: the runtime on raw pointers (a tensor's data_ptr()) and a CUDA stream handle.
-// Arguments are validated here and in check(); std::invalid_argument surfaces as ValueError. The typed,
-// tensor-level API with device/dtype/contiguity checks is engine/runtime.py.
+// pybind11 module stunet._C: the runtime on buffers and a CUDA stream handle.
+//
+// A buffer is (address, numel, dtype, device), built from a contiguous tensor by engine/sampling/runtime.py
+// (address = data_ptr()). Every buffer is checked here against what the pass will read or write (element
+// count, dtype, device) before any pointer is dereferenced, so a caller's mistake is a ValueError naming the
+// argument, never an out-of-bounds access; std::invalid_argument surfaces as ValueError.
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <algorithm>
+#include <optional>
 #include <stdexcept>
 #include <string>
+#include <tuple>
 
 #include "runtime.h"
 
@@ -14,8 +20,49 @@ using namespace stunet;
 
 namespace {
 
-template <class T>
-T* ptr(uintptr_t address) { return reinterpret_cast<T*>(address); }
+using BufferArg = std::tuple<uintptr_t, int64_t, std::string, std::string>;  // (address, numel, dtype, device)
+
+struct Buffer {
+    uintptr_t address = 0;
+    int64_t numel = 0;
+    std::string dtype, device;
+    template <class T>
+    T* as() const { return reinterpret_cast<T*>(address); }
+};
+
+[[noreturn]] void bad(const std::string& what) { throw std::invalid_argument(what); }
+
+// The buffer `name`, checked: `numel` elements (at least `numel` when `at_least`), one of `dtypes`, on `device`
+// (empty: any; the first buffer's device is then what the others must match).
+Buffer buffer(const char* name, const BufferArg& arg, int64_t numel, std::initializer_list<const char*> dtypes,
+              const std::string& device, bool at_least = false) {
+    Buffer b{std::get<0>(arg), std::get<1>(arg), std::get<2>(arg), std::get<3>(arg)};
+    if (b.numel < 0) bad(std::string(name) + " has a negative element count");
+    if (at_least ? b.numel < numel : b.numel != numel)
+        bad(std::string(name) + " has " + std::to_string(b.numel) + " elements, the pass needs " +
+            (at_least ? "at least " : "") + std::to_string(numel));
+    bool ok = false;
+    std::string accepted;
+    for (const char* d : dtypes) {
+        ok = ok || b.dtype == d;
+        accepted += (accepted.empty() ? "" : ", ") + std::string(d);
+    }
+    if (!ok) bad(std::string(name) + " has dtype " + b.dtype + "; accepted: " + accepted);
+    if (!device.empty() && b.device != device)
+        bad(std::string(name) + " is on " + b.device + " but the other buffers are on " + device);
+    if (b.numel > 0 && b.address == 0) bad(std::string(name) + " has a null address");
+    return b;
+}
+
+std::optional<Buffer> optional_buffer(const char* name, const std::optional<BufferArg>& arg, bool needed,
+                                      const char* why, int64_t numel, std::initializer_list<const char*> dtypes,
+                                      const std::string& device, bool at_least = false) {
+    if (!arg) {
+        if (needed) bad(std::string(name) + " must be given: " + why);
+        return std::nullopt;
+    }
+    return buffer(name, *arg, numel, dtypes, device, at_least);
+}
 
 bool on_cuda(const std::string& device) {
     if (device == "cpu") return false;
@@ -27,59 +74,85 @@ bool on_cuda(const std::string& device) {
                                  "to run the runtime on GPU tensors");
 #endif
     }
-    throw std::invalid_argument("device must be 'cpu' or 'cuda', got '" + device + "'");
+    bad("buffers must be on 'cpu' or 'cuda', got '" + device + "'");
 }
 
-void fused_step(const StepCoefs& coefs, int64_t numel, int64_t batch, const std::string& pred_dtype, uintptr_t cond,
-                uintptr_t uncond, float guidance_scale, float guidance_rescale, const std::string& x_dtype, uintptr_t x,
-                uintptr_t out, uintptr_t history, uintptr_t noise, uintptr_t stats, const std::string& device,
+void fused_step(const StepCoefs& coefs, int64_t batch, const BufferArg& cond_arg,
+                const std::optional<BufferArg>& uncond_arg, float guidance_scale, float guidance_rescale,
+                const BufferArg& x_arg, const BufferArg& out_arg, const std::optional<BufferArg>& history_arg,
+                const std::optional<BufferArg>& noise_arg, const std::optional<BufferArg>& stats_arg,
                 uintptr_t stream) {
+    const Buffer x = buffer("x", x_arg, std::get<1>(x_arg), {"float32", "float16"}, "");
+    const int64_t n = x.numel;
+    const std::string& dev = x.device;
+    const bool cuda = on_cuda(dev);
+    const Buffer cond = buffer("cond", cond_arg, n, {"float32", "float16"}, dev);
+    const auto uncond = optional_buffer("uncond", uncond_arg, false, "", n, {cond.dtype.c_str()}, dev);
+    const Buffer out = buffer("out", out_arg, n, {x.dtype.c_str()}, dev);
+    const auto history = optional_buffer("history", history_arg, coefs.second_order || coefs.writes_history,
+                                         "this DPM-Solver++ step reads or writes the previous x0", n, {"float32"}, dev);
+    const auto noise = optional_buffer("noise", noise_arg, coefs.needs_noise,
+                                       "this step of a stochastic sampler adds noise", n, {"float32"}, dev);
+    const bool rescaled = uncond && guidance_rescale != 0.f;
+    const auto stats = optional_buffer("stats", stats_arg, cuda && rescaled,
+                                       "guidance rescale on CUDA reduces into 4 * batch doubles of scratch",
+                                       4 * std::max<int64_t>(batch, 1), {"float64"}, dev, true);
     StepArgs a;
-    a.numel = numel;
+    a.numel = n;
     a.batch = batch;
-    a.pred_dtype = parse_dtype(pred_dtype);
-    a.x_dtype = parse_dtype(x_dtype);
-    a.cond = ptr<const void>(cond);
-    a.uncond = ptr<const void>(uncond);
+    a.pred_dtype = parse_dtype(cond.dtype);
+    a.x_dtype = parse_dtype(x.dtype);
+    a.cond = cond.as<const void>();
+    a.uncond = uncond ? uncond->as<const void>() : nullptr;
     a.guidance_scale = guidance_scale;
     a.guidance_rescale = guidance_rescale;
-    a.x = ptr<const void>(x);
-    a.out = ptr<void>(out);
-    a.history = ptr<float>(history);
-    a.noise = ptr<const float>(noise);
-    a.stats = ptr<double>(stats);
+    a.x = x.as<const void>();
+    a.out = out.as<void>();
+    a.history = history ? history->as<float>() : nullptr;
+    a.noise = noise ? noise->as<const float>() : nullptr;
+    a.stats = stats ? stats->as<double>() : nullptr;
     a.coefs = coefs;
-    const bool cuda = on_cuda(device);
+    check(a);
     py::gil_scoped_release release;
 #ifdef STUNET_WITH_CUDA
-    if (cuda) return fused_step_cuda(a, ptr<void>(stream));
+    if (cuda) return fused_step_cuda(a, reinterpret_cast<void*>(stream));
 #endif
     (void)cuda;
     (void)stream;
     fused_step_cpu(a);
 }
 
-void blend(uintptr_t window, uintptr_t local, uintptr_t weight, int64_t cover, int64_t num_windows, int64_t rows,
-           int64_t window_len, int64_t num_frames, int64_t plane, const std::string& in_dtype, uintptr_t in,
-           const std::string& out_dtype, uintptr_t out, const std::string& device, uintptr_t stream) {
+void blend(const BufferArg& window_arg, const BufferArg& local_arg, const BufferArg& weight_arg, int64_t cover,
+           int64_t num_windows, int64_t rows, int64_t window_len, int64_t num_frames, int64_t plane,
+           const BufferArg& in_arg, const BufferArg& out_arg, uintptr_t stream) {
+    if (cover < 1 || num_windows < 1 || rows < 0 || window_len < 1 || num_frames < 1 || plane < 0)
+        bad("the blend geometry must be positive (cover, num_windows, window_len, num_frames) and non-negative "
+            "(rows, plane)");
+    const Buffer in = buffer("in", in_arg, num_windows * rows * window_len * plane, {"float32", "float16"}, "");
+    const std::string& dev = in.device;
+    const bool cuda = on_cuda(dev);
+    const Buffer out = buffer("out", out_arg, rows * num_frames * plane, {"float32", "float16"}, dev);
+    const Buffer window = buffer("window", window_arg, num_frames * cover, {"int32"}, dev);
+    const Buffer local = buffer("local", local_arg, num_frames * cover, {"int32"}, dev);
+    const Buffer weight = buffer("weight", weight_arg, num_frames * cover, {"float32"}, dev);
     BlendArgs a;
-    a.window = ptr<const int32_t>(window);
-    a.local = ptr<const int32_t>(local);
-    a.weight = ptr<const float>(weight);
+    a.window = window.as<const int32_t>();
+    a.local = local.as<const int32_t>();
+    a.weight = weight.as<const float>();
     a.cover = cover;
     a.num_windows = num_windows;
     a.rows = rows;
     a.window_len = window_len;
     a.num_frames = num_frames;
     a.plane = plane;
-    a.in_dtype = parse_dtype(in_dtype);
-    a.out_dtype = parse_dtype(out_dtype);
-    a.in = ptr<const void>(in);
-    a.out = ptr<void>(out);
-    const bool cuda = on_cuda(device);
+    a.in_dtype = parse_dtype(in.dtype);
+    a.out_dtype = parse_dtype(out.dtype);
+    a.in = in.as<const void>();
+    a.out = out.as<void>();
+    check(a);
     py::gil_scoped_release release;
 #ifdef STUNET_WITH_CUDA
-    if (cuda) return blend_cuda(a, ptr<void>(stream));
+    if (cuda) return blend_cuda(a, reinterpret_cast<void*>(stream));
 #endif
     (void)cuda;
     (void)stream;
@@ -154,20 +227,25 @@ PYBIND11_MODULE(_C, m) {
     m.def("make_timesteps", [](int n, int N, const std::string& s) { return make_timesteps(n, N, parse_spacing(s)); },
           py::arg("num_inference_steps"), py::arg("num_train_timesteps"), py::arg("spacing"));
 
-    m.def("fused_step", &fused_step, py::arg("coefs"), py::arg("numel"), py::arg("batch"), py::arg("pred_dtype"),
-          py::arg("cond"), py::arg("uncond"), py::arg("guidance_scale"), py::arg("guidance_rescale"),
-          py::arg("x_dtype"), py::arg("x"), py::arg("out"), py::arg("history"), py::arg("noise"), py::arg("stats"),
-          py::arg("device"), py::arg("stream"));
+    m.def("fused_step", &fused_step, py::arg("coefs"), py::arg("batch"), py::arg("cond"), py::arg("uncond"),
+          py::arg("guidance_scale"), py::arg("guidance_rescale"), py::arg("x"), py::arg("out"), py::arg("history"),
+          py::arg("noise"), py::arg("stats"), py::arg("stream"),
+          "One fused sampler step. Buffers are (address, numel, dtype, device) tuples; optional ones may be None.");
     m.def("blend", &blend, py::arg("window"), py::arg("local"), py::arg("weight"), py::arg("cover"),
           py::arg("num_windows"), py::arg("rows"), py::arg("window_len"), py::arg("num_frames"), py::arg("plane"),
-          py::arg("in_dtype"), py::arg("in"), py::arg("out_dtype"), py::arg("out"), py::arg("device"),
-          py::arg("stream"));
+          py::arg("in"), py::arg("out"), py::arg("stream"),
+          "MultiDiffusion blend of (num_windows, rows, window_len, plane) into (rows, num_frames, plane).");
 
-    m.def("f32_to_f16_bits", [](uintptr_t src, uintptr_t dst, int64_t n) {
-        for (int64_t i = 0; i < n; ++i) ptr<uint16_t>(dst)[i] = f32_to_f16_bits(ptr<const float>(src)[i]);
+    // fp16 <-> fp32 conversions on CPU buffers, for tests against torch's.
+    m.def("f32_to_f16_bits", [](const BufferArg& src_arg, const BufferArg& dst_arg) {
+        const Buffer src = buffer("src", src_arg, std::get<1>(src_arg), {"float32"}, "cpu");
+        const Buffer dst = buffer("dst", dst_arg, src.numel, {"int16", "float16"}, "cpu");
+        for (int64_t i = 0; i < src.numel; ++i) dst.as<uint16_t>()[i] = f32_to_f16_bits(src.as<const float>()[i]);
     });
-    m.def("f16_bits_to_f32", [](uintptr_t src, uintptr_t dst, int64_t n) {
-        for (int64_t i = 0; i < n; ++i) ptr<float>(dst)[i] = f16_bits_to_f32(ptr<const uint16_t>(src)[i]);
+    m.def("f16_bits_to_f32", [](const BufferArg& src_arg, const BufferArg& dst_arg) {
+        const Buffer src = buffer("src", src_arg, std::get<1>(src_arg), {"int16", "float16"}, "cpu");
+        const Buffer dst = buffer("dst", dst_arg, src.numel, {"float32"}, "cpu");
+        for (int64_t i = 0; i < src.numel; ++i) dst.as<float>()[i] = f16_bits_to_f32(src.as<const uint16_t>()[i]);
     });
     m.def("has_cuda", []() {
 #ifdef STUNET_WITH_CUDA

@@ -6,15 +6,18 @@
     out = model(x, timesteps, text_embeds)        # x (B, C, T, H, W) -> (B, 3, T, H, W)
     pipe = stunet.Pipeline(model, text_encoder)    # or Pipeline.from_pretrained("dir", ssr=..., text_encoder=...)
     stunet.save_video(pipe("a teddy bear surfing", seed=0).frames[0], "out.mp4")
+
+Packages, in the direction data flows: ``pipeline`` (stages, conditioning, text, video) -> ``sampling``
+(samplers, MultiDiffusion, the C++ runtime) -> ``backends`` (reference, compile, fast) -> ``model`` (the
+reference STUNet, its execution policy, weights) -> ``kernels`` (Triton kernels and their reference math).
 """
-from . import samplers
-from .conditioning import Conditioning
 from .config import PRESETS, STUNetConfig
-from .model import STUNet
-from .pipeline import Pipeline, PipelineOutput
-from .video import save_video
-from .weights import WeightsError, interpolate_spatial
+from .model import ExecutionPolicy, STUNet
+from .model.weights import WeightsError, interpolate_spatial
+from .pipeline import Conditioning, Pipeline, PipelineOutput, SSROptions, StageOptions, save_video
+from .sampling import samplers
 
 __version__ = "0.1.0"
-__all__ = ["STUNetConfig", "PRESETS", "STUNet", "Pipeline", "PipelineOutput", "Conditioning", "samplers",
-           "save_video", "WeightsError", "interpolate_spatial", "__version__"]
+__all__ = ["STUNetConfig", "PRESETS", "STUNet", "ExecutionPolicy", "Pipeline", "PipelineOutput", "StageOptions",
+           "SSROptions", "Conditioning", "samplers", "save_video", "WeightsError", "interpolate_spatial",
+           "__version__"]

@@ -6,7 +6,9 @@ import json
 import sys
 from pathlib import Path
 
+from .backends import BACKENDS
 from .config import PRESETS
+from .sampling.samplers import SAMPLERS
 
 
 def _positive(text: str) -> int:
@@ -73,8 +75,8 @@ def cmd_generate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> i
     from .config import STUNetConfig
     from .model import STUNet
     from .pipeline import Pipeline
-    from .text import load_text_encoder, tiny_random_t5
-    from .video import SUFFIXES, save_video
+    from .pipeline.text import load_text_encoder, tiny_random_t5
+    from .pipeline.video import SUFFIXES, save_video
 
     out = Path(args.output)
     if out.suffix.lower() not in SUFFIXES:
@@ -118,7 +120,9 @@ def cmd_generate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> i
                 num_inference_steps=args.steps, guidance_scale=args.guidance, seed=args.seed,
                 progress=not args.quiet)
     if args.ssr_steps:
-        call["ssr_steps"] = args.ssr_steps
+        from .pipeline import SSROptions
+
+        call["ssr"] = SSROptions(num_inference_steps=args.ssr_steps)
     try:
         if args.command == "generate":
             res = pipe(args.prompt, **call)
@@ -158,8 +162,8 @@ def _add_generation_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=_positive, default=32, help="denoising steps (default 32)")
     p.add_argument("--ssr-steps", type=_positive, help="SSR denoising steps (default: --steps)")
     p.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale (default 7.5)")
-    p.add_argument("--sampler", default="ddim", choices=["ddim", "ddpm", "dpmpp2m"])
-    p.add_argument("--backend", default="reference", choices=["reference", "fast", "compile"],
+    p.add_argument("--sampler", default="ddim", choices=sorted(SAMPLERS))
+    p.add_argument("--backend", default="reference", choices=list(BACKENDS),
                    help="model executor: the eager reference (default), fast (Triton kernels, CUDA graphs) or "
                         "torch.compile")
     p.add_argument("--max-batch", type=_positive,
@@ -181,7 +185,7 @@ def cmd_env(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
 
     import torch
 
-    from . import runtime
+    from .sampling import runtime
 
     lines = {"stunet": __import__("stunet").__version__, "python": platform.python_version(),
              "torch": torch.__version__,

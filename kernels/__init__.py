@@ -3,11 +3,12 @@
     from stunet import kernels
     out = kernels.temporal_attention(qkv, heads)          # (B, T, S, 3C) -> (B, T, S, C)
     y = kernels.group_norm(x, 32, w, b, silu=True)        # (B, C, T, H, W), per-frame statistics
-    y = kernels.avg_pool_video(x, (2, 2, 2)); y = kernels.upsample_frames(x)
     y = kernels.temporal_up_conv(x, weight, bias)         # frame duplication folded into the k=3 conv
 
 These functions check their arguments (errors name the argument and the fix) and call the
 ``torch.ops.stunet.*`` custom ops registered in ``ops``, which pick the Triton kernel or the ``*_ref`` math.
+Each ``*_ref`` is the op's semantics and the reference model's math (``stunet.model`` calls it), so an op's
+meaning lives in one function.
 Layout legend: B clips, C channels, T frames, H x W pixels (S = H * W); a "video" is (B, C, T, H, W) in
 NCDHW or channels-last-3d memory format.
 """
@@ -17,11 +18,10 @@ import torch
 
 from . import _triton
 from .groupnorm import group_norm_ref
-from .resample import avg_pool_video_ref, temporal_up_conv, temporal_up_conv_ref, upsample_frames_ref
+from .resample import temporal_up_conv, temporal_up_conv_ref
 from .temporal_attn import temporal_attention_ref
 
 SCOPES = ("frame", "clip")
-POOL_KERNELS = ((2, 2, 2), (2, 1, 1), (1, 2, 2))
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32)
 
 
@@ -32,8 +32,13 @@ def _ops():
 
 
 def available() -> str | None:
-    """None when the Triton kernels can run here, else why not."""
+    """None when Triton is importable, else why not (see :func:`unavailable_on` for a device)."""
     return None if _triton.triton is not None else f"Triton is unavailable ({_triton.IMPORT_ERROR})"
+
+
+def unavailable_on(device: torch.device | str) -> str | None:
+    """None when the Triton kernels run on ``device``, else why not (then every op runs its ``*_ref`` math)."""
+    return _ops().device_reason(torch.device(device))
 
 
 def _tensor(name: str, t, dims: int | None = None) -> torch.Tensor:
@@ -73,10 +78,10 @@ def temporal_attention(qkv: torch.Tensor, heads: int, bias: torch.Tensor | None 
 
 
 def group_norm(x: torch.Tensor, num_groups: int, weight: torch.Tensor, bias: torch.Tensor, eps: float = 1e-5, *,
-               scope: str = "frame", silu: bool = False, residual: torch.Tensor | None = None,
-               scale: torch.Tensor | None = None, shift: torch.Tensor | None = None) -> torch.Tensor:
-    """GroupNorm of a video x (B, C, T, H, W) with statistics per frame or per clip (``scope``), then optional
-    ``y * (1 + scale) + shift`` (each (B, C)), SiLU and ``+ residual`` (x's shape); x's memory format."""
+               scope: str = "frame", silu: bool = False, input_bias: torch.Tensor | None = None) -> torch.Tensor:
+    """GroupNorm of a video x (B, C, T, H, W) with statistics per frame or per clip (``scope``) of
+    ``x + input_bias`` (optional (B, C): a per-clip channel bias, added before the statistics), then SiLU if
+    ``silu``. The output has x's strides."""
     _tensor("x", x, 5)
     B, C = x.shape[:2]
     if isinstance(num_groups, bool) or not isinstance(num_groups, int) or num_groups < 1 or C % num_groups:
@@ -86,37 +91,14 @@ def group_norm(x: torch.Tensor, num_groups: int, weight: torch.Tensor, bias: tor
     for name, p in (("weight", weight), ("bias", bias)):
         if not isinstance(p, torch.Tensor) or p.shape != (C,):
             raise ValueError(f"{name} must be a ({C},) tensor, got {tuple(getattr(p, 'shape', ()))}")
-    if (scale is None) != (shift is None):
-        raise ValueError("scale and shift go together: pass both or neither")
-    for name, p in (("scale", scale), ("shift", shift)):
-        if p is not None and p.shape != (B, C):
-            raise ValueError(f"{name} must be (B, C) = {(B, C)}, got {tuple(p.shape)}")
-    if residual is not None and residual.shape != x.shape:
-        raise ValueError(f"residual must have x's shape {tuple(x.shape)}, got {tuple(residual.shape)}")
+    if input_bias is not None and (not isinstance(input_bias, torch.Tensor) or input_bias.shape != (B, C)):
+        raise ValueError(f"input_bias must be a (B, C) = {(B, C)} tensor, got "
+                         f"{tuple(getattr(input_bias, 'shape', ()))}")
     if not eps > 0:
         raise ValueError(f"eps must be positive, got {eps}")
-    _same_device(x, weight=weight, bias=bias, residual=residual, scale=scale, shift=shift)
-    return _ops().group_norm(x, num_groups, weight, bias, float(eps), scope, bool(silu), residual, scale, shift)
+    _same_device(x, weight=weight, bias=bias, input_bias=input_bias)
+    return _ops().group_norm(x, num_groups, weight, bias, float(eps), scope, bool(silu), input_bias)
 
 
-def avg_pool_video(x: torch.Tensor, kernel: tuple[int, int, int] = (2, 2, 2)) -> torch.Tensor:
-    """Average pooling with kernel = stride ``kernel`` = (kt, kh, kw) of a video (B, C, T, H, W); sizes that do
-    not divide are floored (as ``F.avg_pool3d``). The output keeps x's memory format."""
-    _tensor("x", x, 5)
-    if len(kernel) != 3 or not all(isinstance(k, int) and k >= 1 for k in kernel):
-        raise ValueError(f"kernel must be three positive integers (kt, kh, kw), got {kernel!r}")
-    for name, size, k in zip(("T", "H", "W"), x.shape[2:], kernel):
-        if size < k:
-            raise ValueError(f"x has {name} = {size}, smaller than the pooling kernel's {k}")
-    return _ops().avg_pool_video(x, *kernel)
-
-
-def upsample_frames(x: torch.Tensor) -> torch.Tensor:
-    """T -> 2T by frame duplication (nearest neighbour in time) of a video (B, C, T, H, W)."""
-    _tensor("x", x, 5)
-    return _ops().upsample_frames(x)
-
-
-__all__ = ["temporal_attention", "group_norm", "avg_pool_video", "upsample_frames", "temporal_up_conv",
-           "temporal_attention_ref", "group_norm_ref", "avg_pool_video_ref", "upsample_frames_ref",
-           "temporal_up_conv_ref", "available", "SCOPES", "POOL_KERNELS"]
+__all__ = ["temporal_attention", "group_norm", "temporal_up_conv", "temporal_attention_ref", "group_norm_ref",
+           "temporal_up_conv_ref", "available", "unavailable_on", "SCOPES"]

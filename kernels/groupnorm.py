@@ -1,12 +1,14 @@
-"""Video GroupNorm with fused SiLU, optional FiLM scale/shift and residual add; per-frame or per-clip statistics.
+"""Video GroupNorm with a fused input bias and SiLU; per-frame or per-clip statistics.
 
 Layout: a logical (B, C, T, H, W) video with any strides whose (H, W) merge into one pixel axis: contiguous
 NCDHW, channels-last-3d (B, T, H, W, C physical), or the trunk's folded (B*T, C, H, W) seen as a video.
 ``scope="frame"`` normalises each (clip, frame, group) over (C/G, H, W); ``scope="clip"`` each (clip, group)
 over (C/G, T, H, W). The output has x's shape and memory format:
 
-    y = (x - mean) * rstd * weight[c] + bias[c];  y = y * (1 + scale[b, c]) + shift[b, c];  y = silu(y);
-    y = y + residual
+    x' = x + input_bias[b, c];  y = (x' - mean(x')) * rstd(x') * weight[c] + bias[c];  y = silu(y)
+
+``input_bias`` is the ResBlock's timestep embedding, added before its second norm: fusing it saves the
+materialised ``h + emb`` (a read and a write of the video) per ResBlock.
 
 Why a kernel: native GroupNorm runs one program per (batch, group), which on a video leaves most of the GPU
 idle and reads 131k-element groups serially. Here the reduction is split across many programs:
@@ -16,14 +18,15 @@ idle and reads 131k-element groups serially. Here the reduction is split across 
      reduces whole contiguous pixel rows into all G groups of a frame at once;
   2. ``_gn_finalize_kernel`` combines the SPLIT partials into mean and rstd;
   3. ``_gn_apply_kernel`` normalises [pixels x channels] tiles in x's own layout.
-Bytes: x is read twice (statistics, then apply) and y written once (+ the residual read): 3 passes of the
-video for the 2 an ideal single-pass kernel would need, unless L2 still holds x for the second read.
+Bytes: x is read twice (statistics, then apply) and y written once: 3 passes of the video for the 2 an ideal
+single-pass kernel would need, unless L2 still holds x for the second read.
 """
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
+
 from ._triton import jit, tl, triton
-from .resample import memory_format
 
 
 @jit
@@ -40,9 +43,9 @@ def _chan_combine(count, mean, m2, n, part_mean, part_m2):
 
 @jit
 def _gn_partial_kernel(
-    x, part, T, P, C, G, CG, rows_per_group, rows_per_split,
+    x, ibias, part, T, P, C, G, CG, rows_per_group, rows_per_split,
     s_b, s_c, s_t, s_p,
-    CLIP_SCOPE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_CG: tl.constexpr,
+    CLIP_SCOPE: tl.constexpr, HAS_IBIAS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_CG: tl.constexpr,
 ):
     sg = tl.program_id(0)  # statistics group: (b, t, g) for frame scope, (b, g) for clip scope
     split = tl.program_id(1)
@@ -58,6 +61,8 @@ def _gn_partial_kernel(
     c = g * CG + cols
     col_ok = cols < CG
     base = x + b.to(tl.int64) * s_b + t0.to(tl.int64) * s_t
+    if HAS_IBIAS:
+        ib = tl.load(ibias + b * C + c, mask=col_ok, other=0.0).to(tl.float32)
     count = tl.zeros([1], tl.float32)
     mean = tl.zeros([1], tl.float32)
     m2 = tl.zeros([1], tl.float32)
@@ -70,6 +75,8 @@ def _gn_partial_kernel(
         off = t.to(tl.int64) * s_t + p.to(tl.int64) * s_p
         ok = row_ok[:, None] & col_ok[None, :]
         v = tl.load(base + off[:, None] + (c * s_c)[None, :], mask=ok, other=0.0).to(tl.float32)
+        if HAS_IBIAS:
+            v = tl.where(ok, v + ib[None, :], 0.0)
         n = tl.sum(tl.sum(ok.to(tl.float32), 1), 0)
         tile_mean = tl.sum(tl.sum(v, 1), 0) / tl.where(n > 0, n, 1.0)
         dev = tl.where(ok, v - tile_mean, 0.0)
@@ -84,9 +91,10 @@ def _gn_partial_kernel(
 
 @jit
 def _gn_partial_rows_kernel(
-    x, part, T, P, C, G, CG, rows_per_group, rows_per_split,
+    x, ibias, part, T, P, C, G, CG, rows_per_group, rows_per_split,
     s_b, s_c, s_t, s_p,
-    CLIP_SCOPE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_CG: tl.constexpr,
+    CLIP_SCOPE: tl.constexpr, HAS_IBIAS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_G: tl.constexpr,
+    BLOCK_CG: tl.constexpr,
 ):
     """Channels-last partial statistics: a program reduces whole pixel rows (all C channels, contiguous) into
     every group's (count, mean, M2) at once, where the per-group kernel would read C/G-channel slivers of each
@@ -104,6 +112,8 @@ def _gn_partial_rows_kernel(
     c = g[:, None] * CG + j[None, :]
     c_ok = (g[:, None] < G) & (j[None, :] < CG)
     base = x + b.to(tl.int64) * s_b + t0.to(tl.int64) * s_t
+    if HAS_IBIAS:
+        ib = tl.load(ibias + b * C + c, mask=c_ok, other=0.0).to(tl.float32)
     count = tl.zeros([BLOCK_G], tl.float32)
     mean = tl.zeros([BLOCK_G], tl.float32)
     m2 = tl.zeros([BLOCK_G], tl.float32)
@@ -114,6 +124,8 @@ def _gn_partial_rows_kernel(
         off = (r // P).to(tl.int64) * s_t + (r % P).to(tl.int64) * s_p
         ok = row_ok[:, None, None] & c_ok[None, :, :]
         v = tl.load(base + off[:, None, None] + (c * s_c)[None, :, :], mask=ok, other=0.0).to(tl.float32)
+        if HAS_IBIAS:
+            v = tl.where(ok, v + ib[None, :, :], 0.0)
         n = tl.sum(tl.sum(ok.to(tl.float32), 2), 0)
         tile_mean = tl.sum(tl.sum(v, 2), 0) / tl.where(n > 0, n, 1.0)
         dev = tl.where(ok, v - tile_mean[None, :, None], 0.0)
@@ -153,10 +165,10 @@ def _gn_finalize_kernel(part, stats, num_groups, splits, eps, BLOCK_G: tl.conste
 
 @jit
 def _gn_apply_kernel(
-    x, y, res, weight, bias, scale, shift, stats,
+    x, y, weight, bias, ibias, stats,
     T, P, C, G, CG,
-    s_b, s_c, s_t, s_p, y_b, y_c, y_t, y_p, r_b, r_c, r_t, r_p,
-    CLIP_SCOPE: tl.constexpr, SILU: tl.constexpr, HAS_RES: tl.constexpr, HAS_FILM: tl.constexpr,
+    s_b, s_c, s_t, s_p, y_b, y_c, y_t, y_p,
+    CLIP_SCOPE: tl.constexpr, SILU: tl.constexpr, HAS_IBIAS: tl.constexpr,
     BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     bt = tl.program_id(0)
@@ -178,37 +190,41 @@ def _gn_apply_kernel(
     a = rstd * w  # (x - mean) first: x * a - mean * a would cancel badly when rstd is large
     off = b.to(tl.int64) * s_b + t.to(tl.int64) * s_t + p.to(tl.int64)[:, None] * s_p + (c * s_c)[None, :]
     v = tl.load(x + off, mask=ok, other=0.0).to(tl.float32)
+    if HAS_IBIAS:
+        v += tl.load(ibias + b * C + c, mask=c_ok, other=0.0).to(tl.float32)[None, :]
     out = (v - mean[None, :]) * a[None, :] + bb[None, :]
-    if HAS_FILM:
-        sc = tl.load(scale + b * C + c, mask=c_ok, other=0.0).to(tl.float32)
-        sh = tl.load(shift + b * C + c, mask=c_ok, other=0.0).to(tl.float32)
-        out = out * (1.0 + sc[None, :]) + sh[None, :]
     if SILU:
         out = out * tl.sigmoid(out)
-    if HAS_RES:
-        r_off = b.to(tl.int64) * r_b + t.to(tl.int64) * r_t + p.to(tl.int64)[:, None] * r_p + (c * r_c)[None, :]
-        out += tl.load(res + r_off, mask=ok, other=0.0).to(tl.float32)
     y_off = b.to(tl.int64) * y_b + t.to(tl.int64) * y_t + p.to(tl.int64)[:, None] * y_p + (c * y_c)[None, :]
     tl.store(y + y_off, out.to(y.dtype.element_ty), mask=ok)
 
 
+def same_layout(y: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """``y`` with ``like``'s strides (a copy only when they differ): outputs keep the caller's memory layout,
+    so a folded trunk's video view comes back as a view of the same folding."""
+    if y.stride() == like.stride():
+        return y
+    return torch.empty_like(like, dtype=y.dtype).copy_(y)
+
+
 def group_norm_ref(x: torch.Tensor, num_groups: int, weight: torch.Tensor, bias: torch.Tensor, eps: float = 1e-5,
-                   scope: str = "frame", silu: bool = False, residual: torch.Tensor | None = None,
-                   scale: torch.Tensor | None = None, shift: torch.Tensor | None = None) -> torch.Tensor:
-    """Reference math in fp32 on a (B, C, T, H, W) video; the result has x's dtype and memory format."""
+                   scope: str = "frame", silu: bool = False, input_bias: torch.Tensor | None = None) -> torch.Tensor:
+    """The op's semantics in fp32 on a (B, C, T, H, W) video (any strides): ``x + input_bias`` ((B, C), optional),
+    GroupNorm over (C/G, H, W) per frame or (C/G, T, H, W) per clip, affine, optional SiLU; one rounding to x's
+    dtype at the end. The result has x's strides. This is also the reference model's GroupNorm."""
     B, C, T, H, W = x.shape
-    v = x.float().reshape(B, num_groups, C // num_groups, T, H * W)
+    v = x.float()
+    if input_bias is not None:
+        v = v + input_bias.float()[:, :, None, None, None]
+    # (B, G, C/G, T, H*W): a view in every layout of the trunk (the folded NCHW or channels-last seen as a video)
+    grouped = v.reshape(B, num_groups, C // num_groups, T, H * W)
     dims = (2, 4) if scope == "frame" else (2, 3, 4)  # (channels of the group, pixels) [+ frames]
-    var, mean = torch.var_mean(v, dim=dims, unbiased=False, keepdim=True)
-    y = ((v - mean) * torch.rsqrt(var + eps)).view(B, C, T, H, W)
-    y = y * weight.float()[:, None, None, None] + bias.float()[:, None, None, None]
-    if scale is not None:
-        y = y * (1 + scale.float()[:, :, None, None, None]) + shift.float()[:, :, None, None, None]
+    var, mean = torch.var_mean(grouped, dim=dims, unbiased=False, keepdim=True)
+    y = (grouped - mean).mul_(torch.rsqrt(var + eps)).reshape(B, C, T, H, W)  # (x - mean) first: no cancellation
+    y = y.mul_(weight.float()[:, None, None, None]).add_(bias.float()[:, None, None, None])
     if silu:
-        y = torch.nn.functional.silu(y)
-    if residual is not None:
-        y = y + residual.float()
-    return y.to(x.dtype).contiguous(memory_format=memory_format(x))
+        y = F.silu(y, inplace=True)
+    return same_layout(y.to(x.dtype), x)
 
 
 def _video_strides(t: torch.Tensor) -> tuple[int, int, int, int]:
@@ -219,6 +235,7 @@ def _video_strides(t: torch.Tensor) -> tuple[int, int, int, int]:
 
 
 def unsupported(x: torch.Tensor, num_groups: int) -> list[str]:
+    """Why the kernel cannot take these inputs (empty: it can)."""
     reasons = []
     if x.dim() != 5:
         reasons.append(f"x must be (B, C, T, H, W), got {x.dim()}-D")
@@ -232,11 +249,10 @@ def unsupported(x: torch.Tensor, num_groups: int) -> list[str]:
 
 
 def group_norm(x: torch.Tensor, num_groups: int, weight: torch.Tensor, bias: torch.Tensor, eps: float = 1e-5,
-               scope: str = "frame", silu: bool = False, residual: torch.Tensor | None = None,
-               scale: torch.Tensor | None = None, shift: torch.Tensor | None = None,
+               scope: str = "frame", silu: bool = False, input_bias: torch.Tensor | None = None,
                num_programs: int | None = None) -> torch.Tensor:
-    """Launches the three kernels on a (B, C, T, H, W) video. ``num_programs``: target for the statistics grid
-    (default 4 per SM on a GPU)."""
+    """Launches the three kernels on a (B, C, T, H, W) video; the output has x's strides. ``num_programs``:
+    target for the statistics grid (default 4 per SM on a GPU)."""
     B, C, T, H, W = x.shape
     P, G = H * W, num_groups
     CG = C // G
@@ -256,25 +272,24 @@ def group_norm(x: torch.Tensor, num_groups: int, weight: torch.Tensor, bias: tor
     part = torch.empty(n_groups * splits * 3, dtype=torch.float32, device=x.device)
     stats = torch.empty(n_groups * 2, dtype=torch.float32, device=x.device)
     sx = _video_strides(x)
+    has_ibias = input_bias is not None
+    ibias = input_bias.contiguous() if has_ibias else weight  # a placeholder pointer when absent
     if rows_kernel:
         _gn_partial_rows_kernel[(stat_programs, splits)](
-            x, part, T, P, C, G, CG, rows, rows_per_split, *sx, CLIP_SCOPE=scope == "clip", BLOCK_R=block_r,
-            BLOCK_G=triton.next_power_of_2(G), BLOCK_CG=block_cg)
+            x, ibias, part, T, P, C, G, CG, rows, rows_per_split, *sx, CLIP_SCOPE=scope == "clip",
+            HAS_IBIAS=has_ibias, BLOCK_R=block_r, BLOCK_G=triton.next_power_of_2(G), BLOCK_CG=block_cg)
     else:
-        _gn_partial_kernel[(n_groups, splits)](x, part, T, P, C, G, CG, rows, rows_per_split, *sx,
-                                              CLIP_SCOPE=scope == "clip", BLOCK_R=block_r, BLOCK_CG=block_cg)
+        _gn_partial_kernel[(n_groups, splits)](x, ibias, part, T, P, C, G, CG, rows, rows_per_split, *sx,
+                                              CLIP_SCOPE=scope == "clip", HAS_IBIAS=has_ibias, BLOCK_R=block_r,
+                                              BLOCK_CG=block_cg)
     block_g = 64
     _gn_finalize_kernel[(triton.cdiv(n_groups, block_g),)](part, stats, n_groups, splits, eps, BLOCK_G=block_g,
                                                            BLOCK_S=min(16, triton.next_power_of_2(splits)))
-    y = torch.empty_like(x, memory_format=memory_format(x))
-    res = residual if residual is not None else x
-    film = scale is not None
+    y = torch.empty_like(x)  # x's strides (x is dense: the op checked that H and W merge)
     block_c = min(64, triton.next_power_of_2(C))
     block_p = max(1, min(triton.next_power_of_2(P), 4096 // block_c))
     grid = (B * T, triton.cdiv(P, block_p), triton.cdiv(C, block_c))
-    _gn_apply_kernel[grid](x, y, res, weight, bias, scale.contiguous() if film else weight,
-                           shift.contiguous() if film else weight, stats, T, P, C, G, CG,
-                           *sx, *_video_strides(y), *_video_strides(res),
-                           CLIP_SCOPE=scope == "clip", SILU=silu, HAS_RES=residual is not None, HAS_FILM=film,
-                           BLOCK_P=block_p, BLOCK_C=block_c)
+    _gn_apply_kernel[grid](x, y, weight, bias, ibias, stats, T, P, C, G, CG, *sx, *_video_strides(y),
+                           CLIP_SCOPE=scope == "clip", SILU=silu, HAS_IBIAS=has_ibias, BLOCK_P=block_p,
+                           BLOCK_C=block_c)
     return y

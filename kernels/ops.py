@@ -16,21 +16,25 @@ import torch
 
 from . import _triton
 from . import groupnorm as _gn
-from . import resample as _rs
 from . import temporal_attn as _ta
 
 log = logging.getLogger("stunet.kernels")
 _warned: set[tuple[str, str]] = set()
 
 
+def device_reason(device: torch.device) -> str | None:
+    """Why no Triton kernel runs on ``device`` (None: they can)."""
+    if _triton.triton is None:
+        return f"Triton is unavailable ({_triton.IMPORT_ERROR})"
+    if device.type == "cuda" or (device.type == "cpu" and _triton.interpreting()):
+        return None
+    return f"tensors on {device.type} (the kernels run on CUDA, or on CPU under TRITON_INTERPRET=1)"
+
+
 def kernel_reasons(op: str, x: torch.Tensor, reasons: list[str]) -> list[str]:
     """All reasons ``op``'s Triton kernel will not run on ``x`` (empty: it will)."""
-    out = list(reasons)
-    if _triton.triton is None:
-        out.insert(0, f"Triton is unavailable ({_triton.IMPORT_ERROR})")
-    if x.device.type != "cuda" and not (x.device.type == "cpu" and _triton.interpreting()):
-        out.insert(0, f"tensors on {x.device.type} (the kernel runs on CUDA, or on CPU under TRITON_INTERPRET=1)")
-    return out
+    where = device_reason(x.device)
+    return ([where] if where else []) + list(reasons)
 
 
 def _use_kernel(op: str, x: torch.Tensor, reasons: list[str]) -> bool:
@@ -63,40 +67,12 @@ def _(qkv, heads, bias=None, scale=None):
 # -- video group norm -------------------------------------------------------------------------------------------
 @torch.library.custom_op("stunet::group_norm", mutates_args=())
 def group_norm(x: torch.Tensor, num_groups: int, weight: torch.Tensor, bias: torch.Tensor, eps: float,
-               scope: str, silu: bool, residual: torch.Tensor | None = None, scale: torch.Tensor | None = None,
-               shift: torch.Tensor | None = None) -> torch.Tensor:
+               scope: str, silu: bool, input_bias: torch.Tensor | None = None) -> torch.Tensor:
     if _use_kernel("group_norm", x, _gn.unsupported(x, num_groups)):
-        return _gn.group_norm(x, num_groups, weight, bias, eps, scope, silu, residual, scale, shift)
-    return _gn.group_norm_ref(x, num_groups, weight, bias, eps, scope, silu, residual, scale, shift)
+        return _gn.group_norm(x, num_groups, weight, bias, eps, scope, silu, input_bias)
+    return _gn.group_norm_ref(x, num_groups, weight, bias, eps, scope, silu, input_bias)
 
 
 @group_norm.register_fake
-def _(x, num_groups, weight, bias, eps, scope, silu, residual=None, scale=None, shift=None):
-    return torch.empty_like(x, memory_format=_rs.memory_format(x))
-
-
-# -- resampling ---------------------------------------------------------------------------------------------------
-@torch.library.custom_op("stunet::avg_pool_video", mutates_args=())
-def avg_pool_video(x: torch.Tensor, kt: int, kh: int, kw: int) -> torch.Tensor:
-    if _use_kernel("avg_pool_video", x, []):
-        return _rs.avg_pool_video(x, (kt, kh, kw))
-    return _rs.avg_pool_video_ref(x, (kt, kh, kw))
-
-
-@avg_pool_video.register_fake
-def _(x, kt, kh, kw):
-    B, C, T, H, W = x.shape
-    return x.new_empty(B, C, T // kt, H // kh, W // kw).contiguous(memory_format=_rs.memory_format(x))
-
-
-@torch.library.custom_op("stunet::upsample_frames", mutates_args=())
-def upsample_frames(x: torch.Tensor) -> torch.Tensor:
-    if _use_kernel("upsample_frames", x, []):
-        return _rs.upsample_frames(x)
-    return _rs.upsample_frames_ref(x)
-
-
-@upsample_frames.register_fake
-def _(x):
-    B, C, T, H, W = x.shape
-    return x.new_empty(B, C, 2 * T, H, W).contiguous(memory_format=_rs.memory_format(x))
+def _(x, num_groups, weight, bias, eps, scope, silu, input_bias=None):
+    return torch.empty_like(x)  # x's strides, as both implementations return

@@ -18,6 +18,8 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
+
 from ._triton import jit, tl, triton
 
 # A finite "minus infinity": fully masked padding rows stay NaN-free. Kernels may only read constexpr globals.
@@ -98,16 +100,16 @@ def _temporal_attn_fwd_kernel(
 
 def temporal_attention_ref(qkv: torch.Tensor, heads: int, bias: torch.Tensor | None = None,
                            scale: float | None = None) -> torch.Tensor:
-    """Reference math in fp32: (B, T, S, 3C) -> (B, T, S, C) in qkv's dtype."""
+    """The op's semantics, in fp32: (B, T, S, 3C) packed [q | k | v] (any strides) -> (B, T, S, C) in qkv's
+    dtype, softmax(q k^T * scale + bias) v per (clip, pixel, head). This is also the reference model's
+    temporal attention."""
     B, T, S, C3 = qkv.shape
     C = C3 // 3
     D = C // heads
-    q, k, v = qkv.float().view(B, T, S, 3, heads, D).permute(3, 0, 2, 4, 1, 5)  # each (B, S, heads, T, D)
-    scores = (q @ k.transpose(-1, -2)) * (scale if scale is not None else 1.0 / math.sqrt(D))
-    if bias is not None:
-        scores = scores + bias.float()
-    o = scores.softmax(-1) @ v  # (B, S, heads, T, D)
-    return o.permute(0, 3, 1, 2, 4).reshape(B, T, S, C).to(qkv.dtype)
+    q, k, v = qkv.float().reshape(B, T, S, 3, heads, D).permute(3, 0, 2, 4, 1, 5)  # each (B, S, heads, T, D)
+    o = F.scaled_dot_product_attention(q, k, v, attn_mask=None if bias is None else bias.float(),
+                                       scale=scale if scale is not None else 1.0 / math.sqrt(D))
+    return o.permute(0, 3, 1, 2, 4).reshape(B, T, S, C).to(qkv.dtype)  # (B, S, heads, T, D) -> (B, T, S, C)
 
 
 def unsupported(qkv: torch.Tensor, heads: int, bias: torch.Tensor | None) -> list[str]:

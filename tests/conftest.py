@@ -9,14 +9,29 @@ import os
 import pytest
 import torch
 
-import stunet
+# Without a GPU the Triton kernels run on CPU tensors through Triton's interpreter. Set before stunet (and so
+# its kernel modules) is imported: triton.jit reads it at decoration time. An explicit TRITON_INTERPRET wins.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import stunet  # noqa: E402
 
 
-def pytest_configure(config):
-    # Without a GPU the Triton kernels run on CPU tensors through Triton's interpreter (set before any kernel
-    # module is imported: triton.jit reads it at decoration time). An explicit TRITON_INTERPRET wins.
-    if not torch.cuda.is_available():
-        os.environ.setdefault("TRITON_INTERPRET", "1")
+def pytest_sessionstart(session):
+    """On CI (CI=true), the C++ runtime and Triton must be there: their tests would otherwise skip, and a
+    broken build would pass unnoticed. Locally they skip with the reason."""
+    if os.environ.get("CI", "").strip().lower() not in ("1", "true", "yes"):
+        return
+    from stunet.kernels import _triton
+    from stunet.sampling import runtime
+
+    missing = []
+    if not runtime.available():
+        missing.append(f"the C++ runtime stunet._C: {runtime.status()}")
+    if _triton.triton is None:
+        missing.append(f"Triton: {_triton.IMPORT_ERROR} (pip install -e '.[test]')")
+    if missing:
+        pytest.exit("CI=true, but the suite cannot test " + "; ".join(missing), returncode=3)
 
 
 def pytest_collection_modifyitems(config, items):

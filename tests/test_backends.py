@@ -3,6 +3,7 @@ reuse on CPU (kernels in Triton's interpreter), and its fidelity, CUDA graphs an
 from __future__ import annotations
 
 import copy
+import logging
 
 import numpy as np
 import pytest
@@ -12,8 +13,7 @@ from utils import assert_close, make_inputs, randomize_temporal
 import stunet
 from stunet.backends import BACKENDS, CompileBackend, FastBackend, make_backend
 from stunet.kernels import _triton
-from stunet.model.layers import KernelSwitch
-from stunet.pipeline import Pipeline
+from stunet.pipeline import Pipeline, SSROptions
 
 needs_triton = pytest.mark.skipif(_triton.triton is None, reason="Triton is not installed")
 
@@ -43,19 +43,78 @@ def test_fast_backend_matches_reference_fp32(scope):
     assert_close(got, want, atol=2e-5, rtol=2e-5, what="fast vs reference, fp32")
 
 
-@needs_triton
-def test_fast_backend_swaps_kernels_only_during_its_calls():
+def _snapshot(model: torch.nn.Module) -> dict:
+    """Everything a backend could change on a model: every tensor (values, dtype, strides, identity) and every
+    plain attribute of every module."""
+    state = {}
+    for name, t in model.state_dict(keep_vars=True).items():
+        state[name] = (id(t), t.dtype, t.stride(), t.device, t.detach().clone())
+    for name, m in model.named_modules():
+        state[f"{name}:attrs"] = {k: (v if isinstance(v, (bool, int, float, str, type(None))) else type(v).__name__)
+                                  for k, v in vars(m).items() if k not in ("_parameters", "_buffers", "_modules")
+                                  and not k.endswith("hooks") and "hooks_" not in k}
+    return state
+
+
+def _assert_unchanged(before: dict, after: dict) -> None:
+    assert before.keys() == after.keys()
+    for k, b in before.items():
+        a = after[k]
+        if isinstance(b, tuple):
+            assert a[:4] == b[:4] and torch.equal(a[4], b[4]), k
+        else:
+            assert a == b, k
+
+
+@pytest.mark.parametrize("name", ["reference", "fast", "compile"])
+def test_building_and_calling_a_backend_leaves_the_model_unchanged(name, monkeypatch):
+    if name == "fast":
+        monkeypatch.setenv("TRITON_INTERPRET", "0")  # the kernels' reference math: this tests ownership
     model = _model()
+    before = _snapshot(model)
+    options = {"mode": None, "compiler": "eager"} if name == "compile" else {}
+    backend = make_backend(model, name, **options)
     x, t, text = make_inputs(model.config, batch=1, frames=8, size=16)
-    seen = []
-    model.mid[2].register_forward_pre_hook(lambda m, args: seen.append((m.use_kernels, m.__class__.__name__)))
-    FastBackend(model)(x, t, text)
-    assert seen == [(True, "TemporalAttentionBlock")]
-    assert not any(m.use_kernels for m in model.kernel_modules()) and not model.channels_last
-    assert model.text_kv_cache is None
-    kinds = {type(m).__name__ for m in model.kernel_modules()}
-    assert kinds == {"VideoGroupNorm", "TemporalAttentionBlock", "TemporalUp"}
-    assert all(isinstance(m, KernelSwitch) for m in model.kernel_modules())
+    backend(x, t, text)
+    _assert_unchanged(before, _snapshot(model))
+
+
+def test_two_backends_over_one_model_alternate_with_correct_results(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    model = _model()
+    reference, fast = make_backend(model, "reference"), make_backend(model, "fast")
+    x, t, text = make_inputs(model.config, batch=2, frames=8, size=16)
+    want = copy.deepcopy(model)(x, t, text)
+    for _ in range(2):
+        assert torch.equal(reference(x, t, text), want)
+        assert_close(fast(x, t, text), want, atol=2e-5, rtol=2e-5, what="fast between reference calls")
+
+
+def test_fast_backend_copy_shares_storage_when_nothing_needs_converting():
+    model = _model()
+    fast = FastBackend(model)
+    assert fast.model is not model
+    for (name, mine), theirs in zip(fast.model.named_parameters(), model.parameters()):
+        assert mine is not theirs and mine.data_ptr() == theirs.data_ptr(), name
+    model.half()  # the caller converts its model: the backend's copy keeps its own parameters
+    assert fast.model.dtype == torch.float32
+
+
+def test_backends_refuse_with_every_reason():
+    with torch.device("meta"):
+        meta = stunet.STUNet(stunet.STUNetConfig.from_preset("tiny")).double()
+    with pytest.raises(ValueError) as info:
+        make_backend(meta, "fast", graphs=True)
+    message = str(info.value)
+    assert "meta device" in message and "float64" in message and "graphs=True needs" in message
+
+
+def test_fast_backend_on_a_cpu_says_once_what_it_runs(monkeypatch, caplog):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with caplog.at_level(logging.WARNING, logger="stunet.backends.fast"):
+        fast = FastBackend(_model())
+    assert [r.getMessage() for r in caplog.records if "reference math" in r.getMessage()]
+    assert "reference math for the kernel ops" in fast.describe() and "tensors on cpu" in fast.describe()
 
 
 def test_text_keys_and_values_are_computed_once_per_text(monkeypatch):
@@ -64,7 +123,7 @@ def test_text_keys_and_values_are_computed_once_per_text(monkeypatch):
     reference = copy.deepcopy(model)
     fast = FastBackend(model)
     calls = []
-    for name, m in model.named_modules():
+    for name, m in fast.model.named_modules():
         if name.endswith("cross_kv"):
             m.register_forward_hook(lambda mod, i, o: calls.append(mod))
     layers = sum(1 for n, _ in model.named_modules() if n.endswith("cross_kv"))
@@ -78,6 +137,7 @@ def test_text_keys_and_values_are_computed_once_per_text(monkeypatch):
     assert_close(got, reference(x, t, other), atol=2e-5, rtol=2e-5, what="after a text change")
     text.mul_(0.5)  # written in place: refreshed into the same buffers
     assert_close(fast(x, t, text), reference(x, t, text), atol=2e-5, rtol=2e-5, what="after an in-place change")
+    assert len(calls) == 3 * layers
 
 
 def test_fast_backend_max_batch_runs_slices_with_the_same_result(monkeypatch):
@@ -87,7 +147,7 @@ def test_fast_backend_max_batch_runs_slices_with_the_same_result(monkeypatch):
     whole = FastBackend(copy.deepcopy(model))(x, t, text)
     sliced = FastBackend(model, max_batch=2)
     calls = []
-    for name, m in model.named_modules():
+    for name, m in sliced.model.named_modules():
         if name.endswith("cross_kv"):
             m.register_forward_hook(lambda mod, i, o: calls.append(i[0].shape[0]))
     for _ in range(2):
@@ -106,6 +166,8 @@ def test_make_backend_names_and_errors():
         make_backend(model, "tensorrt-ish")
     with pytest.raises(ValueError, match="graphs=True needs the model on a CUDA device"):
         FastBackend(model, graphs=True)
+    with pytest.raises(ValueError, match="graphs=True needs the model on a CUDA device"):
+        make_backend(model, "fast", graphs=True)
     with pytest.raises(TypeError, match="model must be a STUNet"):
         make_backend(torch.nn.Linear(2, 2))
 
@@ -132,8 +194,8 @@ def test_pipeline_with_fast_backend_close_to_reference(monkeypatch):
     base, ssr = _model(), _model("tiny", seed=1, in_channels=6, noise_aug=True, low_res_size=8,
                                  temporal_downsample=(False, False), temporal_attn_depth=0, sample_size=16)
     text = torch.randn(1, 5, base.config.text_dim)
-    kw = dict(prompt_embeds=text, num_frames=8, height=8, width=8, num_inference_steps=3, ssr_window=4,
-              ssr_overlap=1, ssr_batch_size=2, ssr_guidance_scale=2.0, seed=5)
+    kw = dict(prompt_embeds=text, num_frames=8, height=8, width=8, num_inference_steps=3, seed=5,
+              ssr=SSROptions(window=4, overlap=1, batch_size=2, guidance_scale=2.0))
     ref = Pipeline(copy.deepcopy(base), None, copy.deepcopy(ssr), progress=False)(**kw)
     fast = Pipeline(base, None, ssr, backend="fast", progress=False)(**kw)
     assert fast.frames.shape == ref.frames.shape
@@ -152,7 +214,7 @@ def test_gpu_fast_step_error_within_twice_fp16_reference_error():
     twice that of the reference in FP16, plus 1e-3."""
     model32 = _model("small").cuda()
     ref16 = copy.deepcopy(model32).half()
-    fast = FastBackend(copy.deepcopy(model32))
+    fast = FastBackend(model32)
     x, t, text = make_inputs(model32.config, batch=2, frames=16, size=64)
     x, t, text = x.cuda(), t.cuda(), text.cuda()
     for step_t in (999, 500, 20):
@@ -170,7 +232,7 @@ def test_gpu_fast_video_psnr_against_fp32_reference():
     kw = dict(prompt_embeds=text, num_frames=16, height=64, width=64, num_inference_steps=8, seed=0)
     ref32 = Pipeline(copy.deepcopy(base32), None, progress=False)(**kw).frames
     ref16 = Pipeline(copy.deepcopy(base32).half(), None, progress=False)(**kw).frames
-    fast = Pipeline(copy.deepcopy(base32), None, backend="fast", progress=False)(**kw).frames
+    fast = Pipeline(base32, None, backend="fast", progress=False)(**kw).frames
     assert _psnr(fast, ref32) >= min(40.0, _psnr(ref16, ref32) - 3.0)
 
 

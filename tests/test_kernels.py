@@ -11,6 +11,7 @@ import logging
 
 import pytest
 import torch
+import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from utils import assert_close
@@ -93,32 +94,56 @@ def test_temporal_attention_unsupported_head_dim_falls_back_to_reference():
 
 
 # -- group norm -------------------------------------------------------------------------------------------------------
+def _video_of_folded(B, C, T, H, W, dtype, channels_last, g):
+    """The model's case: a folded (B*T, C, H, W) trunk tensor seen as a (B, C, T, H, W) video (a transposed view)."""
+    folded = torch.randn(B * T, C, H, W, generator=g).to(DEVICE, dtype)
+    if channels_last:
+        folded = folded.contiguous(memory_format=torch.channels_last)
+    return folded.view(B, T, C, H, W).transpose(1, 2)
+
+
 @settings(max_examples=40, deadline=None)
 @given(B=st.integers(1, 3), groups=st.sampled_from([1, 2, 3, 4]), cg=st.sampled_from([1, 2, 3, 8]),
        T=st.integers(1, 5), H=st.integers(1, 9), W=st.integers(1, 9), scope=st.sampled_from(["frame", "clip"]),
-       silu=st.booleans(), residual=st.booleans(), film=st.booleans(), dtype=st.sampled_from(list(DTYPES)),
-       channels_last=st.booleans(), programs=st.sampled_from([1, 7, 64]))
-def test_group_norm_matches_reference(B, groups, cg, T, H, W, scope, silu, residual, film, dtype, channels_last,
-                                      programs):
+       silu=st.booleans(), input_bias=st.booleans(), dtype=st.sampled_from(list(DTYPES)),
+       layout=st.sampled_from(["ncdhw", "channels_last_3d", "folded", "folded_channels_last"]),
+       programs=st.sampled_from([1, 7, 64]))
+def test_group_norm_matches_reference(B, groups, cg, T, H, W, scope, silu, input_bias, dtype, layout, programs):
     dtype = DTYPES[dtype]
     C = groups * cg
     g = torch.Generator().manual_seed(B + 10 * C + 100 * T + 1000 * H + 10000 * W)
-    x = (torch.randn(B, C, T, H, W, generator=g) * 3 + 2).to(DEVICE, dtype)  # offset mean: tests the variance
-    if channels_last:
-        x = x.contiguous(memory_format=torch.channels_last_3d)
+    if layout.startswith("folded"):
+        x = _video_of_folded(B, C, T, H, W, dtype, layout.endswith("channels_last"), g) * 3 + 2
+    else:
+        x = (torch.randn(B, C, T, H, W, generator=g) * 3 + 2).to(DEVICE, dtype)  # offset mean: tests the variance
+        if layout == "channels_last_3d":
+            x = x.contiguous(memory_format=torch.channels_last_3d)
     w, b = torch.randn(C, generator=g).to(DEVICE), torch.randn(C, generator=g).to(DEVICE)
     kw = dict(eps=1e-5, scope=scope, silu=silu)
-    if residual:
-        kw["residual"] = torch.randn(B, C, T, H, W, generator=g).to(DEVICE, dtype)
-    if film:
-        kw["scale"], kw["shift"] = torch.randn(B, C, generator=g).to(DEVICE), torch.randn(B, C, generator=g).to(DEVICE)
+    if input_bias:
+        kw["input_bias"] = torch.randn(B, C, generator=g).to(DEVICE, dtype)
     from stunet.kernels import groupnorm
 
     got = groupnorm.group_norm(x, groups, w, b, num_programs=programs, **kw)  # the launcher: split count varies
     want = kernels.group_norm_ref(x, groups, w, b, **kw)
     assert _same_layout(got, x) and _same_layout(want, x)
-    _check(got, want, dtype, f"{scope} C={C} G={groups} T={T} {H}x{W}")
+    _check(got, want, dtype, f"{scope} C={C} G={groups} T={T} {H}x{W} {layout}")
     _check(kernels.group_norm(x, groups, w, b, **kw), want, dtype, "through the op")
+
+
+@pytest.mark.parametrize("scope", ["frame", "clip"])
+def test_group_norm_ref_is_torch_group_norm(scope):
+    """The reference is stock GroupNorm (per frame: frames folded into the batch) of x + input_bias, then SiLU."""
+    g = torch.Generator().manual_seed(3)
+    x, bias_in = torch.randn(2, 8, 3, 5, 4, generator=g), torch.randn(2, 8, generator=g)
+    w, b = torch.randn(8, generator=g), torch.randn(8, generator=g)
+    v = x + bias_in[:, :, None, None, None]
+    if scope == "frame":
+        want = F.group_norm(v.transpose(1, 2).reshape(6, 8, 5, 4), 4, w, b).view(2, 3, 8, 5, 4).transpose(1, 2)
+    else:
+        want = F.group_norm(v, 4, w, b)
+    got = kernels.group_norm_ref(x, 4, w, b, scope=scope, silu=True, input_bias=bias_in)
+    assert_close(got, F.silu(want), atol=1e-6, rtol=1e-6, what=scope)
 
 
 def test_group_norm_large_mean_is_stable():
@@ -139,36 +164,13 @@ def test_group_norm_bad_inputs():
         kernels.group_norm(x, 2, w, b, scope="video")
     with pytest.raises(ValueError, match=r"weight must be a \(8,\)"):
         kernels.group_norm(x, 2, torch.ones(4), b)
-    with pytest.raises(ValueError, match="scale and shift go together"):
-        kernels.group_norm(x, 2, w, b, scale=torch.zeros(1, 8))
-    with pytest.raises(ValueError, match="residual must have x's shape"):
-        kernels.group_norm(x, 2, w, b, residual=torch.zeros(1, 8, 2, 4, 5))
+    with pytest.raises(ValueError, match=r"input_bias must be a \(B, C\) = \(1, 8\) tensor"):
+        kernels.group_norm(x, 2, w, b, input_bias=torch.zeros(8))
     with pytest.raises(ValueError, match="5-D"):
         kernels.group_norm(x[0], 2, w, b)
 
 
-# -- resampling -----------------------------------------------------------------------------------------------------------
-@settings(max_examples=40, deadline=None)
-@given(B=st.integers(1, 3), C=st.integers(1, 70), T=st.integers(1, 6), H=st.integers(1, 9), W=st.integers(1, 9),
-       kernel=st.sampled_from(kernels.POOL_KERNELS), dtype=st.sampled_from(list(DTYPES)),
-       channels_last=st.booleans())
-def test_avg_pool_and_upsample_match_reference(B, C, T, H, W, kernel, dtype, channels_last):
-    dtype = DTYPES[dtype]
-    g = torch.Generator().manual_seed(B + C * 7 + T * 70 + H * 700 + W * 7000)
-    x = torch.randn(B, C, T, H, W, generator=g).to(DEVICE, dtype)
-    if channels_last:
-        x = x.contiguous(memory_format=torch.channels_last_3d)
-    up = kernels.upsample_frames(x)
-    assert torch.equal(up, kernels.upsample_frames_ref(x)) and _same_layout(up, kernels.upsample_frames_ref(x))
-    if any(s < k for s, k in zip((T, H, W), kernel)):
-        with pytest.raises(ValueError, match="smaller than the pooling kernel"):
-            kernels.avg_pool_video(x, kernel)
-        return
-    got, want = kernels.avg_pool_video(x, kernel), kernels.avg_pool_video_ref(x, kernel)
-    assert _same_layout(got, want)
-    _check(got, want, dtype, f"{kernel} {tuple(x.shape)}")
-
-
+# -- TemporalUp ------------------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("T", [1, 2, 5, 8])
 def test_temporal_up_conv_folds_the_duplication(T):
     g = torch.Generator().manual_seed(T)
@@ -189,11 +191,12 @@ def _op_samples():
     w, b = torch.randn(8), torch.randn(8)
     return [
         (torch.ops.stunet.temporal_attention.default, (torch.randn(1, 4, 5, 96), 2, None, None)),
-        (torch.ops.stunet.group_norm.default, (x, 2, w, b, 1e-5, "frame", True, None, None, None)),
-        (torch.ops.stunet.group_norm.default, (x, 4, w, b, 1e-5, "clip", False, torch.randn_like(x),
-                                                torch.randn(1, 8), torch.randn(1, 8))),
-        (torch.ops.stunet.avg_pool_video.default, (x, 1, 2, 2)),
-        (torch.ops.stunet.upsample_frames.default, (x.contiguous(memory_format=torch.channels_last_3d),)),
+        (torch.ops.stunet.group_norm.default, (x, 2, w, b, 1e-5, "frame", True, None)),
+        (torch.ops.stunet.group_norm.default, (x, 4, w, b, 1e-5, "clip", False, torch.randn(1, 8))),
+        (torch.ops.stunet.group_norm.default, (x.contiguous(memory_format=torch.channels_last_3d), 2, w, b, 1e-5,
+                                                "frame", True, torch.randn(1, 8))),
+        (torch.ops.stunet.group_norm.default, (torch.randn(3, 8, 4, 4).view(1, 3, 8, 4, 4).transpose(1, 2), 2, w,
+                                                b, 1e-5, "frame", False, None)),
     ]
 
 
@@ -210,7 +213,8 @@ def test_ops_trace_under_torch_compile():
 
     def f(x):
         h = kernels.group_norm(x, 2, w, b, silu=True)
-        return kernels.upsample_frames(kernels.avg_pool_video(h, (2, 2, 2)))
+        qkv = h.permute(0, 2, 3, 4, 1).reshape(1, 4, 16, 8).repeat(1, 1, 1, 3)
+        return kernels.temporal_attention(qkv, 2)
 
     compiled = torch.compile(f, backend="aot_eager", fullgraph=True)
     assert torch.equal(compiled(x), f(x))
@@ -223,8 +227,9 @@ def test_kernel_reasons_name_every_obstacle(monkeypatch, caplog):
     reasons = ops.kernel_reasons("group_norm", torch.zeros(1), ["dtype torch.float64"])
     assert any("tensors on cpu" in r for r in reasons) and "dtype torch.float64" in reasons
     with caplog.at_level(logging.WARNING, logger="stunet.kernels"):
-        x = torch.randn(1, 4, 2, 3, 3)
-        assert torch.equal(kernels.upsample_frames(x), kernels.upsample_frames_ref(x))
+        x, w = torch.randn(1, 4, 2, 3, 3), torch.randn(4)
+        assert torch.equal(kernels.group_norm(x, 2, w, w), kernels.group_norm_ref(x, 2, w, w))
+    assert kernels.unavailable_on("cpu") == reasons[0]
     assert not caplog.records  # CPU tensors outside the interpreter: the reference path is the CPU path, no warning
 
 
@@ -246,9 +251,10 @@ def test_gpu_ops_under_compile_and_cuda_graphs():
     w, b = torch.randn(64, device="cuda"), torch.randn(64, device="cuda")
     qkv = torch.randn(2, 8, 1024, 3 * 64, device="cuda", dtype=torch.float16)
 
+    bias_in = torch.randn(2, 64, device="cuda", dtype=torch.float16)
+
     def f(x, qkv):
-        h = kernels.group_norm(x, 32, w, b, silu=True)
-        return kernels.upsample_frames(kernels.avg_pool_video(h, (2, 2, 2))), kernels.temporal_attention(qkv, 2)
+        return kernels.group_norm(x, 32, w, b, silu=True, input_bias=bias_in), kernels.temporal_attention(qkv, 2)
 
     eager = f(x, qkv)
     compiled = torch.compile(f, fullgraph=True)(x, qkv)

@@ -25,7 +25,6 @@ I32, I64, F32 = "i32", "i64", "fp32"
 
 def _variants(arch: int):
     from stunet.kernels import groupnorm as gn
-    from stunet.kernels import resample as rs
     from stunet.kernels import temporal_attn as ta
 
     out = []
@@ -42,30 +41,21 @@ def _variants(arch: int):
                             dict(HAS_BIAS=bias, PACKED=packed, SEQ_PER_BLOCK=per, BLOCK_M=bm, BLOCK_N=bm,
                                  HEAD_DIM=head_dim, BLOCK_D=block_d, PRECISION="ieee" if dt == "fp32" else "tf32")))
         strides = {s: I64 for s in ("s_b", "s_c", "s_t", "s_p")}
-        for clip in (False, True):
-            out.append((f"gn-partial-{dt}-clip{int(clip)}", gn._gn_partial_kernel,
-                        {"x": f"*{dt}", "part": "*fp32", "T": I32, "P": I32, "C": I32, "G": I32, "CG": I32,
-                         "rows_per_group": I32, "rows_per_split": I32, **strides},
-                        dict(CLIP_SCOPE=clip, BLOCK_R=256, BLOCK_CG=16)))
-            out.append((f"gn-partial-rows-{dt}-clip{int(clip)}", gn._gn_partial_rows_kernel,
-                        {"x": f"*{dt}", "part": "*fp32", "T": I32, "P": I32, "C": I32, "G": I32, "CG": I32,
-                         "rows_per_group": I32, "rows_per_split": I32, **strides},
-                        dict(CLIP_SCOPE=clip, BLOCK_R=16, BLOCK_G=32, BLOCK_CG=8)))
-        for silu, res, film in ((False, False, False), (True, True, True)):
-            out.append((f"gn-apply-{dt}-silu{int(silu)}-res{int(res)}-film{int(film)}", gn._gn_apply_kernel,
-                        {"x": f"*{dt}", "y": f"*{dt}", "res": f"*{dt}", "weight": f"*{dt}", "bias": f"*{dt}",
-                         "scale": "*fp32", "shift": "*fp32", "stats": "*fp32", "T": I32, "P": I32, "C": I32,
-                         "G": I32, "CG": I32, **strides,
-                         **{s: I64 for s in ("y_b", "y_c", "y_t", "y_p", "r_b", "r_c", "r_t", "r_p")}},
-                        dict(CLIP_SCOPE=False, SILU=silu, HAS_RES=res, HAS_FILM=film, BLOCK_P=64, BLOCK_C=64)))
-        s5 = {s: I64 for s in ("s_b", "s_c", "s_t", "s_h", "s_w", "y_b", "y_c", "y_t", "y_h", "y_w")}
-        for k in ((2, 2, 2), (2, 1, 1), (1, 2, 2)):
-            out.append((f"pool-{dt}-{''.join(map(str, k))}", rs._avg_pool_kernel,
-                        {"x": f"*{dt}", "y": f"*{dt}", "M": I32, "C": I32, "To": I32, "Ho": I32, "Wo": I32, **s5},
-                        dict(KT=k[0], KH=k[1], KW=k[2], BLOCK_M=32, BLOCK_C=64)))
-        out.append((f"upsample-{dt}", rs._upsample_frames_kernel,
-                    {"x": f"*{dt}", "y": f"*{dt}", "M": I32, "C": I32, "T": I32, "H": I32, "W": I32, **s5},
-                    dict(BLOCK_M=32, BLOCK_C=64)))
+        stats = {"part": "*fp32", "T": I32, "P": I32, "C": I32, "G": I32, "CG": I32, "rows_per_group": I32,
+                 "rows_per_split": I32, **strides}
+        for clip, ibias in ((False, False), (True, True), (False, True)):
+            tag = f"{dt}-clip{int(clip)}-ibias{int(ibias)}"
+            out.append((f"gn-partial-{tag}", gn._gn_partial_kernel, {"x": f"*{dt}", "ibias": f"*{dt}", **stats},
+                        dict(CLIP_SCOPE=clip, HAS_IBIAS=ibias, BLOCK_R=256, BLOCK_CG=16)))
+            out.append((f"gn-partial-rows-{tag}", gn._gn_partial_rows_kernel,
+                        {"x": f"*{dt}", "ibias": f"*{dt}", **stats},
+                        dict(CLIP_SCOPE=clip, HAS_IBIAS=ibias, BLOCK_R=16, BLOCK_G=32, BLOCK_CG=8)))
+        for silu, ibias in ((False, False), (True, True)):
+            out.append((f"gn-apply-{dt}-silu{int(silu)}-ibias{int(ibias)}", gn._gn_apply_kernel,
+                        {"x": f"*{dt}", "y": f"*{dt}", "weight": f"*{dt}", "bias": f"*{dt}", "ibias": f"*{dt}",
+                         "stats": "*fp32", "T": I32, "P": I32, "C": I32, "G": I32, "CG": I32, **strides,
+                         **{s: I64 for s in ("y_b", "y_c", "y_t", "y_p")}},
+                        dict(CLIP_SCOPE=False, SILU=silu, HAS_IBIAS=ibias, BLOCK_P=64, BLOCK_C=64)))
     out.append(("gn-finalize", gn._gn_finalize_kernel,
                 {"part": "*fp32", "stats": "*fp32", "num_groups": I32, "splits": I32, "eps": F32},
                 dict(BLOCK_G=64, BLOCK_S=16)))

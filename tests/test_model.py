@@ -8,7 +8,7 @@ from utils import assert_close, make_inputs, randomize_temporal
 import stunet
 from stunet.model import (Cond, ConvInflationBlock, ResBlock, SpatialAttention, TemporalAttentionBlock,
                           TemporalDown, TemporalUp)
-from stunet.model.temporal import from_clips, to_clips
+from stunet.model import PER_FRAME, from_clips, to_clips
 
 FRAME_COUNTS = [1, 2, 7, 8, 17]  # T = 1, odd, even, and a prime past a power of two
 
@@ -81,8 +81,7 @@ def test_static_video_gives_the_per_frame_unet_output_exactly(overrides, dtype):
     video = frame.expand_as(x).contiguous()
     with torch.no_grad():
         out = model(video, t, text)
-        with model.without_temporal():
-            per_frame = model(frame, t, text)  # the text-to-image U-Net on a single frame
+        per_frame = model(frame, t, text, policy=PER_FRAME)  # the text-to-image U-Net on a single frame
     assert torch.equal(out, per_frame.expand_as(out))
 
 
@@ -95,19 +94,18 @@ def test_ssr_static_video_gives_the_per_frame_unet_output_exactly():
     frame = x[:, :, :1]
     with torch.no_grad():
         out = model(frame.expand_as(x).contiguous(), t, text, noise_level=250)
-        with model.without_temporal():
-            per_frame = model(frame, t, text, noise_level=250)
+        per_frame = model(frame, t, text, noise_level=250, policy=PER_FRAME)
     assert torch.equal(out, per_frame.expand_as(out))
 
 
-def test_without_temporal_is_the_per_frame_unet(tiny_model, tiny_config):
+def test_per_frame_policy_is_the_per_frame_unet(tiny_model, tiny_config):
     """Removing the temporal modules leaves frames independent: the folded batch is just more images."""
     randomize_temporal(tiny_model)
     x, t, text = make_inputs(tiny_config, batch=1, frames=3)
-    with torch.no_grad(), tiny_model.without_temporal():
-        whole = tiny_model(x, t, text)
+    with torch.no_grad():
+        whole = tiny_model(x, t, text, policy=PER_FRAME)
         for f in range(3):
-            single = tiny_model(x[:, :, f:f + 1], t, text)
+            single = tiny_model(x[:, :, f:f + 1], t, text, policy=PER_FRAME)
             assert_close(whole[:, :, f:f + 1], single, atol=1e-5, rtol=1e-5, what=f"frame {f}")
 
 
@@ -243,8 +241,7 @@ def test_gpu_fp16_static_video_identity():
     frame = x[:, :, :1]
     with torch.no_grad():
         out = model(frame.expand_as(x).contiguous(), t, text)
-        with model.without_temporal():
-            per_frame = model(frame, t, text)
+        per_frame = model(frame, t, text, policy=PER_FRAME)
     assert_close(out, per_frame.expand_as(out), atol=1e-3, rtol=1e-3, what="cuda fp16 identity")
 
 

@@ -6,8 +6,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from stunet.multidiffusion import blend, multidiffusion_predict, window_plan, window_weights
-from stunet.samplers import DDIM, DPMSolverPP2M
+from stunet.sampling.multidiffusion import blend, multidiffusion_predict, window_plan, window_weights
+from stunet.sampling.samplers import DDIM, DPMSolverPP2M
 
 
 def test_lumiere_plan_for_80_frames():

@@ -7,12 +7,10 @@ import torch
 from utils import randomize_temporal
 
 import stunet
-from stunet.conditioning import Conditioning
-from stunet.pipeline import Pipeline
-from stunet.text import tiny_random_t5
-from stunet.video import save_video
-
-av = pytest.importorskip("av")
+from stunet.pipeline.conditioning import Conditioning
+from stunet.pipeline import Pipeline, SSROptions
+from stunet.pipeline.text import tiny_random_t5
+from stunet.pipeline.video import save_video
 
 SSR_OVERRIDES = dict(in_channels=6, noise_aug=True, low_res_size=8, temporal_downsample=(False, False),
                      temporal_attn_depth=0, sample_size=16)
@@ -36,7 +34,7 @@ def pipe(encoder):
     return Pipeline(base, encoder, ssr, progress=False)
 
 
-SMALL = dict(num_frames=8, height=8, width=8, num_inference_steps=3, ssr_window=4, ssr_overlap=1)
+SMALL = dict(num_frames=8, height=8, width=8, num_inference_steps=3, ssr=SSROptions(window=4, overlap=1))
 
 
 def test_text_to_base_to_ssr_to_mp4(pipe, tmp_path):
@@ -44,6 +42,7 @@ def test_text_to_base_to_ssr_to_mp4(pipe, tmp_path):
     assert res.frames.shape == (1, 8, 16, 16, 3) and res.low_res_frames.shape == (1, 8, 8, 8, 3)
     assert res.frames.dtype == np.float32 and res.frames.min() >= 0 and res.frames.max() <= 1
     assert set(res.timings) == {"text", "base", "ssr", "decode"} and res.seed == 0
+    av = pytest.importorskip("av")  # only decoding the mp4 needs PyAV
     path = save_video(res.frames[0], tmp_path / "out.mp4", fps=16)
     with av.open(str(path)) as container:
         frames = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
@@ -97,15 +96,18 @@ def test_base_only_pipeline_and_default_geometry(encoder):
     assert res.frames.shape == (1, 8, 16, 16, 3) and res.low_res_frames is None
 
 
-def test_windowed_ssr_equals_single_window_for_framewise_ssr(encoder):
-    """With an SSR model whose temporal modules are fresh (frame-wise), windows change nothing."""
+@pytest.mark.parametrize("guidance", [dict(), dict(guidance_scale=3.0, guidance_rescale=0.7)],
+                         ids=["unguided", "guided-rescaled"])
+def test_windowed_ssr_equals_single_window_for_framewise_ssr(encoder, guidance):
+    """With an SSR model whose temporal modules are fresh (frame-wise), windows change nothing, with guidance
+    and guidance rescale too: its statistics are per clip (a per-window std would differ between plans)."""
     base, _ = _models()
     torch.manual_seed(5)
     ssr = stunet.STUNet(stunet.STUNetConfig.from_preset("tiny", **SSR_OVERRIDES))
     pipe = Pipeline(base, encoder, ssr, progress=False)
-    a = pipe("x", seed=1, **{**SMALL, "ssr_window": 3, "ssr_overlap": 1}).frames
-    b = pipe("x", seed=1, **{**SMALL, "ssr_window": 8, "ssr_overlap": 0}).frames
-    np.testing.assert_allclose(a, b, atol=1e-6, rtol=0)
+    a = pipe("x", seed=1, **{**SMALL, "ssr": SSROptions(window=3, overlap=1, **guidance)}).frames
+    b = pipe("x", seed=1, **{**SMALL, "ssr": SSROptions(window=8, overlap=0, **guidance)}).frames
+    np.testing.assert_allclose(a, b, atol=2e-6, rtol=0)
 
 
 @pytest.mark.parametrize("kwargs,message", [
@@ -115,9 +117,9 @@ def test_windowed_ssr_equals_single_window_for_framewise_ssr(encoder):
     ({"strength": 0.0}, r"strength must be in \(0, 1\]"),
     ({"guidance_scale": -1.0}, "guidance_scale must be >= 0"),
     ({"seed": 1, "generator": torch.Generator()}, "either seed or generator"),
-    ({"ssr_overlap": 4}, r"overlap \(4\) must be smaller than window \(4\)"),
+    ({"ssr": SSROptions(window=4, overlap=4)}, r"overlap \(4\) must be smaller than window \(4\)"),
     ({"sampler": "euler"}, "sampler must be one of"),
-    ({"sampler": "ddpm", "eta": 0.5}, "eta is a DDIM parameter"),
+    ({"sampler": stunet.samplers.DDIM(prediction="eps")}, "sampler has prediction='eps' but the model was"),
 ])
 def test_bad_call_arguments(pipe, kwargs, message):
     with pytest.raises(ValueError, match=message):

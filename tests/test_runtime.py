@@ -18,9 +18,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from utils import assert_close
 
-from stunet import runtime
-from stunet.multidiffusion import blend, window_plan, window_weights
-from stunet.samplers import DDIM, SAMPLERS, SCHEDULES, SPACINGS, make_betas, make_sampler
+from stunet.pipeline import SSROptions
+from stunet.sampling import runtime
+from stunet.sampling.multidiffusion import blend, window_plan, window_weights
+from stunet.sampling.samplers import DDIM, SAMPLERS, SCHEDULES, SPACINGS, make_betas, make_sampler
 
 _C = pytest.importorskip("stunet._C", reason="the C++ runtime is not built")
 CSRC = Path(__file__).resolve().parent.parent / "csrc"
@@ -47,7 +48,7 @@ def test_fp16_conversion_matches_torch():
     bits = torch.arange(-32768, 32768, dtype=torch.int32).to(torch.int16)
     halves = bits.view(torch.float16)
     got = torch.empty(65536, dtype=torch.float32)
-    _C.f16_bits_to_f32(bits.data_ptr(), got.data_ptr(), 65536)
+    _C.f16_bits_to_f32(runtime._buffer(bits), runtime._buffer(got))
     want = halves.float()
     assert torch.equal(got.isnan(), want.isnan()) and torch.equal(got[~want.isnan()], want[~want.isnan()])
 
@@ -59,7 +60,7 @@ def test_fp16_conversion_matches_torch():
                         halves.float() * (1 + 2 ** -11)])  # every tie between neighbouring halves
     values = values[~values.isnan()].contiguous()
     out = torch.empty(values.numel(), dtype=torch.int16)
-    _C.f32_to_f16_bits(values.data_ptr(), out.data_ptr(), values.numel())
+    _C.f32_to_f16_bits(runtime._buffer(values), runtime._buffer(out))
     assert torch.equal(out, values.half().view(torch.int16))
 
 
@@ -221,6 +222,46 @@ def test_blend_bad_inputs():
     assert runtime.blend_windows(x, 80, 16, 2).shape == (1, 3, 80, 4, 4)
 
 
+def test_binding_checks_every_buffer_before_reading_it():
+    """The raw binding, called directly: every buffer's size, dtype and device is checked against the pass."""
+    buf = runtime._buffer
+    ddim, dpm = _C.Scheduler("ddim"), _C.Scheduler("dpmpp2m")
+    ddim.set_timesteps(4)
+    dpm.set_timesteps(4)
+    coefs = ddim.step_coefs(ddim.timesteps[0])
+    x, y = torch.zeros(2, 3, 4), torch.zeros(2, 3, 4)
+    step = lambda **kw: _C.fused_step(**{**dict(coefs=coefs, batch=2, cond=buf(x), uncond=None,  # noqa: E731
+                                                guidance_scale=1.0, guidance_rescale=0.0, x=buf(x), out=buf(y),
+                                                history=None, noise=None, stats=None, stream=0), **kw})
+    step()
+    cases = [
+        (dict(out=buf(torch.zeros(23))), "out has 23 elements, the pass needs 24"),
+        (dict(cond=buf(torch.zeros(25))), "cond has 25 elements, the pass needs 24"),
+        (dict(out=buf(y.half())), "out has dtype float16; accepted: float32"),
+        (dict(uncond=buf(x.half())), "uncond has dtype float16; accepted: float32"),
+        (dict(cond=(x.data_ptr(), 24, "float32", "cuda")), "cond is on cuda but the other buffers are on cpu"),
+        (dict(x=(0, 24, "float32", "cpu")), "x has a null address"),
+        (dict(coefs=dpm.step_coefs(dpm.timesteps[0])), "history must be given"),
+        (dict(x=buf(x.double()), out=buf(y.double())), "x has dtype float64"),
+    ]
+    for kwargs, message in cases:
+        with pytest.raises(ValueError, match=message):
+            step(**kwargs)
+    table = _C.BlendTable(8, 4, 1)
+    win, local, weight = (torch.tensor(v, dtype=d) for v, d in ((table.window, torch.int32),
+                                                                (table.local, torch.int32),
+                                                                (table.weight, torch.float32)))
+    blend = lambda inp, out, w=win: _C.blend(buf(w), buf(local), buf(weight), table.cover,  # noqa: E731
+                                             table.num_windows, 2, 4, 8, 5, buf(inp), buf(out), 0)
+    blend(torch.zeros(table.num_windows, 2, 4, 5), torch.zeros(2, 8, 5))
+    with pytest.raises(ValueError, match="in has 79 elements"):
+        blend(torch.zeros(79), torch.zeros(2, 8, 5))
+    with pytest.raises(ValueError, match="out has 81 elements, the pass needs 80"):
+        blend(torch.zeros(table.num_windows, 2, 4, 5), torch.zeros(81))
+    with pytest.raises(ValueError, match="window has dtype int64; accepted: int32"):
+        blend(torch.zeros(table.num_windows, 2, 4, 5), torch.zeros(2, 8, 5), win.long())
+
+
 # -- the C++-only program --------------------------------------------------------------------------------------
 def test_cpp_program_links_and_runs_without_python(tmp_path):
     """csrc/ builds as a plain C++ library plus a test executable (CMake, or the compiler directly)."""
@@ -260,8 +301,8 @@ def test_pipeline_videos_identical_with_either_runtime(sampler):
         "tiny", in_channels=6, noise_aug=True, low_res_size=8, temporal_downsample=(False, False),
         temporal_attn_depth=0, sample_size=16)))
     text = torch.randn(1, 5, base.config.text_dim)
-    kw = dict(prompt_embeds=text, num_frames=8, height=8, width=8, num_inference_steps=3, ssr_window=4,
-              ssr_overlap=1, ssr_batch_size=2, ssr_guidance_scale=2.0, seed=5)
+    kw = dict(prompt_embeds=text, num_frames=8, height=8, width=8, num_inference_steps=3, seed=5,
+              ssr=SSROptions(window=4, overlap=1, batch_size=2, guidance_scale=2.0))
     frames = {}
     for rt in ("cpp", "python"):
         pipe = Pipeline(base, None, ssr, sampler=sampler, runtime=rt, progress=False)

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from stunet import samplers
-from stunet.samplers import DDIM, DDPM, DPMSolverPP2M, cfg_combine, make_betas, make_timesteps
+from stunet.sampling.samplers import DDIM, DDPM, DPMSolverPP2M, cfg_combine, make_betas, make_timesteps
 
 N = 1000
 

@@ -6,6 +6,7 @@ import torch
 from utils import make_inputs
 
 import stunet
+from stunet.model import PER_FRAME
 
 
 @pytest.fixture(scope="module")
@@ -123,7 +124,6 @@ def test_model_needs_a_config():
         stunet.STUNet({"model_channels": 8})
 
 
-def test_without_temporal_accepts_any_frame_count(model, inputs):
+def test_per_frame_policy_accepts_any_frame_count(model, inputs):
     x, t, text = inputs
-    with model.without_temporal():
-        assert call(model, x[:, :, :7], t, text).shape[2] == 7
+    assert call(model, x[:, :, :7], t, text, policy=PER_FRAME).shape[2] == 7

@@ -1,24 +1,43 @@
 """Video files, text encoders and the `stunet generate` command line."""
 from __future__ import annotations
 
+import importlib
+
 import numpy as np
 import pytest
 import torch
 
 from stunet.cli import main
-from stunet.text import HFTextEncoder, load_text_encoder, tiny_random_t5
-from stunet.video import save_video
+from stunet.pipeline.text import HFTextEncoder, load_text_encoder, tiny_random_t5
+from stunet.pipeline.video import save_video
 
-av = pytest.importorskip("av")
-PIL = pytest.importorskip("PIL.Image")
+def _importable(name: str) -> bool:
+    try:
+        importlib.import_module(name)
+        return True
+    except ImportError:
+        return False
+
+
+needs_av = pytest.mark.skipif(not _importable("av"), reason="decoding mp4 needs PyAV")
+needs_pil = pytest.mark.skipif(not _importable("PIL.Image"), reason="images need Pillow")
 
 
 def _read_mp4(path):
+    import av
+
     with av.open(str(path)) as container:
         return [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
 
 
+def _save_png(array, path):
+    from PIL import Image
+
+    Image.fromarray(array).save(path)
+
+
 @pytest.mark.parametrize("shape", [(5, 16, 24, 3), (3, 15, 9, 3), (1, 8, 8, 3)], ids=["even", "odd", "single"])
+@needs_av
 def test_mp4_round_trip(tmp_path, shape):
     frames = np.random.default_rng(0).random(shape, dtype=np.float32)
     save_video(frames, tmp_path / "a.mp4", fps=8)
@@ -27,13 +46,17 @@ def test_mp4_round_trip(tmp_path, shape):
     assert len(back) == shape[0] and back[0].shape == (h, w, 3)
 
 
+@needs_pil
 def test_gif_round_trip(tmp_path):
     frames = (np.random.default_rng(0).random((6, 10, 12, 3)) * 255).astype(np.uint8)
     save_video(frames, tmp_path / "a.gif", fps=10)
-    img = PIL.open(tmp_path / "a.gif")
+    from PIL import Image
+
+    img = Image.open(tmp_path / "a.gif")
     assert img.n_frames == 6 and img.size == (12, 10)
 
 
+@needs_pil
 def test_save_video_errors_and_atomicity(tmp_path, monkeypatch):
     frames = np.zeros((2, 8, 8, 3), dtype=np.float32)
     with pytest.raises(ValueError, match="path must end in one of"):
@@ -53,7 +76,7 @@ def test_save_video_errors_and_atomicity(tmp_path, monkeypatch):
         path.write_bytes(b"half")
         raise RuntimeError("encoder crashed")
 
-    monkeypatch.setattr("stunet.video._write_gif", broken)
+    monkeypatch.setattr("stunet.pipeline.video._write_gif", broken)
     with pytest.raises(RuntimeError, match="encoder crashed"):
         save_video(frames + 1, tmp_path / "keep.gif")
     assert (tmp_path / "keep.gif").read_bytes() == before
@@ -92,6 +115,7 @@ def test_text_encoders_load_from_a_local_directory(tmp_path):
         load_text_encoder(tmp_path / "none")
 
 
+@needs_av
 def test_cli_generate_writes_a_video(tmp_path, capsys):
     out = tmp_path / "out.mp4"
     rc = main(["generate", "a teddy bear surfing", "-o", str(out), "--preset", "tiny", "--steps", "2",
@@ -101,15 +125,17 @@ def test_cli_generate_writes_a_video(tmp_path, capsys):
     assert "RANDOM weights" in err and f"wrote {out}" in err
 
 
+@needs_av
+@needs_pil
 def test_cli_generate_with_saved_models_and_modes(tmp_path, capsys):
     import stunet
 
     torch.manual_seed(0)
     stunet.STUNet(stunet.STUNetConfig.from_preset("tiny", in_channels=7)).save_pretrained(tmp_path / "m")
-    PIL.fromarray(np.zeros((16, 16, 3), dtype=np.uint8)).save(tmp_path / "img.png")
+    _save_png(np.zeros((16, 16, 3), dtype=np.uint8), tmp_path / "img.png")
     mask = np.zeros((16, 16, 3), dtype=np.uint8)
     mask[4:12, 4:12] = 255
-    PIL.fromarray(mask).save(tmp_path / "mask.png")
+    _save_png(mask, tmp_path / "mask.png")
     common = ["--model", str(tmp_path / "m"), "--steps", "2", "--frames", "4", "-q"]
     assert main(["image-to-video", "x", "-o", str(tmp_path / "a.gif"), "--image", str(tmp_path / "img.png"),
                  *common]) == 0
@@ -136,8 +162,9 @@ def test_cli_generate_with_saved_models_and_modes(tmp_path, capsys):
     (["image-to-video", "x", "-o", "{tmp}/o.mp4", "--preset", "tiny", "--frames", "4", "-q", "--image",
       "{tmp}/i.png"], "image_to_video needs a conditional model"),
 ])
+@needs_pil
 def test_cli_generate_bad_arguments_exit_2(argv, message, tmp_path, capsys):
-    PIL.fromarray(np.zeros((16, 16, 3), dtype=np.uint8)).save(tmp_path / "i.png")
+    _save_png(np.zeros((16, 16, 3), dtype=np.uint8), tmp_path / "i.png")
     with pytest.raises(SystemExit) as info:
         main([a.replace("{tmp}", str(tmp_path)) for a in argv])
     assert info.value.code == 2

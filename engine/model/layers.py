@@ -5,7 +5,13 @@ Layout legend (used by every module of ``stunet.model``):
 - video layout ``(B, C, T, H, W)``: what the user passes and gets back;
 - folded layout ``(B*T, C, H, W)``: frames folded into the batch, frame-major within each clip
   (row ``b*T + t`` is frame ``t`` of clip ``b``). Every block takes and returns the folded layout and reads the
-  clip count ``B`` from the shared :class:`Cond`, so ``T = x.shape[0] // B`` is never passed around.
+  clip count ``B`` from the shared :class:`Cond`, so ``T = x.shape[0] // B`` is never passed around. Its memory
+  is NCHW, or (B*T, H, W, C) under a channels-last :class:`ExecutionPolicy`;
+- video view ``(B, C, T, H, W)`` of the folded layout (:func:`to_clips`): a transposed view, no copy. The ops of
+  ``stunet.kernels`` take it, so a channels-last trunk is a channels-last-3d video.
+
+Each op whose fast path is a kernel calls the kernel module's ``*_ref`` (the op's one definition) or the kernel
+itself, chosen by ``cond.policy.kernels`` at that single call.
 
 Every block also has ``flops(shape, text_len)``: the analytic count of its multiply-adds x 2 (convolutions,
 linear layers and attention matmuls; norms and element-wise ops are not counted, as in
@@ -21,37 +27,45 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import kernels
+from ..kernels import group_norm_ref
+from .policy import REFERENCE, ExecutionPolicy
+
 Shape = tuple[int, int, int, int]  # (B, T, H, W) of a block's input
 
 
 @dataclass
 class Cond:
-    """What every frame shares: the clip count, the timestep embedding and the text tokens (never copied T times)."""
+    """What every frame shares (the clip count, the timestep embedding, the text tokens: never copied T times),
+    and how this forward executes (``policy``)."""
 
     batch: int
     emb: torch.Tensor  # (B, E)
     text: torch.Tensor  # (B, L, D_text)
     text_mask: torch.Tensor | None  # (B, L) bool, True = attend; None = every token
-    text_kv: dict | None = None
-    """Cross-attention keys/values of ``text`` per layer, reused across calls with the same text (a
-    generation's steps) when a backend provides the dict; None recomputes them every call."""
+    policy: ExecutionPolicy = REFERENCE
 
     def cross_kv(self, layer: nn.Linear) -> tuple[torch.Tensor, torch.Tensor]:
-        """(k, v), each (B, L, C): ``layer(text)`` split in two, from ``text_kv`` when it holds them."""
-        if self.text_kv is None:
+        """(k, v), each (B, L, C): ``layer(text)`` split in two, kept in the policy's text K/V store if any."""
+        store = self.policy.text_kv
+        if store is None:
             return layer(self.text).chunk(2, dim=-1)
-        if layer not in self.text_kv:
-            self.text_kv[layer] = layer(self.text).chunk(2, dim=-1)
-        return self.text_kv[layer]
+        kv = store.for_text(self.text)
+        if layer not in kv:
+            kv[layer] = layer(self.text).chunk(2, dim=-1)
+        return kv[layer]
 
 
-class KernelSwitch:
-    """Mixin of the modules with a Triton-kernel path (``stunet.kernels``): ``use_kernels`` picks it.
+def to_clips(x: torch.Tensor, batch: int) -> torch.Tensor:
+    """Folded (B*T, C, H, W) -> video view (B, C, T, H, W) (a view-permute, no copy)."""
+    bt, c, h, w = x.shape
+    return x.view(batch, bt // batch, c, h, w).transpose(1, 2)
 
-    The reference path stays the default and the source of truth; ``STUNet.using_kernels()`` switches a
-    whole model (the same module tree: no second copy of the weights)."""
 
-    use_kernels: bool = False
+def from_clips(x: torch.Tensor) -> torch.Tensor:
+    """Video (B, C, T, H, W) -> folded (B*T, C, H, W) (a view when ``x`` is a video view of a folded tensor)."""
+    b, c, t, h, w = x.shape
+    return x.transpose(1, 2).reshape(b * t, c, h, w)
 
 
 def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
@@ -88,8 +102,9 @@ def linear_flops(layer: nn.Linear, tokens: int) -> int:
     return 2 * tokens * layer.in_features * layer.out_features
 
 
-class VideoGroupNorm(KernelSwitch, nn.GroupNorm):
-    """GroupNorm on the folded layout, statistics in fp32, optionally followed by SiLU (fused by the kernel).
+class VideoGroupNorm(nn.GroupNorm):
+    """GroupNorm on the folded layout (statistics in fp32), optionally of ``x + input_bias`` and followed by
+    SiLU: the op ``stunet.kernels.group_norm`` (its ``group_norm_ref`` is the math).
 
     ``scope="frame"``: statistics per frame (norms never mix frames; what a per-frame T2I U-Net computes).
     ``scope="clip"``: statistics over all T frames of a clip.
@@ -99,23 +114,12 @@ class VideoGroupNorm(KernelSwitch, nn.GroupNorm):
         super().__init__(num_groups, num_channels, eps=eps)
         self.scope = scope
 
-    def forward(self, x: torch.Tensor, batch: int = 1, silu: bool = False) -> torch.Tensor:
-        if self.use_kernels:
-            from .. import kernels
-
-            bt, c, h, wd = x.shape  # the folded layout seen as a video: a view in either memory format
-            video = x.view(batch, bt // batch, c, h, wd).transpose(1, 2)
-            y = kernels.group_norm(video, self.num_groups, self.weight, self.bias, self.eps, scope=self.scope,
-                                   silu=silu)
-            return y.transpose(1, 2).reshape(bt, c, h, wd)
-        w, b = self.weight.float(), self.bias.float()
-        if self.scope == "frame":
-            y = F.group_norm(x.float(), self.num_groups, w, b, self.eps).to(x.dtype)
-        else:
-            bt, c, h, wd = x.shape
-            v = x.float().view(batch, bt // batch, c, h, wd).transpose(1, 2)  # (B, C, T, H, W)
-            y = F.group_norm(v, self.num_groups, w, b, self.eps).transpose(1, 2).reshape(bt, c, h, wd).to(x.dtype)
-        return F.silu(y) if silu else y
+    def forward(self, x: torch.Tensor, cond: Cond, *, silu: bool = False,
+                input_bias: torch.Tensor | None = None) -> torch.Tensor:
+        norm = kernels.group_norm if cond.policy.kernels else group_norm_ref
+        y = norm(to_clips(x, cond.batch), self.num_groups, self.weight, self.bias, self.eps, scope=self.scope,
+                 silu=silu, input_bias=input_bias)
+        return from_clips(y)
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", scope={self.scope}"
@@ -150,13 +154,11 @@ class ResBlock(Block):
         return self.conv2.out_channels
 
     def forward(self, x: torch.Tensor, cond: Cond) -> torch.Tensor:
-        B = cond.batch
-        h = self.conv1(self.norm1(x, B, silu=True))
-        bt, c, hh, ww = h.shape
-        # (B, C) broadcast over the T frames of each clip: a view, never T copies.
-        emb = self.emb_proj(F.silu(cond.emb)).to(h.dtype)
-        h = (h.view(B, bt // B, c, hh, ww) + emb[:, None, :, None, None]).view(bt, c, hh, ww)
-        h = self.conv2(self.norm2(h, B, silu=True))
+        h = self.conv1(self.norm1(x, cond, silu=True))
+        # The (B, C) timestep embedding is shared by the T frames of each clip: added inside the norm's
+        # statistics and normalisation (fused by the kernel), never broadcast into a T-fold copy.
+        emb = self.emb_proj(F.silu(cond.emb))
+        h = self.conv2(self.norm2(h, cond, silu=True, input_bias=emb))
         return self.skip(x) + h
 
     def flops(self, shape: Shape, text_len: int) -> int:
@@ -206,7 +208,7 @@ class SpatialAttention(Block):
     def forward(self, x: torch.Tensor, cond: Cond) -> torch.Tensor:
         B = cond.batch
         bt, c, hh, ww = x.shape
-        tokens = self.norm(x, B).flatten(2).transpose(1, 2)  # (B*T, H*W, C)
+        tokens = self.norm(x, cond).flatten(2).transpose(1, 2)  # (B*T, H*W, C)
         h = self.proj_in(tokens)
 
         q, k, v = self.qkv(self.norm1(h)).chunk(3, dim=-1)
@@ -300,7 +302,7 @@ class OutHead(Block):
         return self.conv.out_channels
 
     def forward(self, x: torch.Tensor, cond: Cond) -> torch.Tensor:
-        return self.conv(self.norm(x, cond.batch, silu=True))
+        return self.conv(self.norm(x, cond, silu=True))
 
     def flops(self, shape: Shape, text_len: int) -> int:
         B, T, H, W = shape

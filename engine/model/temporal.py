@@ -17,24 +17,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .layers import (Block, Cond, KernelSwitch, LayerNorm32, Shape, VideoGroupNorm, attention_flops,
-                     conv2d_flops, linear_flops)
+from .. import kernels
+from ..kernels import temporal_attention_ref, temporal_up_conv_ref
+from .layers import (Block, Cond, LayerNorm32, Shape, VideoGroupNorm, attention_flops, conv2d_flops, from_clips,
+                     linear_flops, to_clips)
 
 
 class TemporalModule(Block):
     """Marker base: the modules inflation adds. Their weights are never touched by ``interpolate_spatial``."""
-
-
-def to_clips(x: torch.Tensor, batch: int) -> torch.Tensor:
-    """(B*T, C, H, W) -> (B, C, T, H, W) view-permute (no copy)."""
-    bt, c, h, w = x.shape
-    return x.view(batch, bt // batch, c, h, w).transpose(1, 2)
-
-
-def from_clips(x: torch.Tensor) -> torch.Tensor:
-    """(B, C, T, H, W) -> (B*T, C, H, W) (copies only if ``x`` is not already frame-major)."""
-    b, c, t, h, w = x.shape
-    return x.transpose(1, 2).reshape(b * t, c, h, w)
 
 
 class TemporalConv(nn.Module):
@@ -82,9 +72,8 @@ class ConvInflationBlock(TemporalModule):
         nn.init.zeros_(self.proj.bias)
 
     def forward(self, x: torch.Tensor, cond: Cond) -> torch.Tensor:
-        B = cond.batch
-        h = self.norm_s(self.conv_s(x), B, silu=True)
-        h = self.norm_t(self.conv_t(h, B), B, silu=True)
+        h = self.norm_s(self.conv_s(x), cond, silu=True)
+        h = self.norm_t(self.conv_t(h, cond.batch), cond, silu=True)
         return x + self.proj(h)
 
     def flops(self, shape: Shape, text_len: int) -> int:
@@ -103,11 +92,14 @@ def sinusoidal_positions(length: int, dim: int, device=None) -> torch.Tensor:
     return pe
 
 
-class TemporalAttentionBlock(KernelSwitch, TemporalModule):
+class TemporalAttentionBlock(TemporalModule):
     """Self-attention over the T frames at every (b, h, w), then an MLP; pre-norm, residual.
 
-    Sequences are ``(B*H*W, T, C)``; the optional sinusoidal positional encoding is added to the normed input
-    of attention. ``attn_out`` and ``mlp_out`` are zero-initialised, so a fresh block is the identity.
+    Works in the token layout (B, T, H*W, C): for a channels-last trunk every step is a view or a GEMM, and
+    the attention op (``stunet.kernels.temporal_attention``; its ``temporal_attention_ref`` is the math) reads
+    q, k, v straight from the packed projection. The optional sinusoidal positional encoding is added to the
+    normed input of attention. ``attn_out`` and ``mlp_out`` are zero-initialised, so a fresh block is the
+    identity.
     """
 
     def __init__(self, ch: int, heads: int, pos_embed: str = "sinusoidal", mlp_ratio: int = 4):
@@ -124,38 +116,17 @@ class TemporalAttentionBlock(KernelSwitch, TemporalModule):
             nn.init.zeros_(layer.bias)
 
     def forward(self, x: torch.Tensor, cond: Cond) -> torch.Tensor:
-        if self.use_kernels:
-            return self._forward_kernels(x, cond)
         B = cond.batch
         bt, c, h, w = x.shape
         T = bt // B
-        # (B*T, C, H, W) -> (B*H*W, T, C): one sequence per pixel of each clip.
-        seq = x.view(B, T, c, h, w).permute(0, 3, 4, 1, 2).reshape(B * h * w, T, c)
-        y = self.norm1(seq)
-        if self.pos_embed == "sinusoidal":
-            y = y + sinusoidal_positions(T, c, device=x.device).to(y.dtype)
-        q, k, v = self.qkv(y).view(-1, T, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4)
-        a = F.scaled_dot_product_attention(q, k, v)  # (N, heads, T, d)
-        seq = seq + self.attn_out(a.transpose(1, 2).reshape(-1, T, c))
-        seq = seq + self.mlp_out(F.gelu(self.mlp_in(self.norm2(seq))))
-        return seq.view(B, h, w, T, c).permute(0, 3, 4, 1, 2).reshape(bt, c, h, w)
-
-    def _forward_kernels(self, x: torch.Tensor, cond: Cond) -> torch.Tensor:
-        """The same block in the token layout (B, T, H*W, C): for a channels-last trunk every step is a view
-        or a GEMM, and the attention kernel reads q, k, v straight from the packed projection."""
-        from .. import kernels
-
-        B = cond.batch
-        bt, c, h, w = x.shape
-        T = bt // B
-        tokens = x.permute(0, 2, 3, 1).reshape(B, T, h * w, c)
+        tokens = x.permute(0, 2, 3, 1).reshape(B, T, h * w, c)  # (B, T, S, C): a view of a channels-last trunk
         y = self.norm1(tokens)
         if self.pos_embed == "sinusoidal":
             y = y + sinusoidal_positions(T, c, device=x.device).to(y.dtype)[None, :, None, :]
-        a = kernels.temporal_attention(self.qkv(y), self.heads)  # (B, T, H*W, C)
-        tokens = tokens + self.attn_out(a)
+        attend = kernels.temporal_attention if cond.policy.kernels else temporal_attention_ref
+        tokens = tokens + self.attn_out(attend(self.qkv(y), self.heads))  # (B, T, S, C)
         tokens = tokens + self.mlp_out(F.gelu(self.mlp_in(self.norm2(tokens))))
-        return tokens.reshape(bt, h, w, c).permute(0, 3, 1, 2)
+        return tokens.reshape(bt, h, w, c).permute(0, 3, 1, 2).contiguous(memory_format=cond.policy.memory_format)
 
     def flops(self, shape: Shape, text_len: int) -> int:
         B, T, H, W = shape
@@ -183,7 +154,7 @@ class TemporalDown(TemporalModule):
         return self.conv.flops(shape)
 
 
-class TemporalUp(KernelSwitch, TemporalModule):
+class TemporalUp(TemporalModule):
     """T -> 2T: duplicate every frame, then Conv1d over time (k=3) identity-init (nearest neighbour at init)."""
 
     def __init__(self, ch: int):
@@ -192,12 +163,9 @@ class TemporalUp(KernelSwitch, TemporalModule):
         self.conv.init_identity()
 
     def forward(self, x: torch.Tensor, cond: Cond) -> torch.Tensor:
-        if self.use_kernels:  # duplication folded into the conv: the doubled tensor is never materialised
-            from .. import kernels
-
-            return from_clips(kernels.temporal_up_conv(to_clips(x, cond.batch), self.conv.weight, self.conv.bias))
-        # Frame-major folding: duplicating rows of (B*T) duplicates frames within each clip.
-        return self.conv(x.repeat_interleave(2, dim=0), cond.batch)
+        # The kernel path folds the duplication into the conv: the doubled tensor is never materialised.
+        up = kernels.temporal_up_conv if cond.policy.kernels else temporal_up_conv_ref
+        return from_clips(up(to_clips(x, cond.batch), self.conv.weight, self.conv.bias))
 
     def out_shape(self, shape: Shape) -> Shape:
         B, T, H, W = shape

@@ -18,7 +18,6 @@ temporal modelling is the temporal-attention stack of the mid block. With ``temp
 """
 from __future__ import annotations
 
-import contextlib
 import math
 import os
 from dataclasses import dataclass
@@ -28,8 +27,9 @@ import torch
 from torch import nn
 
 from ..config import STUNetConfig
-from .layers import (Block, Cond, ConvIn, Downsample, KernelSwitch, OutHead, ResBlock, Shape, SpatialAttention,
-                     Upsample, linear_flops, timestep_embedding)
+from .layers import (Block, Cond, ConvIn, Downsample, OutHead, ResBlock, Shape, SpatialAttention, Upsample,
+                     linear_flops, timestep_embedding, to_clips)
+from .policy import REFERENCE, ExecutionPolicy
 from .temporal import ConvInflationBlock, TemporalAttentionBlock, TemporalDown, TemporalModule, TemporalUp
 
 Stage = nn.ModuleList
@@ -53,34 +53,6 @@ class TraceRow:
         return math.prod(self.out_shape) * self.out_channels
 
 
-class TextKVCache:
-    """Cross-attention keys and values of one text tensor, kept across calls (a generation's steps).
-
-    Valid while the caller passes the *same* tensor object; it holds a reference, so the address cannot be
-    reused by another tensor. When that tensor was written in place (its version changed), the values are
-    recomputed into the existing buffers, so CUDA graphs that read them stay valid.
-    """
-
-    def __init__(self):
-        self.text: torch.Tensor | None = None
-        self.version = -1
-        self.kv: dict = {}
-
-    def for_text(self, text: torch.Tensor) -> dict:
-        if text is not self.text:
-            self.text, self.version, self.kv = text, text._version, {}
-        elif text._version != self.version:
-            for layer, (k, v) in self.kv.items():
-                new_k, new_v = layer(text).chunk(2, dim=-1)
-                k.copy_(new_k)
-                v.copy_(new_v)
-            self.version = text._version
-        return self.kv
-
-    def clear(self) -> None:
-        self.text, self.version, self.kv = None, -1, {}
-
-
 def _embedder(in_dim: int, dim: int) -> nn.Sequential:
     return nn.Sequential(nn.Linear(in_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
 
@@ -94,9 +66,6 @@ class STUNet(nn.Module):
             raise TypeError(f"STUNet(config): config must be a STUNetConfig, got {type(config).__name__}; "
                             "use STUNetConfig.from_preset(name)")
         self.config = cfg = config
-        self._temporal_enabled = True
-        self.channels_last = False  # fold frames into a channels-last (B*T, H, W, C) trunk (fast backend)
-        self.text_kv_cache: TextKVCache | None = None  # set by backends that reuse text keys/values
         groups, scope, E = cfg.num_groups, cfg.norm_scope, cfg.time_embed_dim
         last = cfg.num_levels - 1
 
@@ -179,51 +148,27 @@ class STUNet(nn.Module):
         """Whether a state-dict key belongs to a temporal module (one lookup: prefer ``temporal_keys()`` in loops)."""
         return key in self.temporal_keys()
 
-    @contextlib.contextmanager
-    def without_temporal(self) -> Iterator["STUNet"]:
-        """Run as the per-frame text-to-image U-Net: every temporal module is skipped (T is never resampled)."""
-        previous, self._temporal_enabled = self._temporal_enabled, False
-        try:
-            yield self
-        finally:
-            self._temporal_enabled = previous
-
-    def kernel_modules(self) -> Iterator[KernelSwitch]:
-        return (m for m in self.modules() if isinstance(m, KernelSwitch))
-
-    @contextlib.contextmanager
-    def using_kernels(self, enabled: bool = True) -> Iterator["STUNet"]:
-        """Run with the Triton kernels of ``stunet.kernels`` swapped in for the reference ops (GroupNorm+SiLU,
-        temporal attention, TemporalUp's duplication + conv) in this same module tree."""
-        modules = list(self.kernel_modules())
-        previous = [m.use_kernels for m in modules]
-        for m in modules:
-            m.use_kernels = enabled
-        try:
-            yield self
-        finally:
-            for m, p in zip(modules, previous):
-                m.use_kernels = p
-
     # -- forward ---------------------------------------------------------------------------------------------
-    def _run(self, stage: Stage, h: torch.Tensor, cond: Cond) -> torch.Tensor:
+    @staticmethod
+    def _run(stage: Stage, h: torch.Tensor, cond: Cond) -> torch.Tensor:
         for block in stage:
-            if self._temporal_enabled or not isinstance(block, TemporalModule):
+            if cond.policy.temporal or not isinstance(block, TemporalModule):
                 h = block(h, cond)
         return h
 
     def forward(self, x: torch.Tensor, timesteps: torch.Tensor | float | int, text_embeds: torch.Tensor,
                 text_mask: torch.Tensor | None = None, *, noise_level: torch.Tensor | float | None = None,
-                check_finite: bool | None = None) -> torch.Tensor:
+                policy: ExecutionPolicy = REFERENCE, check_finite: bool | None = None) -> torch.Tensor:
         """Predict v or eps (``config.prediction``) for a noisy video.
 
         Args:
-            x: (B, C, T, H, W) with C = ``config.in_channels``; T a multiple of ``config.frame_divisor``,
-                H and W multiples of ``config.spatial_divisor``.
+            x: (B, C, T, H, W) with C = ``config.in_channels``; T a multiple of ``config.frame_divisor``
+                (any T when ``policy.temporal`` is False), H and W multiples of ``config.spatial_divisor``.
             timesteps: (B,) or a scalar in [0, num_train_timesteps]; shared by every frame of a clip.
             text_embeds: (B, L, text_dim) text-encoder tokens; shared by every frame of a clip.
             text_mask: optional (B, L) bool (or 0/1) mask, True for tokens to attend to.
             noise_level: SSR only, (B,) or scalar noise-augmentation timestep of the low-res input (default 0).
+            policy: how to execute (:class:`ExecutionPolicy`); the default is the reference.
             check_finite: also reject NaN/inf in ``x`` and ``text_embeds`` (costs a device sync); default from
                 the environment variable ``STUNET_CHECK_FINITE=1``.
         Returns:
@@ -231,14 +176,17 @@ class STUNet(nn.Module):
         """
         from .validate import check_forward_inputs
 
+        if not isinstance(policy, ExecutionPolicy):
+            raise TypeError(f"policy must be an ExecutionPolicy, got {type(policy).__name__}")
         if check_finite is None:
             check_finite = os.environ.get("STUNET_CHECK_FINITE", "0") == "1"
         x, t, text_embeds, text_mask, noise_level = check_forward_inputs(
-            self, x, timesteps, text_embeds, text_mask, noise_level, check_finite)
-        return self.forward_checked(x, t, text_embeds, text_mask, noise_level)
+            self, x, timesteps, text_embeds, text_mask, noise_level, check_finite, temporal=policy.temporal)
+        return self.forward_checked(x, t, text_embeds, text_mask, noise_level, policy)
 
     def forward_checked(self, x: torch.Tensor, t: torch.Tensor, text_embeds: torch.Tensor,
-                        text_mask: torch.Tensor | None, noise_level: torch.Tensor | None) -> torch.Tensor:
+                        text_mask: torch.Tensor | None, noise_level: torch.Tensor | None,
+                        policy: ExecutionPolicy = REFERENCE) -> torch.Tensor:
         """``forward`` on inputs ``check_forward_inputs`` already accepted: t (and noise_level) (B,) tensors on
         x's device, mask bool or None. No host synchronisation, so CUDA graphs can capture it."""
         B, C, T, H, W = x.shape
@@ -247,13 +195,11 @@ class STUNet(nn.Module):
         emb = self.time_embed(timestep_embedding(t, cfg.model_channels).to(x.dtype))
         if self.noise_aug_embed is not None:
             emb = emb + self.noise_aug_embed(timestep_embedding(noise_level, cfg.model_channels).to(x.dtype))
-        text_kv = self.text_kv_cache.for_text(text_embeds) if self.text_kv_cache is not None else None
-        cond = Cond(batch=B, emb=emb, text=text_embeds, text_mask=text_mask, text_kv=text_kv)
+        cond = Cond(batch=B, emb=emb, text=text_embeds, text_mask=text_mask, policy=policy)
 
-        if self.channels_last:  # video -> folded (B*T, C, H, W) with (B*T, H, W, C) memory
-            h = x.permute(0, 2, 3, 4, 1).reshape(B * T, H, W, C).permute(0, 3, 1, 2)
-        else:
-            h = x.transpose(1, 2).reshape(B * T, C, H, W)  # video -> folded layout
+        # video -> folded (B*T, C, H, W) in the policy's memory format: one copy
+        h = torch.empty(B * T, C, H, W, dtype=x.dtype, device=x.device, memory_format=policy.memory_format)
+        to_clips(h, B).copy_(x)
         skips = []
         for stage in self.encoder:
             h = self._run(stage, h, cond)
@@ -265,13 +211,14 @@ class STUNet(nn.Module):
         return h.view(B, T, cfg.out_channels, H, W).transpose(1, 2).contiguous()
 
     # -- analysis --------------------------------------------------------------------------------------------
-    def trace(self, batch: int, frames: int, height: int, width: int) -> list[TraceRow]:
-        """Every block in execution order with its input and output geometry (skips and concats included)."""
+    def trace(self, batch: int, frames: int, height: int, width: int, *, temporal: bool = True) -> list[TraceRow]:
+        """Every block in execution order with its input and output geometry (skips and concats included);
+        ``temporal=False`` traces the per-frame U-Net (the policy's ``temporal``)."""
         rows: list[TraceRow] = []
         skips: list[tuple[Shape, int]] = []
 
         def run(stage: Stage, shape: Shape, ch: int, skip: bool = False) -> tuple[Shape, int]:
-            active = [b for b in stage if self._temporal_enabled or not isinstance(b, TemporalModule)]
+            active = [b for b in stage if temporal or not isinstance(b, TemporalModule)]
             for i, block in enumerate(active):
                 out_shape, out_ch = block.out_shape(shape), block.out_channels(ch)
                 rows.append(TraceRow(block, shape, ch, out_shape, out_ch, skip and i == len(active) - 1))
@@ -316,7 +263,7 @@ class STUNet(nn.Module):
     # -- weights -------------------------------------------------------------------------------------------
     def save_pretrained(self, directory: str | os.PathLike) -> None:
         """Write ``config.json`` + ``model.safetensors`` into ``directory`` (created if missing), atomically."""
-        from ..weights import save_pretrained
+        from .weights import save_pretrained
 
         save_pretrained(self, directory)
 
@@ -324,7 +271,7 @@ class STUNet(nn.Module):
     def from_pretrained(cls, directory: str | os.PathLike, *, device: str | torch.device | None = None,
                         dtype: torch.dtype | None = None) -> "STUNet":
         """Load a model saved by :meth:`save_pretrained`; strict about keys and shapes."""
-        from ..weights import from_pretrained
+        from .weights import from_pretrained
 
         return from_pretrained(cls, directory, device=device, dtype=dtype)
 

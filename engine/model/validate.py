@@ -43,7 +43,10 @@ def _check_tensor_placement(name: str, t: torch.Tensor, model: "STUNet") -> None
                         f"cast it with .to({model.dtype}) or the model with model.to({t.dtype})")
 
 
-def check_forward_inputs(model: "STUNet", x, timesteps, text_embeds, text_mask, noise_level, check_finite: bool):
+def check_forward_inputs(model: "STUNet", x, timesteps, text_embeds, text_mask, noise_level, check_finite: bool,
+                         *, temporal: bool = True):
+    """The checked (x, t, text_embeds, text_mask, noise_level) for ``forward_checked``; raises on bad input.
+    ``temporal=False`` (the per-frame U-Net) accepts any frame count."""
     cfg = model.config
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"x must be a torch.Tensor of shape (B, C, T, H, W), got {type(x).__name__}")
@@ -60,7 +63,7 @@ def check_forward_inputs(model: "STUNet", x, timesteps, text_embeds, text_mask, 
 
         raise ValueError(f"x has {C} channels but the model takes in_channels={cfg.in_channels} "
                          f"({IN_CHANNELS[cfg.in_channels]}); x must be (B, {cfg.in_channels}, T, H, W)")
-    if model._temporal_enabled and T % cfg.frame_divisor:
+    if temporal and T % cfg.frame_divisor:
         lo = max(cfg.frame_divisor, T // cfg.frame_divisor * cfg.frame_divisor)
         raise ValueError(f"x has T={T} frames, but the model halves time {cfg.num_temporal_downsamples} times, "
                          f"so T must be a multiple of {cfg.frame_divisor}; use e.g. T={lo} or "

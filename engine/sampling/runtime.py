@@ -12,7 +12,9 @@ aside: its per-sample std is reduced in another order). Noise is drawn from the 
 when the reference draws it, so a seed gives the same video with either.
 
 ``blend_windows`` is MultiDiffusion's weighted blend of window outputs in one pass (bit-identical to
-``multidiffusion.blend``). Tensors go to C++ as raw pointers; this module checks dtype, layout and device.
+``multidiffusion.blend``). Tensors go to C++ as buffers (address, element count, dtype, device), which the
+binding checks against what each pass reads and writes; this module checks shapes, layout and device first,
+so errors name the tensor argument.
 """
 from __future__ import annotations
 
@@ -26,7 +28,7 @@ from .samplers import SAMPLERS, Sampler
 log = logging.getLogger(__name__)
 
 try:
-    from . import _C
+    from .. import _C
     _IMPORT_ERROR: str | None = None
 except ImportError as exc:  # a source checkout that was never built, or a broken build
     _C = None
@@ -47,7 +49,7 @@ def cuda_available() -> bool:
 
 
 def status() -> str:
-    """One line for ``stunet info --env``: what the runtime was built with, or why it is missing."""
+    """One line for ``stunet env``: what the runtime was built with, or why it is missing."""
     if _C is None:
         return f"unavailable ({_IMPORT_ERROR}); reinstall with `pip install -e .` to build stunet._C"
     note = "" if _C.has_cuda() else " (CPU only: install with STUNET_CUDA=1 for the CUDA passes)"
@@ -69,6 +71,13 @@ def _device(t: torch.Tensor) -> str:
                                "or use runtime='python'")
         return "cuda"
     raise ValueError(f"the C++ runtime runs on CPU and CUDA tensors, got a {t.device.type} tensor")
+
+
+def _buffer(t: torch.Tensor | None) -> tuple[int, int, str, str] | None:
+    """A contiguous tensor as the binding's buffer (address, numel, dtype, device); None stays None."""
+    if t is None:
+        return None
+    return t.data_ptr(), t.numel(), str(t.dtype).removeprefix("torch."), t.device.type
 
 
 def _stream(t: torch.Tensor) -> int:
@@ -190,16 +199,16 @@ class FusedSampler:
         if coefs.writes_history and (self._history is None or self._history.shape != x.shape
                                      or self._history.device != x.device):
             self._history = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
-        stats = 0
+        stats = None
         if guidance_rescale and x.device.type == "cuda":
             if self._stats is None or self._stats.numel() < 4 * x.shape[0] or self._stats.device != x.device:
                 self._stats = torch.empty(4 * x.shape[0], dtype=torch.float64, device=x.device)
-            stats = self._stats.data_ptr()
-        _C.fused_step(coefs, x.numel(), x.shape[0], _DTYPES[cond.dtype], cond.data_ptr(),
-                      uncond.data_ptr() if uncond is not None else 0, float(guidance_scale),
-                      float(guidance_rescale), _DTYPES[x.dtype], x.data_ptr(), out.data_ptr(),
-                      self._history.data_ptr() if coefs.writes_history else 0,
-                      noise.data_ptr() if noise is not None else 0, stats, _device(x), _stream(x))
+            stats = self._stats
+        history = self._history if coefs.writes_history or coefs.second_order else None
+        _device(x)
+        _C.fused_step(coefs, x.shape[0], _buffer(cond), _buffer(uncond), float(guidance_scale),
+                      float(guidance_rescale), _buffer(x), _buffer(out), _buffer(history), _buffer(noise),
+                      _buffer(stats), _stream(x))
 
     def step_coefs(self, t):
         """The runtime's coefficients of the step at ``t`` (advances the multistep history, as a step does)."""
@@ -234,14 +243,13 @@ def blend_windows(outputs: torch.Tensor | list[torch.Tensor], num_frames: int, w
         raise TypeError(f"outputs and dtype must be float32 or float16, got {outputs.dtype} -> {dtype}")
     if not outputs.is_contiguous():
         raise ValueError("outputs must be contiguous (call .contiguous())")
-    device = _device(outputs)
+    _device(outputs)
     table, win, local, weight = _blend_table(int(num_frames), int(window), int(overlap), weighting, str(outputs.device))
     n, b, c, length, h, w = outputs.shape
     if n != table.num_windows or length != table.window_len:
         raise ValueError(f"outputs hold {n} windows of {length} frames, but the plan for {num_frames} frames "
                          f"(window {window}, overlap {overlap}) has {table.num_windows} of {table.window_len}")
     out = torch.empty(b, c, num_frames, h, w, dtype=dtype, device=outputs.device)
-    _C.blend(win.data_ptr(), local.data_ptr(), weight.data_ptr(), table.cover, table.num_windows, b * c,
-             table.window_len, num_frames, h * w, _DTYPES[outputs.dtype], outputs.data_ptr(), _DTYPES[dtype],
-             out.data_ptr(), device, _stream(outputs))
+    _C.blend(_buffer(win), _buffer(local), _buffer(weight), table.cover, table.num_windows, b * c,
+             table.window_len, num_frames, h * w, _buffer(outputs), _buffer(out), _stream(outputs))
     return out

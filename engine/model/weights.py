@@ -16,11 +16,11 @@ from typing import TYPE_CHECKING, Mapping
 
 import torch
 
-from .config import STUNetConfig
-from .io import atomic_path
+from ..config import STUNetConfig
+from ..io import atomic_path
 
 if TYPE_CHECKING:
-    from .model import STUNet
+    from .unet import STUNet
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -106,7 +106,7 @@ def interpolate_spatial(orig: "STUNet", style: "STUNet | Mapping[str, torch.Tens
     fine-tuned text-to-image U-Net); its temporal weights, if any, are ignored. Lumiere uses alpha in [0.5, 1].
     The temporal modules of the result are ``orig``'s, bit for bit.
     """
-    from .model import STUNet
+    from .unet import STUNet
 
     if not isinstance(orig, STUNet):
         raise TypeError(f"interpolate_spatial: orig must be a STUNet, got {type(orig).__name__}")

@@ -82,8 +82,9 @@ def multidiffusion_predict(predict: Callable[[torch.Tensor], torch.Tensor], x: t
                            blender: Callable | None = None) -> torch.Tensor:
     """Blend the predictions of ``predict`` on the temporal windows of ``x`` (B, C, T, H, W).
 
-    ``predict`` maps a batch of clips (N*B, C, W, H, W') to predictions (N*B, C_out, W, H, W'); up to
-    ``batch_size`` windows go into one call (the windows of a clip are stacked along the batch).
+    ``predict`` maps k windows of the clips, stacked window-major as (k*B, C, W, H, W'), to predictions
+    (k*R, C_out, W, H, W'), R rows per window in window order (R = B, or 2B for a [cond; uncond] pair per
+    window); up to ``batch_size`` windows go into one call. Returns the blended (R, C_out, T, H, W').
     ``blender``: ``runtime.blend_windows`` (the C++ runtime's one-pass blend, same result bit for bit) or
     None for :func:`blend` here. The result has the dtype of ``x``.
     """
@@ -96,10 +97,15 @@ def multidiffusion_predict(predict: Callable[[torch.Tensor], torch.Tensor], x: t
     preds: list[torch.Tensor] = []
     for i in range(0, len(starts), batch_size):
         chunk = starts[i:i + batch_size]
-        preds.append(predict(torch.cat([x[:, :, s:s + length] for s in chunk], dim=0)))
-    if blender is not None:  # all windows as one (N, B, ...) tensor: no copy when one call made them all
+        out = predict(torch.cat([x[:, :, s:s + length] for s in chunk], dim=0))
+        if out.shape[0] % len(chunk):
+            raise ValueError(f"predict returned {out.shape[0]} rows for {len(chunk)} windows; it must return "
+                             "the same number of rows for every window")
+        preds.append(out)
+    if blender is not None:  # all windows as one (N, R, ...) tensor: no copy when one call made them all
         stacked = (preds[0] if len(preds) == 1 else torch.cat(preds)).contiguous()
-        stacked = stacked.view(len(starts), x.shape[0], *stacked.shape[1:])
+        stacked = stacked.view(len(starts), -1, *stacked.shape[1:])
         return blender(stacked, T, window, overlap, weighting, x.dtype)
-    outputs = [o for p in preds for o in p.chunk(p.shape[0] // x.shape[0], dim=0)]
+    rows = preds[0].shape[0] // min(batch_size, len(starts))
+    outputs = [o for p in preds for o in p.split(rows, dim=0)]
     return blend(outputs, starts, weights, T).to(x.dtype)

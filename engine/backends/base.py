@@ -1,0 +1,92 @@
+"""The backend interface, the reference backend, and the converted copy a backend runs when it needs one.
+
+A backend is an executor of a STUNet: ``backend(x, timesteps, text, text_mask=None, *, noise_level=None)`` ->
+the model's prediction. It never modifies the model it is given: it runs that model with an explicit
+:class:`~stunet.model.ExecutionPolicy`, or a converted copy of it (other dtype, layout) that shares storage
+with the caller's parameters wherever nothing needs converting. Each backend class declares what it cannot
+run (``unsupported``), and :func:`~stunet.backends.make_backend` refuses with every reason at once.
+"""
+from __future__ import annotations
+
+import abc
+import copy
+
+import torch
+from torch import nn
+
+from ..model import REFERENCE, ExecutionPolicy, STUNet
+
+
+class Backend(abc.ABC):
+    name = "abstract"
+
+    def __init__(self, model: STUNet):
+        if not isinstance(model, STUNet):
+            raise TypeError(f"model must be a STUNet, got {type(model).__name__}")
+        self.model = model
+        """The module this backend executes: the caller's model, or the backend's own converted copy."""
+        self.policy: ExecutionPolicy = REFERENCE
+
+    @classmethod
+    def unsupported(cls, model: STUNet, **options) -> list[str]:
+        """Every reason this backend cannot run ``model`` with ``options`` (empty: it can)."""
+        reasons = []
+        if model.device.type == "meta":
+            reasons.append("the model's weights are on the meta device (load them first: STUNet.from_pretrained)")
+        return reasons
+
+    @property
+    def config(self):
+        return self.model.config
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype this backend computes in: inputs must have it (the pipeline casts to it)."""
+        return self.model.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.device
+
+    def describe(self) -> str:
+        """One line: what this backend runs, on which device and dtype."""
+        return f"{self.name}: {self.model.dtype} on {self.model.device}"
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.config.in_channels}-channel STUNet, {self.model.dtype})"
+
+    @abc.abstractmethod
+    def __call__(self, x: torch.Tensor, timesteps, text: torch.Tensor, text_mask: torch.Tensor | None = None,
+                 *, noise_level=None) -> torch.Tensor:
+        """The model's prediction (B, out_channels, T, H, W)."""
+
+
+class ReferenceBackend(Backend):
+    """Eager PyTorch in the model's dtype: the source of truth."""
+
+    name = "reference"
+
+    def describe(self) -> str:
+        return f"reference: eager PyTorch, {self.model.dtype} on {self.model.device}"
+
+    def __call__(self, x, timesteps, text, text_mask=None, *, noise_level=None):
+        return self.model(x, timesteps, text, text_mask, noise_level=noise_level, policy=self.policy)
+
+
+def converted_copy(model: STUNet, dtype: torch.dtype, channels_last_weights: bool = False) -> STUNet:
+    """A copy of ``model`` whose parameters are in ``dtype`` (4-D conv weights channels-last if asked).
+
+    A parameter that needs no conversion shares its storage with the caller's (a new Parameter object over the
+    same memory, so a later ``model.half()`` by the caller does not reach the copy); the others are converted
+    copies. The caller's model is not modified in any way.
+    """
+    memo: dict[int, object] = {}
+    for p in model.parameters():
+        layout = torch.channels_last if channels_last_weights and p.dim() == 4 else torch.contiguous_format
+        data = p.detach()
+        if data.dtype != dtype or not data.is_contiguous(memory_format=layout):
+            data = data.to(dtype).contiguous(memory_format=layout)
+        memo[id(p)] = nn.Parameter(data, requires_grad=False)
+    for b in model.buffers():
+        memo[id(b)] = b.to(dtype) if b.is_floating_point() else b
+    return copy.deepcopy(model, memo).eval()

@@ -1,0 +1,399 @@
+"""The video pipeline: text -> base STUNet (CFG) -> SSR STUNet on MultiDiffusion windows -> frames in [0, 1].
+
+    pipe = stunet.Pipeline.from_pretrained("base_dir", ssr="ssr_dir", text_encoder="t5_dir")
+    res = pipe("a teddy bear surfing", num_frames=80, num_inference_steps=32, guidance_scale=7.5, seed=0)
+    res.frames                                   # numpy (B, F, H, W, 3) in [0, 1]
+
+The pipeline checks every argument before any compute, encodes the prompts once, and runs the stages of
+``stages`` (base, then SSR when it has an SSR model) on their backends. The user sees frames (B, F, H, W, 3)
+in [0, 1]. All noise is drawn from one CPU generator, so a seed gives the same video on every device (for the
+same backend).
+
+Conditional modes (7-channel models; see ``conditioning``): ``image_to_video``, ``inpaint``, ``cinemagraph``;
+``video_to_video`` (SDEdit) works with any base model; ``with_style`` gives stylized generation.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import random
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from ..backends import BACKENDS, Backend, make_backend
+from ..model import STUNet
+from ..sampling import runtime as cpp_runtime
+from ..sampling.samplers import Sampler, sampler_class
+from .conditioning import Conditioning, video_frames
+from .stages import BaseStage, Prompts, SSROptions, SSRStage, StageOptions, _number
+from .text import TextEncoder
+
+log = logging.getLogger(__name__)
+
+RUNTIMES = ("cpp", "python")
+OUTPUT_TYPES = ("np", "pt", "pil")
+
+
+def default_runtime() -> str:
+    """"cpp" (the C++ runtime) when stunet._C imported, else "python", saying why."""
+    if cpp_runtime.available():
+        return "cpp"
+    log.warning("stunet: the C++ runtime is unavailable, sampling with the Python reference: %s",
+                cpp_runtime.status())
+    return "python"
+
+
+@dataclass
+class PipelineOutput:
+    frames: Any
+    """(B, F, H, W, 3) in [0, 1]: numpy ("np"), torch ("pt"), or per video a list of PIL images ("pil")."""
+    seed: int | None
+    """The seed the noise was drawn with (None when a generator was passed)."""
+    timings: dict[str, float] = field(default_factory=dict)
+    """Seconds per stage: text, base, ssr, decode."""
+    low_res_frames: Any = None
+    """The base model's frames when an SSR stage ran (same type as ``frames``)."""
+
+
+def to_frames(video: torch.Tensor) -> torch.Tensor:
+    """Model space (B, 3, T, H, W) in [-1, 1] -> frames (B, T, H, W, 3) in [0, 1], fp32 on the CPU."""
+    return ((video.float().clamp(-1, 1) + 1) / 2).permute(0, 2, 3, 4, 1).cpu().contiguous()
+
+
+class Pipeline:
+    """Text-to-video cascade: a base STUNet, an optional SSR STUNet, a text encoder.
+
+    Args:
+        base_model: the base :class:`~stunet.STUNet` (3 or 7 input channels).
+        text_encoder: turns prompts into the models' text tokens (:class:`~stunet.text.TextEncoder`); None
+            means prompts must come as ``prompt_embeds=``.
+        ssr_model: an SSR :class:`~stunet.STUNet` (6 input channels) raising the base video's resolution.
+        backend: how the models run: "reference" (eager PyTorch, the source of truth), "fast" (Triton kernels,
+            channels-last, CUDA graphs) or "compile" (torch.compile of the reference).
+        sampler: the default sampler of both stages: a name ("ddim", "ddpm", "dpmpp2m") or a configured
+            :class:`~stunet.samplers.Sampler` (e.g. ``DDIM(eta=0.5, spacing="trailing")``).
+        runtime: the sampler step: "cpp" (the C++ runtime's fused pass; the default when built) or "python".
+        backend_options: keyword options of the backend (e.g. ``{"max_batch": 1}`` for "fast").
+        progress: show progress bars (the call's ``progress=`` overrides it).
+    """
+
+    def __init__(self, base_model: STUNet, text_encoder: TextEncoder | None = None, ssr_model: STUNet | None = None,
+                 *, backend: str = "reference", sampler: str | Sampler = "ddim", runtime: str | None = None,
+                 backend_options: dict | None = None, progress: bool = True):
+        if not isinstance(base_model, STUNet):
+            raise TypeError(f"base_model must be a STUNet, got {type(base_model).__name__}")
+        if base_model.config.is_ssr:
+            raise ValueError("base_model is an SSR model (in_channels=6); pass it as ssr_model=")
+        if ssr_model is not None:
+            if not isinstance(ssr_model, STUNet) or not ssr_model.config.is_ssr:
+                raise ValueError("ssr_model must be a STUNet with in_channels=6 (an SSR config such as lumiere-ssr)")
+            if ssr_model.config.text_dim != base_model.config.text_dim:
+                raise ValueError(f"ssr_model takes text_dim={ssr_model.config.text_dim} but base_model takes "
+                                 f"{base_model.config.text_dim}; both must read the same text encoder")
+        if text_encoder is not None and text_encoder.dim != base_model.config.text_dim:
+            raise ValueError(f"text_encoder gives {text_encoder.dim}-wide tokens but the model takes "
+                             f"text_dim={base_model.config.text_dim}; use the encoder the model was trained with")
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        StageOptions(sampler=sampler)  # validates the type
+        if isinstance(sampler, str):
+            sampler_class(sampler)  # and the name, early
+        runtime = default_runtime() if runtime is None else runtime
+        if runtime not in RUNTIMES:
+            raise ValueError(f"runtime must be one of {RUNTIMES}, got {runtime!r}")
+        if runtime == "cpp" and not cpp_runtime.available():
+            raise RuntimeError(f"runtime='cpp' but {cpp_runtime.status()}")
+        self.base, self.ssr, self.text_encoder = base_model.eval(), ssr_model, text_encoder
+        if self.ssr is not None:
+            self.ssr.eval()
+        self.backend, self.sampler, self.runtime, self.progress = backend, sampler, runtime, progress
+        self.backend_options = dict(backend_options or {})
+        self.base_stage = BaseStage(make_backend(self.base, backend, **self.backend_options), runtime, sampler)
+        self.ssr_stage = (SSRStage(make_backend(self.ssr, backend, **self.backend_options), runtime, sampler)
+                          if self.ssr is not None else None)
+
+    @classmethod
+    def from_pretrained(cls, base: str | os.PathLike, ssr: str | os.PathLike | None = None,
+                        text_encoder: str | os.PathLike | TextEncoder | None = None, *, backend: str = "reference",
+                        device: str | torch.device | None = None, dtype: torch.dtype | None = None,
+                        **kwargs) -> "Pipeline":
+        """Load the models saved by ``STUNet.save_pretrained`` (``base``, optional ``ssr``) and a text encoder:
+        a folder in the transformers format (T5 or CLIP, with its tokenizer), an encoder object, or None (the
+        ``text_encoder`` folder inside ``base`` when there is one). ``device`` defaults to CUDA when available;
+        other keywords go to :class:`Pipeline`."""
+        from .text import load_text_encoder
+
+        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        base_model = STUNet.from_pretrained(base, device=device, dtype=dtype)
+        ssr_model = STUNet.from_pretrained(ssr, device=device, dtype=dtype) if ssr is not None else None
+        bundled = os.path.join(base, "text_encoder")
+        if text_encoder is None and os.path.isdir(bundled):
+            text_encoder = bundled
+        if isinstance(text_encoder, (str, os.PathLike)):
+            text_encoder = load_text_encoder(text_encoder, device=device)
+        return cls(base_model, text_encoder, ssr_model, backend=backend, **kwargs)
+
+    def with_style(self, style, alpha: float) -> "Pipeline":
+        """Stylized generation: a pipeline whose base model's spatial weights are blended towards ``style``."""
+        from ..model.weights import interpolate_spatial
+
+        return Pipeline(interpolate_spatial(self.base, style, alpha), self.text_encoder, self.ssr,
+                        backend=self.backend, sampler=self.sampler, runtime=self.runtime,
+                        backend_options=self.backend_options, progress=self.progress)
+
+    @property
+    def device(self) -> torch.device:
+        return self.base.device
+
+    def describe(self) -> str:
+        """What runs: each stage's backend, the sampler and the runtime."""
+        stages = [f"base {self.base_stage.backend.describe()}"]
+        if self.ssr_stage is not None:
+            stages.append(f"ssr {self.ssr_stage.backend.describe()}")
+        return "; ".join(stages) + f"; sampler {self.sampler!r} stepped by the {self.runtime} runtime"
+
+    # -- text -----------------------------------------------------------------------------------------------
+    def encode_prompt(self, prompts: list[str], negative: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Tokens and mask of [prompts; negative prompts], padded to one length, on the model's device."""
+        if self.text_encoder is None:
+            raise ValueError("this pipeline has no text encoder: pass text_encoder= when building it (a T5 or "
+                             "CLIP folder, or stunet.text.tiny_random_t5(dim) as an offline random stand-in), "
+                             "or give prompt_embeds= (and negative_prompt_embeds=) to the call")
+        tokens, mask = self.text_encoder.encode(prompts + negative)
+        return tokens.to(self.device, self.base.dtype), mask.to(self.device)
+
+    def _check_prompts(self, prompt, negative_prompt, prompt_embeds, negative_prompt_embeds):
+        """(prompts, negatives) as lists, or the embeddings checked; raises before any compute."""
+        if prompt_embeds is not None:
+            if prompt is not None:
+                raise ValueError("pass either prompt or prompt_embeds, not both")
+            if not isinstance(prompt_embeds, torch.Tensor) or prompt_embeds.dim() != 3 \
+                    or prompt_embeds.shape[2] != self.base.config.text_dim:
+                raise ValueError(f"prompt_embeds must be a (B, L, {self.base.config.text_dim}) tensor, got "
+                                 f"{tuple(getattr(prompt_embeds, 'shape', ())) or type(prompt_embeds).__name__}")
+            if negative_prompt_embeds is not None and (not isinstance(negative_prompt_embeds, torch.Tensor)
+                                                       or negative_prompt_embeds.shape != prompt_embeds.shape):
+                raise ValueError(f"negative_prompt_embeds must match prompt_embeds {tuple(prompt_embeds.shape)}, "
+                                 f"got {tuple(getattr(negative_prompt_embeds, 'shape', ()))}")
+            for name, t in (("prompt_embeds", prompt_embeds), ("negative_prompt_embeds", negative_prompt_embeds)):
+                if t is not None and not torch.isfinite(t).all():
+                    raise ValueError(f"{name} contains NaN or inf")
+            return None, None
+        if isinstance(prompt, str):
+            prompt = [prompt]
+        if not prompt or not isinstance(prompt, (list, tuple)) or not all(isinstance(p, str) for p in prompt):
+            raise ValueError("prompt must be a string or a non-empty list of strings (or pass prompt_embeds=)")
+        B = len(prompt)
+        negative = negative_prompt if negative_prompt is not None else ""
+        negative = [negative] * B if isinstance(negative, str) else list(negative)
+        if len(negative) != B or not all(isinstance(n, str) for n in negative):
+            raise ValueError(f"negative_prompt must be a string or a list of {B} strings (one per prompt), "
+                             f"got {negative_prompt!r}")
+        if self.text_encoder is None:
+            self.encode_prompt([], [])  # raises, naming the ways out
+        if any(not p.strip() for p in prompt):
+            log.warning("stunet: an empty prompt: that video is generated unconditionally")
+        return list(prompt), negative
+
+    def _encode(self, prompts, negatives, prompt_embeds, negative_prompt_embeds) -> Prompts:
+        if prompts is None:
+            pe = prompt_embeds.to(self.device, self.base.dtype)
+            ne = (negative_prompt_embeds.to(self.device, self.base.dtype) if negative_prompt_embeds is not None
+                  else torch.zeros_like(pe))
+            mask = torch.ones(2 * pe.shape[0], pe.shape[1], dtype=torch.bool, device=self.device)
+            return Prompts(torch.cat([pe, ne]), mask, pe.shape[0])
+        tokens, mask = self.encode_prompt(prompts, negatives)
+        return Prompts(tokens, mask, len(prompts))
+
+    # -- the call ---------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def __call__(self, prompt: str | list[str] | None = None, negative_prompt: str | list[str] | None = None, *,
+                 num_frames: int | None = None, height: int | None = None, width: int | None = None,
+                 num_inference_steps: int = 32, guidance_scale: float = 7.5, guidance_rescale: float = 0.0,
+                 sampler: str | Sampler | None = None, seed: int | None = None,
+                 generator: torch.Generator | None = None, ssr: SSROptions | None = None,
+                 conditioning: Conditioning | None = None, init_video: torch.Tensor | None = None,
+                 strength: float = 1.0, prompt_embeds: torch.Tensor | None = None,
+                 negative_prompt_embeds: torch.Tensor | None = None, output_type: str = "np",
+                 callback_on_step_end: Callable | None = None, progress: bool | None = None) -> PipelineOutput:
+        """Generate videos; every argument is checked before any compute.
+
+        Args:
+            prompt: a prompt or a list of prompts (one video each); an empty prompt generates unconditionally.
+            negative_prompt: what to steer away from (one for all, or one per prompt); default "".
+            num_frames, height, width: the base video's size (default: the base model's ``sample_frames`` and
+                ``sample_size``); multiples of the model's frame and spatial divisors.
+            num_inference_steps: base denoising steps.
+            guidance_scale: classifier-free guidance of the base stage (1 = none, half the compute).
+            guidance_rescale: rescale of the guided prediction towards the conditional one's std, in [0, 1].
+            sampler: this call's base-stage sampler (name or :class:`~stunet.samplers.Sampler`); default the
+                pipeline's.
+            seed: the noise seed (a random one when neither it nor ``generator`` is given; the output says it).
+            generator: a CPU ``torch.Generator`` instead of ``seed``.
+            ssr: :class:`SSROptions` for the SSR stage (steps, guidance, windows, noise augmentation).
+            conditioning: the masked video and mask of a 7-channel model (see the mode methods).
+            init_video: SDEdit input (B, 3, F, H, W) in [-1, 1]; ``strength`` in (0, 1] is how far it is noised.
+            prompt_embeds, negative_prompt_embeds: precomputed text tokens (B, L, text_dim) instead of prompts.
+            output_type: "np" (numpy), "pt" (torch) or "pil" (lists of PIL images).
+            callback_on_step_end: ``f(pipe, step, timestep, {"latents": x, "stage": "base"|"ssr"})`` after each
+                step; returning ``{"latents": x2}`` replaces the sample.
+            progress: show progress bars (default: the pipeline's setting).
+        Returns:
+            :class:`PipelineOutput` with ``frames`` (B, F, H, W, 3) in [0, 1] (after SSR when there is one).
+        """
+        cfg = self.base.config
+        show = self.progress if progress is None else progress
+        T = num_frames if num_frames is not None else cfg.sample_frames
+        H = height if height is not None else cfg.sample_size
+        W = width if width is not None else cfg.sample_size
+        self._check_geometry(T, H, W)
+        base_options = StageOptions(num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
+                                    guidance_rescale=guidance_rescale, sampler=sampler)
+        if isinstance(sampler, str):
+            sampler_class(sampler)
+        if ssr is None:
+            ssr = SSROptions()
+        elif not isinstance(ssr, SSROptions):
+            raise TypeError(f"ssr must be an SSROptions, got {type(ssr).__name__}")
+        if self.ssr_stage is not None:
+            self.ssr_stage.output_size(H, W)
+            ssr.geometry(self.ssr.config, T)
+        if output_type not in OUTPUT_TYPES:
+            raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
+        _number("", "strength", strength, 0, 1, lo_open=True)
+        if generator is not None and seed is not None:
+            raise ValueError("pass either seed or generator, not both")
+        if generator is None:
+            if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)
+                                     or not 0 <= seed < 2 ** 63):
+                raise ValueError(f"seed must be an integer in [0, 2**63), got {seed!r}")
+            seed = random.randrange(2 ** 63) if seed is None else seed
+            generator = torch.Generator().manual_seed(seed)
+        elif not isinstance(generator, torch.Generator) or generator.device.type != "cpu":
+            raise ValueError("generator must be a CPU torch.Generator (noise is drawn on the CPU so a seed gives "
+                             "the same video on every device)")
+        prompts, negatives = self._check_prompts(prompt, negative_prompt, prompt_embeds, negative_prompt_embeds)
+        B = len(prompts) if prompts is not None else prompt_embeds.shape[0]
+        if conditioning is not None:
+            conditioning = conditioning.check(cfg, B, T, H, W)
+        elif cfg.in_channels == 7:
+            conditioning = Conditioning.unconditional(B, T, H, W)
+        if init_video is not None:
+            init_video = self._check_init(init_video, (B, 3, T, H, W), num_inference_steps, strength)
+        callback = self._step_callback(callback_on_step_end)
+
+        timings: dict[str, float] = {}
+        t0 = time.perf_counter()
+        text = self._encode(prompts, negatives, prompt_embeds, negative_prompt_embeds)
+        timings["text"] = self._elapsed(t0)
+
+        t0 = time.perf_counter()
+        x = self.base_stage.run(text, (B, T, H, W), generator, base_options, conditioning=conditioning,
+                                init=init_video, strength=strength, callback=callback, progress=show)
+        timings["base"] = self._elapsed(t0)
+
+        low = x
+        if self.ssr_stage is not None:
+            t0 = time.perf_counter()
+            x = self.ssr_stage.run(text, low, generator, ssr, ssr.num_inference_steps or num_inference_steps,
+                                   callback=callback, progress=show)
+            timings["ssr"] = self._elapsed(t0)
+
+        t0 = time.perf_counter()
+        frames = self._output(x, output_type)
+        low_frames = self._output(low, output_type) if self.ssr_stage is not None else None
+        timings["decode"] = self._elapsed(t0)
+        return PipelineOutput(frames=frames, seed=seed, timings=timings, low_res_frames=low_frames)
+
+    @staticmethod
+    def _check_init(init_video, shape, steps: int, strength: float) -> torch.Tensor:
+        if not isinstance(init_video, torch.Tensor) or tuple(init_video.shape) != shape:
+            raise ValueError(f"init_video must be a tensor of shape {shape} (B, 3, T, H, W), got "
+                             f"{tuple(getattr(init_video, 'shape', ())) or type(init_video).__name__}")
+        if not torch.isfinite(init_video).all():
+            raise ValueError("init_video contains NaN or inf")
+        if round(steps * strength) < 1:
+            raise ValueError(f"strength {strength} leaves no denoising step of {steps}; raise it or the step count")
+        return init_video.float()
+
+    def _step_callback(self, callback: Callable | None):
+        if callback is None:
+            return None
+        if not callable(callback):
+            raise TypeError(f"callback_on_step_end must be callable, got {type(callback).__name__}")
+
+        def run(stage: str, i: int, t: int, x: torch.Tensor) -> torch.Tensor:
+            result = callback(self, i, t, {"latents": x, "stage": stage})
+            if result and "latents" in result:
+                new = result["latents"]
+                if new.shape != x.shape:
+                    raise ValueError(f"callback_on_step_end returned latents of shape {tuple(new.shape)}, "
+                                     f"expected {tuple(x.shape)}")
+                x = new.to(x.device, x.dtype)
+            return x
+
+        return run
+
+    def _elapsed(self, t0: float) -> float:
+        """Seconds since t0 once the device's queued work is done (stage timings of asynchronous GPU work)."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter() - t0
+
+    def _check_geometry(self, T: int, H: int, W: int) -> None:
+        cfg = self.base.config
+        for name, value, div in (("num_frames", T, cfg.frame_divisor), ("height", H, cfg.spatial_divisor),
+                                 ("width", W, cfg.spatial_divisor)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1 or value % div:
+                raise ValueError(f"{name} must be a positive multiple of {div} for this base model, got {value!r}")
+
+    @staticmethod
+    def _output(video: torch.Tensor, output_type: str):
+        frames = to_frames(video)
+        if output_type == "pt":
+            return frames
+        array = frames.numpy()
+        if output_type == "np":
+            return array
+        from PIL import Image
+
+        return [[Image.fromarray((f * 255 + 0.5).astype(np.uint8)) for f in clip] for clip in array]
+
+    # -- conditional modes -----------------------------------------------------------------------------------
+    def image_to_video(self, image, prompt=None, **kwargs) -> PipelineOutput:
+        """Animate ``image`` ((H, W, 3) or (B, H, W, 3) in [0, 1]): it is frame 0 of the generated video."""
+        cond = Conditioning.image_to_video(image, self._frames(kwargs))
+        return self(prompt, conditioning=cond, **self._sized(kwargs, cond))
+
+    def inpaint(self, video, region, prompt=None, **kwargs) -> PipelineOutput:
+        """Regenerate ``region`` (1 = generate; (H, W), (F, H, W) or (B, F, H, W)) of ``video`` (frames in [0, 1])."""
+        cond = Conditioning.inpaint(video, region)
+        return self(prompt, conditioning=cond, **self._sized(kwargs, cond))
+
+    def cinemagraph(self, image, region, prompt=None, **kwargs) -> PipelineOutput:
+        """Animate only ``region`` (1 = animate, (H, W) or (B, H, W)) of ``image``; the rest stays still."""
+        cond = Conditioning.cinemagraph(image, region, self._frames(kwargs))
+        return self(prompt, conditioning=cond, **self._sized(kwargs, cond))
+
+    def video_to_video(self, video, prompt=None, strength: float = 0.6, **kwargs) -> PipelineOutput:
+        """SDEdit: noise ``video`` (frames in [0, 1]) to ``strength`` and denoise it towards the prompt."""
+        init = video_frames(video)
+        kwargs.setdefault("num_frames", init.shape[2])
+        kwargs.setdefault("height", init.shape[3])
+        kwargs.setdefault("width", init.shape[4])
+        return self(prompt, init_video=init, strength=strength, **kwargs)
+
+    def _frames(self, kwargs) -> int:
+        return kwargs.get("num_frames") or self.base.config.sample_frames
+
+    @staticmethod
+    def _sized(kwargs: dict, cond: Conditioning) -> dict:
+        _, _, T, H, W = cond.video.shape
+        return {**kwargs, "num_frames": T, "height": H, "width": W}
+
+
+__all__ = ["Pipeline", "PipelineOutput", "to_frames", "RUNTIMES", "OUTPUT_TYPES"]
