@@ -82,11 +82,11 @@ void fused_step(const StepCoefs& coefs, int64_t batch, const BufferArg& cond_arg
                 const BufferArg& x_arg, const BufferArg& out_arg, const std::optional<BufferArg>& history_arg,
                 const std::optional<BufferArg>& noise_arg, const std::optional<BufferArg>& stats_arg,
                 uintptr_t stream) {
-    const Buffer x = buffer("x", x_arg, std::get<1>(x_arg), {"float32", "float16"}, "");
+    const Buffer x = buffer("x", x_arg, std::get<1>(x_arg), {"float32", "float16", "bfloat16"}, "");
     const int64_t n = x.numel;
     const std::string& dev = x.device;
     const bool cuda = on_cuda(dev);
-    const Buffer cond = buffer("cond", cond_arg, n, {"float32", "float16"}, dev);
+    const Buffer cond = buffer("cond", cond_arg, n, {"float32", "float16", "bfloat16"}, dev);
     const auto uncond = optional_buffer("uncond", uncond_arg, false, "", n, {cond.dtype.c_str()}, dev);
     const Buffer out = buffer("out", out_arg, n, {x.dtype.c_str()}, dev);
     const auto history = optional_buffer("history", history_arg, coefs.second_order || coefs.writes_history,
@@ -128,10 +128,10 @@ void blend(const BufferArg& window_arg, const BufferArg& local_arg, const Buffer
     if (cover < 1 || num_windows < 1 || rows < 0 || window_len < 1 || num_frames < 1 || plane < 0)
         bad("the blend geometry must be positive (cover, num_windows, window_len, num_frames) and non-negative "
             "(rows, plane)");
-    const Buffer in = buffer("in", in_arg, num_windows * rows * window_len * plane, {"float32", "float16"}, "");
+    const Buffer in = buffer("in", in_arg, num_windows * rows * window_len * plane, {"float32", "float16", "bfloat16"}, "");
     const std::string& dev = in.device;
     const bool cuda = on_cuda(dev);
-    const Buffer out = buffer("out", out_arg, rows * num_frames * plane, {"float32", "float16"}, dev);
+    const Buffer out = buffer("out", out_arg, rows * num_frames * plane, {"float32", "float16", "bfloat16"}, dev);
     const Buffer window = buffer("window", window_arg, num_frames * cover, {"int32"}, dev);
     const Buffer local = buffer("local", local_arg, num_frames * cover, {"int32"}, dev);
     const Buffer weight = buffer("weight", weight_arg, num_frames * cover, {"float32"}, dev);
@@ -241,6 +241,11 @@ PYBIND11_MODULE(_C, m) {
         const Buffer src = buffer("src", src_arg, std::get<1>(src_arg), {"float32"}, "cpu");
         const Buffer dst = buffer("dst", dst_arg, src.numel, {"int16", "float16"}, "cpu");
         for (int64_t i = 0; i < src.numel; ++i) dst.as<uint16_t>()[i] = f32_to_f16_bits(src.as<const float>()[i]);
+    });
+    m.def("f32_to_bf16_bits", [](const BufferArg& src_arg, const BufferArg& dst_arg) {
+        const Buffer src = buffer("src", src_arg, std::get<1>(src_arg), {"float32"}, "cpu");
+        const Buffer dst = buffer("dst", dst_arg, src.numel, {"int16", "bfloat16"}, "cpu");
+        for (int64_t i = 0; i < src.numel; ++i) dst.as<uint16_t>()[i] = f32_to_bf16_bits(src.as<const float>()[i]);
     });
     m.def("f16_bits_to_f32", [](const BufferArg& src_arg, const BufferArg& dst_arg) {
         const Buffer src = buffer("src", src_arg, std::get<1>(src_arg), {"int16", "float16"}, "cpu");

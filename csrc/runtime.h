@@ -19,7 +19,7 @@
 
 namespace stunet {
 
-enum class DType : int32_t { F32 = 0, F16 = 1 };
+enum class DType : int32_t { F32 = 0, F16 = 1, BF16 = 2 };
 enum class Schedule : int32_t { Linear, ScaledLinear, Cosine };
 enum class Spacing : int32_t { Leading, Trailing, Linspace };
 enum class Prediction : int32_t { V, Eps };
@@ -147,9 +147,10 @@ void fused_step_cuda(const StepArgs& args, void* stream);
 void blend_cuda(const BlendArgs& args, void* stream);
 #endif
 
-// fp16 <-> fp32 as torch converts (round to nearest even, NaN -> quiet NaN), exposed for tests.
+// fp16 / bf16 <-> fp32 as torch converts on the CPU (round to nearest even, NaN -> quiet NaN), for tests.
 uint16_t f32_to_f16_bits(float value);
 float f16_bits_to_f32(uint16_t bits);
+uint16_t f32_to_bf16_bits(float value);
 
 std::string build_info();
 

@@ -43,6 +43,11 @@ template <> struct Storage<DType::F16> {
     static float load(const uint16_t* p, int64_t i) { return detail::f16_to_f32(p[i]); }
     static void store(uint16_t* p, int64_t i, float v) { p[i] = detail::f32_to_f16(v); }
 };
+template <> struct Storage<DType::BF16> {
+    using type = uint16_t;
+    static float load(const uint16_t* p, int64_t i) { return detail::bf16_to_f32(p[i]); }
+    static void store(uint16_t* p, int64_t i, float v) { p[i] = detail::f32_to_bf16(v); }
+};
 
 // One sample's elements [begin, end), specialised on the dtypes, the sampler and the prediction type. Blocks
 // of kBlock elements go through one simple loop per stage (load, guide, rescale, update, store), each of which
@@ -189,21 +194,20 @@ void check(const BlendArgs& a) {
 
 void fused_step_cpu(const StepArgs& a) {
     check(a);
-    if (a.pred_dtype == DType::F32 && a.x_dtype == DType::F32) step_dispatch<DType::F32, DType::F32>(a);
-    else if (a.pred_dtype == DType::F32) step_dispatch<DType::F32, DType::F16>(a);
-    else if (a.x_dtype == DType::F32) step_dispatch<DType::F16, DType::F32>(a);
-    else step_dispatch<DType::F16, DType::F16>(a);
+    detail::with_dtype(a.pred_dtype, [&](auto p) {
+        detail::with_dtype(a.x_dtype, [&](auto x) { step_dispatch<decltype(p)::value, decltype(x)::value>(a); });
+    });
 }
 
 void blend_cpu(const BlendArgs& a) {
     check(a);
-    if (a.in_dtype == DType::F32 && a.out_dtype == DType::F32) blend_loop<DType::F32, DType::F32>(a);
-    else if (a.in_dtype == DType::F32) blend_loop<DType::F32, DType::F16>(a);
-    else if (a.out_dtype == DType::F32) blend_loop<DType::F16, DType::F32>(a);
-    else blend_loop<DType::F16, DType::F16>(a);
+    detail::with_dtype(a.in_dtype, [&](auto i) {
+        detail::with_dtype(a.out_dtype, [&](auto o) { blend_loop<decltype(i)::value, decltype(o)::value>(a); });
+    });
 }
 
 uint16_t f32_to_f16_bits(float value) { return detail::f32_to_f16(value); }
+uint16_t f32_to_bf16_bits(float value) { return detail::f32_to_bf16(value); }
 float f16_bits_to_f32(uint16_t bits) { return detail::f16_to_f32(bits); }
 
 std::string build_info() {

@@ -1,9 +1,10 @@
 // CUDA passes of the fused step and the blend: asynchronous on the caller's stream, no host synchronisation
 // (CUDA-graph capturable), 16-byte vector accesses where the buffers allow. Built only with STUNET_CUDA=1.
 //
-// Bytes per element of the step: cond + uncond + x + out (2 bytes each in fp16), plus 8 for the DPM-Solver++
+// Bytes per element of the step: cond + uncond + x + out (2 bytes each in fp16 or bf16), plus 8 for the DPM-Solver++
 // history (read + write fp32) and 4 for the noise of stochastic steps: 8 to 20 bytes, arithmetic negligible,
 // so both passes are bound by HBM bandwidth. Compiled with --fmad=false (see step_math.h).
+#include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
@@ -52,6 +53,29 @@ template <> struct Dev<DType::F16> {
         __half2* h = reinterpret_cast<__half2*>(&raw);
 #pragma unroll
         for (int j = 0; j < 4; ++j) h[j] = __floats2half2_rn(v[2 * j], v[2 * j + 1]);
+        *reinterpret_cast<uint4*>(p + i) = raw;
+    }
+};
+
+template <> struct Dev<DType::BF16> {
+    using T = __nv_bfloat16;
+    static __device__ __forceinline__ float load(const T* p, int64_t i) { return __bfloat162float(p[i]); }
+    static __device__ __forceinline__ void store(T* p, int64_t i, float v) { p[i] = __float2bfloat16_rn(v); }
+    static __device__ __forceinline__ void load8(const T* p, int64_t i, float (&v)[kVec]) {
+        const uint4 raw = *reinterpret_cast<const uint4*>(p + i);
+        const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(&raw);
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+            const float2 f = __bfloat1622float2(h[j]);
+            v[2 * j] = f.x;
+            v[2 * j + 1] = f.y;
+        }
+    }
+    static __device__ __forceinline__ void store8(T* p, int64_t i, const float (&v)[kVec]) {
+        uint4 raw;
+        __nv_bfloat162* h = reinterpret_cast<__nv_bfloat162*>(&raw);
+#pragma unroll
+        for (int j = 0; j < 4; ++j) h[j] = __floats2bfloat162_rn(v[2 * j], v[2 * j + 1]);
         *reinterpret_cast<uint4*>(p + i) = raw;
     }
 };
@@ -207,10 +231,9 @@ void fused_step_cuda(const StepArgs& a, void* stream) {
     check(a);
     if (a.numel == 0) return;
     auto s = static_cast<cudaStream_t>(stream);
-    if (a.pred_dtype == DType::F32 && a.x_dtype == DType::F32) launch_step<DType::F32, DType::F32>(a, s);
-    else if (a.pred_dtype == DType::F32) launch_step<DType::F32, DType::F16>(a, s);
-    else if (a.x_dtype == DType::F32) launch_step<DType::F16, DType::F32>(a, s);
-    else launch_step<DType::F16, DType::F16>(a, s);
+    detail::with_dtype(a.pred_dtype, [&](auto p) {
+        detail::with_dtype(a.x_dtype, [&](auto x) { launch_step<decltype(p)::value, decltype(x)::value>(a, s); });
+    });
 }
 
 void blend_cuda(const BlendArgs& a, void* stream) {
@@ -218,10 +241,9 @@ void blend_cuda(const BlendArgs& a, void* stream) {
     if (a.rows * a.plane == 0) return;
     if (a.rows * a.num_frames > 0x7fffffff) throw std::invalid_argument("rows * num_frames must be < 2^31");
     auto s = static_cast<cudaStream_t>(stream);
-    if (a.in_dtype == DType::F32 && a.out_dtype == DType::F32) launch_blend<DType::F32, DType::F32>(a, s);
-    else if (a.in_dtype == DType::F32) launch_blend<DType::F32, DType::F16>(a, s);
-    else if (a.out_dtype == DType::F32) launch_blend<DType::F16, DType::F32>(a, s);
-    else launch_blend<DType::F16, DType::F16>(a, s);
+    detail::with_dtype(a.in_dtype, [&](auto i) {
+        detail::with_dtype(a.out_dtype, [&](auto o) { launch_blend<decltype(i)::value, decltype(o)::value>(a, s); });
+    });
 }
 
 }  // namespace stunet

@@ -70,7 +70,8 @@ DType parse_dtype(const std::string& name) {
     const std::string k = lower(name);
     if (k == "float32" || k == "f32") return DType::F32;
     if (k == "float16" || k == "f16") return DType::F16;
-    bad_name("dtype", name, "('float32', 'float16')");
+    if (k == "bfloat16" || k == "bf16") return DType::BF16;
+    bad_name("dtype", name, "('float32', 'float16', 'bfloat16')");
 }
 
 std::vector<double> make_betas(Schedule schedule, int n) {

@@ -1,18 +1,20 @@
 // Per-element math of the fused step and the blend, shared by the CPU loops and the CUDA kernels.
 //
-// The operation order is the reference's (engine/samplers.py): one fp32 rounding per torch op, prediction
-// tensors in fp16 rounded back to fp16 after every op of the guidance combine (torch computes fp16 ops in fp32
-// and rounds each result). Compiled without contracted multiply-adds (-ffp-contract=off, nvcc --fmad=false):
+// The operation order is the reference's (engine/sampling/samplers.py): one fp32 rounding per torch op,
+// prediction tensors in fp16 or bf16 rounded back to their dtype after every op of the guidance combine
+// (torch computes 16-bit ops in fp32 and rounds each result). Compiled without contracted multiply-adds (-ffp-contract=off, nvcc --fmad=false):
 // a fused a*b+c would differ from torch's separate mul and add in the last bit.
 #pragma once
 
 #include <cstdint>
 #include <cmath>
 #include <cstring>
+#include <type_traits>
 
 #include "runtime.h"
 
 #ifdef __CUDACC__
+#include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #define STUNET_HD __host__ __device__ __forceinline__
 #else
@@ -62,6 +64,15 @@ inline float f16_to_f32(uint16_t h) {
     return float_of(sign | (e == 0x7c00u ? special : (e == 0 ? subnormal : normal)));
 }
 
+// bf16: the upper half of an fp32, rounded to nearest even (NaN -> 0x7fc0), as torch's c10::BFloat16.
+inline uint16_t f32_to_bf16(float value) {
+    const uint32_t x = bits_of(value);
+    const uint32_t rounded = (x + 0x7fffu + ((x >> 16) & 1u)) >> 16;
+    return static_cast<uint16_t>((x & 0x7fffffffu) > 0x7f800000u ? 0x7fc0u : rounded);
+}
+
+inline float bf16_to_f32(uint16_t h) { return float_of(static_cast<uint32_t>(h) << 16); }
+
 // Rounds an fp32 value to the storage type of a tensor (identity for fp32).
 template <DType D> struct Round;
 template <> struct Round<DType::F32> {
@@ -76,6 +87,25 @@ template <> struct Round<DType::F16> {
 #endif
     }
 };
+template <> struct Round<DType::BF16> {
+    static STUNET_HD float apply(float v) {
+#ifdef __CUDA_ARCH__
+        return __bfloat162float(__float2bfloat16_rn(v));
+#else
+        return bf16_to_f32(f32_to_bf16(v));
+#endif
+    }
+};
+
+// Calls f(std::integral_constant<DType, d>{}) for the run-time dtype d: one instantiation per dtype.
+template <class F>
+void with_dtype(DType d, F&& f) {
+    switch (d) {
+        case DType::F32: return f(std::integral_constant<DType, DType::F32>{});
+        case DType::F16: return f(std::integral_constant<DType, DType::F16>{});
+        case DType::BF16: return f(std::integral_constant<DType, DType::BF16>{});
+    }
+}
 
 // Guidance as the reference's cfg_combine: ``uncond + s * (cond - uncond)`` in the prediction's dtype, then
 // optionally ``r * (g * f) + (1 - r) * g`` in fp32 with f = std(cond) / std(guided), rounded to the dtype.

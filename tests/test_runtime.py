@@ -64,6 +64,19 @@ def test_fp16_conversion_matches_torch():
     assert torch.equal(out, values.half().view(torch.int16))
 
 
+def test_bf16_conversion_matches_torch():
+    g = torch.Generator().manual_seed(1)
+    bits = torch.arange(-32768, 32768, dtype=torch.int32).to(torch.int16)
+    exact = bits.view(torch.bfloat16).float()
+    values = torch.cat([exact, exact * (1 + 2 ** -8), exact * (1 + 2 ** -9),  # ties and near-ties
+                        torch.randn(200_000, generator=g) * 10 ** torch.randint(-30, 30, (200_000,), generator=g),
+                        torch.tensor([3.4e38, -3.4e38, 1e-45, float("inf"), -float("inf")])])
+    values = values[~values.isnan()].contiguous()
+    out = torch.empty(values.numel(), dtype=torch.int16)
+    _C.f32_to_bf16_bits(runtime._buffer(values), runtime._buffer(out))
+    assert torch.equal(out, values.bfloat16().view(torch.int16))
+
+
 # -- the fused step ------------------------------------------------------------------------------------------
 GUIDANCE = {"none": (1.0, 0.0), "cfg": (7.5, 0.0), "cfg+rescale": (5.0, 0.7)}
 
@@ -104,7 +117,7 @@ def _run_both(name, prediction, guidance, dtype, clip=False, steps=6, shape=(2, 
     return pairs
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["fp32", "fp16", "bf16"])
 @pytest.mark.parametrize("guidance", list(GUIDANCE))
 @pytest.mark.parametrize("prediction", ["v", "eps"])
 @pytest.mark.parametrize("name", ["ddim", "ddim-eta", "ddpm", "dpmpp2m"])
@@ -112,7 +125,7 @@ def test_fused_step_matches_reference(name, prediction, guidance, dtype):
     for i, (got, want) in enumerate(_run_both(name, prediction, guidance, dtype)):
         assert got.dtype == want.dtype == dtype
         if guidance == "cfg+rescale":
-            tol = 1e-6 if dtype == torch.float32 else 1e-3  # fp16: one ulp
+            tol = {torch.float32: 1e-6, torch.float16: 1e-3, torch.bfloat16: 8e-3}[dtype]  # 16-bit: one ulp
             assert_close(got, want, atol=tol, rtol=tol, what=f"step {i}")
         else:
             assert torch.equal(got, want), f"step {i}: max |diff| {(got.float() - want.float()).abs().max()}"
@@ -152,8 +165,8 @@ def test_fused_step_bad_inputs():
     t = int(s.timesteps[0])
     with pytest.raises(ValueError, match="model_output has shape"):
         s.step(torch.zeros(2, 3, 4, 4, 5), t, x)
-    with pytest.raises(TypeError, match="x must be a float32 or float16"):
-        s.step(x, t, x.bfloat16())
+    with pytest.raises(TypeError, match="x must be a float32, float16 or bfloat16"):
+        s.step(x, t, x.double())
     with pytest.raises(TypeError, match="uncond must be one of"):
         s.guided_step(x, x.to(torch.float64), t, x, 2.0)
     with pytest.raises(ValueError, match="contiguous"):
@@ -194,7 +207,8 @@ def test_window_plans_and_weights_identical():
 @given(T=st.integers(1, 40), window=st.integers(1, 12), overlap_frac=st.floats(0, 0.95), b=st.integers(1, 3),
        c=st.integers(1, 4), h=st.integers(1, 9), w=st.integers(1, 9), weighting=st.sampled_from(["uniform", "ramp"]),
        dtypes=st.sampled_from([(torch.float32, torch.float32), (torch.float16, torch.float16),
-                               (torch.float16, torch.float32), (torch.float32, torch.float16)]))
+                               (torch.float16, torch.float32), (torch.float32, torch.float16),
+                               (torch.bfloat16, torch.bfloat16), (torch.bfloat16, torch.float32)]))
 def test_blend_bit_identical(T, window, overlap_frac, b, c, h, w, weighting, dtypes):
     overlap = min(int(overlap_frac * window), window - 1)
     starts = window_plan(T, window, overlap)
@@ -215,7 +229,7 @@ def test_blend_bad_inputs():
         runtime.blend_windows(x, 80, 16, 4)
     with pytest.raises(ValueError, match=r"\(N, B, C, L, H, W\)"):
         runtime.blend_windows(x[0], 80, 16, 2)
-    with pytest.raises(TypeError, match="float32 or float16"):
+    with pytest.raises(TypeError, match="float32, float16 or bfloat16"):
         runtime.blend_windows(x.double(), 80, 16, 2)
     with pytest.raises(ValueError, match="contiguous"):
         runtime.blend_windows(x.transpose(4, 5), 80, 16, 2)
@@ -326,7 +340,7 @@ def _cuda_runtime():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["fp32", "fp16", "bf16"])
 @pytest.mark.parametrize("guidance", list(GUIDANCE))
 @pytest.mark.parametrize("name", sorted(SAMPLERS))
 def test_cuda_fused_step_matches_torch_on_cuda(name, guidance, dtype):
@@ -347,12 +361,12 @@ def test_cuda_fused_step_matches_torch_on_cuda(name, guidance, dtype):
                       if guidance != "none" else None)
             x_ref = ref.guided_step(cond, uncond, t, x_ref, scale, rescale, gr)
             x_fused = fused.guided_step(cond, uncond, t, x_fused, scale, rescale, gf)
-            tol = 1e-6 if dtype == torch.float32 else 1e-3
+            tol = {torch.float32: 1e-6, torch.float16: 1e-3, torch.bfloat16: 8e-3}[dtype]
             assert_close(x_fused, x_ref, atol=tol, rtol=tol, what=f"{shp} t={int(t)}")
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["fp32", "fp16", "bf16"])
 def test_cuda_blend_bit_identical(dtype):
     _cuda_runtime()
     for T, window, overlap, hw in ((80, 16, 2, (32, 32)), (37, 8, 3, (5, 7)), (5, 16, 2, (8, 8))):

@@ -34,7 +34,7 @@ except ImportError as exc:  # a source checkout that was never built, or a broke
     _C = None
     _IMPORT_ERROR = f"{type(exc).__name__}: {exc}"
 
-_DTYPES = {torch.float32: "float32", torch.float16: "float16"}
+_DTYPES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
 _KIND = {cls: name for name, cls in SAMPLERS.items()}
 
 
@@ -169,7 +169,8 @@ class FusedSampler:
         """x_{t-1} (dtype of ``x``; ``out`` may be ``x`` for an in-place step) from the prediction at ``t``."""
         _require()
         if not isinstance(x, torch.Tensor) or x.dtype not in _DTYPES:
-            raise TypeError(f"x must be a float32 or float16 tensor, got {getattr(x, 'dtype', type(x).__name__)}")
+            raise TypeError(f"x must be a float32, float16 or bfloat16 tensor, got "
+                            f"{getattr(x, 'dtype', type(x).__name__)}")
         if not x.is_contiguous():
             raise ValueError("x must be contiguous (call .contiguous())")
         if x.dim() < 1 or x.numel() == 0:
@@ -240,7 +241,7 @@ def blend_windows(outputs: torch.Tensor | list[torch.Tensor], num_frames: int, w
     if not isinstance(outputs, torch.Tensor) or outputs.dim() != 6:
         raise ValueError("outputs must be a (N, B, C, L, H, W) tensor or a list of (B, C, L, H, W) windows")
     if outputs.dtype not in _DTYPES or dtype not in _DTYPES:
-        raise TypeError(f"outputs and dtype must be float32 or float16, got {outputs.dtype} -> {dtype}")
+        raise TypeError(f"outputs and dtype must be float32, float16 or bfloat16, got {outputs.dtype} -> {dtype}")
     if not outputs.is_contiguous():
         raise ValueError("outputs must be contiguous (call .contiguous())")
     _device(outputs)
