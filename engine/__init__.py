@@ -14,10 +14,10 @@ reference STUNet, its execution policy, weights) -> ``kernels`` (Triton kernels 
 from .config import PRESETS, STUNetConfig
 from .model import ExecutionPolicy, STUNet
 from .model.weights import WeightsError, interpolate_spatial
-from .pipeline import Conditioning, Pipeline, PipelineOutput, SSROptions, StageOptions, save_video
+from .pipeline import Conditioning, Pipeline, PipelineOutput, SSROptions, StageOptions, save_video, text
 from .sampling import samplers
 
 __version__ = "0.1.0"
 __all__ = ["STUNetConfig", "PRESETS", "STUNet", "ExecutionPolicy", "Pipeline", "PipelineOutput", "StageOptions",
-           "SSROptions", "Conditioning", "samplers", "save_video", "WeightsError", "interpolate_spatial",
+           "SSROptions", "Conditioning", "samplers", "text", "save_video", "WeightsError", "interpolate_spatial",
            "__version__"]

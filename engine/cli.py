@@ -1,8 +1,16 @@
-"""The ``stunet`` command line. Bad arguments exit with status 2 and a message naming the argument."""
+"""The ``stunet`` command line.
+
+Every argument is checked before any compute; a bad one exits with status 2, the subcommand's usage and a
+message naming the argument and the fix. Ctrl-C exits with status 130 and one line (an output file is written
+atomically, so an interrupted run leaves none behind).
+"""
 from __future__ import annotations
 
 import argparse
 import json
+import logging
+import math
+import re
 import sys
 from pathlib import Path
 
@@ -10,7 +18,11 @@ from .backends import BACKENDS
 from .config import PRESETS
 from .sampling.samplers import SAMPLERS
 
+DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+CONDITIONAL = ("image-to-video", "inpaint", "cinemagraph")
 
+
+# -- argument types: each raises argparse.ArgumentTypeError, which argparse reports naming the argument ----------
 def _positive(text: str) -> int:
     try:
         value = int(text)
@@ -21,36 +33,63 @@ def _positive(text: str) -> int:
     return value
 
 
-def cmd_info(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
-    from .config import STUNetConfig
-    from .info import analyse
-
-    if args.preset in PRESETS:
-        config, name = STUNetConfig.from_preset(args.preset), args.preset
-    else:
-        try:
-            config, name = STUNetConfig.load(args.preset), args.preset
-        except (FileNotFoundError, ValueError) as e:
-            parser.error(f"argument PRESET: {args.preset!r} is neither a preset ({', '.join(PRESETS)}) "
-                         f"nor a model directory / config.json ({e})")
+def _seed(text: str) -> int:
     try:
-        info = analyse(config, name, batch=args.batch, frames=args.frames, height=args.height, width=args.width,
-                       text_len=args.text_len, dtype=args.dtype)
-    except ValueError as e:
-        parser.error(str(e))
-    print(json.dumps(info.to_dict(), indent=2) if args.json else info.format())
-    return 0
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an integer in [0, 2**63), got {text!r}") from None
+    if not 0 <= value < 2 ** 63:
+        raise argparse.ArgumentTypeError(f"must be an integer in [0, 2**63), got {value}")
+    return value
 
 
-def _load_frames(path: str, parser, arg: str):
-    """An image (png/jpg) -> (H, W, 3) or a video (mp4/gif) -> (F, H, W, 3), floats in [0, 1]."""
+def _number(lo: float, hi: float | None = None, lo_open: bool = False):
+    """A finite float in [lo, hi] ((lo, hi] with ``lo_open``; no upper bound when ``hi`` is None)."""
+    rule = (f"in {'(' if lo_open else '['}{lo:g}, {hi:g}]" if hi is not None
+            else (f"> {lo:g}" if lo_open else f">= {lo:g}"))
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be a number {rule}, got {text!r}") from None
+        if not math.isfinite(value) or (value <= lo if lo_open else value < lo) or (hi is not None and value > hi):
+            raise argparse.ArgumentTypeError(f"must be a finite number {rule}, got {text!r}")
+        return value
+
+    return parse
+
+
+def _device(text: str) -> str:
+    if not re.fullmatch(r"cpu|cuda(:\d+)?", text):
+        raise argparse.ArgumentTypeError(f"must be 'cpu', 'cuda' or 'cuda:N', got {text!r}")
+    return text
+
+
+def _region(text: str):
+    """A mask image path, or a box 'x0,y0,x1,y1' in pixels (the box is the region)."""
+    box = re.fullmatch(r"\s*(\d+)\s*,\s*(\d+)\s*,\s*(\d+)\s*,\s*(\d+)\s*", text)
+    if box:
+        x0, y0, x1, y1 = map(int, box.groups())
+        if x1 <= x0 or y1 <= y0:
+            raise argparse.ArgumentTypeError(f"a box x0,y0,x1,y1 needs x1 > x0 and y1 > y0, got {text!r}")
+        return (x0, y0, x1, y1)
+    return text
+
+
+# -- inputs ----------------------------------------------------------------------------------------------------
+VIDEO_SUFFIXES = (".mp4", ".gif", ".mov", ".webm")
+
+
+def _load_frames(path: str, parser: argparse.ArgumentParser, arg: str):
+    """An image (png/jpg) -> (H, W, 3) or a video (mp4/gif/...) -> (F, H, W, 3), floats in [0, 1]."""
     import numpy as np
 
     p = Path(path)
     if not p.is_file():
         parser.error(f"argument {arg}: no file at {path!r}")
     try:
-        if p.suffix.lower() in (".mp4", ".gif", ".mov", ".webm"):
+        if p.suffix.lower() in VIDEO_SUFFIXES:
             import av
 
             with av.open(str(p)) as container:
@@ -63,38 +102,120 @@ def _load_frames(path: str, parser, arg: str):
         parser.error(f"argument {arg}: cannot read {path!r} ({e})")
 
 
-def _load_region(path: str, parser, arg: str):
+def _load_image(path: str, parser, arg: str):
+    """An image, or the first frame of a video: (H, W, 3)."""
+    frames = _load_frames(path, parser, arg)
+    return frames[0] if frames.ndim == 4 else frames
+
+
+def _load_region(region, size: tuple[int, int], parser, arg: str):
+    """A (H, W) 0/1 mask from a mask image (white = inside) or a box."""
     import numpy as np
 
-    return (_load_frames(path, parser, arg).mean(axis=-1) > 0.5).astype(np.float32)
+    H, W = size
+    if isinstance(region, tuple):
+        x0, y0, x1, y1 = region
+        if x1 > W or y1 > H:
+            parser.error(f"argument {arg}: box {region} reaches outside the {W}x{H} frame")
+        mask = np.zeros((H, W), dtype=np.float32)
+        mask[y0:y1, x0:x1] = 1
+        return mask
+    mask = (_load_image(region, parser, arg).mean(axis=-1) > 0.5).astype(np.float32)
+    if mask.shape != (H, W):
+        parser.error(f"argument {arg}: the mask is {mask.shape[1]}x{mask.shape[0]}, the video {W}x{H}")
+    return mask
 
 
-def cmd_generate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
-    import torch
-
-    from .config import STUNetConfig
-    from .model import STUNet
-    from .pipeline import Pipeline
-    from .pipeline.text import load_text_encoder, tiny_random_t5
-    from .pipeline.video import SUFFIXES, save_video
+def _check_output(args, parser) -> Path:
+    from .pipeline.video import SUFFIXES
 
     out = Path(args.output)
+    if out.is_dir():
+        parser.error(f"argument -o/--output: {args.output!r} is a directory; give a file path such as "
+                     f"{str(out / ('out' + SUFFIXES[0]))!r}")
     if out.suffix.lower() not in SUFFIXES:
         parser.error(f"argument -o/--output: must end in {' or '.join(SUFFIXES)}, got {args.output!r}")
     if not out.parent.is_dir():
         parser.error(f"argument -o/--output: directory {str(out.parent)!r} does not exist")
-    for arg, value in (("--model", args.model), ("--ssr", args.ssr), ("--text-encoder", args.text_encoder)):
-        if value is not None and not Path(value).is_dir():
-            parser.error(f"argument {arg}: {value!r} is not a directory")
+    if out.exists() and not args.overwrite:
+        parser.error(f"argument -o/--output: {args.output!r} exists; pass --overwrite to replace it")
+    return out
+
+
+def _check_model_dir(value: str | None, parser, arg: str) -> None:
+    """A model folder: config.json (valid) + model.safetensors, checked before anything loads."""
+    from .config import STUNetConfig
+
+    if value is None:
+        return
+    folder = Path(value)
+    if not folder.is_dir():
+        parser.error(f"argument {arg}: {value!r} is not a directory (a model folder holds config.json and "
+                     "model.safetensors, as STUNet.save_pretrained writes them)")
+    try:
+        STUNetConfig.load(folder)
+    except (FileNotFoundError, ValueError, TypeError) as e:
+        parser.error(f"argument {arg}: {e}")
+
+
+# -- subcommands -----------------------------------------------------------------------------------------------------
+def cmd_info(args: argparse.Namespace) -> int:
+    from .config import STUNetConfig
+    from .info import analyse
+
+    parser = args.parser
+    if args.preset in PRESETS:
+        config, name = STUNetConfig.from_preset(args.preset), args.preset
+    else:
+        try:
+            config, name = STUNetConfig.load(args.preset), args.preset
+        except (FileNotFoundError, ValueError, TypeError) as e:
+            parser.error(f"argument PRESET: {args.preset!r} is neither a preset ({', '.join(PRESETS)}) "
+                         f"nor a model directory / config.json ({e})")
+    try:
+        info = analyse(config, name, batch=args.batch, frames=args.frames, height=args.height, width=args.width,
+                       text_len=args.text_len, dtype=args.dtype)
+    except ValueError as e:
+        parser.error(str(e))
+    print(json.dumps(info.to_dict(), indent=2) if args.json else info.format())
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    import torch
+
+    from .config import STUNetConfig
+    from .model import STUNet
+    from .pipeline import Pipeline, SSROptions
+    from .pipeline.text import load_text_encoder, tiny_random_t5
+    from .pipeline.video import save_video
+
+    parser, command = args.parser, args.command
+    out = _check_output(args, parser)
+    _check_model_dir(args.model, parser, "--model")
+    _check_model_dir(args.ssr, parser, "--ssr")
+    if args.text_encoder is not None and not (Path(args.text_encoder) / "config.json").is_file():
+        parser.error(f"argument --text-encoder: {args.text_encoder!r} is not a text-encoder folder (config.json "
+                     "and tokenizer files, as transformers' save_pretrained writes them)")
+    if args.model is not None and args.preset is not None:
+        parser.error("argument --preset: chooses random weights for when --model is not given; drop one of them")
+    if args.max_batch and args.backend != "fast":
+        parser.error("argument --max-batch: only the fast backend splits batches; add --backend fast")
+    if args.ssr_steps and not args.ssr:
+        parser.error("argument --ssr-steps: needs an SSR model (--ssr DIR)")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        parser.error("argument --device: CUDA is not available on this machine; use --device cpu")
-    dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[
-        args.dtype or ("fp16" if device.startswith("cuda") else "fp32")]
+    if device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            parser.error("argument --device: CUDA is not available on this machine; use --device cpu")
+        index = int(device.split(":")[1]) if ":" in device else 0
+        if index >= torch.cuda.device_count():
+            parser.error(f"argument --device: {device} does not exist ({torch.cuda.device_count()} CUDA device(s))")
+    dtype = getattr(torch, DTYPES[args.dtype or ("fp16" if device.startswith("cuda") else "fp32")])
+    inputs = _mode_inputs(args, parser)
 
     try:
         if args.model is None:
-            preset = args.preset or "small"
+            preset = args.preset or ("tiny-cond" if command in CONDITIONAL else "small")
             print(f"stunet: no --model given: running the {preset!r} preset with RANDOM weights and a random "
                   "tiny text encoder; the video is noise-like until trained weights are loaded", file=sys.stderr)
             torch.manual_seed(args.seed)
@@ -109,8 +230,6 @@ def cmd_generate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> i
                 print("stunet: no --text-encoder given: using a random tiny text encoder", file=sys.stderr)
             encoder = tiny_random_t5(base.config.text_dim, seed=args.seed)
         options = {"max_batch": args.max_batch} if args.max_batch else {}
-        if options and args.backend != "fast":
-            parser.error("argument --max-batch: only the fast backend splits batches; add --backend fast")
         pipe = Pipeline(base, encoder, ssr, sampler=args.sampler, runtime=args.runtime, backend=args.backend,
                         backend_options=options)
     except (FileNotFoundError, ValueError, TypeError, RuntimeError) as e:
@@ -120,25 +239,9 @@ def cmd_generate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> i
                 num_inference_steps=args.steps, guidance_scale=args.guidance, seed=args.seed,
                 progress=not args.quiet)
     if args.ssr_steps:
-        from .pipeline import SSROptions
-
         call["ssr"] = SSROptions(num_inference_steps=args.ssr_steps)
     try:
-        if args.command == "generate":
-            res = pipe(args.prompt, **call)
-        elif args.command == "image-to-video":
-            res = pipe.image_to_video(_load_frames(args.image, parser, "--image"), args.prompt, **call)
-        elif args.command == "inpaint":
-            video = _load_frames(args.video, parser, "--video")
-            res = pipe.inpaint(video, _load_region(args.region, parser, "--region"), args.prompt,
-                               **{k: v for k, v in call.items() if k not in ("num_frames", "height", "width")})
-        elif args.command == "cinemagraph":
-            res = pipe.cinemagraph(_load_frames(args.image, parser, "--image"),
-                                   _load_region(args.region, parser, "--region"), args.prompt, **call)
-        else:  # video-to-video
-            video = _load_frames(args.video, parser, "--video")
-            res = pipe.video_to_video(video, args.prompt, strength=args.strength,
-                                      **{k: v for k, v in call.items() if k not in ("num_frames", "height", "width")})
+        res = _run_mode(pipe, args, inputs, call, parser)
     except ValueError as e:
         parser.error(str(e))
     save_video(res.frames[0], out, fps=args.fps)
@@ -148,104 +251,173 @@ def cmd_generate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> i
     return 0
 
 
-def _add_generation_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("prompt", metavar="PROMPT")
-    p.add_argument("-o", "--output", required=True, help="output video: .mp4 or .gif")
-    p.add_argument("--model", help="base model directory (config.json + model.safetensors)")
-    p.add_argument("--ssr", help="SSR model directory; omit for base resolution only")
-    p.add_argument("--text-encoder", help="T5 / CLIP text encoder directory (transformers format)")
-    p.add_argument("--preset", choices=list(PRESETS), help="preset for random weights when --model is not given")
-    p.add_argument("--negative-prompt", default=None)
-    p.add_argument("--frames", type=_positive, help="frames (default: the model's sample_frames)")
-    p.add_argument("--height", type=_positive)
-    p.add_argument("--width", type=_positive)
-    p.add_argument("--steps", type=_positive, default=32, help="denoising steps (default 32)")
-    p.add_argument("--ssr-steps", type=_positive, help="SSR denoising steps (default: --steps)")
-    p.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale (default 7.5)")
-    p.add_argument("--sampler", default="ddim", choices=sorted(SAMPLERS))
-    p.add_argument("--backend", default="reference", choices=list(BACKENDS),
-                   help="model executor: the eager reference (default), fast (Triton kernels, CUDA graphs) or "
-                        "torch.compile")
-    p.add_argument("--max-batch", type=_positive,
-                   help="fast backend: run model batches (the CFG pair, SSR windows) in slices of at most N clips "
-                        "to bound activation memory")
-    p.add_argument("--runtime", choices=["cpp", "python"],
-                   help="sampler step: the C++ runtime (default when built) or the Python reference")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--fps", type=_positive, default=16)
-    p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
-    p.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], help="default fp16 on cuda, fp32 on cpu")
-    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
-    p.set_defaults(func=cmd_generate)
+def _mode_inputs(args, parser) -> dict:
+    """The images, videos and regions a mode reads, loaded and checked before any model is built."""
+    command = args.command
+    if command == "image-to-video":
+        return {"image": _load_image(args.image, parser, "--image")}
+    if command == "cinemagraph":
+        image = _load_image(args.image, parser, "--image")
+        return {"image": image, "region": _load_region(args.region, image.shape[:2], parser, "--region")}
+    if command in ("inpaint", "video-to-video"):
+        video = _load_frames(args.video, parser, "--video")
+        if video.ndim != 4:
+            parser.error(f"argument --video: {args.video!r} is an image; give a video (mp4, gif)")
+        inputs = {"video": video}
+        if command == "inpaint":
+            inputs["region"] = _load_region(args.region, video.shape[1:3], parser, "--region")
+        return inputs
+    return {}
 
 
-def cmd_env(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+def _run_mode(pipe, args, inputs: dict, call: dict, parser):
+    """The generation of ``args.command`` (its inputs fix the size of the video: no --frames/--height/--width)."""
+    command = args.command
+    sized = {k: v for k, v in call.items() if k not in ("num_frames", "height", "width")}
+    fixed = [f"--{k}" for k in ("frames", "height", "width") if getattr(args, k) is not None]
+    if command in ("inpaint", "video-to-video") and fixed:
+        parser.error(f"argument {fixed[0]}: {command} keeps the input video's size; drop {', '.join(fixed)}")
+    if command == "generate":
+        return pipe(args.prompt, **call)
+    if command == "image-to-video":
+        return pipe.image_to_video(inputs["image"], args.prompt, **call)
+    if command == "cinemagraph":
+        return pipe.cinemagraph(inputs["image"], inputs["region"], args.prompt, **call)
+    if command == "inpaint":
+        return pipe.inpaint(inputs["video"], inputs["region"], args.prompt, **sized)
+    return pipe.video_to_video(inputs["video"], args.prompt, strength=args.strength, **sized)
+
+
+def cmd_env(args: argparse.Namespace) -> int:
     """What this install can run, and why not where it cannot."""
     import platform
 
     import torch
 
+    from . import __version__
+    from .kernels import _triton
     from .sampling import runtime
 
-    lines = {"stunet": __import__("stunet").__version__, "python": platform.python_version(),
-             "torch": torch.__version__,
-             "cuda": (f"{torch.cuda.get_device_name()} (CUDA {torch.version.cuda})" if torch.cuda.is_available()
+    cuda = torch.cuda.is_available()
+    lines = {"stunet": __version__, "python": platform.python_version(), "torch": torch.__version__,
+             "cuda": (f"{torch.cuda.get_device_name()} (CUDA {torch.version.cuda})" if cuda
                       else "no CUDA device visible to torch"),
              "runtime (stunet._C)": runtime.status()}
-    from .kernels import _triton
-
-    lines["triton kernels"] = (f"triton {_triton.triton.__version__}" if _triton.triton is not None else
-                               f"unavailable ({_triton.IMPORT_ERROR}); the ops run their reference math "
-                               "(`pip install -e .[triton]`)")
+    if _triton.triton is None:
+        kernels = (f"unavailable ({_triton.IMPORT_ERROR}); the ops run their reference math "
+                   "(`pip install -e .[triton]`)")
+    elif cuda:
+        kernels = f"triton {_triton.triton.__version__}: the kernels run on the CUDA device"
+    else:
+        kernels = (f"triton {_triton.triton.__version__} installed, but no CUDA device is visible: the ops (and "
+                   "--backend fast) run their reference math here; TRITON_INTERPRET=1 runs the kernels on the "
+                   "CPU, slowly, for tests")
+    lines["triton kernels"] = kernels
     width = max(map(len, lines))
     for k, v in lines.items():
         print(f"{k:<{width}}  {v}")
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="stunet", description="Space-Time U-Net video diffusion engine")
-    sub = parser.add_subparsers(dest="command", required=True)
+# -- the parser ------------------------------------------------------------------------------------------------------
+def _add_generation_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("prompt", metavar="PROMPT", help="what the video shows (an empty prompt generates unconditionally)")
+    p.add_argument("-o", "--output", required=True, help="output video file: .mp4 or .gif")
+    p.add_argument("--overwrite", action="store_true", help="replace the output file if it exists")
+    p.add_argument("--model", metavar="DIR", help="base model folder (config.json + model.safetensors)")
+    p.add_argument("--ssr", metavar="DIR", help="SSR model folder; omit to stay at the base resolution")
+    p.add_argument("--text-encoder", metavar="DIR",
+                   help="T5 / CLIP text encoder folder (transformers format, with its tokenizer)")
+    p.add_argument("--preset", choices=list(PRESETS),
+                   help="preset for random weights when --model is not given (default: small; tiny-cond for the "
+                        "conditional modes)")
+    p.add_argument("--negative-prompt", default=None, metavar="TEXT", help="what to steer away from")
+    p.add_argument("--frames", type=_positive, help="frames (default: the model's sample_frames)")
+    p.add_argument("--height", type=_positive, help="height in pixels (default: the model's sample_size)")
+    p.add_argument("--width", type=_positive, help="width in pixels (default: the model's sample_size)")
+    p.add_argument("--steps", type=_positive, default=32, help="denoising steps (default 32)")
+    p.add_argument("--ssr-steps", type=_positive, help="SSR denoising steps (default: --steps)")
+    p.add_argument("--guidance", type=_number(0.0), default=7.5,
+                   help="classifier-free guidance scale, >= 0 (default 7.5; 1 turns guidance off)")
+    p.add_argument("--sampler", default="ddim", choices=sorted(SAMPLERS), help="sampler (default ddim)")
+    p.add_argument("--backend", default="reference", choices=list(BACKENDS),
+                   help="model executor: the eager reference (default), fast (Triton kernels, CUDA graphs) or "
+                        "compile (torch.compile)")
+    p.add_argument("--max-batch", type=_positive, metavar="N",
+                   help="fast backend: run model batches (the CFG pair, SSR windows) in slices of at most N clips "
+                        "to bound activation memory")
+    p.add_argument("--runtime", choices=["cpp", "python"],
+                   help="sampler step: the C++ runtime (default when built) or the Python reference")
+    p.add_argument("--seed", type=_seed, default=0, help="noise seed, an integer in [0, 2**63) (default 0)")
+    p.add_argument("--fps", type=_positive, default=16, help="frames per second of the file (default 16)")
+    p.add_argument("--device", type=_device, help="cpu, cuda or cuda:N (default: cuda when available)")
+    p.add_argument("--dtype", choices=list(DTYPES), help="weights and activations (default fp16 on cuda, fp32 on cpu)")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
 
-    info = sub.add_parser("info", help="parameters, FLOPs, memory and per-level geometry of a model",
-                          description="Analyse a preset (or a model directory) without allocating its weights.")
+
+def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
+    parser = argparse.ArgumentParser(prog="stunet", description="Space-Time U-Net (STUNet) video diffusion engine.")
+    parser.add_argument("--version", action="version", version=f"stunet {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def command(name: str, help: str, description: str, func) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help, description=description)
+        p.set_defaults(func=func, parser=p)
+        return p
+
+    info = command("info", "parameters, FLOPs, memory and per-level geometry of a model",
+                   "Analyse a preset (or a model directory) without allocating its weights.", cmd_info)
     info.add_argument("preset", metavar="PRESET", help=f"one of {', '.join(PRESETS)}, or a model directory")
     info.add_argument("--frames", type=_positive, help="T (default: the preset's window or clip length)")
     info.add_argument("--height", type=_positive, help="H (default: the preset's sample size)")
     info.add_argument("--width", type=_positive, help="W (default: the preset's sample size)")
-    info.add_argument("--batch", type=_positive, default=1)
+    info.add_argument("--batch", type=_positive, default=1, help="clips per forward (default 1; 2 for a CFG step)")
     info.add_argument("--text-len", type=_positive, default=77, help="text tokens (default 77)")
-    info.add_argument("--dtype", choices=["fp16", "bf16", "fp32"], default="fp16")
+    info.add_argument("--dtype", choices=["fp16", "bf16", "fp32"], default="fp16",
+                      help="element size for the memory figures (default fp16)")
     info.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    info.set_defaults(func=cmd_info)
 
-    env = sub.add_parser("env", help="what this install can run (torch, CUDA, C++ runtime, Triton)")
-    env.set_defaults(func=cmd_env)
+    command("env", "what this install can run (torch, CUDA, C++ runtime, Triton)",
+            "Report the versions, the devices, and what runs where (and why not).", cmd_env)
 
-    _add_generation_args(sub.add_parser("generate", help="text to video",
-                                        description="Generate a video from a text prompt."))
-    i2v = sub.add_parser("image-to-video", help="animate an image (7-channel model)")
+    _add_generation_args(command("generate", "text to video", "Generate a video from a text prompt.",
+                                 cmd_generate))
+    i2v = command("image-to-video", "animate an image (7-channel model)",
+                  "Generate a video whose first frame is the given image.", cmd_generate)
     _add_generation_args(i2v)
-    i2v.add_argument("--image", required=True, help="the first frame (png/jpg)")
-    inp = sub.add_parser("inpaint", help="regenerate a region of a video (7-channel model)")
+    i2v.add_argument("--image", required=True, help="the first frame: an image (png/jpg) or a video's first frame")
+    inp = command("inpaint", "regenerate a region of a video (7-channel model)",
+                  "Regenerate a region of every frame of a video; the rest is kept.", cmd_generate)
     _add_generation_args(inp)
     inp.add_argument("--video", required=True, help="input video (mp4/gif)")
-    inp.add_argument("--region", required=True, help="mask image, white = regenerate")
-    cin = sub.add_parser("cinemagraph", help="animate a region of an image (7-channel model)")
+    inp.add_argument("--region", required=True, type=_region,
+                     help="what to regenerate: a mask image (white = regenerate) or a box x0,y0,x1,y1 in pixels")
+    cin = command("cinemagraph", "animate a region of an image (7-channel model)",
+                  "Animate only a region of an image; everything else stays still.", cmd_generate)
     _add_generation_args(cin)
-    cin.add_argument("--image", required=True)
-    cin.add_argument("--region", required=True, help="mask image, white = animate")
-    v2v = sub.add_parser("video-to-video", help="SDEdit a video towards a prompt")
+    cin.add_argument("--image", required=True, help="the still image (png/jpg) or a video's first frame")
+    cin.add_argument("--region", required=True, type=_region,
+                     help="what to animate: a mask image (white = animate) or a box x0,y0,x1,y1 in pixels")
+    v2v = command("video-to-video", "SDEdit a video towards a prompt",
+                  "Noise a video to a strength and denoise it towards the prompt (SDEdit).", cmd_generate)
     _add_generation_args(v2v)
-    v2v.add_argument("--video", required=True)
-    v2v.add_argument("--strength", type=float, default=0.6, help="noise strength in (0, 1] (default 0.6)")
+    v2v.add_argument("--video", required=True, help="input video (mp4/gif)")
+    v2v.add_argument("--strength", type=_number(0.0, 1.0, lo_open=True), default=0.6,
+                     help="how far the input is noised, in (0, 1] (default 0.6; 1 ignores the input)")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    return args.func(args, parser)
+    logging.basicConfig(format="%(message)s", level=logging.WARNING)
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        print("stunet: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

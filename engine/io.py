@@ -1,4 +1,8 @@
-"""Atomic file writes: a reader never sees a half-written file, and a failed write leaves the old one intact."""
+"""Atomic file writes: a reader never sees a half-written file, and a failed write leaves the old one intact.
+
+Written files get the mode any new file would get (0o666 minus the umask: 0644 under the usual 0022), or the
+mode of the file they replace; the temporary file's private 0600 never reaches the result.
+"""
 from __future__ import annotations
 
 import contextlib
@@ -15,6 +19,8 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     The temporary file keeps ``path``'s suffix so writers that pick a format by suffix still work.
     """
     path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(f"cannot write {str(path)!r}: it is a directory; give a file path")
     if not path.parent.is_dir():
         raise FileNotFoundError(f"cannot write {str(path)!r}: directory {str(path.parent)!r} does not exist")
     fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=f".tmp{path.suffix}", dir=path.parent)
@@ -22,10 +28,21 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     tmp = Path(tmp)
     try:
         yield tmp
+        os.chmod(tmp, _target_mode(path))
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def _target_mode(path: Path) -> int:
+    """The replaced file's permission bits, or a new file's: 0o666 minus the process umask."""
+    try:
+        return path.stat().st_mode & 0o7777
+    except FileNotFoundError:
+        umask = os.umask(0)  # reading the umask means setting it: restore at once
+        os.umask(umask)
+        return 0o666 & ~umask
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:

@@ -216,11 +216,17 @@ def group_norm_ref(x: torch.Tensor, num_groups: int, weight: torch.Tensor, bias:
     v = x.float()
     if input_bias is not None:
         v = v + input_bias.float()[:, :, None, None, None]
-    # (B, G, C/G, T, H*W): a view in every layout of the trunk (the folded NCHW or channels-last seen as a video)
-    grouped = v.reshape(B, num_groups, C // num_groups, T, H * W)
-    dims = (2, 4) if scope == "frame" else (2, 3, 4)  # (channels of the group, pixels) [+ frames]
-    var, mean = torch.var_mean(grouped, dim=dims, unbiased=False, keepdim=True)
-    y = (grouped - mean).mul_(torch.rsqrt(var + eps)).reshape(B, C, T, H, W)  # (x - mean) first: no cancellation
+    G = num_groups
+    if scope == "frame":  # (B, T, G, C/G * H * W): a view of the folded NCHW trunk, reduced over its last axis
+        grouped = v.transpose(1, 2).reshape(B, T, G, -1)
+    else:
+        grouped = v.reshape(B, G, -1)
+    # Two passes (mean, then the centred sum of squares): exact for constant groups, and on the CPU three times
+    # faster than var_mean's Welford loop.
+    y = grouped - grouped.mean(dim=-1, keepdim=True)
+    var = torch.linalg.vector_norm(y, dim=-1, keepdim=True).square_().div_(grouped.shape[-1])
+    y = y.mul_(torch.rsqrt(var.add_(eps)))
+    y = y.view(B, T, C, H, W).transpose(1, 2) if scope == "frame" else y.view(B, C, T, H, W)
     y = y.mul_(weight.float()[:, None, None, None]).add_(bias.float()[:, None, None, None])
     if silu:
         y = F.silu(y, inplace=True)

@@ -118,7 +118,7 @@ def test_trained_temporal_modules_change_the_output(tiny_model, tiny_config):
 
 
 PRESET_INPUTS = {  # reduced sizes: the smallest input each preset accepts, so a forward is cheap on a CPU
-    "tiny": (8, 16), "small": (4, 16), "lumiere-base": (16, 16), "lumiere-ssr": (2, 16), "edge": (8, 8),
+    "tiny": (8, 16), "tiny-cond": (8, 16), "small": (4, 16), "lumiere-base": (16, 16), "lumiere-ssr": (2, 16), "edge": (8, 8),
 }
 
 

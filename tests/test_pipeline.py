@@ -126,6 +126,59 @@ def test_bad_call_arguments(pipe, kwargs, message):
         pipe("x", **{**SMALL, **kwargs})
 
 
+@pytest.mark.parametrize("kwargs,message", [
+    ({"guidance_scale": float("nan")}, "guidance_scale must be finite"),
+    ({"guidance_scale": float("inf")}, "guidance_scale must be finite"),
+    ({"guidance_rescale": 1.5}, r"guidance_rescale must be in \[0, 1\]"),
+    ({"strength": float("nan")}, "strength must be finite"),
+    ({"num_inference_steps": 2.5}, "num_inference_steps must be an integer"),
+    ({"seed": 2 ** 64}, r"seed must be an integer in \[0, 2\*\*63\)"),
+    ({"ssr": SSROptions(window=4)}, None),  # a valid control: the call goes through
+])
+def test_non_finite_and_out_of_range_numbers_fail_before_any_compute(pipe, kwargs, message):
+    calls = []
+    hook = pipe.base_stage.backend.model.register_forward_pre_hook(lambda *a: calls.append(1))
+    try:
+        if message is None:
+            pipe("x", **{**SMALL, **kwargs})
+            assert calls
+            return
+        with pytest.raises((ValueError, TypeError), match=message):
+            pipe("x", **{**SMALL, **kwargs})
+        assert not calls  # refused before the model ran
+    finally:
+        hook.remove()
+    with pytest.raises(ValueError, match="SSROptions.guidance_scale must be finite"):
+        SSROptions(guidance_scale=float("nan"))
+
+
+def test_sampler_objects_are_accepted_and_left_untouched(encoder):
+    base, ssr = _models()
+    sampler = stunet.samplers.DPMSolverPP2M(schedule="cosine", prediction="v", spacing="trailing")
+    by_object = Pipeline(base, encoder, ssr, sampler=sampler, progress=False)("x", seed=0, **SMALL).frames
+    assert sampler.num_inference_steps == 0  # the pipeline stepped its own copies
+    by_name = Pipeline(base, encoder, ssr, sampler="dpmpp2m", progress=False)
+    leading = by_name("x", seed=0, **SMALL).frames
+    assert not np.array_equal(by_object, leading)  # the object's trailing spacing was used
+    per_call = by_name("x", seed=0, sampler=sampler, **SMALL)  # the base stage's sampler for one call
+    assert np.array_equal(per_call.low_res_frames, Pipeline(base, encoder, ssr, sampler=sampler, progress=False)(
+        "x", seed=0, **SMALL).low_res_frames)
+    assert sampler.num_inference_steps == 0
+
+
+def test_help_documents_every_argument():
+    import inspect
+    import pydoc
+
+    text = pydoc.render_doc(Pipeline, renderer=pydoc.plaintext)
+    for method in (Pipeline.__init__, Pipeline.__call__):
+        names = [p for p in inspect.signature(method).parameters if p != "self"]
+        doc = (Pipeline.__doc__ if method is Pipeline.__init__ else method.__doc__) or ""
+        missing = [n for n in names if n not in doc]
+        assert not missing, f"{method.__qualname__} does not document {missing}"
+    assert "from_pretrained" in text and Pipeline.from_pretrained.__doc__
+
+
 def test_bad_construction(encoder):
     base, ssr = _models()
     with pytest.raises(ValueError, match="base_model is an SSR model"):

@@ -19,8 +19,8 @@ def _pytest(args: list[str], block: list[str] = (), env: dict | None = None) -> 
 
 
 def test_pipeline_and_cli_tests_collect_without_pyav():
-    run = _pytest(["-q", "--co", "-p", "no:cacheprovider", "tests/test_pipeline.py", "tests/test_video_text_cli.py"],
-                  block=["av"], env={"CI": ""})
+    run = _pytest(["-q", "--co", "-p", "no:cacheprovider", "tests/test_pipeline.py", "tests/test_video_text.py",
+                   "tests/test_cli.py"], block=["av"], env={"CI": ""})
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
     summary = run.stdout.strip().splitlines()[-1]
     assert "skipped" not in summary and "error" not in summary, summary

@@ -1,6 +1,7 @@
 """Weights on disk (config.json + model.safetensors), strict loading, atomic saves, stylization."""
 from __future__ import annotations
 
+import os
 import json
 import struct
 
@@ -104,6 +105,34 @@ def test_failed_save_leaves_the_previous_weights_intact(trained, tmp_path, monke
         trained.save_pretrained(tmp_path)
     assert (tmp_path / "model.safetensors").read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "model.safetensors"]  # no temp files
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077, 0o002])
+def test_saved_files_follow_the_umask(trained, tmp_path, umask):
+    """Atomic writes go through a private temporary file; the result has the mode a new file would get."""
+    previous = os.umask(umask)
+    try:
+        trained.save_pretrained(tmp_path / "m")
+    finally:
+        os.umask(previous)
+    for name in ("config.json", "model.safetensors"):
+        assert (tmp_path / "m" / name).stat().st_mode & 0o777 == 0o666 & ~umask, name
+
+
+def test_resaving_keeps_the_files_mode(trained, tmp_path):
+    trained.save_pretrained(tmp_path / "m")
+    os.chmod(tmp_path / "m" / "config.json", 0o640)
+    trained.save_pretrained(tmp_path / "m")
+    assert (tmp_path / "m" / "config.json").stat().st_mode & 0o777 == 0o640
+
+
+def test_a_bad_config_file_is_named(tmp_path):
+    (tmp_path / "config.json").write_text('{"model_channels": 0}')
+    with pytest.raises(ValueError, match=r"config.json': STUNetConfig.model_channels must be a positive integer"):
+        stunet.STUNetConfig.load(tmp_path)
+    (tmp_path / "config.json").write_text("{not json")
+    with pytest.raises(ValueError, match=r"config.json': STUNetConfig.from_json: not valid JSON"):
+        stunet.STUNetConfig.load(tmp_path)
 
 
 def test_save_into_a_file_path_is_refused(trained, tmp_path):

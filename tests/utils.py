@@ -1,6 +1,9 @@
 """Test helpers: seeded inputs, randomised temporal weights, and comparisons that explain their failures."""
 from __future__ import annotations
 
+import importlib
+
+import pytest
 import torch
 
 import stunet
@@ -42,3 +45,28 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, *, atol: float, r
             f"{what}: {bad.float().mean().item():.4%} of elements exceed atol={atol} rtol={rtol}; worst at "
             f"{idx}: got {a[idx].item():.6g}, expected {e[idx].item():.6g} (|err| {err[idx].item():.3g}); "
             f"max |err| {err.max().item():.3g}")
+
+
+def _importable(name: str) -> bool:
+    try:
+        importlib.import_module(name)
+        return True
+    except ImportError:
+        return False
+
+
+needs_av = pytest.mark.skipif(not _importable("av"), reason="decoding mp4 needs PyAV")
+needs_pil = pytest.mark.skipif(not _importable("PIL.Image"), reason="images need Pillow")
+
+
+def read_mp4(path):
+    import av
+
+    with av.open(str(path)) as container:
+        return [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
+
+
+def save_png(array, path):
+    from PIL import Image
+
+    Image.fromarray(array).save(path)

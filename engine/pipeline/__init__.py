@@ -6,6 +6,7 @@
 - ``text``: text encoders (T5 / CLIP from a folder, a tiny random stand-in).
 - ``video``: mp4 / gif files, written atomically.
 """
+from . import text
 from .conditioning import Conditioning
 from .pipeline import Pipeline, PipelineOutput
 from .stages import SSROptions, StageOptions

@@ -1,39 +1,13 @@
-"""Video files, text encoders and the `stunet generate` command line."""
+"""Video files and text encoders."""
 from __future__ import annotations
-
-import importlib
 
 import numpy as np
 import pytest
 import torch
+from utils import needs_av, needs_pil, read_mp4
 
-from stunet.cli import main
 from stunet.pipeline.text import HFTextEncoder, load_text_encoder, tiny_random_t5
 from stunet.pipeline.video import save_video
-
-def _importable(name: str) -> bool:
-    try:
-        importlib.import_module(name)
-        return True
-    except ImportError:
-        return False
-
-
-needs_av = pytest.mark.skipif(not _importable("av"), reason="decoding mp4 needs PyAV")
-needs_pil = pytest.mark.skipif(not _importable("PIL.Image"), reason="images need Pillow")
-
-
-def _read_mp4(path):
-    import av
-
-    with av.open(str(path)) as container:
-        return [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
-
-
-def _save_png(array, path):
-    from PIL import Image
-
-    Image.fromarray(array).save(path)
 
 
 @pytest.mark.parametrize("shape", [(5, 16, 24, 3), (3, 15, 9, 3), (1, 8, 8, 3)], ids=["even", "odd", "single"])
@@ -41,7 +15,7 @@ def _save_png(array, path):
 def test_mp4_round_trip(tmp_path, shape):
     frames = np.random.default_rng(0).random(shape, dtype=np.float32)
     save_video(frames, tmp_path / "a.mp4", fps=8)
-    back = _read_mp4(tmp_path / "a.mp4")
+    back = read_mp4(tmp_path / "a.mp4")
     h, w = shape[1] + shape[1] % 2, shape[2] + shape[2] % 2  # odd sides are padded for yuv420p
     assert len(back) == shape[0] and back[0].shape == (h, w, 3)
 
@@ -113,67 +87,3 @@ def test_text_encoders_load_from_a_local_directory(tmp_path):
     assert isinstance(clip, HFTextEncoder) and clip.dim == 32 and tokens.shape[::2] == (2, 32)
     with pytest.raises(FileNotFoundError, match="has no config.json"):
         load_text_encoder(tmp_path / "none")
-
-
-@needs_av
-def test_cli_generate_writes_a_video(tmp_path, capsys):
-    out = tmp_path / "out.mp4"
-    rc = main(["generate", "a teddy bear surfing", "-o", str(out), "--preset", "tiny", "--steps", "2",
-               "--frames", "4", "-q"])
-    assert rc == 0 and len(_read_mp4(out)) == 4
-    err = capsys.readouterr().err
-    assert "RANDOM weights" in err and f"wrote {out}" in err
-
-
-@needs_av
-@needs_pil
-def test_cli_generate_with_saved_models_and_modes(tmp_path, capsys):
-    import stunet
-
-    torch.manual_seed(0)
-    stunet.STUNet(stunet.STUNetConfig.from_preset("tiny", in_channels=7)).save_pretrained(tmp_path / "m")
-    _save_png(np.zeros((16, 16, 3), dtype=np.uint8), tmp_path / "img.png")
-    mask = np.zeros((16, 16, 3), dtype=np.uint8)
-    mask[4:12, 4:12] = 255
-    _save_png(mask, tmp_path / "mask.png")
-    common = ["--model", str(tmp_path / "m"), "--steps", "2", "--frames", "4", "-q"]
-    assert main(["image-to-video", "x", "-o", str(tmp_path / "a.gif"), "--image", str(tmp_path / "img.png"),
-                 *common]) == 0
-    assert main(["cinemagraph", "x", "-o", str(tmp_path / "b.mp4"), "--image", str(tmp_path / "img.png"),
-                 "--region", str(tmp_path / "mask.png"), *common]) == 0
-    assert main(["inpaint", "x", "-o", str(tmp_path / "c.mp4"), "--video", str(tmp_path / "b.mp4"),
-                 "--region", str(tmp_path / "mask.png"), *common]) == 0
-    assert main(["video-to-video", "x", "-o", str(tmp_path / "d.mp4"), "--video", str(tmp_path / "b.mp4"),
-                 "--strength", "0.5", *common]) == 0
-    assert len(_read_mp4(tmp_path / "d.mp4")) == 4
-
-
-@pytest.mark.parametrize("argv,message", [
-    (["generate", "x", "-o", "out.avi"], "must end in .mp4 or .gif"),
-    (["generate", "x", "-o", "/nonexistent/out.mp4"], "does not exist"),
-    (["generate", "x", "-o", "out.mp4", "--model", "/nonexistent"], "argument --model: '/nonexistent' is not a "),
-    (["generate", "x", "-o", "{tmp}/o.mp4", "--preset", "tiny", "--frames", "3", "-q"],
-     "num_frames must be a positive multiple of 2"),
-    (["generate", "x", "-o", "{tmp}/o.mp4", "--steps", "0"], "argument --steps: must be a positive integer"),
-    (["image-to-video", "x", "-o", "{tmp}/o.mp4", "--preset", "tiny", "--image", "/nonexistent.png"],
-     "argument --image: no file"),
-    (["generate", "x", "-o", "{tmp}/o.mp4", "--preset", "tiny", "--max-batch", "1", "-q"],
-     "only the fast backend splits batches"),
-    (["image-to-video", "x", "-o", "{tmp}/o.mp4", "--preset", "tiny", "--frames", "4", "-q", "--image",
-      "{tmp}/i.png"], "image_to_video needs a conditional model"),
-])
-@needs_pil
-def test_cli_generate_bad_arguments_exit_2(argv, message, tmp_path, capsys):
-    _save_png(np.zeros((16, 16, 3), dtype=np.uint8), tmp_path / "i.png")
-    with pytest.raises(SystemExit) as info:
-        main([a.replace("{tmp}", str(tmp_path)) for a in argv])
-    assert info.value.code == 2
-    assert message in capsys.readouterr().err
-
-
-def test_cli_env_reports_the_runtime(capsys):
-    from stunet.cli import main
-
-    assert main(["env"]) == 0
-    out = capsys.readouterr().out
-    assert "torch" in out and "stunet runtime: C++17" in out

@@ -1,0 +1,206 @@
+"""The `stunet` command line: every mode end to end on tiny presets, and every bad argument exits 2 before any
+compute with the subcommand's usage and a message naming the argument."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+from utils import needs_av, needs_pil, read_mp4, save_png
+
+import stunet
+from stunet.cli import build_parser, main
+
+QUICK = ["--preset", "tiny", "--steps", "2", "--frames", "4", "-q"]
+
+
+def _cli(argv, tmp_path, capsys):
+    """main(argv) with {tmp} expanded; (exit code, stderr)."""
+    argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
+    try:
+        code = main(argv)
+    except SystemExit as e:
+        code = e.code
+    return code, capsys.readouterr().err
+
+
+@needs_av
+def test_generate_writes_a_video(tmp_path, capsys):
+    out = tmp_path / "out.mp4"
+    code, err = _cli(["generate", "a teddy bear surfing", "-o", str(out), *QUICK], tmp_path, capsys)
+    assert code == 0 and len(read_mp4(out)) == 4
+    assert "RANDOM weights" in err and f"wrote {out}" in err
+
+
+@needs_av
+@needs_pil
+def test_saved_models_and_every_mode(tmp_path, capsys):
+    torch.manual_seed(0)
+    stunet.STUNet(stunet.STUNetConfig.from_preset("tiny-cond")).save_pretrained(tmp_path / "m")
+    save_png(np.zeros((16, 16, 3), dtype=np.uint8), tmp_path / "img.png")
+    mask = np.zeros((16, 16, 3), dtype=np.uint8)
+    mask[4:12, 4:12] = 255
+    save_png(mask, tmp_path / "mask.png")
+    common = ["--model", str(tmp_path / "m"), "--steps", "2", "-q"]
+    runs = [
+        ["image-to-video", "x", "-o", "{tmp}/a.gif", "--image", "{tmp}/img.png", "--frames", "4"],
+        ["cinemagraph", "x", "-o", "{tmp}/b.mp4", "--image", "{tmp}/img.png", "--region", "{tmp}/mask.png",
+         "--frames", "4"],
+        ["inpaint", "x", "-o", "{tmp}/c.mp4", "--video", "{tmp}/b.mp4", "--region", "4,4,12,12"],
+        ["video-to-video", "x", "-o", "{tmp}/d.mp4", "--video", "{tmp}/b.mp4", "--strength", "0.5"],
+        ["image-to-video", "x", "-o", "{tmp}/e.mp4", "--image", "{tmp}/d.mp4", "--frames", "4"],  # a video's frame 0
+    ]
+    for argv in runs:
+        code, err = _cli([*argv, *common], tmp_path, capsys)
+        assert code == 0, err
+    assert len(read_mp4(tmp_path / "d.mp4")) == 4
+
+
+@needs_av
+def test_conditional_modes_run_on_the_tiny_cond_preset_by_default(tmp_path, capsys):
+    code, err = _cli(["generate", "a ball", "-o", "{tmp}/clip.mp4", *QUICK], tmp_path, capsys)
+    assert code == 0, err
+    code, err = _cli(["image-to-video", "a ball", "-o", "{tmp}/i2v.mp4", "--image", "{tmp}/clip.mp4",
+                      "--steps", "2", "--frames", "4", "-q"], tmp_path, capsys)
+    assert code == 0 and "'tiny-cond' preset" in err, err
+
+
+@needs_av
+def test_bf16_runs_through_the_cpp_runtime(tmp_path, capsys):
+    code, err = _cli(["generate", "x", "-o", "{tmp}/o.mp4", "--dtype", "bf16", "--runtime", "cpp", *QUICK],
+                     tmp_path, capsys)
+    assert code == 0, err
+
+
+@needs_pil
+@pytest.mark.parametrize("argv,message", [
+    (["generate", "x", "-o", "out.avi"], "argument -o/--output: must end in .mp4 or .gif"),
+    (["generate", "x", "-o", "{tmp}"], "argument -o/--output: '{tmp}' is a directory"),
+    (["generate", "x", "-o", "{tmp}/d.mp4"], "argument -o/--output: '{tmp}/d.mp4' is a directory"),
+    (["generate", "x", "-o", "/nonexistent/out.mp4"], "does not exist"),
+    (["generate", "x", "-o", "{tmp}/exists.mp4"], "exists; pass --overwrite to replace it"),
+    (["generate", "x", "-o", "{tmp}/o.mp4", "--model", "/nonexistent"], "argument --model: '/nonexistent' is not a "),
+    (["generate", "x", "-o", "{tmp}/o.mp4", "--model", "{tmp}/bad"], "{tmp}/bad/config.json"),
+    (["generate", "x", "-o", "{tmp}/o.mp4", *QUICK[:2], "--frames", "3", "-q"],
+     "num_frames must be a positive multiple of 2"),
+    (["generate", "x", "-o", "{tmp}/o.mp4", "--steps", "0"], "argument --steps: must be a positive integer"),
+    (["generate", "x", "-o", "{tmp}/o.mp4", *QUICK, "--steps", "5000"], "num_inference_steps must be in [1, 1000]"),
+    (["generate", "x", "-o", "{tmp}/o.mp4", "--guidance", "nan"], "argument --guidance: must be a finite number"),
+    (["generate", "x", "-o", "{tmp}/o.mp4", "--guidance", "inf"], "argument --guidance: must be a finite number"),
+    (["generate", "x", "-o", "{tmp}/o.mp4", "--guidance", "-1"], "argument --guidance: must be a finite number >= 0"),
+    (["video-to-video", "x", "-o", "{tmp}/o.mp4", "--video", "{tmp}/i.png", "--strength", "nan"],
+     "argument --strength: must be a finite number in (0, 1]"),
+    (["generate", "x", "-o", "{tmp}/o.mp4", "--seed", "99999999999999999999999"],
+     "argument --seed: must be an integer in [0, 2**63)"),
+    (["generate", "x", "-o", "{tmp}/o.mp4", "--device", "tpu"], "argument --device: must be 'cpu', 'cuda' or"),
+    (["image-to-video", "x", "-o", "{tmp}/o.mp4", "--image", "/nonexistent.png"], "argument --image: no file"),
+    (["generate", "x", "-o", "{tmp}/o.mp4", *QUICK, "--max-batch", "1"], "only the fast backend splits batches"),
+    (["image-to-video", "x", "-o", "{tmp}/o.mp4", *QUICK, "--image", "{tmp}/i.png"],
+     "image_to_video needs a conditional model"),
+    (["inpaint", "x", "-o", "{tmp}/o.mp4", "--video", "{tmp}/i.png", "--region", "4,4,2,2"],
+     "argument --region: a box x0,y0,x1,y1 needs x1 > x0"),
+    (["generate", "x", "-o", "{tmp}/o.mp4", "--ssr-steps", "3"], "argument --ssr-steps: needs an SSR model"),
+])
+def test_bad_arguments_exit_2_with_the_subcommands_usage(argv, message, tmp_path, capsys):
+    save_png(np.zeros((16, 16, 3), dtype=np.uint8), tmp_path / "i.png")
+    (tmp_path / "exists.mp4").write_bytes(b"keep")
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "d.mp4").mkdir()
+    (tmp_path / "bad" / "config.json").write_text('{"model_channels": -3}')
+    code, err = _cli(argv, tmp_path, capsys)
+    assert code == 2, err
+    assert message.replace("{tmp}", str(tmp_path)) in err
+    assert f"usage: stunet {argv[0]}" in err  # the subcommand's usage, not the top level's
+    assert (tmp_path / "exists.mp4").read_bytes() == b"keep"
+
+
+@needs_av
+def test_overwrite_replaces_an_existing_output(tmp_path, capsys):
+    (tmp_path / "o.mp4").write_bytes(b"old")
+    code, _ = _cli(["generate", "x", "-o", "{tmp}/o.mp4", *QUICK, "--overwrite"], tmp_path, capsys)
+    assert code == 0 and len(read_mp4(tmp_path / "o.mp4")) == 4
+
+
+@needs_av
+def test_written_files_follow_the_umask(tmp_path, capsys):
+    previous = os.umask(0o022)
+    try:
+        code, _ = _cli(["generate", "x", "-o", "{tmp}/o.mp4", *QUICK], tmp_path, capsys)
+    finally:
+        os.umask(previous)
+    assert code == 0 and (tmp_path / "o.mp4").stat().st_mode & 0o777 == 0o644
+
+
+def test_ctrl_c_is_one_line_and_exit_130(tmp_path):
+    """SIGINT during generation: exit 130, one line on stderr, no output file (and no temporary one)."""
+    env = {**os.environ, "TRITON_INTERPRET": "0"}
+    proc = subprocess.Popen([sys.executable, "-m", "stunet.cli", "generate", "x", "-o", str(tmp_path / "o.gif"),
+                             "--preset", "tiny", "--steps", "1000", "-q"], stderr=subprocess.PIPE, text=True, env=env)
+    first = proc.stderr.readline()  # printed once the arguments are checked, before the model is built
+    assert "RANDOM weights" in first
+    time.sleep(3)
+    proc.send_signal(signal.SIGINT)
+    rest = proc.stderr.read()
+    assert proc.wait(timeout=60) == 130
+    assert rest.strip().splitlines() == ["stunet: interrupted"], rest
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_version_and_help_for_every_argument(capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["--version"])
+    assert info.value.code == 0 and capsys.readouterr().out.strip() == f"stunet {stunet.__version__}"
+    parser = build_parser()
+    subparsers = next(a for a in parser._actions if a.dest == "command").choices
+    assert set(subparsers) == {"info", "env", "generate", "image-to-video", "inpaint", "cinemagraph",
+                               "video-to-video"}
+    for name, sub in subparsers.items():
+        assert sub.description, f"stunet {name} has no description"
+        for action in sub._actions:
+            assert action.help, f"stunet {name} {action.option_strings or action.dest} has no help"
+
+
+def test_choices_come_from_the_registries():
+    generate = next(a for a in build_parser()._actions if a.dest == "command").choices["generate"]
+    choices = {a.dest: a.choices for a in generate._actions if a.choices}
+    assert set(choices["sampler"]) == set(stunet.samplers.SAMPLERS)
+    assert set(choices["backend"]) == set(stunet.backends.BACKENDS)
+    assert set(choices["preset"]) == set(stunet.PRESETS)
+
+
+def test_empty_prompt_warns(tmp_path, caplog, capsys):
+    import logging
+
+    with caplog.at_level(logging.WARNING):
+        code, _ = _cli(["generate", "", "-o", "{tmp}/o.gif", *QUICK], tmp_path, capsys)
+    assert code == 0 and any("empty prompt" in r.getMessage() for r in caplog.records)
+
+
+def test_fast_backend_on_a_cpu_says_what_it_runs(tmp_path, caplog, capsys, monkeypatch):
+    import logging
+
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with caplog.at_level(logging.WARNING):
+        code, _ = _cli(["generate", "x", "-o", "{tmp}/o.gif", *QUICK, "--backend", "fast"], tmp_path, capsys)
+    notes = [r.getMessage() for r in caplog.records if "fast backend" in r.getMessage()]
+    assert code == 0 and len(notes) == 1 and "reference math" in notes[0], notes
+
+
+def test_env_says_what_runs_where(capsys, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert main(["env"]) == 0
+    out = capsys.readouterr().out
+    assert "torch" in out and "stunet runtime: C++" in out
+    assert "no CUDA device is visible: the ops (and --backend fast) run their reference math" in out
+
+
+def test_info_errors_use_the_info_usage(capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["info", "no-such-preset"])
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and "usage: stunet info" in err and "is neither a preset" in err

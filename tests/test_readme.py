@@ -1,0 +1,52 @@
+"""The README's code runs as written: every ```python block, and every `stunet` command of the ```bash blocks
+(in order, in one scratch folder, as a new user would type them). The set-up block (pip, pytest) is what
+.ci/run itself runs."""
+from __future__ import annotations
+
+import os
+import re
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from utils import needs_av
+
+README = Path(__file__).resolve().parent.parent / "README.md"
+
+
+def _blocks(language: str) -> list[str]:
+    return re.findall(rf"```{language}\n(.*?)```", README.read_text(), flags=re.S)
+
+
+def test_the_readme_has_the_set_up_commands_and_the_main_job():
+    first = _blocks("bash")[0].strip().splitlines()
+    assert first == ['pip install torch==2.13.0 -e ".[test]"', "pytest"]
+    assert _blocks("bash")[1].strip().startswith("stunet generate ")
+    ci = (README.parent / ".ci" / "run").read_text()
+    assert all(line in ci for line in first)
+
+
+@needs_av
+def test_python_blocks_run_as_written(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    for block in _blocks("python"):
+        exec(compile(block, str(README), "exec"), {"__name__": "__readme__"})
+    assert (tmp_path / "out.mp4").is_file() and (tmp_path / "tiny_model" / "config.json").is_file()
+
+
+@needs_av
+@pytest.mark.slow
+def test_stunet_commands_run_as_written(tmp_path):
+    commands = [line.strip() for block in _blocks("bash") for line in block.splitlines()
+                if line.strip().startswith("stunet ")]
+    assert len(commands) >= 6
+    env = {**os.environ, "TRITON_INTERPRET": "0"}
+    for command in commands:
+        argv = shlex.split(command)
+        run = subprocess.run([sys.executable, "-m", "stunet.cli", *argv[1:]], cwd=tmp_path, capture_output=True,
+                             text=True, timeout=600, env=env)
+        assert run.returncode == 0, f"{command}\n{run.stderr[-2000:]}"
+        output = argv[argv.index("-o") + 1]
+        assert (tmp_path / output).is_file(), command
