@@ -4,7 +4,7 @@ engine/  -> stunet          config, info, cli; model/ (reference STUNet, policy,
                             sampling/ (samplers, MultiDiffusion, runtime binding), pipeline/ (stages,
                             conditioning, text, video)
 kernels/ -> stunet.kernels  Triton kernels with their reference math
-export/  -> stunet.export   ONNX / TensorRT export
+export/  -> stunet.export   ONNX export (one export spec per network)
 csrc/    -> stunet._C       C++ denoising runtime (pybind11); CPU always, CUDA only with STUNET_CUDA=1
 
 Build switches (environment, read only here):
@@ -108,7 +108,9 @@ setup(
         "video": ["av>=12", "pillow"],
         "text": ["transformers>=4.40"],
         "triton": ["triton>=3.2"],
-        "test": ["pytest>=8", "hypothesis>=6", "av>=12", "pillow", "transformers>=4.40", "triton>=3.2"],
+        "export": ["onnx>=1.16", "onnxscript>=0.2", "onnxruntime>=1.18"],
+        "test": ["pytest>=8", "hypothesis>=6", "av>=12", "pillow", "transformers>=4.40", "triton>=3.2", "onnx>=1.16",
+                 "onnxscript>=0.2", "onnxruntime>=1.18"],
     },
     ext_modules=[Extension("stunet._C", CPU_SOURCES, depends=["csrc/runtime.h", "csrc/step_math.h"],
                            extra_compile_args=CXX_FLAGS, language="c++")],

@@ -11,6 +11,7 @@ Packages, in the direction data flows: ``pipeline`` (stages, conditioning, text,
 (samplers, MultiDiffusion, the C++ runtime) -> ``backends`` (reference, compile, fast) -> ``model`` (the
 reference STUNet, its execution policy, weights) -> ``kernels`` (Triton kernels and their reference math).
 """
+from . import export
 from .config import PRESETS, STUNetConfig
 from .model import ExecutionPolicy, STUNet
 from .model.weights import WeightsError, interpolate_spatial
@@ -19,5 +20,5 @@ from .sampling import samplers
 
 __version__ = "0.1.0"
 __all__ = ["STUNetConfig", "PRESETS", "STUNet", "ExecutionPolicy", "Pipeline", "PipelineOutput", "StageOptions",
-           "SSROptions", "Conditioning", "samplers", "text", "save_video", "WeightsError", "interpolate_spatial",
+           "SSROptions", "Conditioning", "samplers", "text", "export", "save_video", "WeightsError", "interpolate_spatial",
            "__version__"]

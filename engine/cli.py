@@ -288,6 +288,37 @@ def _run_mode(pipe, args, inputs: dict, call: dict, parser):
     return pipe.video_to_video(inputs["video"], args.prompt, strength=args.strength, **sized)
 
 
+def cmd_export_onnx(args: argparse.Namespace) -> int:
+    import torch
+
+    from .export import export_onnx
+    from .model import STUNet
+
+    parser = args.parser
+    out = Path(args.output)
+    if out.is_dir() or out.suffix != ".onnx":
+        parser.error(f"argument -o/--output: must be a file path ending in .onnx, got {args.output!r}")
+    if not out.parent.is_dir():
+        parser.error(f"argument -o/--output: directory {str(out.parent)!r} does not exist")
+    if out.exists() and not args.overwrite:
+        parser.error(f"argument -o/--output: {args.output!r} exists; pass --overwrite to replace it")
+    _check_model_dir(args.model, parser, "MODEL_DIR")
+    try:
+        model = STUNet.from_pretrained(args.model)
+        result = export_onnx(model, out, batch=args.batch, frames=args.frames, height=args.height, width=args.width,
+                             text_len=args.text_len, dynamic=not args.static,
+                             dtype=getattr(torch, DTYPES[args.dtype]), check=args.check)
+    except ImportError as e:
+        parser.error(str(e))
+    except ValueError as e:
+        parser.error(str(e))
+    spec = result.spec
+    note = f"; max |ONNX - reference| {result.max_abs_error:.2g}" if result.max_abs_error is not None else ""
+    print(f"stunet: wrote {out} (inputs {', '.join(spec.input_names)}; {'dynamic' if spec.dynamic else 'static'} "
+          f"batch, frames, height, width, text length{note})", file=sys.stderr)
+    return 0
+
+
 def cmd_env(args: argparse.Namespace) -> int:
     """What this install can run, and why not where it cannot."""
     import platform
@@ -360,7 +391,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(prog="stunet", description="Space-Time U-Net (STUNet) video diffusion engine.")
     parser.add_argument("--version", action="version", version=f"stunet {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", help="what to do")
 
     def command(name: str, help: str, description: str, func) -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help, description=description)
@@ -381,6 +412,25 @@ def build_parser() -> argparse.ArgumentParser:
 
     command("env", "what this install can run (torch, CUDA, C++ runtime, Triton)",
             "Report the versions, the devices, and what runs where (and why not).", cmd_env)
+
+    export = command("export", "deployment artifacts (ONNX)", "Export a model for deployment.", None)
+    routes = export.add_subparsers(dest="route", required=True, metavar="ROUTE", help="the artifact to make")
+    onnx = routes.add_parser("onnx", help="ONNX with the kernel ops as stunet-domain nodes (+ local functions)",
+                             description="Export a model folder to ONNX (opset 18): the kernel ops as stunet-domain "
+                                         "nodes, each with a local function of standard ops.")
+    onnx.set_defaults(func=cmd_export_onnx, parser=onnx)
+    onnx.add_argument("model", metavar="MODEL_DIR", help="model folder (config.json + model.safetensors)")
+    onnx.add_argument("-o", "--output", required=True, help="the .onnx file")
+    onnx.add_argument("--overwrite", action="store_true", help="replace the output file if it exists")
+    onnx.add_argument("--batch", type=_positive, default=2, help="example batch (default 2: a CFG pair)")
+    onnx.add_argument("--frames", type=_positive, help="example frames (default: the model's sample_frames)")
+    onnx.add_argument("--height", type=_positive, help="example height (default: the model's sample_size)")
+    onnx.add_argument("--width", type=_positive, help="example width (default: the model's sample_size)")
+    onnx.add_argument("--text-len", type=_positive, default=77, help="example text tokens (default 77)")
+    onnx.add_argument("--dtype", choices=list(DTYPES), default="fp32", help="weights and inputs (default fp32)")
+    onnx.add_argument("--static", action="store_true", help="fix every axis to the example's size")
+    onnx.add_argument("--check", action="store_true",
+                      help="run the file with onnxruntime against the reference (two geometries when dynamic)")
 
     _add_generation_args(command("generate", "text to video", "Generate a video from a text prompt.",
                                  cmd_generate))

@@ -1,0 +1,267 @@
+"""ONNX export: the kernel ops as nodes of the ``stunet`` domain, each with a local function of standard ops.
+
+    stunet.export.export_onnx(model, "model.onnx", batch=2, frames=16, height=64, width=64, text_len=77)
+
+``torch.onnx.export(dynamo=True)`` (opset 18) exports the model with the execution policy
+``ExecutionPolicy(kernels=True)``, so the engine's ops reach the exporter as ``torch.ops.stunet.*`` nodes. They
+are translated to ``stunet``-domain nodes:
+
+| node | inputs | attributes | semantics (``stunet.kernels``) |
+|---|---|---|---|
+| ``GroupNorm`` | x (B, C, T, H, W), weight, bias | num_groups, eps, per_clip, silu | ``group_norm_ref`` |
+| ``BiasGroupNorm`` | x, weight, bias, input_bias (B, C) | the same | ``group_norm_ref`` with ``input_bias`` |
+| ``TemporalAttention`` | qkv (B, T, S, 3C) | heads, scale | ``temporal_attention_ref`` |
+
+and the model carries, for each, an ONNX local function with the same (domain, name) whose body is standard
+ops computing that semantics in fp32. A runtime without plugins (onnxruntime) runs the functions; TensorRT
+(10.7 and newer) prefers a plugin registered under the node's name over the function.
+
+Files over 2 GB keep their weights as external data beside the ``.onnx`` file.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..io import atomic_path
+from ..model import ExecutionPolicy, STUNet
+from .spec import ExportSpec
+
+log = logging.getLogger(__name__)
+
+DOMAIN = "stunet"
+OPSET = 18
+_TYPES = ["tensor(float)", "tensor(float16)", "tensor(bfloat16)"]
+
+
+def _require():
+    try:
+        import onnx
+        import onnxscript
+    except ImportError as e:
+        raise ImportError(f"ONNX export needs onnx and onnxscript ({e}): pip install 'stunet[export]'") from None
+    return onnx, onnxscript
+
+
+# -- the stunet domain: schemas (so the exporter can emit the nodes) and local functions (their meaning) ----------
+_SCHEMAS_REGISTERED = False
+
+
+def _register_schemas() -> None:
+    """ONNX schemas of the stunet ops, registered once per process (the node builder checks against them)."""
+    global _SCHEMAS_REGISTERED
+    if _SCHEMAS_REGISTERED:
+        return
+    onnx, _ = _require()
+    S = onnx.defs.OpSchema
+    P, A, T = S.FormalParameter, S.Attribute, S.AttrType
+    norm_attrs = [A("num_groups", T.INT, "GroupNorm groups"), A("eps", T.FLOAT, "variance epsilon"),
+                  A("per_clip", T.INT, "1: statistics over the clip's frames; 0: per frame"),
+                  A("silu", T.INT, "1: SiLU after the affine")]
+    schemas = [
+        S("GroupNorm", DOMAIN, 1, inputs=[P("x", "T"), P("weight", "T"), P("bias", "T")], outputs=[P("y", "T")],
+          type_constraints=[("T", _TYPES, "float tensors")], attributes=norm_attrs),
+        S("BiasGroupNorm", DOMAIN, 1, inputs=[P("x", "T"), P("weight", "T"), P("bias", "T"), P("input_bias", "T")],
+          outputs=[P("y", "T")], type_constraints=[("T", _TYPES, "float tensors")], attributes=norm_attrs),
+        S("TemporalAttention", DOMAIN, 1, inputs=[P("qkv", "T")], outputs=[P("out", "T")],
+          type_constraints=[("T", _TYPES, "float tensors")],
+          attributes=[A("heads", T.INT, "attention heads"), A("scale", T.FLOAT, "score scale")]),
+    ]
+    for schema in schemas:
+        try:
+            onnx.defs.get_schema(schema.name, 1, DOMAIN)
+        except onnx.defs.SchemaError:
+            onnx.defs.register_schema(schema)
+    _SCHEMAS_REGISTERED = True
+
+
+def _functions() -> list:
+    """The FunctionProtos: each op's semantics in standard ONNX ops, computed in fp32 like the ``*_ref``."""
+    _, onnxscript = _require()
+    from onnxscript import opset18 as op
+    from onnxscript.values import Opset
+
+    domain = Opset(DOMAIN, 1)
+
+    @onnxscript.script(domain, default_opset=op)
+    def GroupNorm(x, weight, bias, num_groups: int, eps: float, per_clip: int, silu: int):
+        shape = op.Shape(x)  # (B, C, T, H, W)
+        b, c, t = op.Slice(shape, [0], [1]), op.Slice(shape, [1], [2]), op.Slice(shape, [2], [3])
+        hw = op.Mul(op.Slice(shape, [3], [4]), op.Slice(shape, [4], [5]))
+        g = op.Reshape(op.Constant(value_int=num_groups), [1])
+        clip = op.Cast(op.Constant(value_int=per_clip), to=9)
+        frames = op.Where(clip, op.Constant(value_ints=[1]), t)  # per clip: one "frame" of T * H * W pixels
+        pixels = op.Where(clip, op.Mul(t, hw), hw)
+        v = op.Reshape(op.Cast(x, to=1), op.Concat(b, g, op.Div(c, g), frames, pixels, axis=0))
+        axes = op.Constant(value_ints=[2, 4])
+        d = op.Sub(v, op.ReduceMean(v, axes))
+        y = op.Div(d, op.Sqrt(op.Add(op.ReduceMean(op.Mul(d, d), axes), op.Constant(value_float=eps))))
+        per_channel = op.Constant(value_ints=[-1, 1, 1, 1])
+        y = op.Add(op.Mul(op.Reshape(y, shape), op.Reshape(op.Cast(weight, to=1), per_channel)),
+                   op.Reshape(op.Cast(bias, to=1), per_channel))
+        y = op.Where(op.Cast(op.Constant(value_int=silu), to=9), op.Mul(y, op.Sigmoid(y)), y)
+        return op.CastLike(y, x)
+
+    @onnxscript.script(domain, default_opset=op)
+    def BiasGroupNorm(x, weight, bias, input_bias, num_groups: int, eps: float, per_clip: int, silu: int):
+        biased = op.Add(op.Cast(x, to=1), op.Unsqueeze(op.Cast(input_bias, to=1), [2, 3, 4]))
+        return op.CastLike(GroupNorm(biased, weight, bias, num_groups=num_groups, eps=eps, per_clip=per_clip,
+                                     silu=silu), x)
+
+    @onnxscript.script(domain, default_opset=op)
+    def TemporalAttention(qkv, heads: int, scale: float):
+        shape = op.Shape(qkv)  # (B, T, S, 3C)
+        bts = op.Slice(shape, [0], [3])
+        h = op.Reshape(op.Constant(value_int=heads), [1])
+        split = op.Reshape(op.Cast(qkv, to=1),
+                           op.Concat(bts, op.Constant(value_ints=[3]), h, op.Constant(value_ints=[-1]), axis=0))
+        parts = op.Transpose(split, perm=[3, 0, 2, 4, 1, 5])  # (3, B, S, heads, T, D)
+        q = op.Squeeze(op.Slice(parts, [0], [1]), [0])
+        k = op.Squeeze(op.Slice(parts, [1], [2]), [0])
+        v = op.Squeeze(op.Slice(parts, [2], [3]), [0])
+        scores = op.Mul(op.MatMul(q, op.Transpose(k, perm=[0, 1, 2, 4, 3])), op.Constant(value_float=scale))
+        o = op.Transpose(op.MatMul(op.Softmax(scores, axis=-1), v), perm=[0, 3, 1, 2, 4])  # (B, T, S, heads, D)
+        return op.CastLike(op.Reshape(o, op.Concat(bts, op.Constant(value_ints=[-1]), axis=0)), qkv)
+
+    return [f.to_function_proto() for f in (GroupNorm, BiasGroupNorm, TemporalAttention)]
+
+
+def _translations() -> dict:
+    """torch.ops.stunet.* -> stunet-domain nodes, for ``torch.onnx.export(custom_translation_table=...)``."""
+    from onnxscript.values import Opset
+
+    _register_schemas()
+    from ..kernels import ops  # noqa: F401  (registers torch.ops.stunet.*)
+
+    domain = Opset(DOMAIN, 1)
+
+    def group_norm(x, num_groups: int, weight, bias, eps: float, scope: str, silu: bool, input_bias=None):
+        attrs = dict(num_groups=num_groups, eps=eps, per_clip=int(scope == "clip"), silu=int(silu))
+        if input_bias is None:
+            return domain.GroupNorm(x, weight, bias, **attrs)
+        return domain.BiasGroupNorm(x, weight, bias, input_bias, **attrs)
+
+    def temporal_attention(qkv, heads: int, bias=None, scale=None):
+        if bias is not None:
+            raise NotImplementedError("temporal attention with a bias has no ONNX node yet")
+        head_dim = qkv.shape[-1] // 3 // heads  # the channel count is static
+        return domain.TemporalAttention(qkv, heads=heads, scale=float(scale or 1.0 / math.sqrt(head_dim)))
+
+    return {torch.ops.stunet.group_norm.default: group_norm,
+            torch.ops.stunet.temporal_attention.default: temporal_attention}
+
+
+class ExportedForward(nn.Module):
+    """The exported signature: (x, timesteps, text_embeds, text_mask[, noise_level]) -> sample, with the kernel
+    ops as graph nodes (``ExecutionPolicy(kernels=True)``) and no host-side validation in the graph."""
+
+    def __init__(self, model: STUNet):
+        super().__init__()
+        self.model = model
+        self.policy = ExecutionPolicy(kernels=True)
+
+    def forward(self, x, timesteps, text_embeds, text_mask, noise_level=None):
+        return self.model.forward_checked(x, timesteps.float(), text_embeds, text_mask.bool(),
+                                          None if noise_level is None else noise_level.float(), self.policy)
+
+
+@dataclass
+class ExportResult:
+    path: Path
+    spec: ExportSpec
+    max_abs_error: float | None = None
+    """The parity check's worst |ONNX - reference| over its geometries (when checked)."""
+
+
+def export_onnx(model: STUNet, path: str | os.PathLike, *, batch: int = 2, frames: int | None = None,
+                height: int | None = None, width: int | None = None, text_len: int = 77, dynamic: bool = True,
+                dtype: torch.dtype = torch.float32, check: bool = False) -> ExportResult:
+    """Export ``model`` to ONNX at ``path`` (written atomically; the model is not modified).
+
+    ``batch``, ``frames``, ``height``, ``width``, ``text_len`` give the example geometry (defaults: the model's
+    sample size, 2 clips, 77 tokens); with ``dynamic`` every one of them is a dynamic axis (frames and sides in
+    multiples of the model's divisors). ``check`` runs the file with onnxruntime against the reference at
+    two geometries and raises if it differs by more than the spec's tolerance (fp32).
+    """
+    onnx, _ = _require()
+    from ..backends.base import converted_copy
+
+    if not isinstance(model, STUNet):
+        raise TypeError(f"model must be a STUNet, got {type(model).__name__}")
+    path = Path(path)
+    if path.suffix != ".onnx":
+        raise ValueError(f"path must end in .onnx, got {str(path)!r}")
+    spec = ExportSpec.for_model(model.config, batch=batch, frames=frames, height=height, width=width,
+                                text_len=text_len, dtype=dtype, dynamic=dynamic)
+    module = ExportedForward(converted_copy(model, dtype).cpu()).eval()
+    inputs = spec.sample_inputs()
+    args = tuple(inputs[name] for name in spec.input_names)
+    with torch.no_grad():
+        program = torch.onnx.export(module, args, dynamo=True, dynamic_shapes=_shapes_tuple(spec),
+                                    input_names=spec.input_names, output_names=spec.output_names,
+                                    custom_translation_table=_translations(), opset_version=OPSET,
+                                    optimize=False, verbose=False)
+    proto = program.model_proto
+    proto.functions.extend(_functions())
+    if not any(o.domain == DOMAIN for o in proto.opset_import):
+        proto.opset_import.append(onnx.helper.make_opsetid(DOMAIN, 1))
+    large = _byte_size(proto) >= 2 ** 31
+    with atomic_path(path) as tmp:
+        if large:
+            onnx.save_model(proto, str(tmp), save_as_external_data=True, all_tensors_to_one_file=True,
+                            location=path.name + ".data")
+        else:
+            onnx.save_model(proto, str(tmp))
+    result = ExportResult(path, spec)
+    if check:
+        result.max_abs_error = check_onnx(path, model, spec)
+    return result
+
+
+def _byte_size(proto) -> int:
+    """The serialised size; protobuf refuses to measure past 2 GB, which is what this asks."""
+    try:
+        return proto.ByteSize()
+    except ValueError:
+        return 2 ** 31
+
+
+def _shapes_tuple(spec: ExportSpec):
+    shapes = spec.dynamic_shapes()
+    return None if shapes is None else tuple(shapes[name] for name in spec.input_names)
+
+
+def check_onnx(path: str | os.PathLike, model: STUNet, spec: ExportSpec, geometries=None) -> float:
+    """Run the ONNX file with onnxruntime (CPU) against the fp32 reference on the same weights at the spec's
+    geometry and, for a dynamic export, a second one; the worst |difference|. Raises beyond the tolerance."""
+    import onnxruntime as ort
+
+    from ..backends.base import converted_copy
+
+    reference = converted_copy(model, torch.float32).cpu()
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    if geometries is None:
+        geometries = [{}]
+        if spec.dynamic:
+            geometries.append(dict(batch=1, frames=2 * spec.frames, height=spec.height + spec.config.spatial_divisor,
+                                   text_len=spec.text_len + 3))
+    worst = 0.0
+    for i, geometry in enumerate(geometries):
+        inputs = spec.sample_inputs(seed=i + 1, **geometry)
+        feeds = {name: inputs[name].numpy() if inputs[name].dtype != torch.bfloat16 else inputs[name].float().numpy()
+                 for name in spec.input_names}
+        got = torch.from_numpy(session.run(None, feeds)[0]).float()
+        with torch.no_grad():
+            want = reference(inputs["x"].float(), inputs["timesteps"], inputs["text_embeds"].float(),
+                             inputs["text_mask"], noise_level=inputs.get("noise_level"))
+        worst = max(worst, float((got - want).abs().max()))
+    if spec.dtype == torch.float32 and worst > spec.tolerance:
+        raise AssertionError(f"{path}: ONNX differs from the reference by {worst:.3g} (tolerance {spec.tolerance})")
+    log.info("stunet export: %s matches the reference to %.3g", path, worst)
+    return worst

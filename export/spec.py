@@ -1,0 +1,117 @@
+"""One export spec per network: its inputs, their dynamic axes and ranges, sample inputs, and the tolerance its
+exported artifacts are checked to.
+
+Every export route (ONNX today) builds from a spec, so the names, the dynamic axes and the optimisation
+profiles of an engine agree with the ONNX file they come from.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..config import STUNetConfig
+
+
+@dataclass(frozen=True)
+class Axis:
+    """A dynamic dimension: a multiple of ``divisor`` in [min, max], ``opt`` the size to tune for."""
+
+    name: str
+    divisor: int
+    min: int
+    opt: int
+    max: int
+
+    def dim(self) -> "torch.export.Dim | object":
+        """The torch.export dimension (``divisor`` times a free integer)."""
+        k = torch.export.Dim(f"{self.name}_k" if self.divisor > 1 else self.name, min=max(1, self.min // self.divisor),
+                             max=max(2, self.max // self.divisor))
+        return k * self.divisor if self.divisor > 1 else k
+
+
+@dataclass(frozen=True)
+class ExportSpec:
+    """The inputs of an exported STUNet forward and their ranges.
+
+    Inputs: ``x`` (B, C, T, H, W) in the export dtype, ``timesteps`` (B,) float32, ``text_embeds`` (B, L, D),
+    ``text_mask`` (B, L) bool, and for SSR models ``noise_level`` (B,) float32; output ``sample``
+    (B, out_channels, T, H, W).
+    """
+
+    config: STUNetConfig
+    batch: int
+    frames: int
+    height: int
+    width: int
+    text_len: int
+    dtype: torch.dtype = torch.float32
+    dynamic: bool = True
+    tolerance: float = 1e-4
+    """Max abs difference from the fp32 reference a parity check accepts (fp32 exports)."""
+
+    def __post_init__(self):
+        cfg = self.config
+        for name, value, div in (("batch", self.batch, 1), ("frames", self.frames, cfg.frame_divisor),
+                                 ("height", self.height, cfg.spatial_divisor),
+                                 ("width", self.width, cfg.spatial_divisor), ("text_len", self.text_len, 1)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1 or value % div:
+                raise ValueError(f"{name} must be a positive multiple of {div} for this model, got {value!r}")
+        if self.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+            raise ValueError(f"dtype must be float32, float16 or bfloat16, got {self.dtype}")
+
+    @classmethod
+    def for_model(cls, config: STUNetConfig, *, batch: int = 2, frames: int | None = None,
+                  height: int | None = None, width: int | None = None, text_len: int = 77,
+                  dtype: torch.dtype = torch.float32, dynamic: bool = True) -> "ExportSpec":
+        """The spec at the model's own geometry unless told otherwise (an SSR model: one window)."""
+        frames = frames or (config.window_frames or config.sample_frames)
+        return cls(config, batch, frames, height or config.sample_size, width or config.sample_size, text_len,
+                   dtype, dynamic)
+
+    @property
+    def input_names(self) -> list[str]:
+        names = ["x", "timesteps", "text_embeds", "text_mask"]
+        return names + (["noise_level"] if self.config.noise_aug else [])
+
+    output_names = ["sample"]
+
+    def axes(self) -> dict[str, Axis]:
+        """The dynamic axes: batch 1..2*batch, frames and sides from one divisor step up to 4x the sample."""
+        cfg = self.config
+        return {
+            "batch": Axis("batch", 1, 1, self.batch, max(2, 2 * self.batch)),
+            "frames": Axis("frames", cfg.frame_divisor, cfg.frame_divisor, self.frames, 4 * self.frames),
+            "height": Axis("height", cfg.spatial_divisor, cfg.spatial_divisor, self.height, 4 * self.height),
+            "width": Axis("width", cfg.spatial_divisor, cfg.spatial_divisor, self.width, 4 * self.width),
+            "text_len": Axis("text_len", 1, 1, self.text_len, max(2, 4 * self.text_len)),
+        }
+
+    def dynamic_shapes(self) -> dict | None:
+        """torch.export's dynamic_shapes for the inputs (None for a static export)."""
+        if not self.dynamic:
+            return None
+        a = {name: axis.dim() for name, axis in self.axes().items()}
+        shapes = {"x": {0: a["batch"], 2: a["frames"], 3: a["height"], 4: a["width"]}, "timesteps": {0: a["batch"]},
+                  "text_embeds": {0: a["batch"], 1: a["text_len"]}, "text_mask": {0: a["batch"], 1: a["text_len"]}}
+        if self.config.noise_aug:
+            shapes["noise_level"] = {0: a["batch"]}
+        return shapes
+
+    def sample_inputs(self, *, batch: int | None = None, frames: int | None = None, height: int | None = None,
+                      width: int | None = None, text_len: int | None = None, seed: int = 0) -> dict[str, torch.Tensor]:
+        """Seeded inputs (on the CPU, in the export dtype) at the spec's geometry or another one."""
+        cfg = self.config
+        B, T = batch or self.batch, frames or self.frames
+        H, W, L = height or self.height, width or self.width, text_len or self.text_len
+        g = torch.Generator().manual_seed(seed)
+        inputs = {
+            "x": torch.randn(B, cfg.in_channels, T, H, W, generator=g).to(self.dtype),
+            "timesteps": torch.randint(0, cfg.num_train_timesteps, (B,), generator=g).float(),
+            "text_embeds": torch.randn(B, L, cfg.text_dim, generator=g).to(self.dtype),
+            "text_mask": torch.ones(B, L, dtype=torch.bool),
+        }
+        inputs["text_mask"][0, L // 2 + 1:] = False  # a padded prompt
+        if cfg.noise_aug:
+            inputs["noise_level"] = torch.randint(0, 250, (B,), generator=g).float()
+        return inputs

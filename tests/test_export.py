@@ -1,0 +1,140 @@
+"""ONNX export: parity with the reference in onnxruntime (CPU), dynamic axes, the stunet-domain nodes and the
+local functions that give them meaning, fp16, and the command line."""
+from __future__ import annotations
+
+from collections import Counter
+
+import numpy as np
+import pytest
+import torch
+from utils import randomize_temporal
+
+import stunet
+from stunet.cli import main
+
+onnx = pytest.importorskip("onnx")
+ort = pytest.importorskip("onnxruntime")
+pytest.importorskip("onnxscript")
+
+from stunet.export import ExportSpec, check_onnx, export_onnx  # noqa: E402
+
+
+def _model(**overrides) -> stunet.STUNet:
+    torch.manual_seed(0)
+    return randomize_temporal(stunet.STUNet(stunet.STUNetConfig.from_preset("tiny", **overrides)), scale=0.2).eval()
+
+
+@pytest.fixture(scope="module")
+def tiny_export(tmp_path_factory):
+    model = _model()
+    path = tmp_path_factory.mktemp("onnx") / "tiny.onnx"
+    result = export_onnx(model, path, batch=2, frames=8, height=16, width=16, text_len=5, check=True)
+    return model, result
+
+
+def test_tiny_matches_the_reference_at_several_geometries(tiny_export):
+    model, result = tiny_export
+    assert result.max_abs_error <= 1e-4
+    # One file, two frame counts and two resolutions (non-square), batch 1 and 3.
+    geometries = [dict(batch=1, frames=4, height=16, width=16), dict(batch=3, frames=12, height=24, width=32,
+                                                                    text_len=9)]
+    assert check_onnx(result.path, model, result.spec, geometries) <= 1e-4
+
+
+def test_stunet_nodes_carry_local_functions(tiny_export):
+    model, result = tiny_export
+    proto = onnx.load(str(result.path))
+    nodes = Counter(n.op_type for n in proto.graph.node if n.domain == "stunet")
+    functions = {(f.domain, f.name) for f in proto.functions}
+    assert functions == {("stunet", "GroupNorm"), ("stunet", "BiasGroupNorm"), ("stunet", "TemporalAttention")}
+    norms = sum(isinstance(m, stunet.model.VideoGroupNorm) for m in model.modules())
+    res_blocks = sum(isinstance(m, stunet.model.ResBlock) for m in model.modules())
+    assert nodes["GroupNorm"] + nodes["BiasGroupNorm"] == norms and nodes["BiasGroupNorm"] == res_blocks
+    assert nodes["TemporalAttention"] == model.config.temporal_attn_depth
+    assert {i.name for i in proto.graph.input} == {"x", "timesteps", "text_embeds", "text_mask"}
+    assert [o.name for o in proto.graph.output] == ["sample"]
+    assert any(o.domain == "stunet" for o in proto.opset_import)
+    assert next(o.version for o in proto.opset_import if o.domain == "") >= 18
+    onnx.checker.check_model(proto)
+
+
+def test_the_functions_alone_compute_the_kernel_ops_semantics(tmp_path):
+    """A one-node model per stunet op: onnxruntime runs it through the local function."""
+    from onnx import TensorProto, helper
+
+    from stunet import kernels
+    from stunet.export.onnx import _functions
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 8, 3, 4, 5, generator=g)
+    w, b, bias_in = torch.randn(8, generator=g), torch.randn(8, generator=g), torch.randn(2, 8, generator=g)
+    qkv = torch.randn(2, 5, 6, 3 * 16, generator=g)
+    cases = [
+        ("GroupNorm", [x, w, b], dict(num_groups=4, eps=1e-5, per_clip=0, silu=1),
+         kernels.group_norm_ref(x, 4, w, b, silu=True)),
+        ("GroupNorm", [x, w, b], dict(num_groups=2, eps=1e-5, per_clip=1, silu=0),
+         kernels.group_norm_ref(x, 2, w, b, scope="clip")),
+        ("BiasGroupNorm", [x, w, b, bias_in], dict(num_groups=4, eps=1e-5, per_clip=0, silu=1),
+         kernels.group_norm_ref(x, 4, w, b, silu=True, input_bias=bias_in)),
+        ("TemporalAttention", [qkv], dict(heads=2, scale=0.25), kernels.temporal_attention_ref(qkv, 2, scale=0.25)),
+    ]
+    for name, inputs, attrs, want in cases:
+        names = [f"in{i}" for i in range(len(inputs))]
+        node = helper.make_node(name, names, ["out"], domain="stunet", **attrs)
+        graph = helper.make_graph([node], name, [helper.make_tensor_value_info(n, TensorProto.FLOAT, list(t.shape))
+                                                 for n, t in zip(names, inputs)],
+                                  [helper.make_tensor_value_info("out", TensorProto.FLOAT, None)])
+        proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid("stunet", 1)],
+                                  functions=_functions())
+        session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+        got = session.run(None, {n: t.numpy() for n, t in zip(names, inputs)})[0]
+        np.testing.assert_allclose(got, want.numpy(), atol=2e-5, rtol=1e-5, err_msg=f"{name} {attrs}")
+
+
+def test_odd_frames_non_square_ssr_model_with_noise_level(tmp_path):
+    """A model without temporal resampling (any T): 5 frames, 16x24, an SSR model's noise_level input."""
+    model = _model(in_channels=6, noise_aug=True, low_res_size=8, temporal_downsample=(False, False),
+                   temporal_attn_depth=0)
+    result = export_onnx(model, tmp_path / "ssr.onnx", batch=2, frames=5, height=16, width=24, text_len=4,
+                         check=True)
+    assert result.max_abs_error <= 1e-4
+    assert check_onnx(result.path, model, result.spec, [dict(frames=7, height=8, width=32)]) <= 1e-4
+    names = [i.name for i in onnx.load(str(result.path)).graph.input]
+    assert names == ["x", "timesteps", "text_embeds", "text_mask", "noise_level"]
+
+
+def test_fp16_export_runs(tmp_path):
+    model = _model()
+    result = export_onnx(model, tmp_path / "fp16.onnx", batch=1, frames=4, height=16, width=16, text_len=3,
+                         dtype=torch.float16, dynamic=False)
+    session = ort.InferenceSession(str(result.path), providers=["CPUExecutionProvider"])
+    inputs = result.spec.sample_inputs()
+    got = session.run(None, {k: v.numpy() for k, v in inputs.items()})[0]
+    want = model(inputs["x"].float(), inputs["timesteps"], inputs["text_embeds"].float(), inputs["text_mask"])
+    assert got.dtype == np.float16 and got.shape == tuple(want.shape)
+    assert np.abs(got.astype(np.float32) - want.detach().numpy()).max() < 2e-2
+    for p in model.parameters():
+        assert p.dtype == torch.float32  # the caller's model is not converted
+
+
+def test_export_arguments_are_checked(tmp_path):
+    model = _model()
+    with pytest.raises(ValueError, match="path must end in .onnx"):
+        export_onnx(model, tmp_path / "m.pt")
+    with pytest.raises(ValueError, match="frames must be a positive multiple of 2"):
+        export_onnx(model, tmp_path / "m.onnx", frames=3)
+    with pytest.raises(ValueError, match="dtype must be float32, float16 or bfloat16"):
+        ExportSpec.for_model(model.config, dtype=torch.float64)
+
+
+def test_cli_export_onnx(tmp_path, capsys):
+    model = _model()
+    model.save_pretrained(tmp_path / "m")
+    out = tmp_path / "m.onnx"
+    assert main(["export", "onnx", str(tmp_path / "m"), "-o", str(out), "--frames", "4", "--height", "8",
+                 "--width", "8", "--text-len", "3", "--batch", "1", "--check"]) == 0
+    err = capsys.readouterr().err
+    assert out.is_file() and "max |ONNX - reference|" in err
+    with pytest.raises(SystemExit) as info:
+        main(["export", "onnx", str(tmp_path / "m"), "-o", str(out)])
+    assert info.value.code == 2 and "exists; pass --overwrite" in capsys.readouterr().err
