@@ -288,32 +288,32 @@ def _run_mode(pipe, args, inputs: dict, call: dict, parser):
     return pipe.video_to_video(inputs["video"], args.prompt, strength=args.strength, **sized)
 
 
-def cmd_export_onnx(args: argparse.Namespace) -> int:
+def cmd_export(args: argparse.Namespace) -> int:
+    """stunet export onnx|aoti MODEL_DIR -o FILE."""
     import torch
 
-    from .export import export_onnx
+    from . import export
     from .model import STUNet
 
-    parser = args.parser
+    parser, suffix = args.parser, {"onnx": ".onnx", "aoti": ".pt2"}[args.route]
     out = Path(args.output)
-    if out.is_dir() or out.suffix != ".onnx":
-        parser.error(f"argument -o/--output: must be a file path ending in .onnx, got {args.output!r}")
+    if out.is_dir() or out.suffix != suffix:
+        parser.error(f"argument -o/--output: must be a file path ending in {suffix}, got {args.output!r}")
     if not out.parent.is_dir():
         parser.error(f"argument -o/--output: directory {str(out.parent)!r} does not exist")
     if out.exists() and not args.overwrite:
         parser.error(f"argument -o/--output: {args.output!r} exists; pass --overwrite to replace it")
     _check_model_dir(args.model, parser, "MODEL_DIR")
+    route = export.export_onnx if args.route == "onnx" else export.export_aoti
     try:
-        model = STUNet.from_pretrained(args.model)
-        result = export_onnx(model, out, batch=args.batch, frames=args.frames, height=args.height, width=args.width,
-                             text_len=args.text_len, dynamic=not args.static,
-                             dtype=getattr(torch, DTYPES[args.dtype]), check=args.check)
-    except ImportError as e:
-        parser.error(str(e))
-    except ValueError as e:
+        model = STUNet.from_pretrained(args.model, device=args.device)
+        result = route(model, out, batch=args.batch, frames=args.frames, height=args.height, width=args.width,
+                       text_len=args.text_len, dynamic=not args.static, dtype=getattr(torch, DTYPES[args.dtype]),
+                       check=args.check)
+    except (ImportError, ValueError) as e:
         parser.error(str(e))
     spec = result.spec
-    note = f"; max |ONNX - reference| {result.max_abs_error:.2g}" if result.max_abs_error is not None else ""
+    note = f"; max |{args.route} - reference| {result.max_abs_error:.2g}" if result.max_abs_error is not None else ""
     print(f"stunet: wrote {out} (inputs {', '.join(spec.input_names)}; {'dynamic' if spec.dynamic else 'static'} "
           f"batch, frames, height, width, text length{note})", file=sys.stderr)
     return 0
@@ -413,24 +413,30 @@ def build_parser() -> argparse.ArgumentParser:
     command("env", "what this install can run (torch, CUDA, C++ runtime, Triton)",
             "Report the versions, the devices, and what runs where (and why not).", cmd_env)
 
-    export = command("export", "deployment artifacts (ONNX)", "Export a model for deployment.", None)
+    export = command("export", "deployment artifacts (ONNX, AOTInductor)", "Export a model for deployment.", None)
     routes = export.add_subparsers(dest="route", required=True, metavar="ROUTE", help="the artifact to make")
     onnx = routes.add_parser("onnx", help="ONNX with the kernel ops as stunet-domain nodes (+ local functions)",
                              description="Export a model folder to ONNX (opset 18): the kernel ops as stunet-domain "
                                          "nodes, each with a local function of standard ops.")
-    onnx.set_defaults(func=cmd_export_onnx, parser=onnx)
-    onnx.add_argument("model", metavar="MODEL_DIR", help="model folder (config.json + model.safetensors)")
-    onnx.add_argument("-o", "--output", required=True, help="the .onnx file")
-    onnx.add_argument("--overwrite", action="store_true", help="replace the output file if it exists")
-    onnx.add_argument("--batch", type=_positive, default=2, help="example batch (default 2: a CFG pair)")
-    onnx.add_argument("--frames", type=_positive, help="example frames (default: the model's sample_frames)")
-    onnx.add_argument("--height", type=_positive, help="example height (default: the model's sample_size)")
-    onnx.add_argument("--width", type=_positive, help="example width (default: the model's sample_size)")
-    onnx.add_argument("--text-len", type=_positive, default=77, help="example text tokens (default 77)")
-    onnx.add_argument("--dtype", choices=list(DTYPES), default="fp32", help="weights and inputs (default fp32)")
-    onnx.add_argument("--static", action="store_true", help="fix every axis to the example's size")
-    onnx.add_argument("--check", action="store_true",
-                      help="run the file with onnxruntime against the reference (two geometries when dynamic)")
+    aoti = routes.add_parser("aoti", help="an AOTInductor package (.pt2) for the model's device",
+                             description="Compile a model folder ahead of time with AOTInductor into a .pt2 package "
+                                         "(the Triton kernels compile into it on CUDA).")
+    for route, p in (("onnx", onnx), ("aoti", aoti)):
+        p.set_defaults(func=cmd_export, parser=p)
+        p.add_argument("model", metavar="MODEL_DIR", help="model folder (config.json + model.safetensors)")
+        p.add_argument("-o", "--output", required=True, help=f"the .{'onnx' if route == 'onnx' else 'pt2'} file")
+        p.add_argument("--overwrite", action="store_true", help="replace the output file if it exists")
+        p.add_argument("--batch", type=_positive, default=2, help="example batch (default 2: a CFG pair)")
+        p.add_argument("--frames", type=_positive, help="example frames (default: the model's sample_frames)")
+        p.add_argument("--height", type=_positive, help="example height (default: the model's sample_size)")
+        p.add_argument("--width", type=_positive, help="example width (default: the model's sample_size)")
+        p.add_argument("--text-len", type=_positive, default=77, help="example text tokens (default 77)")
+        p.add_argument("--dtype", choices=list(DTYPES), default="fp32", help="weights and inputs (default fp32)")
+        p.add_argument("--device", type=_device, default="cpu",
+                       help="where the model is traced (and, for aoti, what the package runs on; default cpu)")
+        p.add_argument("--static", action="store_true", help="fix every axis to the example's size")
+        p.add_argument("--check", action="store_true",
+                       help="run the artifact against the reference (two geometries when dynamic)")
 
     _add_generation_args(command("generate", "text to video", "Generate a video from a text prompt.",
                                  cmd_generate))

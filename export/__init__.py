@@ -2,16 +2,23 @@
 
 - ``export_onnx``: ONNX (opset 18) with the kernel ops as ``stunet``-domain nodes, each carrying a local
   function of standard ops (``onnx``); checked against the reference with onnxruntime (``check_onnx``).
+- ``export_aoti``: an AOTInductor package (``.pt2``; the Triton kernels compile into it on CUDA), loaded by
+  ``load_aoti`` or the ``aoti`` backend (``check_aoti``).
 - ``ExportSpec``: the inputs, dynamic axes and ranges, sample inputs and tolerance of an exported forward.
 """
-from .spec import Axis, ExportSpec
+from .spec import Axis, ExportedForward, ExportResult, ExportSpec
 
-__all__ = ["ExportSpec", "Axis", "export_onnx", "check_onnx", "ExportResult", "DOMAIN"]
+__all__ = ["ExportSpec", "Axis", "ExportedForward", "export_onnx", "check_onnx", "ExportResult", "DOMAIN", "export_aoti",
+           "load_aoti", "check_aoti"]
 
 
-def __getattr__(name):  # the ONNX route imports onnx/onnxscript only when it is used
-    if name in ("export_onnx", "check_onnx", "ExportResult", "DOMAIN"):
+def __getattr__(name):  # the routes import their tools (onnx, onnxscript, inductor) only when used
+    if name in ("export_onnx", "check_onnx", "DOMAIN"):
         from . import onnx as _onnx
 
         return getattr(_onnx, name)
+    if name in ("export_aoti", "load_aoti", "check_aoti"):
+        from . import aoti as _aoti
+
+        return getattr(_aoti, name)
     raise AttributeError(f"module 'stunet.export' has no attribute {name!r}")

@@ -23,15 +23,13 @@ from __future__ import annotations
 import logging
 import math
 import os
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from torch import nn
 
 from ..io import atomic_path
-from ..model import ExecutionPolicy, STUNet
-from .spec import ExportSpec
+from ..model import STUNet
+from .spec import ExportedForward, ExportResult, ExportSpec, shapes_tuple
 
 log = logging.getLogger(__name__)
 
@@ -157,28 +155,6 @@ def _translations() -> dict:
             torch.ops.stunet.temporal_attention.default: temporal_attention}
 
 
-class ExportedForward(nn.Module):
-    """The exported signature: (x, timesteps, text_embeds, text_mask[, noise_level]) -> sample, with the kernel
-    ops as graph nodes (``ExecutionPolicy(kernels=True)``) and no host-side validation in the graph."""
-
-    def __init__(self, model: STUNet):
-        super().__init__()
-        self.model = model
-        self.policy = ExecutionPolicy(kernels=True)
-
-    def forward(self, x, timesteps, text_embeds, text_mask, noise_level=None):
-        return self.model.forward_checked(x, timesteps.float(), text_embeds, text_mask.bool(),
-                                          None if noise_level is None else noise_level.float(), self.policy)
-
-
-@dataclass
-class ExportResult:
-    path: Path
-    spec: ExportSpec
-    max_abs_error: float | None = None
-    """The parity check's worst |ONNX - reference| over its geometries (when checked)."""
-
-
 def export_onnx(model: STUNet, path: str | os.PathLike, *, batch: int = 2, frames: int | None = None,
                 height: int | None = None, width: int | None = None, text_len: int = 77, dynamic: bool = True,
                 dtype: torch.dtype = torch.float32, check: bool = False) -> ExportResult:
@@ -203,7 +179,7 @@ def export_onnx(model: STUNet, path: str | os.PathLike, *, batch: int = 2, frame
     inputs = spec.sample_inputs()
     args = tuple(inputs[name] for name in spec.input_names)
     with torch.no_grad():
-        program = torch.onnx.export(module, args, dynamo=True, dynamic_shapes=_shapes_tuple(spec),
+        program = torch.onnx.export(module, args, dynamo=True, dynamic_shapes=shapes_tuple(spec),
                                     input_names=spec.input_names, output_names=spec.output_names,
                                     custom_translation_table=_translations(), opset_version=OPSET,
                                     optimize=False, verbose=False)
@@ -230,11 +206,6 @@ def _byte_size(proto) -> int:
         return proto.ByteSize()
     except ValueError:
         return 2 ** 31
-
-
-def _shapes_tuple(spec: ExportSpec):
-    shapes = spec.dynamic_shapes()
-    return None if shapes is None else tuple(shapes[name] for name in spec.input_names)
 
 
 def check_onnx(path: str | os.PathLike, model: STUNet, spec: ExportSpec, geometries=None) -> float:

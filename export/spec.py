@@ -1,16 +1,19 @@
 """One export spec per network: its inputs, their dynamic axes and ranges, sample inputs, and the tolerance its
 exported artifacts are checked to.
 
-Every export route (ONNX today) builds from a spec, so the names, the dynamic axes and the optimisation
-profiles of an engine agree with the ONNX file they come from.
+Every export route (ONNX, AOTInductor) builds from a spec, so input names, dynamic axes and their ranges
+agree across the artifacts of one network, and each artifact's parity check uses the spec's sample inputs.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
+from torch import nn
 
 from ..config import STUNetConfig
+from ..model import ExecutionPolicy, STUNet
 
 
 @dataclass(frozen=True)
@@ -115,3 +118,31 @@ class ExportSpec:
         if cfg.noise_aug:
             inputs["noise_level"] = torch.randint(0, 250, (B,), generator=g).float()
         return inputs
+
+
+class ExportedForward(nn.Module):
+    """The exported signature: (x, timesteps, text_embeds, text_mask[, noise_level]) -> sample, with the kernel
+    ops as graph nodes (``ExecutionPolicy(kernels=True)``) and no host-side validation in the graph."""
+
+    def __init__(self, model: STUNet):
+        super().__init__()
+        self.model = model
+        self.policy = ExecutionPolicy(kernels=True)
+
+    def forward(self, x, timesteps, text_embeds, text_mask, noise_level=None):
+        return self.model.forward_checked(x, timesteps.float(), text_embeds, text_mask.bool(),
+                                          None if noise_level is None else noise_level.float(), self.policy)
+
+
+@dataclass
+class ExportResult:
+    path: Path
+    spec: ExportSpec
+    max_abs_error: float | None = None
+    """The parity check's worst |artifact - reference| over its geometries (when checked)."""
+
+
+def shapes_tuple(spec: ExportSpec):
+    """The dynamic shapes in input order (what torch.export takes for positional inputs)."""
+    shapes = spec.dynamic_shapes()
+    return None if shapes is None else tuple(shapes[name] for name in spec.input_names)

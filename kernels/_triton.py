@@ -19,6 +19,15 @@ def jit(fn):
     return triton.jit(fn) if triton is not None else fn
 
 
+def launch(kernel):
+    """``kernel`` ready for ``[grid](...)``: wrapped with ``torch.library.wrap_triton``, so that inside a
+    ``torch.library.triton_op`` torch.compile and AOTInductor see the launch (and compile the kernel into their
+    output); eagerly it launches the kernel as it is."""
+    from torch.library import wrap_triton
+
+    return wrap_triton(kernel)
+
+
 def interpreting() -> bool:
     """TRITON_INTERPRET=1: kernels run on CPU tensors through Triton's interpreter (tests)."""
     return os.environ.get("TRITON_INTERPRET", "0") == "1"

@@ -26,7 +26,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ._triton import jit, tl, triton
+from ._triton import jit, launch, tl, triton
 
 
 @jit
@@ -281,21 +281,21 @@ def group_norm(x: torch.Tensor, num_groups: int, weight: torch.Tensor, bias: tor
     has_ibias = input_bias is not None
     ibias = input_bias.contiguous() if has_ibias else weight  # a placeholder pointer when absent
     if rows_kernel:
-        _gn_partial_rows_kernel[(stat_programs, splits)](
+        launch(_gn_partial_rows_kernel)[(stat_programs, splits)](
             x, ibias, part, T, P, C, G, CG, rows, rows_per_split, *sx, CLIP_SCOPE=scope == "clip",
             HAS_IBIAS=has_ibias, BLOCK_R=block_r, BLOCK_G=triton.next_power_of_2(G), BLOCK_CG=block_cg)
     else:
-        _gn_partial_kernel[(n_groups, splits)](x, ibias, part, T, P, C, G, CG, rows, rows_per_split, *sx,
+        launch(_gn_partial_kernel)[(n_groups, splits)](x, ibias, part, T, P, C, G, CG, rows, rows_per_split, *sx,
                                               CLIP_SCOPE=scope == "clip", HAS_IBIAS=has_ibias, BLOCK_R=block_r,
                                               BLOCK_CG=block_cg)
     block_g = 64
-    _gn_finalize_kernel[(triton.cdiv(n_groups, block_g),)](part, stats, n_groups, splits, eps, BLOCK_G=block_g,
+    launch(_gn_finalize_kernel)[(triton.cdiv(n_groups, block_g),)](part, stats, n_groups, splits, eps, BLOCK_G=block_g,
                                                            BLOCK_S=min(16, triton.next_power_of_2(splits)))
     y = torch.empty_like(x)  # x's strides (x is dense: the op checked that H and W merge)
     block_c = min(64, triton.next_power_of_2(C))
     block_p = max(1, min(triton.next_power_of_2(P), 4096 // block_c))
     grid = (B * T, triton.cdiv(P, block_p), triton.cdiv(C, block_c))
-    _gn_apply_kernel[grid](x, y, weight, bias, ibias, stats, T, P, C, G, CG, *sx, *_video_strides(y),
+    launch(_gn_apply_kernel)[grid](x, y, weight, bias, ibias, stats, T, P, C, G, CG, *sx, *_video_strides(y),
                            CLIP_SCOPE=scope == "clip", SILU=silu, HAS_IBIAS=has_ibias, BLOCK_P=block_p,
                            BLOCK_C=block_c)
     return y

@@ -2,9 +2,11 @@
 
 An op runs its Triton kernel when the tensors are on a CUDA device (or on the CPU under TRITON_INTERPRET=1)
 and the kernel declares no reason against the inputs; otherwise it runs the kernel file's ``*_ref`` math,
-logging the reason once per op and reason (a fallback on a GPU is never silent). Registered as custom ops,
-the kernels work eagerly, under torch.compile (opaque nodes, shapes from the fakes) and inside CUDA-graph
-capture (launches only; no host synchronisation, no allocation outside torch's allocator).
+logging the reason once per op and reason (a fallback on a GPU is never silent). Registered with
+``torch.library.triton_op`` (kernels launched through ``wrap_triton``), the ops work eagerly, inside CUDA-graph
+capture (launches only; no host synchronisation, no allocation outside torch's allocator), as single nodes
+under torch.export (what the ONNX exporter translates), and transparently to inductor: torch.compile fuses
+around the kernels and AOTInductor compiles them (or, on the CPU, their reference math) into its package.
 
 Public wrappers with argument checks are in ``stunet.kernels`` (``__init__``).
 """
@@ -13,6 +15,7 @@ from __future__ import annotations
 import logging
 
 import torch
+from torch.library import triton_op
 
 from . import _triton
 from . import groupnorm as _gn
@@ -34,7 +37,16 @@ def device_reason(device: torch.device) -> str | None:
 def kernel_reasons(op: str, x: torch.Tensor, reasons: list[str]) -> list[str]:
     """All reasons ``op``'s Triton kernel will not run on ``x`` (empty: it will)."""
     where = device_reason(x.device)
+    if where is None and x.device.type == "cpu" and _tracing(x):
+        where = "traced on the CPU (Triton's interpreter runs kernels eagerly only)"
     return ([where] if where else []) + list(reasons)
+
+
+def _tracing(x: torch.Tensor) -> bool:
+    """Inside torch.compile / torch.export, or on fake tensors."""
+    from torch._subclasses.fake_tensor import is_fake
+
+    return torch.compiler.is_compiling() or is_fake(x)
 
 
 def _use_kernel(op: str, x: torch.Tensor, reasons: list[str]) -> bool:
@@ -50,7 +62,7 @@ def _use_kernel(op: str, x: torch.Tensor, reasons: list[str]) -> bool:
 
 
 # -- temporal attention -------------------------------------------------------------------------------------
-@torch.library.custom_op("stunet::temporal_attention", mutates_args=())
+@triton_op("stunet::temporal_attention", mutates_args=())
 def temporal_attention(qkv: torch.Tensor, heads: int, bias: torch.Tensor | None = None,
                        scale: float | None = None) -> torch.Tensor:
     if _use_kernel("temporal_attention", qkv, _ta.unsupported(qkv, heads, bias)):
@@ -65,7 +77,7 @@ def _(qkv, heads, bias=None, scale=None):
 
 
 # -- video group norm -------------------------------------------------------------------------------------------
-@torch.library.custom_op("stunet::group_norm", mutates_args=())
+@triton_op("stunet::group_norm", mutates_args=())
 def group_norm(x: torch.Tensor, num_groups: int, weight: torch.Tensor, bias: torch.Tensor, eps: float,
                scope: str, silu: bool, input_bias: torch.Tensor | None = None) -> torch.Tensor:
     if _use_kernel("group_norm", x, _gn.unsupported(x, num_groups)):

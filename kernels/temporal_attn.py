@@ -20,7 +20,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from ._triton import jit, tl, triton
+from ._triton import jit, launch, tl, triton
 
 # A finite "minus infinity": fully masked padding rows stay NaN-free. Kernels may only read constexpr globals.
 _NEG = tl.constexpr(-1.0e30) if tl is not None else -1.0e30
@@ -149,7 +149,7 @@ def temporal_attention(qkv: torch.Tensor, heads: int, bias: torch.Tensor | None 
     packed, block_m, block_n, per_block = _blocks(T, block_d, qkv.dtype)
     grid = (triton.cdiv(num_seq, per_block) if packed else num_seq * triton.cdiv(T, block_m), heads)
     qk_scale = (scale if scale is not None else 1.0 / math.sqrt(D)) * 1.4426950408889634
-    _temporal_attn_fwd_kernel[grid](
+    launch(_temporal_attn_fwd_kernel)[grid](
         qkv, out, bias if bias is not None else qkv,
         T, S, num_seq, C, qk_scale,
         *qkv.stride(), *out.stride(),

@@ -216,8 +216,9 @@ def test_ops_trace_under_torch_compile():
         qkv = h.permute(0, 2, 3, 4, 1).reshape(1, 4, 16, 8).repeat(1, 1, 1, 3)
         return kernels.temporal_attention(qkv, 2)
 
-    compiled = torch.compile(f, backend="aot_eager", fullgraph=True)
-    assert torch.equal(compiled(x), f(x))
+    compiled = torch.compile(f, backend="aot_eager", fullgraph=True)  # one graph: the ops trace
+    # Traced on the CPU the ops take their reference math (the interpreter runs kernels eagerly only).
+    assert_close(compiled(x), f(x), atol=2e-5, rtol=2e-5, what="compiled vs eager")
 
 
 def test_kernel_reasons_name_every_obstacle(monkeypatch, caplog):

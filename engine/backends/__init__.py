@@ -4,6 +4,7 @@
 - ``compile``: ``torch.compile(mode="max-autotune")`` of the reference: the peer a user could build.
 - ``fast``: the Triton kernels of ``stunet.kernels`` in the same module tree, a channels-last trunk, FP16 on
   CUDA, cross-attention keys and values computed once per text, and CUDA graphs per input shape.
+- ``aoti``: an AOTInductor package of the model (``stunet.export.export_aoti``), ``package=PATH``.
 
 Data flows one way: pipeline -> sampler/runtime -> backend -> model. No backend modifies the model it is
 given (see ``base``); ``make_backend`` refuses a model a backend cannot run, listing every reason.
@@ -11,12 +12,13 @@ given (see ``base``); ``make_backend`` refuses a model a backend cannot run, lis
 from __future__ import annotations
 
 from ..model import STUNet
+from .aoti import AOTIBackend
 from .base import Backend, ReferenceBackend, converted_copy
 from .compile import CompileBackend
 from .fast import FastBackend
 
 BACKEND_CLASSES: dict[str, type[Backend]] = {"reference": ReferenceBackend, "fast": FastBackend,
-                                             "compile": CompileBackend}
+                                             "compile": CompileBackend, "aoti": AOTIBackend}
 BACKENDS = tuple(BACKEND_CLASSES)
 
 
@@ -33,5 +35,5 @@ def make_backend(model: STUNet, name: str = "reference", **options) -> Backend:
     return cls(model, **options)
 
 
-__all__ = ["Backend", "ReferenceBackend", "CompileBackend", "FastBackend", "BACKENDS", "BACKEND_CLASSES",
+__all__ = ["Backend", "ReferenceBackend", "CompileBackend", "FastBackend", "AOTIBackend", "BACKENDS", "BACKEND_CLASSES",
            "make_backend", "converted_copy"]

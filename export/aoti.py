@@ -1,0 +1,86 @@
+"""AOTInductor packages (``.pt2``): the model compiled ahead of time into one file that C++ or Python loads.
+
+    stunet.export.export_aoti(model, "model.pt2", frames=16, height=64, width=64)
+    runner = torch._inductor.aoti_load_package("model.pt2")      # or Pipeline(..., backend="aoti", ...)
+
+``torch.export`` traces the same ``ExportedForward`` as the ONNX route (inputs of the model's ``ExportSpec``).
+The kernel ops are ``torch.library.triton_op``s, so inductor sees through them: on CUDA the Triton kernels are
+compiled into the package and inductor fuses the work around them; on the CPU their reference math is compiled
+as C++. The package runs on the device it was compiled for.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+from ..io import atomic_path
+from ..model import STUNet
+from .spec import ExportedForward, ExportResult, ExportSpec, shapes_tuple
+
+
+def export_aoti(model: STUNet, path: str | os.PathLike, *, batch: int = 2, frames: int | None = None,
+                height: int | None = None, width: int | None = None, text_len: int = 77, dynamic: bool = True,
+                dtype: torch.dtype = torch.float32, check: bool = False,
+                inductor_configs: dict | None = None) -> ExportResult:
+    """Compile ``model`` (on its device) into an AOTInductor package at ``path`` (``.pt2``, written atomically;
+    the model is not modified). Geometry and ``dynamic`` as :func:`~stunet.export.export_onnx`; ``check`` runs
+    the package against the reference at two geometries and raises beyond the spec's tolerance (fp32);
+    ``inductor_configs`` go to ``aoti_compile_and_package`` (e.g. a faster-compiling wrapper for tests)."""
+    from ..backends.base import converted_copy
+
+    if not isinstance(model, STUNet):
+        raise TypeError(f"model must be a STUNet, got {type(model).__name__}")
+    path = Path(path)
+    if path.suffix != ".pt2":
+        raise ValueError(f"path must end in .pt2, got {str(path)!r}")
+    spec = ExportSpec.for_model(model.config, batch=batch, frames=frames, height=height, width=width,
+                                text_len=text_len, dtype=dtype, dynamic=dynamic)
+    module = ExportedForward(converted_copy(model, dtype)).eval()
+    inputs = spec.sample_inputs()
+    args = tuple(inputs[name].to(model.device) for name in spec.input_names)
+    with torch.no_grad():
+        program = torch.export.export(module, args, dynamic_shapes=shapes_tuple(spec))
+        with atomic_path(path) as tmp:
+            torch._inductor.aoti_compile_and_package(program, package_path=str(tmp),
+                                                     inductor_configs=inductor_configs or {})
+    result = ExportResult(path, spec)
+    if check:
+        result.max_abs_error = check_aoti(path, model, spec)
+    return result
+
+
+def load_aoti(path: str | os.PathLike):
+    """The runner of a package: ``runner(x, timesteps, text_embeds, text_mask[, noise_level]) -> sample``."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no AOTInductor package at {str(path)!r} (make one with stunet.export.export_aoti "
+                                "or `stunet export aoti`)")
+    return torch._inductor.aoti_load_package(str(path))
+
+
+def check_aoti(path: str | os.PathLike, model: STUNet, spec: ExportSpec, geometries=None) -> float:
+    """The package against the fp32 reference at the spec's geometry (and a second one when dynamic): the worst
+    |difference|; raises beyond the tolerance for fp32 packages."""
+    from ..backends.base import converted_copy
+
+    runner = load_aoti(path)
+    reference = converted_copy(model, torch.float32)
+    if geometries is None:
+        geometries = [{}]
+        if spec.dynamic:
+            geometries.append(dict(batch=1, frames=2 * spec.frames, height=spec.height + spec.config.spatial_divisor,
+                                   text_len=spec.text_len + 3))
+    worst = 0.0
+    for i, geometry in enumerate(geometries):
+        inputs = {k: v.to(model.device) for k, v in spec.sample_inputs(seed=i + 1, **geometry).items()}
+        with torch.no_grad():
+            got = runner(*(inputs[name] for name in spec.input_names)).float()
+            want = reference(inputs["x"].float(), inputs["timesteps"], inputs["text_embeds"].float(),
+                             inputs["text_mask"], noise_level=inputs.get("noise_level"))
+        worst = max(worst, float((got - want).abs().max()))
+    if spec.dtype == torch.float32 and worst > spec.tolerance:
+        raise AssertionError(f"{path}: the package differs from the reference by {worst:.3g} "
+                             f"(tolerance {spec.tolerance})")
+    return worst
