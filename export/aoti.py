@@ -17,7 +17,7 @@ import torch
 
 from ..io import atomic_path
 from ..model import STUNet
-from .spec import ExportedForward, ExportResult, ExportSpec, shapes_tuple
+from .spec import ExportResult, ExportSpec, compare, prepare, shapes_tuple
 
 
 def export_aoti(model: STUNet, path: str | os.PathLike, *, batch: int = 2, frames: int | None = None,
@@ -28,18 +28,8 @@ def export_aoti(model: STUNet, path: str | os.PathLike, *, batch: int = 2, frame
     the model is not modified). Geometry and ``dynamic`` as :func:`~stunet.export.export_onnx`; ``check`` runs
     the package against the reference at two geometries and raises beyond the spec's tolerance (fp32);
     ``inductor_configs`` go to ``aoti_compile_and_package`` (e.g. a faster-compiling wrapper for tests)."""
-    from ..backends.base import converted_copy
-
-    if not isinstance(model, STUNet):
-        raise TypeError(f"model must be a STUNet, got {type(model).__name__}")
-    path = Path(path)
-    if path.suffix != ".pt2":
-        raise ValueError(f"path must end in .pt2, got {str(path)!r}")
-    spec = ExportSpec.for_model(model.config, batch=batch, frames=frames, height=height, width=width,
-                                text_len=text_len, dtype=dtype, dynamic=dynamic)
-    module = ExportedForward(converted_copy(model, dtype)).eval()
-    inputs = spec.sample_inputs()
-    args = tuple(inputs[name].to(model.device) for name in spec.input_names)
+    path, spec, module, args = prepare(model, path, ".pt2", batch=batch, frames=frames, height=height, width=width,
+                                       text_len=text_len, dtype=dtype, dynamic=dynamic)
     with torch.no_grad():
         program = torch.export.export(module, args, dynamic_shapes=shapes_tuple(spec))
         with atomic_path(path) as tmp:
@@ -63,24 +53,4 @@ def load_aoti(path: str | os.PathLike):
 def check_aoti(path: str | os.PathLike, model: STUNet, spec: ExportSpec, geometries=None) -> float:
     """The package against the fp32 reference at the spec's geometry (and a second one when dynamic): the worst
     |difference|; raises beyond the tolerance for fp32 packages."""
-    from ..backends.base import converted_copy
-
-    runner = load_aoti(path)
-    reference = converted_copy(model, torch.float32)
-    if geometries is None:
-        geometries = [{}]
-        if spec.dynamic:
-            geometries.append(dict(batch=1, frames=2 * spec.frames, height=spec.height + spec.config.spatial_divisor,
-                                   text_len=spec.text_len + 3))
-    worst = 0.0
-    for i, geometry in enumerate(geometries):
-        inputs = {k: v.to(model.device) for k, v in spec.sample_inputs(seed=i + 1, **geometry).items()}
-        with torch.no_grad():
-            got = runner(*(inputs[name] for name in spec.input_names)).float()
-            want = reference(inputs["x"].float(), inputs["timesteps"], inputs["text_embeds"].float(),
-                             inputs["text_mask"], noise_level=inputs.get("noise_level"))
-        worst = max(worst, float((got - want).abs().max()))
-    if spec.dtype == torch.float32 and worst > spec.tolerance:
-        raise AssertionError(f"{path}: the package differs from the reference by {worst:.3g} "
-                             f"(tolerance {spec.tolerance})")
-    return worst
+    return compare(load_aoti(path), model, spec, f"AOTInductor package {str(path)!r}", geometries)

@@ -23,13 +23,12 @@ from __future__ import annotations
 import logging
 import math
 import os
-from pathlib import Path
 
 import torch
 
 from ..io import atomic_path
 from ..model import STUNet
-from .spec import ExportedForward, ExportResult, ExportSpec, shapes_tuple
+from .spec import ExportResult, ExportSpec, compare, prepare, shapes_tuple
 
 log = logging.getLogger(__name__)
 
@@ -166,18 +165,8 @@ def export_onnx(model: STUNet, path: str | os.PathLike, *, batch: int = 2, frame
     two geometries and raises if it differs by more than the spec's tolerance (fp32).
     """
     onnx, _ = _require()
-    from ..backends.base import converted_copy
-
-    if not isinstance(model, STUNet):
-        raise TypeError(f"model must be a STUNet, got {type(model).__name__}")
-    path = Path(path)
-    if path.suffix != ".onnx":
-        raise ValueError(f"path must end in .onnx, got {str(path)!r}")
-    spec = ExportSpec.for_model(model.config, batch=batch, frames=frames, height=height, width=width,
-                                text_len=text_len, dtype=dtype, dynamic=dynamic)
-    module = ExportedForward(converted_copy(model, dtype).cpu()).eval()
-    inputs = spec.sample_inputs()
-    args = tuple(inputs[name] for name in spec.input_names)
+    path, spec, module, args = prepare(model, path, ".onnx", device=torch.device("cpu"), batch=batch, frames=frames,
+                                       height=height, width=width, text_len=text_len, dtype=dtype, dynamic=dynamic)
     with torch.no_grad():
         program = torch.onnx.export(module, args, dynamo=True, dynamic_shapes=shapes_tuple(spec),
                                     input_names=spec.input_names, output_names=spec.output_names,
@@ -213,26 +202,13 @@ def check_onnx(path: str | os.PathLike, model: STUNet, spec: ExportSpec, geometr
     geometry and, for a dynamic export, a second one; the worst |difference|. Raises beyond the tolerance."""
     import onnxruntime as ort
 
-    from ..backends.base import converted_copy
-
-    reference = converted_copy(model, torch.float32).cpu()
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    if geometries is None:
-        geometries = [{}]
-        if spec.dynamic:
-            geometries.append(dict(batch=1, frames=2 * spec.frames, height=spec.height + spec.config.spatial_divisor,
-                                   text_len=spec.text_len + 3))
-    worst = 0.0
-    for i, geometry in enumerate(geometries):
-        inputs = spec.sample_inputs(seed=i + 1, **geometry)
-        feeds = {name: inputs[name].numpy() if inputs[name].dtype != torch.bfloat16 else inputs[name].float().numpy()
-                 for name in spec.input_names}
-        got = torch.from_numpy(session.run(None, feeds)[0]).float()
-        with torch.no_grad():
-            want = reference(inputs["x"].float(), inputs["timesteps"], inputs["text_embeds"].float(),
-                             inputs["text_mask"], noise_level=inputs.get("noise_level"))
-        worst = max(worst, float((got - want).abs().max()))
-    if spec.dtype == torch.float32 and worst > spec.tolerance:
-        raise AssertionError(f"{path}: ONNX differs from the reference by {worst:.3g} (tolerance {spec.tolerance})")
+
+    def run(*inputs: torch.Tensor) -> torch.Tensor:
+        feeds = {name: (t.float() if t.dtype == torch.bfloat16 else t).numpy()
+                 for name, t in zip(spec.input_names, inputs)}
+        return torch.from_numpy(session.run(None, feeds)[0])
+
+    worst = compare(run, model, spec, f"ONNX file {str(path)!r}", geometries, device=torch.device("cpu"))
     log.info("stunet export: %s matches the reference to %.3g", path, worst)
     return worst

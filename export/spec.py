@@ -146,3 +146,46 @@ def shapes_tuple(spec: ExportSpec):
     """The dynamic shapes in input order (what torch.export takes for positional inputs)."""
     shapes = spec.dynamic_shapes()
     return None if shapes is None else tuple(shapes[name] for name in spec.input_names)
+
+
+def prepare(model: STUNet, path, suffix: str, *, device: torch.device | None = None, **geometry):
+    """What every route starts from: the checked ``path``, the spec, the ``ExportedForward`` of a converted copy
+    of ``model`` (the caller's model is not modified) on ``device``, and the sample inputs in input order."""
+    from ..backends.base import converted_copy
+
+    if not isinstance(model, STUNet):
+        raise TypeError(f"model must be a STUNet, got {type(model).__name__}")
+    path = Path(path)
+    if path.suffix != suffix:
+        raise ValueError(f"path must end in {suffix}, got {str(path)!r}")
+    spec = ExportSpec.for_model(model.config, **geometry)
+    device = device or model.device
+    module = ExportedForward(converted_copy(model, spec.dtype).to(device)).eval()
+    inputs = spec.sample_inputs()
+    return path, spec, module, tuple(inputs[name].to(device) for name in spec.input_names)
+
+
+def compare(run, model: STUNet, spec: ExportSpec, what: str, geometries=None,
+            device: torch.device | None = None) -> float:
+    """The worst |run(*inputs) - fp32 reference| at the spec's geometry and, for a dynamic artifact, a second
+    one (or at ``geometries``); raises beyond the spec's tolerance for fp32 artifacts."""
+    from ..backends.base import converted_copy
+
+    device = device or model.device
+    reference = converted_copy(model, torch.float32).to(device)
+    if geometries is None:
+        geometries = [{}]
+        if spec.dynamic:
+            geometries.append(dict(batch=1, frames=2 * spec.frames, height=spec.height + spec.config.spatial_divisor,
+                                   text_len=spec.text_len + 3))
+    worst = 0.0
+    for i, geometry in enumerate(geometries):
+        inputs = {k: v.to(device) for k, v in spec.sample_inputs(seed=i + 1, **geometry).items()}
+        with torch.no_grad():
+            got = run(*(inputs[name] for name in spec.input_names)).float()
+            want = reference(inputs["x"].float(), inputs["timesteps"], inputs["text_embeds"].float(),
+                             inputs["text_mask"], noise_level=inputs.get("noise_level"))
+        worst = max(worst, float((got - want).abs().max()))
+    if spec.dtype == torch.float32 and worst > spec.tolerance:
+        raise AssertionError(f"{what} differs from the reference by {worst:.3g} (tolerance {spec.tolerance})")
+    return worst

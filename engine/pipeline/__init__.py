@@ -13,5 +13,5 @@ from .stages import SSROptions, StageOptions
 from .text import TextEncoder, load_text_encoder, tiny_random_t5
 from .video import save_video
 
-__all__ = ["Pipeline", "PipelineOutput", "StageOptions", "SSROptions", "Conditioning", "TextEncoder",
+__all__ = ["text", "Pipeline", "PipelineOutput", "StageOptions", "SSROptions", "Conditioning", "TextEncoder",
            "load_text_encoder", "tiny_random_t5", "save_video"]

@@ -24,7 +24,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from ..backends import BACKENDS, Backend, make_backend
+from ..backends import BACKENDS, make_backend
 from ..model import STUNet
 from ..sampling import runtime as cpp_runtime
 from ..sampling.samplers import Sampler, sampler_class
