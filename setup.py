@@ -86,6 +86,8 @@ class BuildExt(build_ext):
         ext.libraries.append("cudart")
 
 
+X86 = "platform_machine == 'x86_64' or platform_machine == 'AMD64'"  # the TensorRT-RTX wheels' platforms
+
 setup(
     name="stunet",
     version="0.1.0",
@@ -109,8 +111,10 @@ setup(
         "text": ["transformers>=4.40"],
         "triton": ["triton>=3.2"],
         "export": ["onnx>=1.16", "onnxscript>=0.2", "onnxruntime>=1.18"],
+        "tensorrt-rtx": [f"tensorrt-rtx-cu13-{part}>=1.7; {X86}" for part in ("bindings", "libs")] + ["onnx>=1.16"],
         "test": ["pytest>=8", "hypothesis>=6", "av>=12", "pillow", "transformers>=4.40", "triton>=3.2", "onnx>=1.16",
-                 "onnxscript>=0.2", "onnxruntime>=1.18"],
+                 "onnxscript>=0.2", "onnxruntime>=1.18"]
+                + [f"tensorrt-rtx-cu13-{part}>=1.7; {X86}" for part in ("bindings", "libs")],
     },
     ext_modules=[Extension("stunet._C", CPU_SOURCES, depends=["csrc/runtime.h", "csrc/step_math.h"],
                            extra_compile_args=CXX_FLAGS, language="c++")],

@@ -201,6 +201,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
         parser.error("argument --preset: chooses random weights for when --model is not given; drop one of them")
     if args.max_batch and args.backend != "fast":
         parser.error("argument --max-batch: only the fast backend splits batches; add --backend fast")
+    for option, backend in (("package", "aoti"), ("engine", "tensorrt")):
+        if (getattr(args, option) is not None) != (args.backend == backend):
+            parser.error(f"argument --{option}: goes with --backend {backend}, and that backend needs it")
+        if getattr(args, option) is not None and args.ssr:
+            parser.error(f"argument --{option}: one artifact runs one model; run the SSR stage with another "
+                         "backend, or from Python")
     if args.ssr_steps and not args.ssr:
         parser.error("argument --ssr-steps: needs an SSR model (--ssr DIR)")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -230,6 +236,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
                 print("stunet: no --text-encoder given: using a random tiny text encoder", file=sys.stderr)
             encoder = tiny_random_t5(base.config.text_dim, seed=args.seed)
         options = {"max_batch": args.max_batch} if args.max_batch else {}
+        options.update({k: getattr(args, k) for k in ("package", "engine") if getattr(args, k) is not None})
         pipe = Pipeline(base, encoder, ssr, sampler=args.sampler, runtime=args.runtime, backend=args.backend,
                         backend_options=options)
     except (FileNotFoundError, ValueError, TypeError, RuntimeError) as e:
@@ -319,6 +326,33 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export_tensorrt(args: argparse.Namespace) -> int:
+    """stunet export tensorrt MODEL.onnx -o MODEL.plan."""
+    from .export import build_engine
+
+    parser, out = args.parser, Path(args.output)
+    if out.is_dir() or out.suffix not in (".plan", ".engine"):
+        parser.error(f"argument -o/--output: must be a file path ending in .plan or .engine, got {args.output!r}")
+    if not out.parent.is_dir():
+        parser.error(f"argument -o/--output: directory {str(out.parent)!r} does not exist")
+    if out.exists() and not args.overwrite:
+        parser.error(f"argument -o/--output: {args.output!r} exists; pass --overwrite to replace it")
+    if not Path(args.onnx).is_file():
+        parser.error(f"argument ONNX: no file at {args.onnx!r} (make one with `stunet export onnx`)")
+    try:
+        result = build_engine(args.onnx, out, fp16=not args.fp32, compute_capabilities=args.sm,
+                              toolkit_name=args.toolkit)
+    except (ImportError, ValueError, FileNotFoundError) as e:
+        parser.error(str(e))
+    except RuntimeError as e:
+        print(f"stunet: {e}", file=sys.stderr)
+        return 1
+    targets = f" for sm_{', sm_'.join(map(str, result.compute_capabilities))}" if result.compute_capabilities else ""
+    print(f"stunet: wrote {out} ({result.toolkit} {result.version}{targets}, {result.bytes / 2 ** 20:.1f} MB, "
+          f"built in {result.seconds:.1f} s)", file=sys.stderr)
+    return 0
+
+
 def cmd_env(args: argparse.Namespace) -> int:
     """What this install can run, and why not where it cannot."""
     import platform
@@ -372,8 +406,11 @@ def _add_generation_args(p: argparse.ArgumentParser) -> None:
                    help="classifier-free guidance scale, >= 0 (default 7.5; 1 turns guidance off)")
     p.add_argument("--sampler", default="ddim", choices=sorted(SAMPLERS), help="sampler (default ddim)")
     p.add_argument("--backend", default="reference", choices=list(BACKENDS),
-                   help="model executor: the eager reference (default), fast (Triton kernels, CUDA graphs) or "
-                        "compile (torch.compile)")
+                   help="model executor: the eager reference (default), fast (Triton kernels, CUDA graphs), "
+                        "compile (torch.compile), aoti (--package) or tensorrt (--engine)")
+    p.add_argument("--package", metavar="PT2", help="--backend aoti: the model's package (`stunet export aoti`)")
+    p.add_argument("--engine", metavar="PLAN", help="--backend tensorrt: the model's engine "
+                                                    "(`stunet export tensorrt`)")
     p.add_argument("--max-batch", type=_positive, metavar="N",
                    help="fast backend: run model batches (the CFG pair, SSR windows) in slices of at most N clips "
                         "to bound activation memory")
@@ -413,7 +450,8 @@ def build_parser() -> argparse.ArgumentParser:
     command("env", "what this install can run (torch, CUDA, C++ runtime, Triton)",
             "Report the versions, the devices, and what runs where (and why not).", cmd_env)
 
-    export = command("export", "deployment artifacts (ONNX, AOTInductor)", "Export a model for deployment.", None)
+    export = command("export", "deployment artifacts (ONNX, AOTInductor, TensorRT)",
+                     "Export a model for deployment.", None)
     routes = export.add_subparsers(dest="route", required=True, metavar="ROUTE", help="the artifact to make")
     onnx = routes.add_parser("onnx", help="ONNX with the kernel ops as stunet-domain nodes (+ local functions)",
                              description="Export a model folder to ONNX (opset 18): the kernel ops as stunet-domain "
@@ -437,6 +475,21 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--static", action="store_true", help="fix every axis to the example's size")
         p.add_argument("--check", action="store_true",
                        help="run the artifact against the reference (two geometries when dynamic)")
+    trt = routes.add_parser("tensorrt", help="a TensorRT engine (.plan) from an exported ONNX file",
+                            description="Build a TensorRT engine from an ONNX file made by `stunet export onnx`: a "
+                                        "strongly typed network, one optimisation profile over the export's "
+                                        "dynamic ranges. TensorRT 10.9+ runs the stunet nodes as AOT plugins of "
+                                        "the Triton kernels; TensorRT-RTX inlines them and builds without a GPU.")
+    trt.set_defaults(func=cmd_export_tensorrt, parser=trt)
+    trt.add_argument("onnx", metavar="ONNX", help="the .onnx file (export it with --dtype fp16 for an FP16 engine)")
+    trt.add_argument("-o", "--output", required=True, help="the .plan file")
+    trt.add_argument("--overwrite", action="store_true", help="replace the output file if it exists")
+    trt.add_argument("--fp32", action="store_true", help="build an fp32 export as it is (default: FP16, which "
+                                                         "needs an fp16 export)")
+    trt.add_argument("--sm", type=int, nargs="+", metavar="SM",
+                     help="TensorRT-RTX: compute capabilities to build for, e.g. 86 89 (default: this GPU)")
+    trt.add_argument("--toolkit", choices=["tensorrt", "tensorrt-rtx"],
+                     help="which TensorRT builds (default: TensorRT when installed, else TensorRT-RTX)")
 
     _add_generation_args(command("generate", "text to video", "Generate a video from a text prompt.",
                                  cmd_generate))

@@ -4,12 +4,14 @@
   function of standard ops (``onnx``); checked against the reference with onnxruntime (``check_onnx``).
 - ``export_aoti``: an AOTInductor package (``.pt2``; the Triton kernels compile into it on CUDA), loaded by
   ``load_aoti`` or the ``aoti`` backend (``check_aoti``).
+- ``build_engine``: a TensorRT engine (``.plan``) from the ONNX file: the stunet nodes as AOT plugins of the
+  Triton kernels (TensorRT 10.9+), or inlined to standard ops (TensorRT-RTX, which also builds without a GPU).
 - ``ExportSpec``: the inputs, dynamic axes and ranges, sample inputs and tolerance of an exported forward.
 """
-from .spec import Axis, ExportedForward, ExportResult, ExportSpec
+from .spec import SPEC_KEY, Axis, ExportedForward, ExportResult, ExportSpec
 
-__all__ = ["ExportSpec", "Axis", "ExportedForward", "export_onnx", "check_onnx", "ExportResult", "DOMAIN", "export_aoti",
-           "load_aoti", "check_aoti"]
+__all__ = ["ExportSpec", "Axis", "ExportedForward", "ExportResult", "SPEC_KEY", "export_onnx", "check_onnx", "DOMAIN",
+           "export_aoti", "load_aoti", "check_aoti", "build_engine", "read_spec", "profile_shapes"]
 
 
 def __getattr__(name):  # the routes import their tools (onnx, onnxscript, inductor) only when used
@@ -21,4 +23,8 @@ def __getattr__(name):  # the routes import their tools (onnx, onnxscript, induc
         from . import aoti as _aoti
 
         return getattr(_aoti, name)
+    if name in ("build_engine", "read_spec", "profile_shapes"):
+        from . import tensorrt as _tensorrt
+
+        return getattr(_tensorrt, name)
     raise AttributeError(f"module 'stunet.export' has no attribute {name!r}")

@@ -28,7 +28,7 @@ import torch
 
 from ..io import atomic_path
 from ..model import STUNet
-from .spec import ExportResult, ExportSpec, compare, prepare, shapes_tuple
+from .spec import SPEC_KEY, ExportResult, ExportSpec, compare, prepare, shapes_tuple
 
 log = logging.getLogger(__name__)
 
@@ -89,8 +89,8 @@ def _functions() -> list:
     @onnxscript.script(domain, default_opset=op)
     def GroupNorm(x, weight, bias, num_groups: int, eps: float, per_clip: int, silu: int):
         shape = op.Shape(x)  # (B, C, T, H, W)
-        b, c, t = op.Slice(shape, [0], [1]), op.Slice(shape, [1], [2]), op.Slice(shape, [2], [3])
-        hw = op.Mul(op.Slice(shape, [3], [4]), op.Slice(shape, [4], [5]))
+        b, c, t = op.Slice(shape, [0], [1], [0]), op.Slice(shape, [1], [2], [0]), op.Slice(shape, [2], [3], [0])
+        hw = op.Mul(op.Slice(shape, [3], [4], [0]), op.Slice(shape, [4], [5], [0]))
         g = op.Reshape(op.Constant(value_int=num_groups), [1])
         clip = op.Cast(op.Constant(value_int=per_clip), to=9)
         frames = op.Where(clip, op.Constant(value_ints=[1]), t)  # per clip: one "frame" of T * H * W pixels
@@ -114,14 +114,12 @@ def _functions() -> list:
     @onnxscript.script(domain, default_opset=op)
     def TemporalAttention(qkv, heads: int, scale: float):
         shape = op.Shape(qkv)  # (B, T, S, 3C)
-        bts = op.Slice(shape, [0], [3])
+        bts = op.Slice(shape, [0], [3], [0])
         h = op.Reshape(op.Constant(value_int=heads), [1])
         split = op.Reshape(op.Cast(qkv, to=1),
                            op.Concat(bts, op.Constant(value_ints=[3]), h, op.Constant(value_ints=[-1]), axis=0))
         parts = op.Transpose(split, perm=[3, 0, 2, 4, 1, 5])  # (3, B, S, heads, T, D)
-        q = op.Squeeze(op.Slice(parts, [0], [1]), [0])
-        k = op.Squeeze(op.Slice(parts, [1], [2]), [0])
-        v = op.Squeeze(op.Slice(parts, [2], [3]), [0])
+        q, k, v = op.Gather(parts, 0, axis=0), op.Gather(parts, 1, axis=0), op.Gather(parts, 2, axis=0)
         scores = op.Mul(op.MatMul(q, op.Transpose(k, perm=[0, 1, 2, 4, 3])), op.Constant(value_float=scale))
         o = op.Transpose(op.MatMul(op.Softmax(scores, axis=-1), v), perm=[0, 3, 1, 2, 4])  # (B, T, S, heads, D)
         return op.CastLike(op.Reshape(o, op.Concat(bts, op.Constant(value_ints=[-1]), axis=0)), qkv)
@@ -165,6 +163,8 @@ def export_onnx(model: STUNet, path: str | os.PathLike, *, batch: int = 2, frame
     two geometries and raises if it differs by more than the spec's tolerance (fp32).
     """
     onnx, _ = _require()
+    from onnxscript import optimizer
+
     path, spec, module, args = prepare(model, path, ".onnx", device=torch.device("cpu"), batch=batch, frames=frames,
                                        height=height, width=width, text_len=text_len, dtype=dtype, dynamic=dynamic)
     with torch.no_grad():
@@ -174,6 +174,10 @@ def export_onnx(model: STUNet, path: str | os.PathLike, *, batch: int = 2, frame
                                     optimize=False, verbose=False)
     proto = program.model_proto
     proto.functions.extend(_functions())
+    # Fold the exporter's shape arithmetic and its SplitToSequence/SequenceAt pairs into plain ops (TensorRT's
+    # parser has no sequences); the stunet nodes and their functions stay as they are.
+    proto = optimizer.optimize(proto, num_iterations=1, inline=False, onnx_shape_inference=False)
+    proto.metadata_props.add(key=SPEC_KEY, value=spec.to_json())  # build_engine's default profiles
     if not any(o.domain == DOMAIN for o in proto.opset_import):
         proto.opset_import.append(onnx.helper.make_opsetid(DOMAIN, 1))
     large = _byte_size(proto) >= 2 ** 31

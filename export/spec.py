@@ -6,7 +6,8 @@ agree across the artifacts of one network, and each artifact's parity check uses
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+import json
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -14,6 +15,10 @@ from torch import nn
 
 from ..config import STUNetConfig
 from ..model import ExecutionPolicy, STUNet
+
+
+SPEC_KEY = "stunet.export_spec"
+"""The ONNX metadata key under which ``export_onnx`` records the file's ExportSpec (JSON)."""
 
 
 @dataclass(frozen=True)
@@ -71,6 +76,18 @@ class ExportSpec:
         frames = frames or (config.window_frames or config.sample_frames)
         return cls(config, batch, frames, height or config.sample_size, width or config.sample_size, text_len,
                    dtype, dynamic)
+
+    def to_json(self) -> str:
+        """The spec as JSON (what ``export_onnx`` records in the file's metadata under ``SPEC_KEY``)."""
+        data = asdict(self)
+        data.update(config=self.config.to_dict(), dtype=str(self.dtype).removeprefix("torch."))
+        return json.dumps(data)
+
+    @classmethod
+    def from_json(cls, text: str) -> "ExportSpec":
+        data = json.loads(text)
+        data.update(config=STUNetConfig.from_dict(data["config"]), dtype=getattr(torch, data["dtype"]))
+        return cls(**data)
 
     @property
     def input_names(self) -> list[str]:

@@ -161,7 +161,8 @@ def test_fast_backend_max_batch_runs_slices_with_the_same_result(monkeypatch):
 
 def test_make_backend_names_and_errors():
     model = _model()
-    assert make_backend(model).name == "reference" and set(BACKENDS) == {"reference", "fast", "compile", "aoti"}
+    assert make_backend(model).name == "reference" and set(BACKENDS) == {"reference", "fast", "compile", "aoti",
+                                                                                "tensorrt"}
     with pytest.raises(ValueError, match="aoti backend cannot run this model: it needs package=PATH"):
         make_backend(model, "aoti")
     with pytest.raises(ValueError, match="backend must be one of"):

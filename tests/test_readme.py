@@ -11,6 +11,8 @@ import sys
 from pathlib import Path
 
 import pytest
+
+import stunet
 from utils import needs_av
 
 README = Path(__file__).resolve().parent.parent / "README.md"
@@ -43,6 +45,8 @@ def test_stunet_commands_run_as_written(tmp_path):
                 if line.strip().startswith("stunet ")]
     assert len(commands) >= 6
     env = {**os.environ, "TRITON_INTERPRET": "0"}
+    # The README's Python section saves `tiny_model` before its export commands use it.
+    stunet.STUNet(stunet.STUNetConfig.from_preset("tiny")).save_pretrained(tmp_path / "tiny_model")
     for command in commands:
         argv = shlex.split(command)
         run = subprocess.run([sys.executable, "-m", "stunet.cli", *argv[1:]], cwd=tmp_path, capture_output=True,

@@ -5,6 +5,7 @@
 - ``fast``: the Triton kernels of ``stunet.kernels`` in the same module tree, a channels-last trunk, FP16 on
   CUDA, cross-attention keys and values computed once per text, and CUDA graphs per input shape.
 - ``aoti``: an AOTInductor package of the model (``stunet.export.export_aoti``), ``package=PATH``.
+- ``tensorrt``: a TensorRT engine of the model (``stunet.export.build_engine``), ``engine=PATH``; CUDA only.
 
 Data flows one way: pipeline -> sampler/runtime -> backend -> model. No backend modifies the model it is
 given (see ``base``); ``make_backend`` refuses a model a backend cannot run, listing every reason.
@@ -16,9 +17,11 @@ from .aoti import AOTIBackend
 from .base import Backend, ReferenceBackend, converted_copy
 from .compile import CompileBackend
 from .fast import FastBackend
+from .tensorrt import TensorRTBackend
 
 BACKEND_CLASSES: dict[str, type[Backend]] = {"reference": ReferenceBackend, "fast": FastBackend,
-                                             "compile": CompileBackend, "aoti": AOTIBackend}
+                                             "compile": CompileBackend, "aoti": AOTIBackend,
+                                             "tensorrt": TensorRTBackend}
 BACKENDS = tuple(BACKEND_CLASSES)
 
 
@@ -35,5 +38,5 @@ def make_backend(model: STUNet, name: str = "reference", **options) -> Backend:
     return cls(model, **options)
 
 
-__all__ = ["Backend", "ReferenceBackend", "CompileBackend", "FastBackend", "AOTIBackend", "BACKENDS", "BACKEND_CLASSES",
-           "make_backend", "converted_copy"]
+__all__ = ["Backend", "ReferenceBackend", "CompileBackend", "FastBackend", "AOTIBackend", "TensorRTBackend", "BACKENDS",
+           "BACKEND_CLASSES", "make_backend", "converted_copy"]

@@ -1,0 +1,259 @@
+"""TensorRT engines (``.plan``) built from the exported ONNX file.
+
+    stunet.export.export_onnx(model, "model.onnx", dtype=torch.float16)
+    stunet.export.build_engine("model.onnx", "model.plan")            # profiles from the export spec
+
+The network is strongly typed: its precision is the ONNX file's (an FP16 export gives an FP16 engine), and the
+optimisation profile spans the export spec's dynamic ranges (batch, frames, height, width, text length: min,
+opt = the export geometry, max), which ``export_onnx`` records in the file's metadata.
+
+Two toolkits build engines, and they differ in how the ``stunet`` nodes become kernels:
+
+- **TensorRT** (module ``tensorrt``, 10.9 or newer): each ``stunet`` node becomes an ahead-of-time Python plugin
+  (``tensorrt.plugin``: ``register`` + ``aot_impl``) whose implementation is the Triton kernel of
+  ``stunet.kernels.plugin`` compiled to PTX for the GPU the engine is built on. The plan then needs neither
+  Python nor Triton at run time.
+- **TensorRT-RTX** (module ``tensorrt_rtx_bindings``; wheels ``tensorrt-rtx-cu13-bindings`` and
+  ``tensorrt-rtx-cu13-libs``, ``pip install 'stunet[tensorrt-rtx]'``): it has no plugins, so the ``stunet``
+  nodes are replaced by their ONNX local functions (standard ops) before parsing. It builds without a GPU for
+  the compute capabilities it is told (``compute_capabilities=[86, 89, 120]``: SM 7.5 to 12.x; it has no SM 9.0
+  target), and specialises the engine for the GPU it first runs on.
+
+What is verified where is in the README ("Export: TensorRT").
+"""
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..io import atomic_path
+from .spec import SPEC_KEY, ExportSpec
+
+log = logging.getLogger(__name__)
+
+TOOLKITS = ("tensorrt", "tensorrt-rtx")
+_MODULES = {"tensorrt": "tensorrt", "tensorrt-rtx": "tensorrt_rtx_bindings"}
+_INSTALL = {"tensorrt": "install TensorRT 10.9 or newer from NVIDIA (pip install tensorrt, with a CUDA driver)",
+            "tensorrt-rtx": "pip install 'stunet[tensorrt-rtx]'"}
+
+
+# -- the export spec, carried by the ONNX file -----------------------------------------------------------------
+def read_spec(onnx_path: str | os.PathLike) -> ExportSpec | None:
+    """The ExportSpec recorded in an ONNX file by ``export_onnx`` (None for a file from elsewhere)."""
+    import onnx
+
+    proto = onnx.load(str(onnx_path), load_external_data=False)
+    text = next((p.value for p in proto.metadata_props if p.key == SPEC_KEY), None)
+    return None if text is None else ExportSpec.from_json(text)
+
+
+def profile_shapes(spec: ExportSpec) -> dict[str, tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]]:
+    """One optimisation profile: (min, opt, max) shape per input over the spec's dynamic ranges (the export
+    geometry for every one of them when the spec is static)."""
+    cfg = spec.config
+    if spec.dynamic:
+        axes = spec.axes()
+        pick = [{name: getattr(axis, which) for name, axis in axes.items()} for which in ("min", "opt", "max")]
+    else:
+        pick = [dict(batch=spec.batch, frames=spec.frames, height=spec.height, width=spec.width,
+                     text_len=spec.text_len)] * 3
+    shapes = {}
+    for name, shape_of in (
+        ("x", lambda d: (d["batch"], cfg.in_channels, d["frames"], d["height"], d["width"])),
+        ("timesteps", lambda d: (d["batch"],)),
+        ("text_embeds", lambda d: (d["batch"], d["text_len"], cfg.text_dim)),
+        ("text_mask", lambda d: (d["batch"], d["text_len"])),
+    ) + ((("noise_level", lambda d: (d["batch"],)),) if cfg.noise_aug else ()):
+        shapes[name] = tuple(shape_of(d) for d in pick)
+    return shapes
+
+
+# -- the toolkits --------------------------------------------------------------------------------------------
+def toolkit(name: str | None = None):
+    """(name, module) of the TensorRT toolkit to use: ``name``, or TensorRT when it is importable, else
+    TensorRT-RTX. Raises ImportError saying how to install one."""
+    import importlib
+
+    if name is not None and name not in TOOLKITS:
+        raise ValueError(f"toolkit must be one of {TOOLKITS}, got {name!r}")
+    errors = []
+    for candidate in (name,) if name else TOOLKITS:
+        try:
+            module = importlib.import_module(_MODULES[candidate])
+        except ImportError as e:
+            errors.append(f"{candidate}: {e} ({_INSTALL[candidate]})")
+            continue
+        if candidate == "tensorrt" and _version(module) < (10, 9):
+            errors.append(f"tensorrt {module.__version__} is older than 10.9, which AOT plugins need")
+            continue
+        return candidate, module
+    raise ImportError("no TensorRT toolkit to build with: " + "; ".join(errors))
+
+
+def _version(module) -> tuple[int, ...]:
+    return tuple(int(p) for p in module.__version__.split(".")[:2] if p.isdigit())
+
+
+@dataclass
+class EngineResult:
+    path: Path
+    toolkit: str
+    version: str
+    profiles: list[dict] = field(default_factory=list)
+    compute_capabilities: list[int] = field(default_factory=list)
+    """The SMs the plan was built for (TensorRT-RTX); empty: the GPU it was built on (TensorRT)."""
+    seconds: float = 0.0
+    bytes: int = 0
+
+
+def build_engine(onnx_path: str | os.PathLike, plan_path: str | os.PathLike, *, profiles: list[dict] | None = None,
+                 fp16: bool = True, compute_capabilities: list[int] | None = None, toolkit_name: str | None = None,
+                 workspace_gb: float | None = None) -> EngineResult:
+    """Build a TensorRT engine from ``onnx_path`` (made by ``export_onnx``) and write it to ``plan_path``
+    (atomically).
+
+    ``profiles``: optimisation profiles, each ``{input: (min_shape, opt_shape, max_shape)}``; by default one
+    profile over the export spec's ranges (``profile_shapes``). ``fp16``: the engine is FP16, which a strongly
+    typed network takes from an FP16 export; pass False to build an fp32 export as it is.
+    ``compute_capabilities`` (TensorRT-RTX): the SMs to build for, e.g. ``[86, 89]``; default: the GPU present.
+    ``toolkit_name``: "tensorrt" or "tensorrt-rtx" (default: TensorRT when installed, else TensorRT-RTX).
+    """
+    import onnx
+
+    onnx_path, plan_path = Path(onnx_path), Path(plan_path)
+    if not onnx_path.is_file():
+        raise FileNotFoundError(f"onnx_path: no ONNX file at {str(onnx_path)!r} (make one with `stunet export onnx`)")
+    if plan_path.suffix not in (".plan", ".engine"):
+        raise ValueError(f"plan_path must end in .plan or .engine, got {str(plan_path)!r}")
+    name, trt = toolkit(toolkit_name)
+    proto = onnx.load(str(onnx_path), load_external_data=False)
+    _check_precision(proto, fp16, onnx_path)
+    if profiles is None:
+        spec = next((ExportSpec.from_json(p.value) for p in proto.metadata_props if p.key == SPEC_KEY), None)
+        if spec is None:
+            raise ValueError(f"profiles: {str(onnx_path)!r} carries no stunet export spec (it was not "
+                             "written by export_onnx): re-export it (`stunet export onnx`), or pass "
+                             "profiles=[{input: (min, opt, max)}]")
+        profiles = [profile_shapes(spec)]
+    _check_profiles(profiles, proto)
+
+    logger = trt.Logger(trt.Logger.WARNING)
+    builder = trt.Builder(logger)
+    network = builder.create_network(1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED))
+    parser = trt.OnnxParser(network, logger)
+    config = builder.create_builder_config()
+    capabilities = []
+    start = time.perf_counter()
+    if name == "tensorrt-rtx":
+        proto = _inline_stunet_functions(proto)
+        capabilities = _set_compute_capabilities(trt, config, compute_capabilities)
+    else:
+        if compute_capabilities:
+            raise ValueError("compute_capabilities: TensorRT builds for the GPU it runs on; name SMs only with "
+                             "toolkit_name='tensorrt-rtx'")
+        from . import tensorrt_plugins
+
+        tensorrt_plugins.register()
+        proto = tensorrt_plugins.route_to_plugins(proto)
+        override = getattr(getattr(trt, "OnnxParserFlag", None), "ENABLE_PLUGIN_OVERRIDE", None)
+        if override is not None:
+            parser.set_flag(override)
+    _parse(parser, proto, onnx_path)
+    if workspace_gb is not None:
+        config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_gb * 2 ** 30))
+    for shapes in profiles:
+        profile = builder.create_optimization_profile()
+        for input_name, (lo, opt, hi) in shapes.items():
+            profile.set_shape(input_name, lo, opt, hi)
+        config.add_optimization_profile(profile)
+    plan = builder.build_serialized_network(network, config)
+    if plan is None:
+        raise RuntimeError(f"{name} could not build an engine from {str(onnx_path)!r} (its log above says why)")
+    with atomic_path(plan_path) as tmp:
+        Path(tmp).write_bytes(memoryview(plan))
+    result = EngineResult(plan_path, name, trt.__version__, [dict(p) for p in profiles], capabilities,
+                          time.perf_counter() - start, plan.nbytes)
+    log.info("stunet export: built %s (%s %s, %.1f MB) in %.1f s", plan_path, name, trt.__version__,
+             result.bytes / 2 ** 20, result.seconds)
+    return result
+
+
+_ONNX_TYPES = {1: "float32", 10: "float16", 16: "bfloat16"}
+
+
+def _check_precision(proto, fp16: bool, onnx_path: Path) -> None:
+    import onnx
+
+    x = next((i for i in proto.graph.input if i.name == "x"), None)
+    if x is None:
+        raise ValueError(f"onnx_path: {str(onnx_path)!r} has no input named 'x'; export it with export_onnx")
+    elem = x.type.tensor_type.elem_type
+    if fp16 and elem != onnx.TensorProto.FLOAT16:
+        raise ValueError(f"fp16=True builds a strongly typed FP16 network, but {str(onnx_path)!r} is "
+                         f"{_ONNX_TYPES.get(elem, elem)}: export it with dtype=torch.float16 "
+                         "(`stunet export onnx --dtype fp16`), or pass fp16=False (--fp32) to build it as it is")
+
+
+def _check_profiles(profiles: list[dict], proto) -> None:
+    names = {i.name for i in proto.graph.input}
+    if not isinstance(profiles, (list, tuple)) or not profiles:
+        raise ValueError("profiles must be a non-empty list of {input: (min, opt, max)} dicts")
+    for k, shapes in enumerate(profiles):
+        if set(shapes) != names:
+            raise ValueError(f"profiles[{k}] must give every input of the file {sorted(names)}, got {sorted(shapes)}")
+        for input_name, triple in shapes.items():
+            lo, opt, hi = (tuple(s) for s in triple)
+            if not (len(lo) == len(opt) == len(hi) and all(a <= b <= c for a, b, c in zip(lo, opt, hi))):
+                raise ValueError(f"profiles[{k}][{input_name!r}]: need min <= opt <= max per axis, got {triple}")
+
+
+def _inline_stunet_functions(proto):
+    """The file with every local function inlined: TensorRT-RTX has no plugins, so the stunet nodes become
+    their standard-op bodies."""
+    import onnx.inliner
+
+    return onnx.inliner.inline_local_functions(proto)
+
+
+def _set_compute_capabilities(trt, config, capabilities: list[int] | None) -> list[int]:
+    supported = {int(n[2:]): v for n, v in trt.ComputeCapability.__members__.items() if n.startswith("SM")}
+    if capabilities is None:
+        if not torch.cuda.is_available():
+            raise ValueError("compute_capabilities: no GPU here to build for; name the targets, e.g. [86, 89] "
+                             f"(`--sm 86 89`; TensorRT-RTX builds for {sorted(supported)})")
+        config.num_compute_capabilities = 1
+        config.set_compute_capability(trt.ComputeCapability.CURRENT, 0)
+        major, minor = torch.cuda.get_device_capability()
+        return [major * 10 + minor]
+    capabilities = [int(c) for c in capabilities]
+    bad = [c for c in capabilities if c not in supported]
+    if bad or not capabilities:
+        raise ValueError(f"compute_capabilities: TensorRT-RTX {trt.__version__} builds for {sorted(supported)}, "
+                         f"got {capabilities}")
+    config.num_compute_capabilities = len(capabilities)
+    for i, c in enumerate(capabilities):
+        config.set_compute_capability(supported[c], i)
+    return capabilities
+
+
+def _parse(parser, proto, onnx_path: Path) -> None:
+    """Parses the (rewritten) model; external weights are found beside the original file."""
+    import tempfile
+
+    import onnx
+
+    with tempfile.NamedTemporaryFile(suffix=".onnx", dir=onnx_path.parent, delete=False) as f:
+        tmp = Path(f.name)
+    try:
+        onnx.save_model(proto, str(tmp))
+        ok = parser.parse_from_file(str(tmp))
+    finally:
+        tmp.unlink(missing_ok=True)
+    if not ok:
+        errors = "; ".join(str(parser.get_error(i)) for i in range(min(parser.num_errors, 5)))
+        raise RuntimeError(f"the TensorRT parser rejected {str(onnx_path)!r}: {errors}")
