@@ -134,19 +134,21 @@ def finish(rows: list[Row], roofline_gbps: float, peak_tflops: float, stock: str
 
 
 def markdown(rows: list[Row], info: dict) -> str:
+    notes = any("note" in r.extra for r in rows)  # a last column when some row has a note
     lines = [f"Device: {info['device']}; roofline: {info['roofline_gbps']:.0f} GB/s ({info['roofline_source']}); "
              f"measured copy: {info['copy_gbps']:.0f} GB/s; torch {info['torch']}",
              "",
-             "| bench | shape | impl | ms | GB/s | TFLOP/s | % roofline | speed-up |",
-             "|---|---|---|---:|---:|---:|---:|---:|"]
+             "| bench | shape | impl | ms | GB/s | TFLOP/s | % roofline | speed-up |" + (" note |" if notes else ""),
+             "|---|---|---|---:|---:|---:|---:|---:|" + ("---|" if notes else "")]
     for r in rows:
+        note = f" {r.extra.get('note', '')} |" if notes else ""
         if r.ms <= 0:
-            lines.append(f"| {r.bench} | {r.shape} | {r.impl} | {r.extra.get('error', 'failed')} | | | | |")
+            lines.append(f"| {r.bench} | {r.shape} | {r.impl} | {r.extra.get('error', 'failed')} | | | | |{note}")
             continue
         sp = f"{r.speedup:.2f}x" if r.speedup is not None else ""
         pct = f"{r.pct_roofline:.1f}%" if r.pct_roofline else "n/a"
         lines.append(f"| {r.bench} | {r.shape} | {r.impl} | {r.ms:.3f} | {r.gbps:.0f} | {r.tflops:.1f} | "
-                     f"{pct} | {sp} |")
+                     f"{pct} | {sp} |{note}")
     return "\n".join(lines)
 
 

@@ -10,6 +10,7 @@ import argparse
 import json
 import logging
 import math
+import os
 import re
 import sys
 from pathlib import Path
@@ -181,6 +182,12 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _note(message: str) -> None:
+    """A line on stderr, from one process only when the generation runs on several ranks."""
+    if os.environ.get("RANK", "0") == "0":
+        print(f"stunet: {message}", file=sys.stderr)
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     import torch
 
@@ -218,12 +225,25 @@ def cmd_generate(args: argparse.Namespace) -> int:
             parser.error(f"argument --device: {device} does not exist ({torch.cuda.device_count()} CUDA device(s))")
     dtype = getattr(torch, DTYPES[args.dtype or ("fp16" if device.startswith("cuda") else "fp32")])
     inputs = _mode_inputs(args, parser)
+    ranked = int(os.environ.get("WORLD_SIZE", "1")) > 1  # this process is one rank of a torchrun launch
+    if args.nproc and args.nproc > 1 and not ranked:
+        if device.startswith("cuda") and args.nproc > torch.cuda.device_count():
+            parser.error(f"argument --nproc: {args.nproc} ranks but {torch.cuda.device_count()} CUDA device(s)")
+        from .distributed import launch
+
+        return launch(args.nproc, _without_nproc(args.argv))
+    if ranked:
+        from . import distributed
+
+        distributed.init()
+        if device.startswith("cuda"):
+            device = str(distributed.device())
 
     try:
         if args.model is None:
             preset = args.preset or ("tiny-cond" if command in CONDITIONAL else "small")
-            print(f"stunet: no --model given: running the {preset!r} preset with RANDOM weights and a random "
-                  "tiny text encoder; the video is noise-like until trained weights are loaded", file=sys.stderr)
+            _note(f"no --model given: running the {preset!r} preset with RANDOM weights and a random tiny text "
+                  "encoder; the video is noise-like until trained weights are loaded")
             torch.manual_seed(args.seed)
             base = STUNet(STUNetConfig.from_preset(preset)).to(device, dtype)
         else:
@@ -233,12 +253,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
             encoder = load_text_encoder(args.text_encoder, device=device)
         else:
             if args.model is not None:
-                print("stunet: no --text-encoder given: using a random tiny text encoder", file=sys.stderr)
+                _note("no --text-encoder given: using a random tiny text encoder")
             encoder = tiny_random_t5(base.config.text_dim, seed=args.seed)
         options = {"max_batch": args.max_batch} if args.max_batch else {}
         options.update({k: getattr(args, k) for k in ("package", "engine") if getattr(args, k) is not None})
         pipe = Pipeline(base, encoder, ssr, sampler=args.sampler, runtime=args.runtime, backend=args.backend,
-                        backend_options=options)
+                        backend_options=options, parallel="auto" if ranked or args.nproc else False)
     except (FileNotFoundError, ValueError, TypeError, RuntimeError) as e:
         parser.error(str(e))
 
@@ -251,6 +271,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
         res = _run_mode(pipe, args, inputs, call, parser)
     except ValueError as e:
         parser.error(str(e))
+    if res.frames is None:  # another rank writes the video
+        return 0
     save_video(res.frames[0], out, fps=args.fps)
     stages = ", ".join(f"{k} {v:.2f} s" for k, v in res.timings.items())
     print(f"stunet: wrote {out} ({res.frames.shape[1]} frames, {res.frames.shape[2]}x{res.frames.shape[3]}, "
@@ -411,6 +433,10 @@ def _add_generation_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--package", metavar="PT2", help="--backend aoti: the model's package (`stunet export aoti`)")
     p.add_argument("--engine", metavar="PLAN", help="--backend tensorrt: the model's engine "
                                                     "(`stunet export tensorrt`)")
+    p.add_argument("--nproc", type=_positive, metavar="N",
+                   help="share the generation among N local ranks (one per GPU; CPU processes without one), "
+                        "launched through torchrun; the video is the same for any N (given the same threads per "
+                        "process on a CPU)")
     p.add_argument("--max-batch", type=_positive, metavar="N",
                    help="fast backend: run model batches (the CFG pair, SSR windows) in slices of at most N clips "
                         "to bound activation memory")
@@ -518,9 +544,24 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _without_nproc(argv: list[str]) -> list[str]:
+    """The command line a rank runs: the user's, less --nproc."""
+    out, skip = [], False
+    for token in argv:
+        if skip:
+            skip = False
+        elif token == "--nproc":
+            skip = True
+        elif not token.startswith("--nproc="):
+            out.append(token)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
+    args.argv = argv
     logging.basicConfig(format="%(message)s", level=logging.WARNING)
     try:
         return args.func(args)

@@ -12,20 +12,22 @@ import pytest
 BENCH = Path(__file__).resolve().parent.parent / "bench"
 
 
-@pytest.mark.parametrize("script", ["runtime.py", "kernels.py", "step.py", "pipeline.py"])
+@pytest.mark.parametrize("script", ["runtime.py", "kernels.py", "step.py", "pipeline.py", "distributed.py"])
 def test_bench_script_smoke_run(script, tmp_path):
     name = script.removesuffix(".py")
     # Whole-model scripts use the kernels' reference paths on the CPU (the interpreter would take minutes);
     # kernels.py runs the kernels interpreted when the suite does.
-    env = {**os.environ, **({"TRITON_INTERPRET": "0"} if script in ("step.py", "pipeline.py") else {})}
-    extra = {"pipeline.py": [], "step.py": ["--iters", "2", "--max-batch", "1"]}.get(script, ["--iters", "2"])
+    whole_model = ("step.py", "pipeline.py", "distributed.py")
+    env = {**os.environ, **({"TRITON_INTERPRET": "0"} if script in whole_model else {})}
+    extra = {"pipeline.py": [], "distributed.py": [], "step.py": ["--iters", "2", "--max-batch", "1"]}.get(
+        script, ["--iters", "2"])
     run = subprocess.run([sys.executable, str(BENCH / script), "--device", "cpu", "--quick", *extra,
                           "--out", str(tmp_path)], capture_output=True, text=True, timeout=600, env=env)
     assert run.returncode == 0, run.stderr[-3000:]
     doc = json.loads((tmp_path / f"{name}.json").read_text())
     impls = {r["impl"] for r in doc["rows"]}
     assert doc["stock"] in impls and len(impls) >= 2, "every benchmark measures the stock alternative beside ours"
-    assert all(r["ms"] > 0 for r in doc["rows"])
+    assert all(r["ms"] > 0 for r in doc["rows"]), [r["extra"].get("error") for r in doc["rows"] if r["ms"] <= 0]
     assert all(r["pct_roofline"] > 0 for r in doc["rows"] if r["bytes"]), "memory-bound rows show % of roofline"
     assert doc["command"].startswith(f"python bench/{script}")
     table = [line for line in (tmp_path / f"{name}.md").read_text().splitlines() if line.startswith("| ")]

@@ -24,6 +24,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
+from .. import distributed
 from ..backends import BACKENDS, make_backend
 from ..model import STUNet
 from ..sampling import runtime as cpp_runtime
@@ -79,11 +80,16 @@ class Pipeline:
         runtime: the sampler step: "cpp" (the C++ runtime's fused pass; the default when built) or "python".
         backend_options: keyword options of the backend (e.g. ``{"max_batch": 1}`` for "fast").
         progress: show progress bars (the call's ``progress=`` overrides it).
+        parallel: share each generation among the ranks of a ``torch.distributed`` process group
+            (:mod:`stunet.distributed`): None (the default) does when the pipeline is created after
+            ``init_process_group`` with more than one rank; "auto" also initialises the group from torchrun's
+            environment; False never; or a :class:`stunet.distributed.Parallel`. Every rank must make the
+            same calls; the video is the same on any number of ranks, and rank 0 gets the frames.
     """
 
     def __init__(self, base_model: STUNet, text_encoder: TextEncoder | None = None, ssr_model: STUNet | None = None,
                  *, backend: str = "reference", sampler: str | Sampler = "ddim", runtime: str | None = None,
-                 backend_options: dict | None = None, progress: bool = True):
+                 backend_options: dict | None = None, progress: bool = True, parallel=None):
         if not isinstance(base_model, STUNet):
             raise TypeError(f"base_model must be a STUNet, got {type(base_model).__name__}")
         if base_model.config.is_ssr:
@@ -112,9 +118,11 @@ class Pipeline:
             self.ssr.eval()
         self.backend, self.sampler, self.runtime, self.progress = backend, sampler, runtime, progress
         self.backend_options = dict(backend_options or {})
-        self.base_stage = BaseStage(make_backend(self.base, backend, **self.backend_options), runtime, sampler)
-        self.ssr_stage = (SSRStage(make_backend(self.ssr, backend, **self.backend_options), runtime, sampler)
-                          if self.ssr is not None else None)
+        self.parallel = distributed.resolve(parallel)
+        self.base_stage = BaseStage(make_backend(self.base, backend, **self.backend_options), runtime, sampler,
+                                    self.parallel)
+        self.ssr_stage = (SSRStage(make_backend(self.ssr, backend, **self.backend_options), runtime, sampler,
+                                   self.parallel) if self.ssr is not None else None)
 
     @classmethod
     def from_pretrained(cls, base: str | os.PathLike, ssr: str | os.PathLike | None = None,
@@ -143,7 +151,8 @@ class Pipeline:
 
         return Pipeline(interpolate_spatial(self.base, style, alpha), self.text_encoder, self.ssr,
                         backend=self.backend, sampler=self.sampler, runtime=self.runtime,
-                        backend_options=self.backend_options, progress=self.progress)
+                        backend_options=self.backend_options, progress=self.progress,
+                        parallel=self.parallel if self.parallel is not None else False)
 
     @property
     def device(self) -> torch.device:
@@ -154,7 +163,8 @@ class Pipeline:
         stages = [f"base {self.base_stage.backend.describe()}"]
         if self.ssr_stage is not None:
             stages.append(f"ssr {self.ssr_stage.backend.describe()}")
-        return "; ".join(stages) + f"; sampler {self.sampler!r} stepped by the {self.runtime} runtime"
+        split = (f"; shared among {self.parallel.world_size} rank(s)" if self.parallel is not None else "")
+        return "; ".join(stages) + f"; sampler {self.sampler!r} stepped by the {self.runtime} runtime{split}"
 
     # -- text -----------------------------------------------------------------------------------------------
     def encode_prompt(self, prompts: list[str], negative: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -243,7 +253,8 @@ class Pipeline:
                 step; returning ``{"latents": x2}`` replaces the sample.
             progress: show progress bars (default: the pipeline's setting).
         Returns:
-            :class:`PipelineOutput` with ``frames`` (B, F, H, W, 3) in [0, 1] (after SSR when there is one).
+            :class:`PipelineOutput` with ``frames`` (B, F, H, W, 3) in [0, 1] (after SSR when there is one);
+            ``frames`` is None on the ranks that do not get them (see ``parallel``).
         """
         cfg = self.base.config
         show = self.progress if progress is None else progress
@@ -272,6 +283,8 @@ class Pipeline:
                                      or not 0 <= seed < 2 ** 63):
                 raise ValueError(f"seed must be an integer in [0, 2**63), got {seed!r}")
             seed = random.randrange(2 ** 63) if seed is None else seed
+            if self.parallel is not None:
+                seed = self.parallel.agree(seed)  # one noise draw, the same on every rank
             generator = torch.Generator().manual_seed(seed)
         elif not isinstance(generator, torch.Generator) or generator.device.type != "cpu":
             raise ValueError("generator must be a CPU torch.Generator (noise is drawn on the CPU so a seed gives "
@@ -304,8 +317,10 @@ class Pipeline:
             timings["ssr"] = self._elapsed(t0)
 
         t0 = time.perf_counter()
-        frames = self._output(x, output_type)
-        low_frames = self._output(low, output_type) if self.ssr_stage is not None else None
+        frames = low_frames = None
+        if self.parallel is None or self.parallel.gets_frames:
+            frames = self._output(x, output_type)
+            low_frames = self._output(low, output_type) if self.ssr_stage is not None else None
         timings["decode"] = self._elapsed(t0)
         return PipelineOutput(frames=frames, seed=seed, timings=timings, low_res_frames=low_frames)
 

@@ -143,8 +143,8 @@ class Guided:
     output is (groups, 2B, ...) without a copy. Text rows are built once per generation and layout, so
     backends that key cross-attention keys/values on the text tensor reuse them across steps."""
 
-    def __init__(self, backend: Backend, prompts: Prompts, guided: bool):
-        self.backend, self.guided = backend, guided
+    def __init__(self, backend: Backend, prompts: Prompts, guided: bool, mapper: Callable | None = None):
+        self.backend, self.guided, self.mapper = backend, guided, mapper
         self.prompts = prompts.to(backend.device, backend.dtype)
         self._rows: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
@@ -165,7 +165,14 @@ class Guided:
                                                                                              *per_clip)
         text, mask = self._text(groups)
         level = None if noise_level is None else torch.full((x.shape[0],), float(noise_level))
-        return self.backend(x, t, text, mask, noise_level=level)
+        if self.mapper is None:
+            return self.backend(x, t, text, mask, noise_level=level)
+
+        def row(i: int):  # one clip's conditional or unconditional row: a call of its own on some rank
+            return lambda: self.backend(x[i:i + 1], t, text[i:i + 1], mask[i:i + 1],
+                                        noise_level=None if level is None else level[i:i + 1])
+
+        return torch.cat(self.mapper([row(i) for i in range(x.shape[0])]))
 
     def split(self, pred: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(cond, uncond) of one group's (R, ...) prediction; uncond is None when not guided."""
@@ -195,8 +202,17 @@ def make_stage_sampler(config: STUNetConfig, choice: str | Sampler, runtime: str
 class _Stage:
     name = "stage"
 
-    def __init__(self, backend: Backend, runtime: str, default_sampler: str | Sampler):
+    def __init__(self, backend: Backend, runtime: str, default_sampler: str | Sampler, parallel=None):
         self.backend, self.runtime, self.default_sampler = backend, runtime, default_sampler
+        self.parallel = parallel
+        """A ``stunet.distributed.Parallel`` sharing this stage's model calls among ranks, or None."""
+
+    def _shows_progress(self, progress: bool) -> bool:
+        return progress and (self.parallel is None or self.parallel.rank == 0)
+
+    def _mapper(self) -> Callable | None:
+        """How this stage's model calls run: shared among ranks, or None (here, batched)."""
+        return None if self.parallel is None else self.parallel.mapper(self.name)
 
     @property
     def config(self) -> STUNetConfig:
@@ -231,8 +247,8 @@ class BaseStage(_Stage):
             x = s.add_noise(init.to(device, torch.float32), x.float(), int(timesteps[0])).to(dtype).contiguous()
         if conditioning is not None:
             conditioning = conditioning.to(device, dtype)
-        model = Guided(self.backend, prompts, options.guided)
-        for i, t in enumerate(tqdm(timesteps, desc=self.name, disable=not progress)):
+        model = Guided(self.backend, prompts, options.guided, self._mapper())  # one call per row
+        for i, t in enumerate(tqdm(timesteps, desc=self.name, disable=not self._shows_progress(progress))):
             x_in = x if conditioning is None else torch.cat([x, conditioning.video, conditioning.mask], dim=1)
             cond, uncond = model.split(model(x_in, int(t)))
             x = s.guided_step(cond, uncond, t, x, options.guidance_scale, model.rescale(options), generator)
@@ -270,13 +286,14 @@ class SSRStage(_Stage):
         x = Sampler.draw_noise(torch.empty(B, 3, T, H, W), generator).to(device, dtype)
         model = Guided(self.backend, prompts, options.guided)
         blender = cpp_runtime.blend_windows if self.runtime == "cpp" else None
-        for i, t in enumerate(tqdm(s.timesteps, desc=self.name, disable=not progress)):
+        mapper = self._mapper()  # whole window calls per rank
+        for i, t in enumerate(tqdm(s.timesteps, desc=self.name, disable=not self._shows_progress(progress))):
             def predict(windows: torch.Tensor, t: int = int(t)) -> torch.Tensor:
                 return model(windows, t, noise_level=options.noise_level)
 
             # Blend [cond; uncond] rows of every window into the clip, then guide the whole clip.
             pred = multidiffusion_predict(predict, torch.cat([x, up], dim=1), window, overlap, options.batch_size,
-                                          options.weighting, blender)
+                                          options.weighting, blender, mapper)
             cond, uncond = model.split(pred)
             x = s.guided_step(cond, uncond, t, x, options.guidance_scale, model.rescale(options), generator)
             x = self._callback(callback, self.name, i, int(t), x)

@@ -79,14 +79,16 @@ def blend(outputs: list[torch.Tensor], starts: list[int], weights: torch.Tensor,
 
 def multidiffusion_predict(predict: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, window: int,
                            overlap: int, batch_size: int = 4, weighting: str = "uniform",
-                           blender: Callable | None = None) -> torch.Tensor:
+                           blender: Callable | None = None, mapper: Callable | None = None) -> torch.Tensor:
     """Blend the predictions of ``predict`` on the temporal windows of ``x`` (B, C, T, H, W).
 
     ``predict`` maps k windows of the clips, stacked window-major as (k*B, C, W, H, W'), to predictions
     (k*R, C_out, W, H, W'), R rows per window in window order (R = B, or 2B for a [cond; uncond] pair per
     window); up to ``batch_size`` windows go into one call. Returns the blended (R, C_out, T, H, W').
     ``blender``: ``runtime.blend_windows`` (the C++ runtime's one-pass blend, same result bit for bit) or
-    None for :func:`blend` here. The result has the dtype of ``x``.
+    None for :func:`blend` here. ``mapper`` runs the list of window calls and returns their outputs in order
+    (default: one after the other here; ``stunet.distributed.Parallel.map`` shares them among ranks). The result
+    has the dtype of ``x``.
     """
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
@@ -94,14 +96,17 @@ def multidiffusion_predict(predict: Callable[[torch.Tensor], torch.Tensor], x: t
     starts = window_plan(T, window, overlap)
     weights = window_weights(T, starts, window, weighting)
     length = min(window, T)
-    preds: list[torch.Tensor] = []
-    for i in range(0, len(starts), batch_size):
-        chunk = starts[i:i + batch_size]
-        out = predict(torch.cat([x[:, :, s:s + length] for s in chunk], dim=0))
+    chunks = [starts[i:i + batch_size] for i in range(0, len(starts), batch_size)]
+
+    def call(chunk: list[int]) -> Callable[[], torch.Tensor]:
+        return lambda: predict(torch.cat([x[:, :, s:s + length] for s in chunk], dim=0))
+
+    calls = [call(chunk) for chunk in chunks]
+    preds = mapper(calls) if mapper is not None else [c() for c in calls]
+    for out, chunk in zip(preds, chunks):
         if out.shape[0] % len(chunk):
             raise ValueError(f"predict returned {out.shape[0]} rows for {len(chunk)} windows; it must return "
                              "the same number of rows for every window")
-        preds.append(out)
     if blender is not None:  # all windows as one (N, R, ...) tensor: no copy when one call made them all
         stacked = (preds[0] if len(preds) == 1 else torch.cat(preds)).contiguous()
         stacked = stacked.view(len(starts), -1, *stacked.shape[1:])

@@ -110,7 +110,8 @@ class FusedSampler:
     def __init__(self, reference: Sampler):
         _require()
         if type(reference) not in _KIND:
-            raise TypeError(f"reference must be one of {sorted(c.__name__ for c in _KIND)}, got {type(reference).__name__}")
+            raise TypeError(f"reference must be one of {sorted(c.__name__ for c in _KIND)}, "
+                            f"got {type(reference).__name__}")
         self.reference = reference
         self._scheduler = _C.Scheduler(_KIND[type(reference)], reference.schedule, reference.prediction,
                                        reference.spacing, reference.num_train_timesteps,

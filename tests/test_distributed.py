@@ -1,0 +1,118 @@
+"""Generation shared among ranks (stunet.distributed) on CPU processes with gloo, spawned by the tests through
+torchrun and bounded in time: the frames equal the single-process ones bit for bit for 1, 2 and 3 ranks (calls
+that do not divide evenly among the ranks, more ranks than windows); a failing or dying rank ends every rank
+with the error instead of a hang; the CLI's --nproc."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from utils import needs_av
+
+import stunet
+from stunet.distributed import Parallel, RankFailed, resolve
+
+HERE = Path(__file__).resolve().parent
+
+
+def _torchrun(nproc: int, *args: str, timeout: float = 240) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
+                                                            "MASTER_PORT", "TRITON_INTERPRET")}
+    env["OMP_NUM_THREADS"] = "1"
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
+                           str(nproc), *args], capture_output=True, text=True, timeout=timeout, env=env)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """The worker's cascade (2 prompts with guidance: 4 base calls a step; 2 SSR windows, one per call) on 1,
+    2 and 3 ranks."""
+    out = {}
+    for n in (1, 2, 3):
+        folder = tmp_path_factory.mktemp(f"world{n}")
+        run = _torchrun(n, str(HERE / "dist_worker.py"), str(folder), "ok")
+        assert run.returncode == 0, run.stderr[-3000:]
+        out[n] = [torch.load(folder / f"rank{r}.pt") for r in range(n)]
+    return out
+
+
+def test_frames_do_not_depend_on_the_number_of_ranks(runs):
+    single = runs[1][0]
+    assert single["world"] == 1 and single["frames"].shape == (2, 8, 16, 16, 3)
+    for n in (2, 3):
+        ranks = runs[n]
+        assert all(r["world"] == n for r in ranks)
+        assert torch.equal(ranks[0]["frames"], single["frames"]), f"{n} ranks"
+        assert torch.equal(ranks[0]["low"], single["low"]), f"{n} ranks: the base stage"
+        assert all(r["frames"] is None for r in ranks[1:])  # rank 0 gets the frames
+        assert all(r["steps"] == {"base": 2, "ssr": 2} for r in ranks)  # one exchange per step
+        assert all(0 <= r["share"] < 1 for r in ranks)
+
+
+def test_a_rank_that_raises_ends_every_rank_with_its_error(tmp_path):
+    run = _torchrun(2, str(HERE / "dist_worker.py"), str(tmp_path), "raise", timeout=180)
+    assert run.returncode != 0
+    assert "RankFailed: rank 1 failed: RuntimeError: injected failure" in run.stderr  # rank 0's error
+    assert "RuntimeError: injected failure" in run.stderr  # rank 1's own
+    assert not list(tmp_path.glob("rank*.pt"))
+
+
+def test_a_rank_that_dies_does_not_hang_the_others(tmp_path):
+    run = _torchrun(2, str(HERE / "dist_worker.py"), str(tmp_path), "die", timeout=180)
+    assert run.returncode != 0
+    assert not list(tmp_path.glob("rank*.pt"))
+
+
+@needs_av
+def test_cli_nproc_launches_the_ranks(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["OMP_NUM_THREADS"] = "1"
+    common = ["generate", "a cat", "--preset", "tiny", "--steps", "2", "--frames", "8", "--height", "16",
+              "--width", "16", "-q"]
+    for name, nproc in (("two.mp4", "2"), ("one.mp4", "1")):
+        run = subprocess.run([sys.executable, "-m", "stunet.cli", *common, "-o", name, "--nproc", nproc],
+                             cwd=tmp_path, capture_output=True, text=True, timeout=240, env=env)
+        assert run.returncode == 0, run.stderr[-3000:]
+        assert run.stderr.count("stunet: wrote") == 1 and run.stderr.count("RANDOM weights") == 1, run.stderr
+    assert (tmp_path / "two.mp4").read_bytes() == (tmp_path / "one.mp4").read_bytes(), "2 ranks and 1 differ"
+
+
+def test_parallel_in_one_process_runs_every_call_here():
+    p = Parallel()
+    assert (p.rank, p.world_size, p.gets_frames) == (0, 1, True)
+    assert [t.item() for t in p.map([lambda i=i: torch.tensor(i) for i in range(5)])] == list(range(5))
+    assert p.stats[""].steps == 1
+    with pytest.raises(ZeroDivisionError):
+        p.map([lambda: torch.tensor(1), lambda: 1 / 0])
+    with pytest.raises(ValueError, match="Parallel.frames must be 'rank0' or 'all'"):
+        Parallel(frames="rank1")
+    with pytest.raises(ValueError, match="parallel must be None, 'auto', False"):
+        resolve("yes")
+    assert resolve(None) is None and resolve(False) is None and resolve("auto").world_size == 1
+    assert issubclass(RankFailed, RuntimeError)
+
+
+def test_init_without_a_launcher_says_how(monkeypatch):
+    for key in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(key, raising=False)
+    with pytest.raises(RuntimeError, match="launch with torchrun"):
+        stunet.distributed.init()
+
+
+def test_split_calls_change_only_the_last_bits():
+    """parallel="auto" in one process makes one call per row (as on any number of ranks) instead of one
+    batched call: the same video up to float rounding."""
+    torch.manual_seed(0)
+    base = stunet.STUNet(stunet.STUNetConfig.from_preset("tiny")).eval()
+    encoder = stunet.text.tiny_random_t5(base.config.text_dim, seed=0)
+    call = dict(num_frames=8, height=16, width=16, num_inference_steps=2, guidance_scale=3.0, seed=1,
+                output_type="pt")
+    split = stunet.Pipeline(base, encoder, progress=False, parallel="auto")
+    batched = stunet.Pipeline(base, encoder, progress=False)
+    assert "shared among 1 rank(s)" in split.describe() and "rank" not in batched.describe()
+    a, b = split(["a cat", "a dog"], **call).frames, batched(["a cat", "a dog"], **call).frames
+    assert (a.float() - b.float()).abs().max() < 1e-4
