@@ -33,6 +33,18 @@ from .temporal_attn import _blocks, _temporal_attn_fwd_kernel
 
 
 @jit
+def _group_element(x, ibias, b, C, g, CG, base, frame_len, row_len, i, n, HAS_IBIAS: tl.constexpr):
+    """Elements ``i`` of a statistics group (+ the input bias) in fp32: (values, in range, channel, offset)."""
+    ok = i < n
+    row = i // row_len
+    offset = base + row * frame_len + i % row_len
+    v = tl.load(x + offset, mask=ok, other=0.0).to(tl.float32)
+    if HAS_IBIAS:
+        v += tl.load(ibias + b * C + g * CG + row, mask=ok, other=0.0).to(tl.float32)
+    return v, ok, g * CG + row, offset
+
+
+@jit
 def _group_norm_plugin_kernel(
     x, weight, bias, ibias,
     C, T, HW,
@@ -59,36 +71,20 @@ def _group_norm_plugin_kernel(
 
     total = tl.zeros([BLOCK], tl.float32)
     for start in range(0, n, BLOCK):
-        i = start + idx
-        ok = i < n
-        row = i // row_len
-        v = tl.load(x + base + row * frame_len + i % row_len, mask=ok, other=0.0).to(tl.float32)
-        if HAS_IBIAS:
-            v += tl.load(ibias + b * C + g * CG + row, mask=ok, other=0.0).to(tl.float32)
+        v, ok, _, _ = _group_element(x, ibias, b, C, g, CG, base, frame_len, row_len, start + idx, n, HAS_IBIAS)
         total += tl.where(ok, v, 0.0)
     mean = tl.sum(total, 0) / n
 
     total = tl.zeros([BLOCK], tl.float32)
     for start in range(0, n, BLOCK):
-        i = start + idx
-        ok = i < n
-        row = i // row_len
-        v = tl.load(x + base + row * frame_len + i % row_len, mask=ok, other=0.0).to(tl.float32)
-        if HAS_IBIAS:
-            v += tl.load(ibias + b * C + g * CG + row, mask=ok, other=0.0).to(tl.float32)
+        v, ok, _, _ = _group_element(x, ibias, b, C, g, CG, base, frame_len, row_len, start + idx, n, HAS_IBIAS)
         d = tl.where(ok, v - mean, 0.0)
         total += d * d
     rstd = 1.0 / tl.sqrt(tl.sum(total, 0) / n + EPS)
 
     for start in range(0, n, BLOCK):
-        i = start + idx
-        ok = i < n
-        row = i // row_len
-        channel = g * CG + row
-        offset = base + row * frame_len + i % row_len
-        v = tl.load(x + offset, mask=ok, other=0.0).to(tl.float32)
-        if HAS_IBIAS:
-            v += tl.load(ibias + b * C + channel, mask=ok, other=0.0).to(tl.float32)
+        v, ok, channel, offset = _group_element(x, ibias, b, C, g, CG, base, frame_len, row_len, start + idx, n,
+                                                HAS_IBIAS)
         w = tl.load(weight + channel, mask=ok, other=0.0).to(tl.float32)
         s = tl.load(bias + channel, mask=ok, other=0.0).to(tl.float32)
         out = (v - mean) * rstd * w + s

@@ -7,7 +7,7 @@ from collections import Counter
 import numpy as np
 import pytest
 import torch
-from utils import randomize_temporal
+from utils import tiny_model
 
 import stunet
 from stunet.cli import main
@@ -19,14 +19,9 @@ pytest.importorskip("onnxscript")
 from stunet.export import ExportSpec, check_onnx, export_onnx  # noqa: E402
 
 
-def _model(**overrides) -> stunet.STUNet:
-    torch.manual_seed(0)
-    return randomize_temporal(stunet.STUNet(stunet.STUNetConfig.from_preset("tiny", **overrides)), scale=0.2).eval()
-
-
 @pytest.fixture(scope="module")
 def tiny_export(tmp_path_factory):
-    model = _model()
+    model = tiny_model()
     path = tmp_path_factory.mktemp("onnx") / "tiny.onnx"
     result = export_onnx(model, path, batch=2, frames=8, height=16, width=16, text_len=5, check=True)
     return model, result
@@ -93,7 +88,7 @@ def test_the_functions_alone_compute_the_kernel_ops_semantics(tmp_path):
 
 def test_odd_frames_non_square_ssr_model_with_noise_level(tmp_path):
     """A model without temporal resampling (any T): 5 frames, 16x24, an SSR model's noise_level input."""
-    model = _model(in_channels=6, noise_aug=True, low_res_size=8, temporal_downsample=(False, False),
+    model = tiny_model(in_channels=6, noise_aug=True, low_res_size=8, temporal_downsample=(False, False),
                    temporal_attn_depth=0)
     result = export_onnx(model, tmp_path / "ssr.onnx", batch=2, frames=5, height=16, width=24, text_len=4,
                          check=True)
@@ -104,7 +99,7 @@ def test_odd_frames_non_square_ssr_model_with_noise_level(tmp_path):
 
 
 def test_fp16_export_runs(tmp_path):
-    model = _model()
+    model = tiny_model()
     result = export_onnx(model, tmp_path / "fp16.onnx", batch=1, frames=4, height=16, width=16, text_len=3,
                          dtype=torch.float16, dynamic=False)
     session = ort.InferenceSession(str(result.path), providers=["CPUExecutionProvider"])
@@ -118,7 +113,7 @@ def test_fp16_export_runs(tmp_path):
 
 
 def test_export_arguments_are_checked(tmp_path):
-    model = _model()
+    model = tiny_model()
     with pytest.raises(ValueError, match="path must end in .onnx"):
         export_onnx(model, tmp_path / "m.pt")
     with pytest.raises(ValueError, match="frames must be a positive multiple of 2"):
@@ -128,7 +123,7 @@ def test_export_arguments_are_checked(tmp_path):
 
 
 def test_cli_export_onnx(tmp_path, capsys):
-    model = _model()
+    model = tiny_model()
     model.save_pretrained(tmp_path / "m")
     out = tmp_path / "m.onnx"
     assert main(["export", "onnx", str(tmp_path / "m"), "-o", str(out), "--frames", "4", "--height", "8",
@@ -151,7 +146,7 @@ def test_aoti_package_matches_the_reference_and_runs_as_a_backend(tmp_path, monk
     from stunet.export import check_aoti, export_aoti
 
     monkeypatch.setenv("TRITON_INTERPRET", "0")  # traced on the CPU, the ops take their reference math
-    model = _model()
+    model = tiny_model()
     result = export_aoti(model, tmp_path / "tiny.pt2", batch=1, frames=4, height=8, width=8, text_len=3,
                          dynamic=False, inductor_configs=FAST_COMPILE)
     assert check_aoti(result.path, model, result.spec) <= 1e-4

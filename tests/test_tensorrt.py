@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from utils import tiny_model
 
 import stunet
 from stunet.cli import main
@@ -129,18 +130,11 @@ onnx = pytest.importorskip("onnx")
 pytest.importorskip("onnxscript")
 
 
-def _model(**overrides) -> stunet.STUNet:
-    from utils import randomize_temporal
-
-    torch.manual_seed(0)
-    return randomize_temporal(stunet.STUNet(stunet.STUNetConfig.from_preset("tiny", **overrides)), scale=0.2).eval()
-
-
 @pytest.fixture(scope="module")
 def fp16_export(tmp_path_factory):
     from stunet.export import export_onnx
 
-    model = _model()
+    model = tiny_model()
     path = tmp_path_factory.mktemp("trt") / "tiny16.onnx"
     return model, export_onnx(model, path, batch=2, frames=8, height=16, width=16, text_len=5, dtype=torch.float16)
 
@@ -246,7 +240,7 @@ def test_tensorrt_backend_says_what_it_needs():
     from stunet.backends import make_backend
 
     with pytest.raises(ValueError, match="needs engine=PATH") as err:
-        make_backend(_model(), "tensorrt")
+        make_backend(tiny_model(), "tensorrt")
     if not torch.cuda.is_available():
         assert "TensorRT engines run on CUDA; the model is on cpu" in str(err.value)
 

@@ -70,3 +70,9 @@ def save_png(array, path):
     from PIL import Image
 
     Image.fromarray(array).save(path)
+
+
+def tiny_model(**overrides) -> stunet.STUNet:
+    """The ``tiny`` preset (with ``overrides``) with seeded weights and clearly non-identity temporal modules."""
+    torch.manual_seed(0)
+    return randomize_temporal(stunet.STUNet(stunet.STUNetConfig.from_preset("tiny", **overrides)), scale=0.2).eval()
