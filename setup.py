@@ -5,6 +5,7 @@ engine/  -> stunet          config, info, cli; model/ (reference STUNet, policy,
                             conditioning, text, video)
 kernels/ -> stunet.kernels  Triton kernels with their reference math
 export/  -> stunet.export   ONNX export (one export spec per network)
+engine/demo/                the shipped demo cascade (weights as package data, trained by tools/train_demo.py)
 csrc/    -> stunet._C       C++ denoising runtime (pybind11); CPU always, CUDA only with STUNET_CUDA=1
 
 Build switches (environment, read only here):
@@ -94,12 +95,13 @@ setup(
     description="FP16 inference engine for Space-Time U-Net (STUNet) video diffusion models",
     python_requires=">=3.10",
     packages=["stunet", "stunet.model", "stunet.backends", "stunet.sampling", "stunet.pipeline", "stunet.kernels",
-              "stunet.export"],
+              "stunet.export", "stunet.demo"],
     package_dir={
         "stunet": "engine",
         "stunet.kernels": "kernels",
         "stunet.export": "export",
     },
+    package_data={"stunet.demo": ["weights/*/*.json", "weights/*/*.safetensors", "weights/*.json"]},
     install_requires=[
         "torch>=2.4",
         "numpy",

@@ -11,8 +11,9 @@ Packages, in the direction data flows: ``pipeline`` (stages, conditioning, text,
 (samplers, MultiDiffusion, the C++ runtime) -> ``backends`` (reference, compile, fast) -> ``model`` (the
 reference STUNet, its execution policy, weights) -> ``kernels`` (Triton kernels and their reference math).
 ``distributed`` shares a pipeline's model calls among the ranks of a torch.distributed process group.
+``demo`` is the small trained cascade shipped with the package (``stunet.demo.pipeline()``).
 """
-from . import distributed, export
+from . import demo, distributed, export
 from .config import PRESETS, STUNetConfig
 from .model import ExecutionPolicy, STUNet
 from .model.weights import WeightsError, interpolate_spatial
@@ -21,5 +22,5 @@ from .sampling import samplers
 
 __version__ = "0.1.0"
 __all__ = ["STUNetConfig", "PRESETS", "STUNet", "ExecutionPolicy", "Pipeline", "PipelineOutput", "StageOptions",
-           "SSROptions", "Conditioning", "samplers", "text", "export", "distributed", "save_video", "WeightsError",
-           "interpolate_spatial", "__version__"]
+           "SSROptions", "Conditioning", "samplers", "text", "export", "distributed", "demo", "save_video",
+           "WeightsError", "interpolate_spatial", "__version__"]

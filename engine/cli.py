@@ -214,7 +214,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
         if getattr(args, option) is not None and args.ssr:
             parser.error(f"argument --{option}: one artifact runs one model; run the SSR stage with another "
                          "backend, or from Python")
-    if args.ssr_steps and not args.ssr:
+    demo = args.model is None and args.preset is None and command not in CONDITIONAL  # the shipped cascade
+    if args.ssr_steps and not (args.ssr or demo):
         parser.error("argument --ssr-steps: needs an SSR model (--ssr DIR)")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device.startswith("cuda"):
@@ -240,17 +241,26 @@ def cmd_generate(args: argparse.Namespace) -> int:
             device = str(distributed.device())
 
     try:
-        if args.model is None:
-            preset = args.preset or ("tiny-cond" if command in CONDITIONAL else "small")
+        demo_ssr = demo_text = None
+        if demo:
+            from . import demo as shipped
+
+            base, demo_ssr, demo_text = shipped.load(device, dtype)
+            _note("no --model given: using the built-in demo cascade (coloured shapes, 16 frames, 16x16 -> 64x64; "
+                  "prompts such as 'a red circle moving left', 'a white square growing on a striped background')")
+        elif args.model is None:
+            preset = args.preset or "tiny-cond"
             _note(f"no --model given: running the {preset!r} preset with RANDOM weights and a random tiny text "
                   "encoder; the video is noise-like until trained weights are loaded")
             torch.manual_seed(args.seed)
             base = STUNet(STUNetConfig.from_preset(preset)).to(device, dtype)
         else:
             base = STUNet.from_pretrained(args.model, device=device, dtype=dtype)
-        ssr = STUNet.from_pretrained(args.ssr, device=device, dtype=dtype) if args.ssr else None
+        ssr = STUNet.from_pretrained(args.ssr, device=device, dtype=dtype) if args.ssr else demo_ssr
         if args.text_encoder:
             encoder = load_text_encoder(args.text_encoder, device=device)
+        elif demo_text is not None:
+            encoder = demo_text
         else:
             if args.model is not None:
                 _note("no --text-encoder given: using a random tiny text encoder")
@@ -416,8 +426,8 @@ def _add_generation_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--text-encoder", metavar="DIR",
                    help="T5 / CLIP text encoder folder (transformers format, with its tokenizer)")
     p.add_argument("--preset", choices=list(PRESETS),
-                   help="preset for random weights when --model is not given (default: small; tiny-cond for the "
-                        "conditional modes)")
+                   help="preset for random weights when --model is not given (default: the built-in demo "
+                        "cascade, trained; tiny-cond with random weights for the conditional modes)")
     p.add_argument("--negative-prompt", default=None, metavar="TEXT", help="what to steer away from")
     p.add_argument("--frames", type=_positive, help="frames (default: the model's sample_frames)")
     p.add_argument("--height", type=_positive, help="height in pixels (default: the model's sample_size)")

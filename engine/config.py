@@ -63,6 +63,9 @@ class STUNetConfig:
     """GroupNorm statistics per frame ("frame": norms never mix frames) or over the whole clip ("clip")."""
     text_dim: int = 4096
     """Width of the text-encoder tokens consumed by cross-attention (4096 for T5-XXL)."""
+    text_pool: bool = False
+    """Also add the text tokens' mean (over the mask), through a linear layer, to the timestep embedding
+    (Imagen's pooled text conditioning): prompt-wide attributes reach every ResBlock."""
     # -- the temporal modules ----------------------------------------------------------------------------------
     temporal_downsample: tuple[bool, ...] = (True, True, True, True)
     """One flag per downsample step (``num_levels - 1``): whether time halves there too."""
@@ -142,6 +145,8 @@ class STUNetConfig:
             _fail("prediction", self.prediction, f"must be one of {PREDICTIONS}")
         if self.schedule not in SCHEDULES:
             _fail("schedule", self.schedule, f"must be one of {SCHEDULES}")
+        if not isinstance(self.text_pool, bool):
+            _fail("text_pool", self.text_pool, "must be a bool")
         if not isinstance(self.noise_aug, bool):
             _fail("noise_aug", self.noise_aug, "must be a bool")
         if self.noise_aug and self.in_channels != 6:

@@ -50,8 +50,8 @@ class RankFailed(RuntimeError):
 def init(backend: str | None = None, *, timeout: datetime.timedelta | float = DEFAULT_TIMEOUT) -> None:
     """Initialise the default process group from the environment torchrun sets (RANK, WORLD_SIZE,
     MASTER_ADDR, MASTER_PORT, LOCAL_RANK): NCCL when CUDA is available, else gloo. On CUDA, each rank takes
-    device LOCAL_RANK. A no-op when a process group exists; the group it creates is destroyed at exit. ``timeout`` (seconds or a timedelta) bounds every
-    collective, so a rank that dies cannot hang the others."""
+    device LOCAL_RANK. A no-op when a process group exists; the group it creates is destroyed at exit.
+    ``timeout`` (seconds or a timedelta) bounds every collective, so a rank that dies cannot hang the others."""
     if dist.is_initialized():
         return
     missing = [k for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT") if k not in os.environ]

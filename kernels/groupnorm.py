@@ -224,12 +224,15 @@ def group_norm_ref(x: torch.Tensor, num_groups: int, weight: torch.Tensor, bias:
     # Two passes (mean, then the centred sum of squares): exact for constant groups, and on the CPU three times
     # faster than var_mean's Welford loop.
     y = grouped - grouped.mean(dim=-1, keepdim=True)
-    var = torch.linalg.vector_norm(y, dim=-1, keepdim=True).square_().div_(grouped.shape[-1])
-    y = y.mul_(torch.rsqrt(var.add_(eps)))
+    var = torch.linalg.vector_norm(y, dim=-1, keepdim=True).square().div(grouped.shape[-1])
+    # In place on the video-sized temporaries, except where autograd needs them (training): same values.
+    inplace = not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad or bias.requires_grad))
+    mul, add = (torch.Tensor.mul_, torch.Tensor.add_) if inplace else (torch.mul, torch.add)
+    y = mul(y, torch.rsqrt(var + eps))
     y = y.view(B, T, C, H, W).transpose(1, 2) if scope == "frame" else y.view(B, C, T, H, W)
-    y = y.mul_(weight.float()[:, None, None, None]).add_(bias.float()[:, None, None, None])
+    y = add(mul(y, weight.float()[:, None, None, None]), bias.float()[:, None, None, None])
     if silu:
-        y = F.silu(y, inplace=True)
+        y = F.silu(y, inplace=inplace)
     return same_layout(y.to(x.dtype), x)
 
 

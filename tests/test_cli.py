@@ -104,7 +104,8 @@ def test_bf16_runs_through_the_cpp_runtime(tmp_path, capsys):
      "image_to_video needs a conditional model"),
     (["inpaint", "x", "-o", "{tmp}/o.mp4", "--video", "{tmp}/i.png", "--region", "4,4,2,2"],
      "argument --region: a box x0,y0,x1,y1 needs x1 > x0"),
-    (["generate", "x", "-o", "{tmp}/o.mp4", "--ssr-steps", "3"], "argument --ssr-steps: needs an SSR model"),
+    (["generate", "x", "-o", "{tmp}/o.mp4", "--preset", "tiny", "--ssr-steps", "3"],
+     "argument --ssr-steps: needs an SSR model"),
 ])
 def test_bad_arguments_exit_2_with_the_subcommands_usage(argv, message, tmp_path, capsys):
     save_png(np.zeros((16, 16, 3), dtype=np.uint8), tmp_path / "i.png")

@@ -260,3 +260,38 @@ def test_gpu_fp16_matches_cpu_fp32_and_is_deterministic(preset):
     assert torch.equal(a, b)
     rms = ref.pow(2).mean().sqrt().item()
     assert_close(a.float().cpu(), ref, atol=0.02 * rms, rtol=1e-2, what=f"{preset} cuda fp16 vs cpu fp32")
+
+
+@pytest.mark.parametrize("scope", ["frame", "clip"])
+def test_the_reference_model_trains_with_the_inference_values(scope):
+    """Backward runs through the reference model (tools/train_demo.py trains with it), and the forward with
+    autograd on (out-of-place norm arithmetic) equals the inference forward (in place) bit for bit."""
+    cfg = stunet.STUNetConfig.from_preset("tiny", norm_scope=scope)
+    model = randomize_temporal(stunet.STUNet(cfg))
+    x, t, text = make_inputs(cfg, batch=2)
+    with torch.no_grad():
+        expected = model(x, t, text)
+    out = model(x, t, text)
+    out.square().mean().backward()
+    assert torch.equal(out.detach(), expected)
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
+    assert all(p.grad.abs().sum() > 0 for p in model.encoder[0].parameters())
+
+
+def test_pooled_text_conditioning_reads_only_the_unmasked_tokens():
+    cfg = stunet.STUNetConfig.from_preset("tiny", text_pool=True)
+    assert "text_pool.weight" in stunet.STUNet(cfg).state_dict()
+    assert "text_pool.weight" not in stunet.STUNet(stunet.STUNetConfig.from_preset("tiny")).state_dict()
+    torch.manual_seed(0)
+    model = stunet.STUNet(cfg).eval()
+    x, t, text = make_inputs(cfg, batch=2)
+    mask = torch.tensor([[True] * 5, [True, True, False, False, False]])
+    padded = text.clone()
+    padded[1, 2:] = 100.0  # what the mask hides must not matter
+    with torch.no_grad():
+        assert torch.equal(model(x, t, text, mask), model(x, t, padded, mask))
+        assert not torch.equal(model(x, t, text, mask), model(x, t, text))
+    pooled = stunet.model.unet.pooled_text(text, mask)
+    assert torch.allclose(pooled[1], text[1, :2].mean(0)) and torch.allclose(pooled[0], text[0].mean(0))
+    assert torch.equal(stunet.model.unet.pooled_text(text, torch.zeros(2, 5, dtype=torch.bool)),
+                       torch.zeros(2, cfg.text_dim))

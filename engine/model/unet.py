@@ -57,6 +57,14 @@ def _embedder(in_dim: int, dim: int) -> nn.Sequential:
     return nn.Sequential(nn.Linear(in_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
 
 
+def pooled_text(text: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """The mean of the (B, L, D) text tokens over the mask (all tokens without one; zeros where a row has none)."""
+    if mask is None:
+        return text.mean(dim=1)
+    m = mask.to(text.dtype)[:, :, None]
+    return (text * m).sum(dim=1) / m.sum(dim=1).clamp(min=1)
+
+
 class STUNet(nn.Module):
     """Space-Time U-Net. ``model(x, timesteps, text_embeds, text_mask=None) -> (B, out_channels, T, H, W)``."""
 
@@ -71,6 +79,7 @@ class STUNet(nn.Module):
 
         self.time_embed = _embedder(cfg.model_channels, E)
         self.noise_aug_embed = _embedder(cfg.model_channels, E) if cfg.noise_aug else None
+        self.text_pool = nn.Linear(cfg.text_dim, E) if cfg.text_pool else None
 
         def res(cin: int, cout: int) -> ResBlock:
             return ResBlock(cin, cout, E, groups, scope)
@@ -195,6 +204,8 @@ class STUNet(nn.Module):
         emb = self.time_embed(timestep_embedding(t, cfg.model_channels).to(x.dtype))
         if self.noise_aug_embed is not None:
             emb = emb + self.noise_aug_embed(timestep_embedding(noise_level, cfg.model_channels).to(x.dtype))
+        if self.text_pool is not None:
+            emb = emb + self.text_pool(pooled_text(text_embeds, text_mask))
         cond = Cond(batch=B, emb=emb, text=text_embeds, text_mask=text_mask, policy=policy)
 
         # video -> folded (B*T, C, H, W) in the policy's memory format: one copy

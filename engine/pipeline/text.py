@@ -89,3 +89,88 @@ def tiny_random_t5(dim: int, seed: int = 0, layers: int = 2, heads: int = 2) -> 
     finally:
         torch.random.set_rng_state(gen_state)
     return HFTextEncoder(model, transformers.ByT5Tokenizer(), max_length=64)
+
+
+class WordEncoder(torch.nn.Module):
+    """A learned embedding per word of a closed vocabulary: the text encoder of small models trained on captions
+    of a known language (the demo model's). A prompt is lower-cased and split into words (letters only); a word
+    outside the vocabulary raises ``ValueError`` naming it and the vocabulary. Token 0 stands for the empty prompt
+    (the unconditional branch of classifier-free guidance). Weights: ``save(dir)`` / ``WordEncoder.load(dir)``
+    (``vocab.json`` + ``embedding.safetensors``)."""
+
+    EMPTY = "<empty>"
+
+    def __init__(self, vocab: list[str], dim: int):
+        super().__init__()
+        words = list(vocab)
+        if not words or len(set(words)) != len(words) or not all(w.isalpha() and w.islower() for w in words):
+            raise ValueError(f"WordEncoder: vocab must be distinct lower-case words, got {vocab!r}")
+        if not isinstance(dim, int) or dim < 1:
+            raise ValueError(f"WordEncoder: dim must be a positive integer, got {dim!r}")
+        self.vocab = words
+        self.index = {w: i + 1 for i, w in enumerate(words)}
+        self.dim = dim
+        self.embedding = torch.nn.Embedding(len(words) + 1, dim)
+
+    def tokenize(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(ids (B, L) long, mask (B, L) bool), padded with token 0 under a False mask."""
+        import re
+
+        if isinstance(prompts, str) or not all(isinstance(p, str) for p in prompts):
+            raise TypeError("prompts must be a list of strings")
+        rows = []
+        for p in prompts:
+            words = re.findall(r"[a-z]+", p.lower())
+            unknown = sorted({w for w in words if w not in self.index})
+            if unknown:
+                raise ValueError(f"prompt {p!r}: unknown word(s) {', '.join(map(repr, unknown))}; this model's text "
+                                 f"encoder knows only: {' '.join(self.vocab)}")
+            rows.append([self.index[w] for w in words] or [0])
+        length = max(map(len, rows))
+        ids = torch.zeros(len(rows), length, dtype=torch.long)
+        mask = torch.zeros(len(rows), length, dtype=torch.bool)
+        for i, row in enumerate(rows):
+            ids[i, :len(row)] = torch.tensor(row)
+            mask[i, :len(row)] = True
+        return ids, mask
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.embedding(ids)
+
+    def encode(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        ids, mask = self.tokenize(prompts)
+        with torch.no_grad():
+            return self(ids.to(self.embedding.weight.device)).float(), mask.to(self.embedding.weight.device)
+
+    def save(self, directory: str | os.PathLike) -> None:
+        """``vocab.json`` + ``embedding.safetensors`` in ``directory`` (created if missing), atomically."""
+        import json
+
+        from safetensors.torch import save
+
+        from ..io import atomic_write_bytes, atomic_write_text
+
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(directory / "vocab.json", json.dumps({"vocab": self.vocab, "dim": self.dim}) + "\n")
+        atomic_write_bytes(directory / "embedding.safetensors",
+                           save({"embedding": self.embedding.weight.detach().float().cpu().contiguous()}))
+
+    @classmethod
+    def load(cls, directory: str | os.PathLike, device: str | torch.device = "cpu") -> "WordEncoder":
+        import json
+
+        from safetensors.torch import load_file
+
+        directory = Path(directory)
+        for name in ("vocab.json", "embedding.safetensors"):
+            if not (directory / name).is_file():
+                raise FileNotFoundError(f"word encoder directory {str(directory)!r} has no {name}")
+        meta = json.loads((directory / "vocab.json").read_text())
+        encoder = cls(meta["vocab"], int(meta["dim"]))
+        weight = load_file(str(directory / "embedding.safetensors"))["embedding"]
+        if weight.shape != encoder.embedding.weight.shape:
+            raise ValueError(f"{str(directory)!r}: embedding.safetensors holds {tuple(weight.shape)}, vocab.json "
+                             f"needs {tuple(encoder.embedding.weight.shape)}")
+        encoder.embedding.weight.data.copy_(weight)
+        return encoder.eval().to(device)

@@ -1,0 +1,105 @@
+"""The demo cascade shipped with the package (stunet.demo): its weights load strictly, its videos follow their
+prompts (measured on the frames: the named colour dominates the object pixels, its centroid moves the named way,
+its area grows or shrinks), the same seed gives the same video, and its text encoder refuses unknown words."""
+from __future__ import annotations
+
+from importlib import resources
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from utils import needs_av, read_mp4
+
+from stunet import demo
+from stunet.cli import main
+from stunet.pipeline.text import WordEncoder
+
+PROMPTS = ["a red circle moving left", "a blue square moving up", "a yellow triangle moving right",
+           "a white square growing on a striped background"]
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    return demo.pipeline(progress=False)
+
+
+@pytest.fixture(scope="module")
+def generated(pipe):
+    """PROMPTS at the defaults a user gets (32 steps, guidance 7.5, DDIM; the SSR stage included)."""
+    return pipe(PROMPTS, seed=0)
+
+
+def test_the_shipped_weights_load_strictly_and_are_small():
+    base, ssr, text = demo.load()
+    assert base.config == demo.base_config() and ssr.config == demo.ssr_config()
+    assert base.config.num_temporal_downsamples == 2 and base.config.temporal_attn_depth >= 1  # the real design
+    assert text.vocab == demo.VOCAB and text.dim == base.config.text_dim == ssr.config.text_dim
+    folder = resources.files("stunet.demo") / "weights"
+    total = 0
+    for name, model in (("base", base), ("ssr", ssr)):
+        stored = load_file(str(folder / name / "model.safetensors"))
+        assert stored.keys() == model.state_dict().keys()
+        total += (folder / name / "model.safetensors").stat().st_size
+    assert total < 16 * 2 ** 20
+
+
+def test_generated_videos_follow_their_prompts(generated):
+    assert generated.frames.shape == (len(PROMPTS), 16, 64, 64, 3)
+    assert generated.low_res_frames.shape == (len(PROMPTS), 16, 16, 16, 3)
+    for prompt, frames, low in zip(PROMPTS, generated.frames, generated.low_res_frames):
+        for stage, video in (("ssr", frames), ("base", low)):
+            r = demo.follows(video, prompt)
+            assert r["ok"], f"{stage}: {r}"
+
+
+def test_the_same_seed_gives_the_same_video(pipe):
+    a, b, c = (pipe("a green circle moving down", seed=s, num_inference_steps=2, output_type="pt").frames
+               for s in (5, 5, 6))
+    assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+def test_the_measure_agrees_with_the_renderer_and_rejects_other_captions():
+    g = torch.Generator().manual_seed(1)
+    scenes = [demo.Scene(c, s, m) for c, s, m in (("red", "circle", "left"), ("blue", "triangle", "down"),
+                                                   ("white", "square", "shrinking"), ("green", "square", "up"))]
+    clips, captions = demo.render(scenes, 16, 16, g)
+    opposite = {"left": "right", "down": "up", "shrinking": "growing", "up": "down"}
+    for clip, caption, scene in zip(clips, captions, scenes):
+        frames = clip.permute(1, 2, 3, 0)
+        assert demo.follows(frames, caption)["ok"], caption
+        assert not demo.follows(frames, caption.replace(scene.motion, opposite[scene.motion]))["ok"]
+        other = "yellow" if scene.color != "yellow" else "red"
+        assert demo.follows(frames, caption.replace(scene.color, other))["share"] < 0.1
+    with pytest.raises(ValueError, match="not a demo caption"):
+        demo.follows(frames, "a dog")
+
+
+def test_the_word_encoder_refuses_unknown_words_and_round_trips(tmp_path):
+    _, _, text = demo.load()
+    with pytest.raises(ValueError, match=r"unknown word\(s\) 'bear', 'surfing', 'teddy'.*knows only: a on moving"):
+        text.encode(["a red circle", "a teddy bear surfing"])
+    ids, mask = text.tokenize(["A RED circle, moving left!", ""])
+    assert ids.shape == (2, 5) and mask.tolist() == [[True] * 5, [True, False, False, False, False]]
+    assert ids[1, 0] == 0  # the empty prompt is token 0
+    text.save(tmp_path)
+    again = WordEncoder.load(tmp_path)
+    assert again.vocab == text.vocab
+    assert torch.equal(again.encode(["a red circle"])[0], text.encode(["a red circle"])[0])
+    with pytest.raises(FileNotFoundError, match="vocab.json"):
+        WordEncoder.load(tmp_path / "missing")
+    with pytest.raises(ValueError, match="distinct lower-case words"):
+        WordEncoder(["a", "a"], 4)
+
+
+@needs_av
+def test_the_cli_runs_the_demo_without_a_model(tmp_path, capsys):
+    out = tmp_path / "out.mp4"
+    assert main(["generate", "a red circle moving left", "-o", str(out), "--steps", "4", "-q"]) == 0
+    err = capsys.readouterr().err
+    assert "built-in demo cascade" in err and "RANDOM" not in err
+    frames = read_mp4(out)
+    assert len(frames) == 16 and frames[0].shape == (64, 64, 3)
+    with pytest.raises(SystemExit) as e:
+        main(["generate", "a teddy bear surfing", "-o", str(tmp_path / "bear.mp4"), "-q"])
+    assert e.value.code == 2 and "unknown word(s) 'bear', 'surfing', 'teddy'" in capsys.readouterr().err
+    assert not (tmp_path / "bear.mp4").exists()
