@@ -90,7 +90,7 @@ def main(argv=None) -> dict:
         out = generate(args, "auto")
         if int(os.environ["RANK"]) == 0:
             Path(os.environ["STUNET_BENCH_RESULT"]).write_text(json.dumps(out))
-        return out
+        stunet.distributed.leave(0)
 
     device = torch.device(args.device)
     counts = args.nproc or sorted({1, 2, max(2, torch.cuda.device_count())})

@@ -581,4 +581,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # one rank of `--nproc N`
+        from stunet.distributed import leave
+
+        leave(code)
+    sys.exit(code)

@@ -74,6 +74,18 @@ def shutdown() -> None:
         dist.destroy_process_group()
 
 
+def leave(code: int = 0) -> None:
+    """Ends this rank's process with ``code``: destroys the process group, flushes the standard streams and exits
+    without the interpreter's teardown, in which PyTorch's process-group threads can abort a rank whose work is
+    done ("terminate called without an active exception"). The last call of a rank's script."""
+    import sys
+
+    shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 def device() -> torch.device:
     """This rank's device: cuda:LOCAL_RANK on a GPU node, else the CPU."""
     if torch.cuda.is_available():
@@ -253,4 +265,4 @@ def launch(nproc: int, argv: list[str]) -> int:
     return 0
 
 
-__all__ = ["Parallel", "Stats", "RankFailed", "init", "shutdown", "device", "resolve", "launch"]
+__all__ = ["Parallel", "Stats", "RankFailed", "init", "shutdown", "leave", "device", "resolve", "launch"]

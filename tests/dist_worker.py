@@ -51,3 +51,4 @@ stats = pipe.parallel.stats
 torch.save(dict(frames=result.frames, low=result.low_res_frames, world=pipe.parallel.world_size,
                 steps={k: v.steps for k, v in stats.items()},
                 share=max(v.communication_share for v in stats.values())), os.path.join(out_dir, f"rank{rank}.pt"))
+stunet.distributed.leave(0)

@@ -141,7 +141,8 @@ def test_ctrl_c_is_one_line_and_exit_130(tmp_path):
     """SIGINT during generation: exit 130, one line on stderr, no output file (and no temporary one)."""
     env = {**os.environ, "TRITON_INTERPRET": "0"}
     proc = subprocess.Popen([sys.executable, "-m", "stunet.cli", "generate", "x", "-o", str(tmp_path / "o.gif"),
-                             "--preset", "tiny", "--steps", "1000", "-q"], stderr=subprocess.PIPE, text=True, env=env)
+                             "--preset", "tiny", "--frames", "64", "--steps", "1000", "-q"],
+                            stderr=subprocess.PIPE, text=True, env=env)
     first = proc.stderr.readline()  # printed once the arguments are checked, before the model is built
     assert "RANDOM weights" in first
     time.sleep(3)
