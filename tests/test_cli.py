@@ -142,7 +142,9 @@ def test_ctrl_c_is_one_line_and_exit_130(tmp_path):
     env = {**os.environ, "TRITON_INTERPRET": "0"}
     proc = subprocess.Popen([sys.executable, "-m", "stunet.cli", "generate", "x", "-o", str(tmp_path / "o.gif"),
                              "--preset", "tiny", "--frames", "64", "--steps", "1000", "-q"],
-                            stderr=subprocess.PIPE, text=True, env=env)
+                            stderr=subprocess.PIPE, text=True, env=env,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # even if launched with
+    # SIGINT ignored (nohup, a background job), the child gets Python's KeyboardInterrupt
     first = proc.stderr.readline()  # printed once the arguments are checked, before the model is built
     assert "RANDOM weights" in first
     time.sleep(3)
