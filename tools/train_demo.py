@@ -26,6 +26,7 @@ from tqdm import tqdm
 import stunet
 from stunet import demo
 from stunet.io import atomic_write_text
+from stunet.pipeline.stages import upsample_video
 from stunet.pipeline.text import WordEncoder
 from stunet.sampling.samplers import make_betas
 
@@ -39,14 +40,6 @@ def area_down(clips: torch.Tensor, size: int) -> torch.Tensor:
     B, C, T, S, _ = clips.shape
     folded = clips.transpose(1, 2).reshape(B * T, C, S, S)
     return F.interpolate(folded, size=(size, size), mode="area").reshape(B, T, C, size, size).transpose(1, 2)
-
-
-def bilinear_up(clips: torch.Tensor, size: int) -> torch.Tensor:
-    """The SSR stage's upsampling of the low-res video (bilinear, align_corners=False)."""
-    B, C, T, s, _ = clips.shape
-    folded = clips.transpose(1, 2).reshape(B * T, C, s, s)
-    up = F.interpolate(folded, size=(size, size), mode="bilinear", align_corners=False)
-    return up.reshape(B, T, C, size, size).transpose(1, 2)
 
 
 class Diffusion:
@@ -128,7 +121,7 @@ def train_ssr(args, text: WordEncoder, gen: torch.Generator):
 
     def loss_of(step: int) -> torch.Tensor:
         clips, captions = demo.batch(args.ssr_batch, gen, frames=config.window_frames, drop_caption=0.1)
-        up = bilinear_up(area_down(clips, config.low_res_size), config.sample_size)
+        up = upsample_video(area_down(clips, config.low_res_size), config.sample_size, config.sample_size)
         aug = torch.randint(0, 250, (len(clips),), generator=gen) * (torch.rand(len(clips), generator=gen) < 0.5)
         up, _ = diffusion.noised(up, aug, torch.randn(up.shape, generator=gen))
         t = torch.randint(0, diffusion.steps, (len(clips),), generator=gen)

@@ -256,6 +256,14 @@ class BaseStage(_Stage):
         return x
 
 
+def upsample_video(low: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """The SSR model's view of a low-res video (B, C, T, h, w): each frame bilinearly upsampled (fp32)."""
+    B, C, T, h, w = low.shape
+    folded = low.float().transpose(1, 2).reshape(B * T, C, h, w)
+    up = F.interpolate(folded, size=(height, width), mode="bilinear", align_corners=False)
+    return up.reshape(B, T, C, height, width).transpose(1, 2)
+
+
 class SSRStage(_Stage):
     """The low-res video (B, 3, T, h, w) -> (B, 3, T, H, W) with the SSR model on MultiDiffusion windows."""
 
@@ -276,9 +284,7 @@ class SSRStage(_Stage):
         H, W = self.output_size(h, w)
         window, overlap = options.geometry(self.config, T)
         dtype, device = self.backend.dtype, self.backend.device
-        folded = low.float().transpose(1, 2).reshape(B * T, 3, h, w)
-        up = F.interpolate(folded, size=(H, W), mode="bilinear", align_corners=False)
-        up = up.reshape(B, T, 3, H, W).transpose(1, 2)
+        up = upsample_video(low, H, W)
         s = self.sampler(options, steps)
         if options.noise_level:
             up = s.add_noise(up, Sampler.draw_noise(up, generator), options.noise_level)
