@@ -29,6 +29,7 @@ from typing import Any
 
 IN_CHANNELS = {
     3: "text-to-video: the noisy video",
+    4: "latent text-to-video: the noisy VAE latents",
     6: "SSR: noisy high-res video + bilinearly upsampled low-res video",
     7: "conditional: noisy video + masked conditioning video C + mask M",
 }
@@ -36,6 +37,11 @@ PREDICTIONS = ("v", "eps")
 SCHEDULES = ("cosine", "linear", "scaled_linear")
 NORM_SCOPES = ("frame", "clip")
 POS_EMBEDS = ("sinusoidal", "none")
+FEED_FORWARDS = ("gelu", "geglu")
+TEMPORAL_CONVS = ("inflation", "stack")
+TEMPORAL_ATTNS = ("block", "transformer")
+SLOTS = ("conv", "attn", "none")
+MID_MODULES = ("res", "attn", "temporal_conv", "temporal_attn")
 
 
 def _fail(name: str, value: Any, rule: str) -> None:
@@ -46,7 +52,8 @@ def _fail(name: str, value: Any, rule: str) -> None:
 class STUNetConfig:
     # -- input / output -------------------------------------------------------------------------------------
     in_channels: int = 3
-    """3 (text-to-video), 6 (SSR: + upsampled low-res video) or 7 (conditional: + masked video C + mask M)."""
+    """3 (text-to-video), 4 (latent text-to-video: VAE latents), 6 (SSR: + upsampled low-res video) or 7
+    (conditional: + masked video C + mask M)."""
     out_channels: int = 3
     # -- the spatial (pretrained text-to-image) trunk -------------------------------------------------------
     model_channels: int = 256
@@ -57,10 +64,25 @@ class STUNetConfig:
     attention_levels: tuple[int, ...] = (2, 3, 4)
     """Levels whose ResBlocks are followed by spatial self- and cross-attention (the mid block always has it)."""
     attention_head_dim: int = 64
+    attention_heads: int = 0
+    """When > 0, every spatial attention has this many heads, whatever its width (Stable Diffusion 1.x: 8);
+    0: ``width // attention_head_dim`` heads."""
+    feed_forward: str = "gelu"
+    """The MLP of the attention blocks (spatial and temporal): "gelu" (Linear, GELU, Linear) or "geglu"
+    (Linear to twice the hidden width, value * GELU(gate), Linear: the Stable Diffusion family's)."""
     num_groups: int = 32
     """GroupNorm groups; every level's width must be divisible by it."""
     norm_scope: str = "frame"
     """GroupNorm statistics per frame ("frame": norms never mix frames) or over the whole clip ("clip")."""
+    norm_eps: float = 1e-5
+    """Epsilon of the ResBlocks' and the output head's GroupNorms."""
+    attention_norm_eps: float = 1e-5
+    """Epsilon of the GroupNorm in front of each spatial attention and transformer-form temporal attention
+    (1e-6 in the diffusers U-Nets)."""
+    flip_sin_to_cos: bool = True
+    """Timestep embedding order: cos then sin (True) or sin then cos."""
+    freq_shift: int = 0
+    """Timestep embedding frequencies ``exp(-log(10000) * i / (half - freq_shift))``."""
     text_dim: int = 4096
     """Width of the text-encoder tokens consumed by cross-attention (4096 for T5-XXL)."""
     text_pool: bool = False
@@ -72,9 +94,34 @@ class STUNetConfig:
     temporal_attn_depth: int = 4
     """Temporal-attention blocks stacked in the mid block. 0: temporal convs only, also at the coarsest level."""
     temporal_attn_heads: int = 16
+    temporal_attn_head_dim: int = 0
+    """When > 0, each temporal attention has ``width // temporal_attn_head_dim`` heads (and the one after
+    conv_in heads of this width); 0: ``temporal_attn_heads`` heads."""
     temporal_pos_embed: str = "sinusoidal"
     """Positional encoding added to the normed input of temporal attention: "sinusoidal" or "none"."""
+    temporal_max_frames: int = 0
+    """The longest clip the positional encoding was trained for (AnimateDiff: 32); 0: no limit."""
     temporal_mlp_ratio: int = 4
+    temporal_conv: str = "inflation"
+    """Form of the temporal conv module: "inflation" (Lumiere's residual (2+1)D block: conv3x3, GN, SiLU,
+    Conv1d over time, GN, SiLU, zero-init 1x1) or "stack" (ModelScope's: four GN-SiLU-Conv1d-over-time layers,
+    the last zero-init, plus the input; its norms see the whole clip)."""
+    temporal_attn: str = "block"
+    """Form of the temporal attention module: "block" (Lumiere's: pre-norm self-attention over T and an MLP)
+    or "transformer" (the diffusers video U-Nets': clip GroupNorm, proj_in, two self-attentions over T, a
+    feed-forward, proj_out, plus the input)."""
+    temporal_after_res: tuple[str, ...] = ()
+    """Per level, the temporal module after each ResBlock: "conv", "attn" or "none". Empty: Lumiere's layout
+    ("conv" at every level, "none" at the coarsest when ``temporal_attn_depth > 0``)."""
+    temporal_after_attn: tuple[str, ...] = ()
+    """Per level, the temporal module after each spatial attention (ignored at levels without one); empty:
+    Lumiere's layout, as ``temporal_after_res``."""
+    mid_block: tuple[str, ...] = ()
+    """The mid block's modules in order, from "res", "attn", "temporal_conv", "temporal_attn". Empty: Lumiere's
+    ("res", "attn", ``temporal_attn_depth`` x "temporal_attn" (or one "temporal_conv" when 0), "res")."""
+    temporal_in_heads: int = 0
+    """When > 0, a transformer-form temporal attention with this many heads of ``temporal_attn_head_dim``
+    follows conv_in (ModelScope's ``transformer_in``)."""
     noise_aug: bool = False
     """SSR: embed the noise-augmentation level of the low-res input like a timestep (needs in_channels=6)."""
     # -- diffusion -------------------------------------------------------------------------------------------
@@ -92,12 +139,38 @@ class STUNetConfig:
 
     def __post_init__(self) -> None:
         # JSON gives lists; the dataclass is frozen and hashable, so store tuples.
-        for name in ("channel_mult", "attention_levels", "temporal_downsample"):
+        for name in ("channel_mult", "attention_levels", "temporal_downsample", "temporal_after_res",
+                     "temporal_after_attn", "mid_block"):
             value = getattr(self, name)
             if isinstance(value, (str, bytes)) or not hasattr(value, "__iter__"):
                 _fail(name, value, "must be a sequence")
             object.__setattr__(self, name, tuple(value))
+        if isinstance(self.norm_eps, int) and not isinstance(self.norm_eps, bool):
+            object.__setattr__(self, "norm_eps", float(self.norm_eps))
         self._validate()
+        self._validate_layout()
+
+    # -- the temporal layout (explicit fields, or Lumiere's when they are empty) -------------------------------
+    def _lumiere_slots(self) -> tuple[str, ...]:
+        return tuple("none" if level == self.num_levels - 1 and self.temporal_attn_depth else "conv"
+                     for level in range(self.num_levels))
+
+    @property
+    def res_slots(self) -> tuple[str, ...]:
+        """Per level, the temporal module after each ResBlock ("conv", "attn" or "none")."""
+        return self.temporal_after_res or self._lumiere_slots()
+
+    @property
+    def attn_slots(self) -> tuple[str, ...]:
+        """Per level, the temporal module after each spatial attention."""
+        return self.temporal_after_attn or self._lumiere_slots()
+
+    @property
+    def mid_modules(self) -> tuple[str, ...]:
+        """The mid block's modules in order."""
+        if self.mid_block:
+            return self.mid_block
+        return ("res", "attn", *(("temporal_attn",) * self.temporal_attn_depth or ("temporal_conv",)), "res")
 
     # ------------------------------------------------------------------------------------------------------
     def _validate(self) -> None:
@@ -107,13 +180,15 @@ class STUNetConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 _fail(name, value, "must be a positive integer")
-        for name in ("temporal_attn_depth", "low_res_size", "window_frames", "window_overlap"):
+        for name in ("temporal_attn_depth", "low_res_size", "window_frames", "window_overlap", "attention_heads",
+                     "temporal_attn_head_dim", "temporal_max_frames", "temporal_in_heads", "freq_shift"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 _fail(name, value, "must be a non-negative integer")
         if self.in_channels not in IN_CHANNELS:
             _fail("in_channels", self.in_channels,
-                  "must be 3 (text-to-video), 6 (SSR) or 7 (conditional: video + masked video + mask)")
+                  "must be 3 (text-to-video), 4 (latent text-to-video), 6 (SSR) or 7 (conditional: video + masked "
+                  "video + mask)")
         if not self.channel_mult or any(not isinstance(m, int) or isinstance(m, bool) or m < 1
                                         for m in self.channel_mult):
             _fail("channel_mult", self.channel_mult, "must be a non-empty sequence of positive integers")
@@ -131,12 +206,25 @@ class STUNetConfig:
             if ch % self.num_groups:
                 _fail("num_groups", self.num_groups,
                       f"must divide every level's width (level {level} has {ch} channels)")
-            if (level in self.attention_levels or level == self.num_levels - 1) and ch % self.attention_head_dim:
+            attends = level in self.attention_levels or level == self.num_levels - 1
+            if attends and self.attention_heads and ch % self.attention_heads:
+                _fail("attention_heads", self.attention_heads,
+                      f"must divide the width of every attention level (level {level} has {ch} channels)")
+            if attends and not self.attention_heads and ch % self.attention_head_dim:
                 _fail("attention_head_dim", self.attention_head_dim,
                       f"must divide the width of every attention level (level {level} has {ch} channels)")
-        if self.temporal_attn_depth and self.level_channels[-1] % self.temporal_attn_heads:
-            _fail("temporal_attn_heads", self.temporal_attn_heads,
-                  f"must divide the coarsest level's width ({self.level_channels[-1]})")
+        for name in ("norm_eps", "attention_norm_eps"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < 1:
+                _fail(name, value, "must be a number in (0, 1)")
+        for name, choices in (("feed_forward", FEED_FORWARDS), ("temporal_conv", TEMPORAL_CONVS),
+                              ("temporal_attn", TEMPORAL_ATTNS)):
+            if getattr(self, name) not in choices:
+                _fail(name, getattr(self, name), f"must be one of {choices}")
+        if not isinstance(self.flip_sin_to_cos, bool):
+            _fail("flip_sin_to_cos", self.flip_sin_to_cos, "must be a bool")
+        if self.freq_shift >= self.model_channels // 2:
+            _fail("freq_shift", self.freq_shift, f"must be smaller than model_channels // 2 ({self.model_channels // 2})")
         if self.norm_scope not in NORM_SCOPES:
             _fail("norm_scope", self.norm_scope, f"must be one of {NORM_SCOPES}")
         if self.temporal_pos_embed not in POS_EMBEDS:
@@ -170,6 +258,41 @@ class STUNetConfig:
                       f"must be smaller than window_frames ({self.window_frames})")
         elif self.window_overlap:
             _fail("window_overlap", self.window_overlap, "needs window_frames > 0")
+
+    def _validate_layout(self) -> None:
+        for name in ("temporal_after_res", "temporal_after_attn"):
+            value = getattr(self, name)
+            if value and (len(value) != self.num_levels or any(slot not in SLOTS for slot in value)):
+                _fail(name, value, f"must be empty or hold one of {SLOTS} per level ({self.num_levels})")
+        mid = self.mid_modules
+        if any(m not in MID_MODULES for m in mid) or mid[0] != "res":
+            _fail("mid_block", mid, f"must be empty or start with 'res' and hold only {MID_MODULES}")
+        if self.mid_block and mid.count("temporal_attn") != self.temporal_attn_depth:
+            _fail("temporal_attn_depth", self.temporal_attn_depth,
+                  f"must equal the number of 'temporal_attn' in mid_block {mid}")
+        if self.temporal_in_heads and (self.temporal_attn != "transformer" or not self.temporal_attn_head_dim):
+            _fail("temporal_in_heads", self.temporal_in_heads,
+                  "needs temporal_attn='transformer' and temporal_attn_head_dim > 0 (its heads' width)")
+        for level, ch in enumerate(self.level_channels):
+            slots = [self.res_slots[level]]
+            if level in self.attention_levels:
+                slots.append(self.attn_slots[level])
+            if level == self.num_levels - 1 and "temporal_attn" in mid:
+                slots.append("attn")
+            if "attn" in slots:
+                per_head = self.temporal_attn_head_dim or ch // self.temporal_attn_heads
+                if per_head < 1 or ch % per_head or ch % self.temporal_heads(ch):
+                    name = "temporal_attn_head_dim" if self.temporal_attn_head_dim else "temporal_attn_heads"
+                    _fail(name, getattr(self, name),
+                          f"must divide the width {ch} of level {level}, which has temporal attention")
+
+    def spatial_heads(self, width: int) -> int:
+        """Heads of a spatial attention of ``width`` channels."""
+        return self.attention_heads or width // self.attention_head_dim
+
+    def temporal_heads(self, width: int) -> int:
+        """Heads of a temporal attention of ``width`` channels."""
+        return width // self.temporal_attn_head_dim if self.temporal_attn_head_dim else self.temporal_attn_heads
 
     # -- derived geometry ---------------------------------------------------------------------------------------
     @property

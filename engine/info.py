@@ -97,11 +97,11 @@ def analyse(config: STUNetConfig, name: str = "custom", *, batch: int = 1, frame
             kinds.setdefault(level, Counter())[type(row.block).__name__] += 1
     levels = []
     last = config.num_levels - 1
+    labels = {"ConvInflationBlock": "conv-inflation blocks", "TemporalConvStack": "temporal conv stacks",
+              "TemporalAttentionBlock": "temporal-attention blocks", "TemporalTransformer": "temporal transformers"}
     for i, (t, h, w, c) in enumerate(shapes):
-        if i == last and config.temporal_attn_depth:
-            temporal_desc = f"{config.temporal_attn_depth} temporal-attention blocks (mid)"
-        else:
-            temporal_desc = f"{kinds.get(i, Counter())['ConvInflationBlock']} conv-inflation blocks"
+        counts = kinds.get(i, Counter())
+        temporal_desc = ", ".join(f"{counts[k]} {label}" for k, label in labels.items() if counts[k]) or "none"
         if i < last:
             temporal_desc += ", T/2 below" if config.temporal_downsample[i] else ", T kept below"
         levels.append({"level": i, "T": t, "H": h, "W": w, "C": c,

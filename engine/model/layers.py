@@ -68,12 +68,16 @@ def from_clips(x: torch.Tensor) -> torch.Tensor:
     return x.transpose(1, 2).reshape(b * t, c, h, w)
 
 
-def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
-    """Sinusoidal embedding of (possibly fractional) timesteps ``t`` (N,) -> (N, dim), in fp32."""
+def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0, *, flip_sin_to_cos: bool = True,
+                       freq_shift: int = 0) -> torch.Tensor:
+    """Sinusoidal embedding of (possibly fractional) timesteps ``t`` (N,) -> (N, dim), in fp32: cos then sin
+    (``flip_sin_to_cos``) or sin then cos, of frequencies ``exp(-log(max_period) * i / (dim // 2 - freq_shift))``."""
     half = dim // 2
-    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device)
+                      / (half - freq_shift))
     args = t.float()[:, None] * freqs[None]
-    emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+    parts = [torch.cos(args), torch.sin(args)]
+    emb = torch.cat(parts if flip_sin_to_cos else parts[::-1], dim=-1)
     if dim % 2:
         emb = F.pad(emb, (0, 1))
     return emb
@@ -133,6 +137,22 @@ class LayerNorm32(nn.LayerNorm):
                             self.eps).to(x.dtype)
 
 
+def feed_forward(x: torch.Tensor, mlp_in: nn.Linear, mlp_out: nn.Linear, kind: str) -> torch.Tensor:
+    """The attention blocks' MLP: ``mlp_out(gelu(mlp_in(x)))``, or with "geglu" ``mlp_out(a * gelu(g))`` where
+    ``a, g = mlp_in(x).chunk(2)`` (``mlp_in`` is then twice as wide)."""
+    h = mlp_in(x)
+    if kind == "geglu":
+        value, gate = h.chunk(2, dim=-1)
+        return mlp_out(value * F.gelu(gate))
+    return mlp_out(F.gelu(h))
+
+
+def feed_forward_layers(dim: int, ratio: int, kind: str) -> tuple[nn.Linear, nn.Linear]:
+    """(mlp_in, mlp_out) of a :func:`feed_forward` of hidden width ``ratio * dim``."""
+    hidden = ratio * dim
+    return nn.Linear(dim, 2 * hidden if kind == "geglu" else hidden), nn.Linear(hidden, dim)
+
+
 def attention_flops(n: int, q_len: int, kv_len: int, dim: int) -> int:
     """QK^T and PV of ``n`` independent attentions (heads folded into ``dim``)."""
     return 2 * 2 * n * q_len * kv_len * dim
@@ -141,12 +161,12 @@ def attention_flops(n: int, q_len: int, kv_len: int, dim: int) -> int:
 class ResBlock(Block):
     """Spatial ResBlock: GN-SiLU-conv3x3, + timestep embedding (broadcast over frames), GN-SiLU-conv3x3, skip."""
 
-    def __init__(self, in_ch: int, out_ch: int, emb_dim: int, groups: int, scope: str):
+    def __init__(self, in_ch: int, out_ch: int, emb_dim: int, groups: int, scope: str, eps: float = 1e-5):
         super().__init__()
-        self.norm1 = VideoGroupNorm(groups, in_ch, scope)
+        self.norm1 = VideoGroupNorm(groups, in_ch, scope, eps)
         self.conv1 = nn.Conv2d(in_ch, out_ch, 3, padding=1)
         self.emb_proj = nn.Linear(emb_dim, out_ch)
-        self.norm2 = VideoGroupNorm(groups, out_ch, scope)
+        self.norm2 = VideoGroupNorm(groups, out_ch, scope, eps)
         self.conv2 = nn.Conv2d(out_ch, out_ch, 3, padding=1)
         self.skip = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else nn.Identity()
 
@@ -176,13 +196,15 @@ class SpatialAttention(Block):
 
     GN -> proj_in -> [LN -> self-attn] -> [LN -> cross-attn(text)] -> [LN -> MLP] -> proj_out, residual.
     Cross-attention keys and values come from the (B, L) text once per clip; the T*H*W queries of a clip
-    attend to them in one call (frames folded into the query length, not the batch).
+    attend to them in one call (frames folded into the query length, not the batch). This is the Stable
+    Diffusion family's Transformer2DModel with one BasicTransformerBlock (``ff="geglu"``, ``eps=1e-6``).
     """
 
-    def __init__(self, ch: int, head_dim: int, text_dim: int, groups: int, scope: str, mlp_ratio: int = 4):
+    def __init__(self, ch: int, heads: int, text_dim: int, groups: int, scope: str, mlp_ratio: int = 4,
+                 ff: str = "gelu", eps: float = 1e-5):
         super().__init__()
-        self.heads = ch // head_dim
-        self.norm = VideoGroupNorm(groups, ch, scope)
+        self.heads, self.ff = heads, ff
+        self.norm = VideoGroupNorm(groups, ch, scope, eps)
         self.proj_in = nn.Linear(ch, ch)
         self.norm1 = LayerNorm32(ch)
         self.qkv = nn.Linear(ch, 3 * ch, bias=False)
@@ -192,8 +214,7 @@ class SpatialAttention(Block):
         self.cross_kv = nn.Linear(text_dim, 2 * ch, bias=False)
         self.cross_out = nn.Linear(ch, ch)
         self.norm3 = LayerNorm32(ch)
-        self.mlp_in = nn.Linear(ch, mlp_ratio * ch)
-        self.mlp_out = nn.Linear(mlp_ratio * ch, ch)
+        self.mlp_in, self.mlp_out = feed_forward_layers(ch, mlp_ratio, ff)
         self.proj_out = nn.Linear(ch, ch)
 
     def _split(self, t: torch.Tensor) -> torch.Tensor:  # (N, S, C) -> (N, heads, S, C/heads)
@@ -221,7 +242,7 @@ class SpatialAttention(Block):
         a = F.scaled_dot_product_attention(self._split(q), self._split(k), self._split(v), attn_mask=mask)
         h = h + self.cross_out(self._merge(a)).reshape(bt, hh * ww, c)
 
-        h = h + self.mlp_out(F.gelu(self.mlp_in(self.norm3(h))))
+        h = h + feed_forward(self.norm3(h), self.mlp_in, self.mlp_out, self.ff)
         h = self.proj_out(h)
         return x + h.transpose(1, 2).reshape(bt, c, hh, ww)
 
@@ -293,9 +314,9 @@ class Upsample(Block):
 class OutHead(Block):
     """GN -> SiLU -> conv3x3 to the output channels."""
 
-    def __init__(self, ch: int, out_ch: int, groups: int, scope: str):
+    def __init__(self, ch: int, out_ch: int, groups: int, scope: str, eps: float = 1e-5):
         super().__init__()
-        self.norm = VideoGroupNorm(groups, ch, scope)
+        self.norm = VideoGroupNorm(groups, ch, scope, eps)
         self.conv = nn.Conv2d(ch, out_ch, 3, padding=1)
 
     def out_channels(self, in_channels: int) -> int:

@@ -6,6 +6,11 @@ text-to-image U-Net computes on every frame of a static video.
 
 - :class:`ConvInflationBlock` ``y = x + proj(act(norm(conv1d_t(act(norm(conv2d_3x3(x)))))))``, proj zero-init.
 - :class:`TemporalAttentionBlock` pre-norm self-attention over T at every (b, h, w) + MLP, outputs zero-init.
+- :class:`TemporalConvStack` ModelScope's temporal conv: ``y = x + 4 x (GN-SiLU-Conv1d_t)(x)``, the last conv
+  zero-init.
+- :class:`TemporalTransformer` the diffusers video U-Nets' temporal transformer (ModelScope's
+  ``TransformerTemporalModel``, AnimateDiff's motion module): GN, proj_in, two self-attentions over T and a
+  feed-forward, proj_out zero-init, plus the input.
 - :class:`TemporalDown` Conv1d over time, k=3, pad 1, stride 2, identity-init: picks the even frames.
 - :class:`TemporalUp` frame duplication then Conv1d k=3 identity-init: nearest-neighbour upsampling.
 """
@@ -19,8 +24,8 @@ from torch import nn
 
 from .. import kernels
 from ..kernels import temporal_attention_ref, temporal_up_conv_ref
-from .layers import (Block, Cond, LayerNorm32, Shape, VideoGroupNorm, attention_flops, conv2d_flops, from_clips,
-                     linear_flops, to_clips)
+from .layers import (Block, Cond, LayerNorm32, Shape, VideoGroupNorm, attention_flops, conv2d_flops, feed_forward,
+                     feed_forward_layers, from_clips, linear_flops, to_clips)
 
 
 class TemporalModule(Block):
@@ -92,6 +97,28 @@ def sinusoidal_positions(length: int, dim: int, device=None) -> torch.Tensor:
     return pe
 
 
+def to_tokens(x: torch.Tensor, batch: int) -> torch.Tensor:
+    """Folded (B*T, C, H, W) -> tokens (B, T, H*W, C): a view of a channels-last trunk."""
+    bt, c, h, w = x.shape
+    return x.permute(0, 2, 3, 1).reshape(batch, bt // batch, h * w, c)
+
+
+def from_tokens(tokens: torch.Tensor, like: torch.Tensor, cond: Cond) -> torch.Tensor:
+    """Tokens (B, T, H*W, C') -> folded (B*T, C', H, W) shaped like ``like``, in the policy's memory format."""
+    bt, _, h, w = like.shape
+    return tokens.reshape(bt, h, w, -1).permute(0, 3, 1, 2).contiguous(memory_format=cond.policy.memory_format)
+
+
+def attend_over_time(y: torch.Tensor, qkv: nn.Linear, out: nn.Linear, heads: int, pos_embed: str,
+                     cond: Cond) -> torch.Tensor:
+    """``out(attention over T(qkv(y + positions)))`` of normed tokens ``y`` (B, T, S, C): the op
+    ``stunet.kernels.temporal_attention`` (its ``temporal_attention_ref`` is the math) on the packed q|k|v."""
+    if pos_embed == "sinusoidal":
+        y = y + sinusoidal_positions(y.shape[1], y.shape[3], device=y.device).to(y.dtype)[None, :, None, :]
+    attend = kernels.temporal_attention if cond.policy.kernels else temporal_attention_ref
+    return out(attend(qkv(y), heads))
+
+
 class TemporalAttentionBlock(TemporalModule):
     """Self-attention over the T frames at every (b, h, w), then an MLP; pre-norm, residual.
 
@@ -102,31 +129,24 @@ class TemporalAttentionBlock(TemporalModule):
     identity.
     """
 
-    def __init__(self, ch: int, heads: int, pos_embed: str = "sinusoidal", mlp_ratio: int = 4):
+    def __init__(self, ch: int, heads: int, pos_embed: str = "sinusoidal", mlp_ratio: int = 4, ff: str = "gelu"):
         super().__init__()
-        self.heads, self.pos_embed = heads, pos_embed
+        self.heads, self.pos_embed, self.ff = heads, pos_embed, ff
         self.norm1 = LayerNorm32(ch)
         self.qkv = nn.Linear(ch, 3 * ch, bias=False)  # packed q|k|v, what the fused kernel reads
         self.attn_out = nn.Linear(ch, ch)
         self.norm2 = LayerNorm32(ch)
-        self.mlp_in = nn.Linear(ch, mlp_ratio * ch)
-        self.mlp_out = nn.Linear(mlp_ratio * ch, ch)
+        self.mlp_in, self.mlp_out = feed_forward_layers(ch, mlp_ratio, ff)
         for layer in (self.attn_out, self.mlp_out):
             nn.init.zeros_(layer.weight)
             nn.init.zeros_(layer.bias)
 
     def forward(self, x: torch.Tensor, cond: Cond) -> torch.Tensor:
-        B = cond.batch
-        bt, c, h, w = x.shape
-        T = bt // B
-        tokens = x.permute(0, 2, 3, 1).reshape(B, T, h * w, c)  # (B, T, S, C): a view of a channels-last trunk
-        y = self.norm1(tokens)
-        if self.pos_embed == "sinusoidal":
-            y = y + sinusoidal_positions(T, c, device=x.device).to(y.dtype)[None, :, None, :]
-        attend = kernels.temporal_attention if cond.policy.kernels else temporal_attention_ref
-        tokens = tokens + self.attn_out(attend(self.qkv(y), self.heads))  # (B, T, S, C)
-        tokens = tokens + self.mlp_out(F.gelu(self.mlp_in(self.norm2(tokens))))
-        return tokens.reshape(bt, h, w, c).permute(0, 3, 1, 2).contiguous(memory_format=cond.policy.memory_format)
+        tokens = to_tokens(x, cond.batch)
+        tokens = tokens + attend_over_time(self.norm1(tokens), self.qkv, self.attn_out, self.heads,
+                                           self.pos_embed, cond)
+        tokens = tokens + feed_forward(self.norm2(tokens), self.mlp_in, self.mlp_out, self.ff)
+        return from_tokens(tokens, x, cond)
 
     def flops(self, shape: Shape, text_len: int) -> int:
         B, T, H, W = shape
@@ -173,3 +193,69 @@ class TemporalUp(TemporalModule):
 
     def flops(self, shape: Shape, text_len: int) -> int:
         return self.conv.flops(self.out_shape(shape))
+
+
+class TemporalConvStack(TemporalModule):
+    """ModelScope's temporal conv (diffusers' ``TemporalConvLayer``): ``x + conv4(...conv1(x))`` where each
+    ``conv_i`` is GroupNorm (over the whole clip), SiLU, Conv1d over time (k=3, pad 1). ``convs[3]`` is
+    zero-initialised, so a fresh stack is the identity."""
+
+    def __init__(self, ch: int, groups: int, eps: float = 1e-5, layers: int = 4):
+        super().__init__()
+        self.norms = nn.ModuleList([VideoGroupNorm(groups, ch, "clip", eps) for _ in range(layers)])
+        self.convs = nn.ModuleList([TemporalConv(ch, ch, kernel=3) for _ in range(layers)])
+        nn.init.zeros_(self.convs[-1].weight)
+        nn.init.zeros_(self.convs[-1].bias)
+
+    def forward(self, x: torch.Tensor, cond: Cond) -> torch.Tensor:
+        h = x
+        for norm, conv in zip(self.norms, self.convs):
+            h = conv(norm(h, cond, silu=True), cond.batch)
+        return x + h
+
+    def flops(self, shape: Shape, text_len: int) -> int:
+        return sum(conv.flops(shape) for conv in self.convs)
+
+
+class TemporalTransformer(TemporalModule):
+    """The diffusers video U-Nets' temporal transformer (ModelScope's ``TransformerTemporalModel``, AnimateDiff's
+    motion module), one transformer block deep:
+
+    GN (over the whole clip) -> proj_in (C -> inner) -> [LN -> self-attn over T] x 2 -> [LN -> feed-forward]
+    -> proj_out (inner -> C), plus the input. The positional encoding, if any, is added to the normed input of
+    both attentions. Attention runs on the packed q|k|v as in :class:`TemporalAttentionBlock`. ``proj_out`` is
+    zero-initialised, so a fresh module is the identity.
+    """
+
+    def __init__(self, ch: int, heads: int, head_dim: int, groups: int, *, pos_embed: str = "none",
+                 ff: str = "geglu", mlp_ratio: int = 4, eps: float = 1e-6):
+        super().__init__()
+        inner = heads * head_dim
+        self.heads, self.pos_embed, self.ff = heads, pos_embed, ff
+        self.norm = VideoGroupNorm(groups, ch, "clip", eps)
+        self.proj_in = nn.Linear(ch, inner)
+        self.norm1 = LayerNorm32(inner)
+        self.qkv1 = nn.Linear(inner, 3 * inner, bias=False)
+        self.attn_out1 = nn.Linear(inner, inner)
+        self.norm2 = LayerNorm32(inner)
+        self.qkv2 = nn.Linear(inner, 3 * inner, bias=False)
+        self.attn_out2 = nn.Linear(inner, inner)
+        self.norm3 = LayerNorm32(inner)
+        self.mlp_in, self.mlp_out = feed_forward_layers(inner, mlp_ratio, ff)
+        self.proj_out = nn.Linear(inner, ch)
+        nn.init.zeros_(self.proj_out.weight)
+        nn.init.zeros_(self.proj_out.bias)
+
+    def forward(self, x: torch.Tensor, cond: Cond) -> torch.Tensor:
+        h = self.proj_in(to_tokens(self.norm(x, cond), cond.batch))  # (B, T, S, inner)
+        h = h + attend_over_time(self.norm1(h), self.qkv1, self.attn_out1, self.heads, self.pos_embed, cond)
+        h = h + attend_over_time(self.norm2(h), self.qkv2, self.attn_out2, self.heads, self.pos_embed, cond)
+        h = h + feed_forward(self.norm3(h), self.mlp_in, self.mlp_out, self.ff)
+        return x + from_tokens(self.proj_out(h), x, cond)
+
+    def flops(self, shape: Shape, text_len: int) -> int:
+        B, T, H, W = shape
+        tokens, inner = B * T * H * W, self.proj_in.out_features
+        total = sum(linear_flops(m, tokens) for m in (self.proj_in, self.qkv1, self.attn_out1, self.qkv2,
+                                                        self.attn_out2, self.mlp_in, self.mlp_out, self.proj_out))
+        return total + 2 * attention_flops(B * H * W, T, T, inner)

@@ -3,18 +3,25 @@
 This eager PyTorch module is the source of truth every other backend is checked against. Structure (levels
 numbered from 0 at full resolution; see ``STUNetConfig``):
 
-- encoder stage 0: conv_in; then for each level ``num_res_blocks`` stages of ResBlock [+ SpatialAttention],
+- encoder stage 0: conv_in [+ a temporal transformer (``temporal_in_heads``)]; then for each level ``num_res_blocks`` stages of ResBlock [+ SpatialAttention],
   each spatial block followed by its temporal module; between levels a stage Downsample [+ TemporalDown].
   The skip is saved after every stage, so the skip of a downsample stage is saved after TemporalDown.
-- mid: ResBlock, SpatialAttention, ``temporal_attn_depth`` TemporalAttentionBlocks, ResBlock.
+- mid: ``config.mid_modules`` in order (Lumiere's: ResBlock, SpatialAttention, ``temporal_attn_depth``
+  temporal attentions, ResBlock).
 - decoder: per level ``num_res_blocks + 1`` stages, each consuming one skip (channel concat) through a
   ResBlock [+ SpatialAttention] with their temporal modules; then Upsample [+ TemporalUp].
 - out: GN, SiLU, conv3x3.
 
-The temporal module after a spatial block is a ConvInflationBlock at every level but the coarsest. When
-temporal attention is enabled (``temporal_attn_depth > 0``), the coarsest level has no temporal convs: its
-temporal modelling is the temporal-attention stack of the mid block. With ``temporal_attn_depth == 0`` (SSR:
-"temporal convs only") the coarsest level and the mid block get ConvInflationBlocks too.
+The temporal module after each ResBlock and each SpatialAttention of a level is the config's
+(``res_slots`` / ``attn_slots``: a temporal conv, a temporal attention, or none), in the config's forms
+(``temporal_conv``: ConvInflationBlock or TemporalConvStack; ``temporal_attn``: TemporalAttentionBlock or
+TemporalTransformer). Lumiere's layout, the default: a ConvInflationBlock at every level but the coarsest;
+when temporal attention is enabled (``temporal_attn_depth > 0``), the coarsest level has no temporal convs:
+its temporal modelling is the temporal-attention stack of the mid block. With ``temporal_attn_depth == 0``
+(SSR: "temporal convs only") the coarsest level and the mid block get ConvInflationBlocks too. The layouts
+of ModelScope (a TemporalConvStack after each ResBlock, a TemporalTransformer after each attention and after
+conv_in) and AnimateDiff (a TemporalTransformer after each level's last spatial block) are configs too:
+``stunet.convert`` builds them from diffusers models.
 """
 from __future__ import annotations
 
@@ -30,7 +37,8 @@ from ..config import STUNetConfig
 from .layers import (Block, Cond, ConvIn, Downsample, OutHead, ResBlock, Shape, SpatialAttention, Upsample,
                      linear_flops, timestep_embedding, to_clips)
 from .policy import REFERENCE, ExecutionPolicy
-from .temporal import ConvInflationBlock, TemporalAttentionBlock, TemporalDown, TemporalModule, TemporalUp
+from .temporal import (ConvInflationBlock, TemporalAttentionBlock, TemporalConvStack, TemporalDown, TemporalModule,
+                       TemporalTransformer, TemporalUp)
 
 Stage = nn.ModuleList
 
@@ -82,24 +90,40 @@ class STUNet(nn.Module):
         self.text_pool = nn.Linear(cfg.text_dim, E) if cfg.text_pool else None
 
         def res(cin: int, cout: int) -> ResBlock:
-            return ResBlock(cin, cout, E, groups, scope)
+            return ResBlock(cin, cout, E, groups, scope, cfg.norm_eps)
 
         def attn(ch: int) -> SpatialAttention:
-            return SpatialAttention(ch, cfg.attention_head_dim, cfg.text_dim, groups, scope)
+            return SpatialAttention(ch, cfg.spatial_heads(ch), cfg.text_dim, groups, scope, ff=cfg.feed_forward,
+                                    eps=cfg.attention_norm_eps)
 
-        def temporal_after(level: int, ch: int) -> list[Block]:
-            if level == last and cfg.temporal_attn_depth > 0:
-                return []
-            return [ConvInflationBlock(ch, groups, scope)]
+        def temporal(kind: str, ch: int) -> list[Block]:
+            if kind == "conv":
+                if cfg.temporal_conv == "stack":
+                    return [TemporalConvStack(ch, groups)]
+                return [ConvInflationBlock(ch, groups, scope)]
+            if kind == "attn":
+                heads = cfg.temporal_heads(ch)
+                if cfg.temporal_attn == "transformer":
+                    return [TemporalTransformer(ch, heads, ch // heads, groups, pos_embed=cfg.temporal_pos_embed,
+                                                ff=cfg.feed_forward, mlp_ratio=cfg.temporal_mlp_ratio,
+                                                eps=cfg.attention_norm_eps)]
+                return [TemporalAttentionBlock(ch, heads, cfg.temporal_pos_embed, cfg.temporal_mlp_ratio,
+                                               cfg.feed_forward)]
+            return []
 
         def spatial_stage(level: int, cin: int, cout: int) -> list[Block]:
-            blocks: list[Block] = [res(cin, cout), *temporal_after(level, cout)]
+            blocks: list[Block] = [res(cin, cout), *temporal(cfg.res_slots[level], cout)]
             if level in cfg.attention_levels:
-                blocks += [attn(cout), *temporal_after(level, cout)]
+                blocks += [attn(cout), *temporal(cfg.attn_slots[level], cout)]
             return blocks
 
         ch = cfg.model_channels
-        self.encoder = nn.ModuleList([Stage([ConvIn(cfg.in_channels, ch)])])
+        first: list[Block] = [ConvIn(cfg.in_channels, ch)]
+        if cfg.temporal_in_heads:
+            first.append(TemporalTransformer(ch, cfg.temporal_in_heads, cfg.temporal_attn_head_dim, groups,
+                                             pos_embed=cfg.temporal_pos_embed, ff=cfg.feed_forward,
+                                             mlp_ratio=cfg.temporal_mlp_ratio, eps=cfg.attention_norm_eps))
+        self.encoder = nn.ModuleList([Stage(first)])
         skip_channels = [ch]
         for level, width in enumerate(cfg.level_channels):
             for _ in range(cfg.num_res_blocks):
@@ -113,13 +137,9 @@ class STUNet(nn.Module):
                 self.encoder.append(Stage(down))
                 skip_channels.append(ch)
 
-        if cfg.temporal_attn_depth > 0:
-            mid_temporal: list[Block] = [
-                TemporalAttentionBlock(ch, cfg.temporal_attn_heads, cfg.temporal_pos_embed, cfg.temporal_mlp_ratio)
-                for _ in range(cfg.temporal_attn_depth)]
-        else:
-            mid_temporal = [ConvInflationBlock(ch, groups, scope)]
-        self.mid = Stage([res(ch, ch), attn(ch), *mid_temporal, res(ch, ch)])
+        mid_blocks = {"res": lambda: [res(ch, ch)], "attn": lambda: [attn(ch)],
+                      "temporal_conv": lambda: temporal("conv", ch), "temporal_attn": lambda: temporal("attn", ch)}
+        self.mid = Stage([block for kind in cfg.mid_modules for block in mid_blocks[kind]()])
 
         self.decoder = nn.ModuleList()
         for level in reversed(range(cfg.num_levels)):
@@ -133,7 +153,7 @@ class STUNet(nn.Module):
                         blocks.append(TemporalUp(ch))
                 self.decoder.append(Stage(blocks))
         assert not skip_channels, "every skip is consumed exactly once"
-        self.out = OutHead(ch, cfg.out_channels, groups, scope)
+        self.out = OutHead(ch, cfg.out_channels, groups, scope, cfg.norm_eps)
 
     # -- properties ----------------------------------------------------------------------------------------------
     @property
@@ -193,6 +213,11 @@ class STUNet(nn.Module):
             self, x, timesteps, text_embeds, text_mask, noise_level, check_finite, temporal=policy.temporal)
         return self.forward_checked(x, t, text_embeds, text_mask, noise_level, policy)
 
+    def _embed_timestep(self, t: torch.Tensor) -> torch.Tensor:
+        cfg = self.config
+        return timestep_embedding(t, cfg.model_channels, flip_sin_to_cos=cfg.flip_sin_to_cos,
+                                  freq_shift=cfg.freq_shift)
+
     def forward_checked(self, x: torch.Tensor, t: torch.Tensor, text_embeds: torch.Tensor,
                         text_mask: torch.Tensor | None, noise_level: torch.Tensor | None,
                         policy: ExecutionPolicy = REFERENCE) -> torch.Tensor:
@@ -201,9 +226,9 @@ class STUNet(nn.Module):
         B, C, T, H, W = x.shape
         cfg = self.config
 
-        emb = self.time_embed(timestep_embedding(t, cfg.model_channels).to(x.dtype))
+        emb = self.time_embed(self._embed_timestep(t).to(x.dtype))
         if self.noise_aug_embed is not None:
-            emb = emb + self.noise_aug_embed(timestep_embedding(noise_level, cfg.model_channels).to(x.dtype))
+            emb = emb + self.noise_aug_embed(self._embed_timestep(noise_level).to(x.dtype))
         if self.text_pool is not None:
             emb = emb + self.text_pool(pooled_text(text_embeds, text_mask))
         cond = Cond(batch=B, emb=emb, text=text_embeds, text_mask=text_mask, policy=policy)
@@ -267,7 +292,7 @@ class STUNet(nn.Module):
         for r in self.trace(batch, frames, height, width):
             if r.is_skip:
                 skips += r.out_elements
-            factor = 12 if isinstance(r.block, (SpatialAttention, TemporalAttentionBlock)) else 6
+            factor = 12 if isinstance(r.block, (SpatialAttention, TemporalAttentionBlock, TemporalTransformer)) else 6
             peak = max(peak, factor * r.in_elements)
         return (skips + peak) * bytes_per_element
 

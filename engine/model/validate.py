@@ -68,6 +68,10 @@ def check_forward_inputs(model: "STUNet", x, timesteps, text_embeds, text_mask, 
         raise ValueError(f"x has T={T} frames, but the model halves time {cfg.num_temporal_downsamples} times, "
                          f"so T must be a multiple of {cfg.frame_divisor}; use e.g. T={lo} or "
                          f"{lo + cfg.frame_divisor}")
+    if temporal and cfg.temporal_max_frames and T > cfg.temporal_max_frames:
+        raise ValueError(f"x has T={T} frames, but the model's temporal positional encoding was trained for at "
+                         f"most temporal_max_frames={cfg.temporal_max_frames}; generate at most "
+                         f"{cfg.temporal_max_frames} frames (or longer videos in overlapping windows)")
     for name, size in (("H", H), ("W", W)):
         if size % cfg.spatial_divisor:
             raise ValueError(f"x has {name}={size}, but the model halves space {cfg.num_levels - 1} times, so "
