@@ -224,7 +224,8 @@ class STUNetConfig:
         if not isinstance(self.flip_sin_to_cos, bool):
             _fail("flip_sin_to_cos", self.flip_sin_to_cos, "must be a bool")
         if self.freq_shift >= self.model_channels // 2:
-            _fail("freq_shift", self.freq_shift, f"must be smaller than model_channels // 2 ({self.model_channels // 2})")
+            _fail("freq_shift", self.freq_shift,
+                  f"must be smaller than model_channels // 2 ({self.model_channels // 2})")
         if self.norm_scope not in NORM_SCOPES:
             _fail("norm_scope", self.norm_scope, f"must be one of {NORM_SCOPES}")
         if self.temporal_pos_embed not in POS_EMBEDS:
