@@ -181,14 +181,19 @@ PYBIND11_MODULE(_C, m) {
     py::class_<Scheduler>(m, "Scheduler")
         .def(py::init([](const std::string& sampler, const std::string& schedule, const std::string& prediction,
                          const std::string& spacing, int num_train_timesteps, double eta, bool clip_sample,
-                         double clip_range) {
+                         double clip_range, std::optional<double> beta_start, std::optional<double> beta_end,
+                         int64_t steps_offset, bool set_alpha_to_one) {
                  return Scheduler(parse_sampler(sampler), parse_schedule(schedule), parse_prediction(prediction),
-                                  parse_spacing(spacing), num_train_timesteps, eta, clip_sample, clip_range);
+                                  parse_spacing(spacing), num_train_timesteps, eta, clip_sample, clip_range,
+                                  beta_start.value_or(NAN), beta_end.value_or(NAN), steps_offset, set_alpha_to_one);
              }),
              py::arg("sampler"), py::arg("schedule") = "cosine", py::arg("prediction") = "v",
              py::arg("spacing") = "leading", py::arg("num_train_timesteps") = 1000, py::arg("eta") = 0.0,
-             py::arg("clip_sample") = false, py::arg("clip_range") = 1.0)
-        .def("set_timesteps", &Scheduler::set_timesteps, py::arg("num_inference_steps"))
+             py::arg("clip_sample") = false, py::arg("clip_range") = 1.0, py::arg("beta_start") = py::none(),
+             py::arg("beta_end") = py::none(), py::arg("steps_offset") = 0, py::arg("set_alpha_to_one") = true)
+        .def("set_timesteps", py::overload_cast<int>(&Scheduler::set_timesteps), py::arg("num_inference_steps"))
+        .def("set_explicit_timesteps", py::overload_cast<const std::vector<int64_t>&>(&Scheduler::set_timesteps),
+             py::arg("timesteps"))
         .def("reset", &Scheduler::reset)
         .def("step_coefs", &Scheduler::step_coefs, py::arg("t"),
              "Coefficients of the step from t to the next timestep; advances the solver history.")
@@ -222,10 +227,18 @@ PYBIND11_MODULE(_C, m) {
               return rows;
           },
           py::arg("num_frames"), py::arg("starts"), py::arg("window"), py::arg("weighting") = "uniform");
-    m.def("make_betas", [](const std::string& s, int n) { return make_betas(parse_schedule(s), n); },
-          py::arg("schedule"), py::arg("num_train_timesteps") = 1000);
-    m.def("make_timesteps", [](int n, int N, const std::string& s) { return make_timesteps(n, N, parse_spacing(s)); },
-          py::arg("num_inference_steps"), py::arg("num_train_timesteps"), py::arg("spacing"));
+    m.def("make_betas",
+          [](const std::string& s, int n, std::optional<double> lo, std::optional<double> hi) {
+              return make_betas(parse_schedule(s), n, lo.value_or(NAN), hi.value_or(NAN));
+          },
+          py::arg("schedule"), py::arg("num_train_timesteps") = 1000, py::arg("beta_start") = py::none(),
+          py::arg("beta_end") = py::none());
+    m.def("make_timesteps",
+          [](int n, int N, const std::string& s, int64_t offset, bool solver_grid) {
+              return make_timesteps(n, N, parse_spacing(s), offset, solver_grid);
+          },
+          py::arg("num_inference_steps"), py::arg("num_train_timesteps"), py::arg("spacing"),
+          py::arg("steps_offset") = 0, py::arg("solver_grid") = false);
 
     m.def("fused_step", &fused_step, py::arg("coefs"), py::arg("batch"), py::arg("cond"), py::arg("uncond"),
           py::arg("guidance_scale"), py::arg("guidance_rescale"), py::arg("x"), py::arg("out"), py::arg("history"),

@@ -13,6 +13,7 @@
 // Layout legend: B batch, C channels, T frames, H x W plane; a "row" is one (b, c), a "plane" is H * W.
 #pragma once
 
+#include <cmath>
 #include <cstdint>
 #include <string>
 #include <vector>
@@ -36,9 +37,14 @@ Weighting parse_weighting(const std::string& name);
 DType parse_dtype(const std::string& name);
 
 // ---- schedule tables (double, as the reference) -----------------------------------------------------------
-std::vector<double> make_betas(Schedule schedule, int num_train_timesteps);
+// beta_start / beta_end: NaN takes the schedule's defaults (linear 1e-4..2e-2, scaled_linear 0.00085..0.012).
+std::vector<double> make_betas(Schedule schedule, int num_train_timesteps, double beta_start = NAN,
+                               double beta_end = NAN);
 std::vector<double> make_alphas_cumprod(const std::vector<double>& betas);
-std::vector<int64_t> make_timesteps(int num_inference_steps, int num_train_timesteps, Spacing spacing);
+// steps_offset is added to "leading" timesteps; solver_grid divides "leading" / "linspace" into n + 1 points
+// and drops the last (diffusers' multistep solvers).
+std::vector<int64_t> make_timesteps(int num_inference_steps, int num_train_timesteps, Spacing spacing,
+                                    int64_t steps_offset = 0, bool solver_grid = false);
 
 // The scalars of one fused step. They are float because the reference multiplies fp32 tensors by Python
 // floats, which torch casts to fp32 first; what each one multiplies depends on `kind` (see step_math.h).
@@ -62,9 +68,12 @@ struct StepCoefs {
 class Scheduler {
 public:
     Scheduler(SamplerKind kind, Schedule schedule, Prediction prediction, Spacing spacing,
-              int num_train_timesteps = 1000, double eta = 0.0, bool clip_sample = false, double clip_range = 1.0);
+              int num_train_timesteps = 1000, double eta = 0.0, bool clip_sample = false, double clip_range = 1.0,
+              double beta_start = NAN, double beta_end = NAN, int64_t steps_offset = 0,
+              bool set_alpha_to_one = true);
 
     void set_timesteps(int num_inference_steps);  // also resets the solver history
+    void set_timesteps(const std::vector<int64_t>& timesteps);  // explicit, strictly descending
     void reset();
     // Coefficients of the step from timestep t (one of timesteps()) to the next one; advances the history.
     StepCoefs step_coefs(int64_t t);
@@ -85,6 +94,8 @@ private:
     int num_train_timesteps_;
     double eta_, clip_range_;
     bool clip_;
+    int64_t steps_offset_ = 0;
+    double final_abar_ = 1.0;  // DDIM's abar after the last step
     std::vector<double> betas_, abar_;
     std::vector<int64_t> timesteps_;
     bool has_history_ = false;

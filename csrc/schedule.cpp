@@ -74,13 +74,20 @@ DType parse_dtype(const std::string& name) {
     bad_name("dtype", name, "('float32', 'float16', 'bfloat16')");
 }
 
-std::vector<double> make_betas(Schedule schedule, int n) {
+std::vector<double> make_betas(Schedule schedule, int n, double beta_start, double beta_end) {
     if (n < 2) throw std::invalid_argument("num_train_timesteps must be >= 2, got " + std::to_string(n));
+    const bool ranged = schedule == Schedule::Linear || schedule == Schedule::ScaledLinear;
+    if (!ranged && !(std::isnan(beta_start) && std::isnan(beta_end)))
+        throw std::invalid_argument("the cosine schedule takes no beta_start / beta_end");
+    const double lo = std::isnan(beta_start) ? (schedule == Schedule::Linear ? 1e-4 : 0.00085) : beta_start;
+    const double hi = std::isnan(beta_end) ? (schedule == Schedule::Linear ? 2e-2 : 0.012) : beta_end;
+    if (ranged && !(0 < lo && lo <= hi && hi < 1))
+        throw std::invalid_argument("beta_start and beta_end must satisfy 0 < beta_start <= beta_end < 1");
     switch (schedule) {
         case Schedule::Linear:
-            return linspace(1e-4, 2e-2, n);
+            return linspace(lo, hi, n);
         case Schedule::ScaledLinear: {
-            std::vector<double> b = linspace(std::sqrt(0.00085), std::sqrt(0.012), n);
+            std::vector<double> b = linspace(std::sqrt(lo), std::sqrt(hi), n);
             for (double& v : b) v = v * v;
             return b;
         }
@@ -103,22 +110,24 @@ std::vector<double> make_alphas_cumprod(const std::vector<double>& betas) {
     return out;
 }
 
-std::vector<int64_t> make_timesteps(int n, int N, Spacing spacing) {
+std::vector<int64_t> make_timesteps(int n, int N, Spacing spacing, int64_t steps_offset, bool solver_grid) {
     if (n < 1 || n > N)
         throw std::invalid_argument("num_inference_steps must be in [1, " + std::to_string(N) + "], got " +
                                     std::to_string(n));
+    const int points = solver_grid ? n + 1 : n;
+    const std::vector<double> grid = linspace(0.0, N - 1.0, points);
     std::vector<int64_t> ts(static_cast<size_t>(n));
     for (int i = 0; i < n; ++i) {
-        const int j = n - 1 - i;  // descending
+        const int j = points - 1 - i;  // descending
         switch (spacing) {
             case Spacing::Leading:
-                ts[i] = static_cast<int64_t>(j) * (N / n);
+                ts[i] = static_cast<int64_t>(j) * (N / points) + steps_offset;
                 break;
             case Spacing::Trailing:  // round(N - i N / n) - 1, already descending in i
                 ts[i] = static_cast<int64_t>(std::nearbyint(N - static_cast<double>(i) * N / n)) - 1;
                 break;
             case Spacing::Linspace:
-                ts[i] = static_cast<int64_t>(std::nearbyint(linspace(0.0, N - 1.0, n)[j]));
+                ts[i] = static_cast<int64_t>(std::nearbyint(grid[j]));
                 break;
         }
     }
@@ -126,20 +135,40 @@ std::vector<int64_t> make_timesteps(int n, int N, Spacing spacing) {
 }
 
 Scheduler::Scheduler(SamplerKind kind, Schedule schedule, Prediction prediction, Spacing spacing,
-                     int num_train_timesteps, double eta, bool clip_sample, double clip_range)
+                     int num_train_timesteps, double eta, bool clip_sample, double clip_range, double beta_start,
+                     double beta_end, int64_t steps_offset, bool set_alpha_to_one)
     : kind_(kind), prediction_(prediction), spacing_(spacing), num_train_timesteps_(num_train_timesteps),
-      eta_(eta), clip_range_(clip_range), clip_(clip_sample) {
+      eta_(eta), clip_range_(clip_range), clip_(clip_sample), steps_offset_(steps_offset) {
+    if (steps_offset < 0)
+        throw std::invalid_argument("steps_offset must be >= 0, got " + std::to_string(steps_offset));
     if (!(eta >= 0.0 && eta <= 1.0)) throw std::invalid_argument("eta must be in [0, 1], got " + std::to_string(eta));
     if (eta != 0.0 && kind != SamplerKind::DDIM)
         throw std::invalid_argument("eta is a DDIM parameter; this sampler does not take it");
     if (!(clip_range > 0.0))
         throw std::invalid_argument("clip_range must be positive, got " + std::to_string(clip_range));
-    betas_ = make_betas(schedule, num_train_timesteps);
+    betas_ = make_betas(schedule, num_train_timesteps, beta_start, beta_end);
     abar_ = make_alphas_cumprod(betas_);
+    final_abar_ = set_alpha_to_one ? 1.0 : abar_[0];
 }
 
 void Scheduler::set_timesteps(int n) {
-    timesteps_ = make_timesteps(n, num_train_timesteps_, spacing_);
+    std::vector<int64_t> ts =
+        make_timesteps(n, num_train_timesteps_, spacing_, steps_offset_, kind_ == SamplerKind::DPMPP2M);
+    if (ts.front() >= num_train_timesteps_)
+        throw std::invalid_argument("steps_offset puts timestep " + std::to_string(ts.front()) +
+                                    " past the last training timestep");
+    timesteps_ = std::move(ts);
+    reset();
+}
+
+void Scheduler::set_timesteps(const std::vector<int64_t>& timesteps) {
+    if (timesteps.empty()) throw std::invalid_argument("timesteps must not be empty");
+    for (size_t i = 0; i < timesteps.size(); ++i) {
+        if (timesteps[i] < 0 || timesteps[i] >= num_train_timesteps_ || (i > 0 && timesteps[i] >= timesteps[i - 1]))
+            throw std::invalid_argument("timesteps must be strictly descending integers in [0, " +
+                                        std::to_string(num_train_timesteps_ - 1) + "]");
+    }
+    timesteps_ = timesteps;
     reset();
 }
 
@@ -183,9 +212,10 @@ StepCoefs Scheduler::step_coefs(int64_t t) {
     k.clip_hi = static_cast<float>(clip_range_);
     switch (kind_) {
         case SamplerKind::DDIM: {
-            const double s = eta_ * std::sqrt((1 - a_prev) / (1 - a) * (1 - a / a_prev));
-            k.c_x0 = static_cast<float>(std::sqrt(a_prev));
-            k.c_eps = static_cast<float>(std::sqrt(std::max(1 - a_prev - s * s, 0.0)));
+            const double a_end = t_prev < 0 ? final_abar_ : a_prev;  // set_alpha_to_one=false: abar[0]
+            const double s = eta_ * std::sqrt((1 - a_end) / (1 - a) * (1 - a / a_end));
+            k.c_x0 = static_cast<float>(std::sqrt(a_end));
+            k.c_eps = static_cast<float>(std::sqrt(std::max(1 - a_end - s * s, 0.0)));
             k.needs_noise = s > 0;
             k.c_noise = static_cast<float>(s);
             break;

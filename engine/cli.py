@@ -191,10 +191,7 @@ def _note(message: str) -> None:
 def cmd_generate(args: argparse.Namespace) -> int:
     import torch
 
-    from .config import STUNetConfig
-    from .model import STUNet
     from .pipeline import Pipeline, SSROptions
-    from .pipeline.text import load_text_encoder, tiny_random_t5
     from .pipeline.video import save_video
 
     parser, command = args.parser, args.command
@@ -241,35 +238,17 @@ def cmd_generate(args: argparse.Namespace) -> int:
             device = str(distributed.device())
 
     try:
-        demo_ssr = demo_text = None
-        if demo:
-            from . import demo as shipped
-
-            base, demo_ssr, demo_text = shipped.load(device, dtype)
-            _note("no --model given: using the built-in demo cascade (coloured shapes, 16 frames, 16x16 -> 64x64; "
-                  "prompts such as 'a red circle moving left', 'a white square growing on a striped background')")
-        elif args.model is None:
-            preset = args.preset or "tiny-cond"
-            _note(f"no --model given: running the {preset!r} preset with RANDOM weights and a random tiny text "
-                  "encoder; the video is noise-like until trained weights are loaded")
-            torch.manual_seed(args.seed)
-            base = STUNet(STUNetConfig.from_preset(preset)).to(device, dtype)
-        else:
-            base = STUNet.from_pretrained(args.model, device=device, dtype=dtype)
-        ssr = STUNet.from_pretrained(args.ssr, device=device, dtype=dtype) if args.ssr else demo_ssr
-        if args.text_encoder:
-            encoder = load_text_encoder(args.text_encoder, device=device)
-        elif demo_text is not None:
-            encoder = demo_text
-        else:
-            if args.model is not None:
-                _note("no --text-encoder given: using a random tiny text encoder")
-            encoder = tiny_random_t5(base.config.text_dim, seed=args.seed)
         options = {"max_batch": args.max_batch} if args.max_batch else {}
         options.update({k: getattr(args, k) for k in ("package", "engine") if getattr(args, k) is not None})
-        pipe = Pipeline(base, encoder, ssr, sampler=args.sampler, runtime=args.runtime, backend=args.backend,
-                        backend_options=options, parallel="auto" if ranked or args.nproc else False)
-    except (FileNotFoundError, ValueError, TypeError, RuntimeError) as e:
+        parallel = "auto" if ranked or args.nproc else False
+        if args.model is not None and (Path(args.model) / "vae").is_dir():  # a `stunet convert`ed latent pipeline
+            chosen = {"sampler": args.sampler} if args.sampler else {}
+            pipe = Pipeline.from_pretrained(args.model, args.ssr, args.text_encoder, backend=args.backend,
+                                            device=device, dtype=dtype, runtime=args.runtime,
+                                            backend_options=options, parallel=parallel, **chosen)
+        else:
+            pipe = _pixel_pipeline(args, demo, device, dtype, options, parallel)
+    except (FileNotFoundError, ValueError, TypeError, RuntimeError, ImportError) as e:
         parser.error(str(e))
 
     call = dict(negative_prompt=args.negative_prompt, num_frames=args.frames, height=args.height, width=args.width,
@@ -288,6 +267,43 @@ def cmd_generate(args: argparse.Namespace) -> int:
     print(f"stunet: wrote {out} ({res.frames.shape[1]} frames, {res.frames.shape[2]}x{res.frames.shape[3]}, "
           f"seed {res.seed}; {stages})", file=sys.stderr)
     return 0
+
+
+def _pixel_pipeline(args, demo: bool, device: str, dtype, options: dict, parallel):
+    """The pipeline of a pixel-space model folder, a preset with random weights, or the shipped demo cascade."""
+    import torch
+
+    from .config import STUNetConfig
+    from .model import STUNet
+    from .pipeline import Pipeline
+    from .pipeline.text import load_text_encoder, tiny_random_t5
+
+    demo_ssr = demo_text = None
+    if demo:
+        from . import demo as shipped
+
+        base, demo_ssr, demo_text = shipped.load(device, dtype)
+        _note("no --model given: using the built-in demo cascade (coloured shapes, 16 frames, 16x16 -> 64x64; "
+              "prompts such as 'a red circle moving left', 'a white square growing on a striped background')")
+    elif args.model is None:
+        preset = args.preset or "tiny-cond"
+        _note(f"no --model given: running the {preset!r} preset with RANDOM weights and a random tiny text "
+              "encoder; the video is noise-like until trained weights are loaded")
+        torch.manual_seed(args.seed)
+        base = STUNet(STUNetConfig.from_preset(preset)).to(device, dtype)
+    else:
+        base = STUNet.from_pretrained(args.model, device=device, dtype=dtype)
+    ssr = STUNet.from_pretrained(args.ssr, device=device, dtype=dtype) if args.ssr else demo_ssr
+    if args.text_encoder:
+        encoder = load_text_encoder(args.text_encoder, device=device)
+    elif demo_text is not None:
+        encoder = demo_text
+    else:
+        if args.model is not None:
+            _note("no --text-encoder given: using a random tiny text encoder")
+        encoder = tiny_random_t5(base.config.text_dim, seed=args.seed)
+    return Pipeline(base, encoder, ssr, sampler=args.sampler or "ddim", runtime=args.runtime, backend=args.backend,
+                    backend_options=options, parallel=parallel)
 
 
 def _mode_inputs(args, parser) -> dict:
@@ -385,6 +401,35 @@ def cmd_export_tensorrt(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_convert(args: argparse.Namespace) -> int:
+    """stunet convert SRC_DIR -o DST_DIR."""
+    from .convert import ConversionError, convert_folder
+
+    parser, src, dst = args.parser, Path(args.source), Path(args.output)
+    if not src.is_dir():
+        parser.error(f"argument SRC_DIR: no folder at {args.source!r} (a diffusers pipeline or unet folder on disk; "
+                     "nothing is downloaded)")
+    if not (src / "unet" / "config.json").is_file() and not (src / "config.json").is_file():
+        parser.error(f"argument SRC_DIR: {args.source!r} holds neither unet/config.json (a pipeline folder) nor "
+                     "config.json (a unet folder)")
+    if dst.exists() and (not dst.is_dir() or any(dst.iterdir())) and not args.overwrite:
+        parser.error(f"argument -o/--output: {args.output!r} exists and is not empty; pass --overwrite to replace it")
+    if args.motion_adapter is not None and not (Path(args.motion_adapter) / "config.json").is_file():
+        parser.error(f"argument --motion-adapter: {args.motion_adapter!r} is not a MotionAdapter folder")
+    overrides = {"prediction": args.prediction} if args.prediction else {}
+    try:
+        model = convert_folder(src, dst, dtype=args.dtype, motion_adapter=args.motion_adapter,
+                               overwrite=args.overwrite, **overrides)
+    except (ConversionError, ImportError, FileNotFoundError, FileExistsError) as e:
+        parser.error(str(e))
+    parts = [p.name for p in sorted(dst.iterdir()) if p.is_dir()]
+    cfg = model.config
+    print(f"stunet: wrote {dst} ({sum(p.numel() for p in model.parameters()) / 1e6:.1f} M parameters, "
+          f"{args.dtype}; in_channels {cfg.in_channels}, prediction {cfg.prediction}, schedule {cfg.schedule}"
+          f"{'; with ' + ', '.join(parts) if parts else ''})", file=sys.stderr)
+    return 0
+
+
 def cmd_env(args: argparse.Namespace) -> int:
     """What this install can run, and why not where it cannot."""
     import platform
@@ -436,7 +481,8 @@ def _add_generation_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ssr-steps", type=_positive, help="SSR denoising steps (default: --steps)")
     p.add_argument("--guidance", type=_number(0.0), default=7.5,
                    help="classifier-free guidance scale, >= 0 (default 7.5; 1 turns guidance off)")
-    p.add_argument("--sampler", default="ddim", choices=sorted(SAMPLERS), help="sampler (default ddim)")
+    p.add_argument("--sampler", choices=sorted(SAMPLERS),
+                   help="sampler (default: the model folder's scheduler when it has one, else ddim)")
     p.add_argument("--backend", default="reference", choices=list(BACKENDS),
                    help="model executor: the eager reference (default), fast (Triton kernels, CUDA graphs), "
                         "compile (torch.compile), aoti (--package) or tensorrt (--engine)")
@@ -482,6 +528,21 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("--dtype", choices=["fp16", "bf16", "fp32"], default="fp16",
                       help="element size for the memory figures (default fp16)")
     info.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+    convert = command("convert", "a diffusers checkpoint folder -> the engine's folder",
+                      "Convert a diffusers folder on disk (a ModelScope / ZeroScope or AnimateDiff pipeline, an "
+                      "SD U-Net to inflate, or a lone `unet` folder) into the engine's format: config.json + "
+                      "model.safetensors, plus the pipeline's vae, text_encoder, tokenizer and scheduler. Nothing "
+                      "is downloaded.", cmd_convert)
+    convert.add_argument("source", metavar="SRC_DIR", help="diffusers pipeline folder (with unet/) or unet folder")
+    convert.add_argument("-o", "--output", required=True, metavar="DST_DIR", help="the folder to write")
+    convert.add_argument("--overwrite", action="store_true", help="replace DST_DIR if it exists and is not empty")
+    convert.add_argument("--dtype", choices=list(DTYPES), default="fp16", help="stored weights (default fp16)")
+    convert.add_argument("--motion-adapter", metavar="DIR",
+                         help="AnimateDiff: a MotionAdapter folder to add to an SD unet (default: SRC_DIR's "
+                              "motion_adapter/ when there is one)")
+    convert.add_argument("--prediction", choices=["eps", "v"],
+                         help="what the U-Net predicts (default: the folder's scheduler's prediction_type, else eps)")
 
     command("env", "what this install can run (torch, CUDA, C++ runtime, Triton)",
             "Report the versions, the devices, and what runs where (and why not).", cmd_env)

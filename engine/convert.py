@@ -449,4 +449,93 @@ def from_diffusers(model: nn.Module, **overrides: Any) -> STUNet:
     return ours
 
 
-__all__ = ["from_diffusers", "config_from_diffusers", "ConversionError", "SUPPORTED"]
+
+
+# -- folders on disk -------------------------------------------------------------------------------------------
+PIPELINE_PARTS = ("vae", "text_encoder", "tokenizer", "scheduler")
+"""The parts of a diffusers pipeline folder that ``convert_folder`` copies next to the converted model."""
+_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def _load_unet(src, motion_adapter):
+    import json
+
+    from .pipeline.latent import _require_diffusers
+
+    diffusers = _require_diffusers()
+    config = src / "config.json"
+    if not config.is_file():
+        raise FileNotFoundError(f"{str(src)!r} has no config.json: give a diffusers `unet` folder or a pipeline "
+                                "folder holding one")
+    kind = json.loads(config.read_text()).get("_class_name")
+    if kind not in SUPPORTED:
+        _fail(f"model type {kind!r} (in {str(config)!r})", f"convert one of {', '.join(SUPPORTED)}")
+    model = getattr(diffusers, kind).from_pretrained(src, local_files_only=True, torch_dtype=torch.float32)
+    if kind == "UNet2DConditionModel" and motion_adapter is not None:
+        adapter = diffusers.MotionAdapter.from_pretrained(motion_adapter, local_files_only=True,
+                                                          torch_dtype=torch.float32)
+        model = diffusers.UNetMotionModel.from_unet2d(model, adapter)
+    return model.eval()
+
+
+def convert_folder(src, dst, *, dtype: str = "fp16", motion_adapter=None, overwrite: bool = False,
+                   **overrides: Any) -> STUNet:
+    """``stunet convert``: a diffusers folder on disk -> the engine's own folder.
+
+    ``src`` is a diffusers ``unet`` folder, or a pipeline folder (``model_index.json``, ``unet``, and for the
+    pipeline ``text_encoder``, ``tokenizer``, ``vae``, ``scheduler``; for AnimateDiff a ``motion_adapter``
+    folder next to an SD ``unet``, or ``motion_adapter=`` elsewhere). ``dst`` gets ``config.json`` +
+    ``model.safetensors`` (weights in ``dtype``) and copies of the pipeline parts, which
+    :meth:`stunet.Pipeline.from_pretrained` reads. The scheduler's prediction type and beta schedule go into
+    the model's config. The folder is built aside and moved into place, so a failure leaves nothing behind;
+    an existing non-empty ``dst`` is refused unless ``overwrite``. Returns the converted model (fp32).
+    """
+    import json
+    import shutil
+    import tempfile
+    from pathlib import Path
+
+    from .sampling.samplers import scheduler_options
+
+    src, dst = Path(src), Path(dst)
+    if not src.is_dir():
+        raise FileNotFoundError(f"no diffusers folder at {str(src)!r}; convert a folder you have on disk (nothing "
+                                "is downloaded)")
+    if dtype not in _DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
+    if dst.exists() and (not dst.is_dir() or any(dst.iterdir())) and not overwrite:
+        raise FileExistsError(f"{str(dst)!r} exists and is not empty; choose another output folder or overwrite")
+    pipeline = (src / "unet").is_dir()
+    unet_dir = src / "unet" if pipeline else src
+    if motion_adapter is None and pipeline and (src / "motion_adapter").is_dir():
+        motion_adapter = src / "motion_adapter"
+    if motion_adapter is not None and not Path(motion_adapter).is_dir():
+        raise FileNotFoundError(f"no motion adapter folder at {str(motion_adapter)!r}")
+    scheduler = src / "scheduler" / "scheduler_config.json"
+    if scheduler.is_file():
+        _, options = scheduler_options(json.loads(scheduler.read_text()))
+        for key in ("prediction", "schedule", "num_train_timesteps"):
+            overrides.setdefault(key, options[key])
+    model = from_diffusers(_load_unet(unet_dir, motion_adapter), **overrides)
+
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", dir=dst.parent))
+    try:
+        model.to(_DTYPES[dtype]).save_pretrained(staging)
+        model.float()
+        for part in PIPELINE_PARTS if pipeline else ():
+            if (src / part).is_dir():
+                shutil.copytree(src / part, staging / part)
+        if dst.exists():
+            shutil.rmtree(dst)
+        staging.rename(dst)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    log.info("wrote %s (%s weights%s)", dst, dtype,
+             ", with " + ", ".join(p for p in PIPELINE_PARTS if (dst / p).is_dir()) if pipeline else "")
+    return model
+
+
+__all__ = ["from_diffusers", "config_from_diffusers", "convert_folder", "ConversionError", "SUPPORTED",
+           "PIPELINE_PARTS"]

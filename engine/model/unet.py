@@ -5,7 +5,8 @@ numbered from 0 at full resolution; see ``STUNetConfig``):
 
 - encoder stage 0: conv_in [+ a temporal transformer (``temporal_in_heads``)]; then for each level
   ``num_res_blocks`` stages of ResBlock [+ SpatialAttention], each spatial block followed by its temporal
-  module; between levels a stage Downsample [+ TemporalDown]. The skip is saved after every stage, so the skip of a downsample stage is saved after TemporalDown.
+  module; between levels a stage Downsample [+ TemporalDown]. The skip is saved after every stage, so the
+  skip of a downsample stage is saved after TemporalDown.
 - mid: ``config.mid_modules`` in order (Lumiere's: ResBlock, SpatialAttention, ``temporal_attn_depth``
   temporal attentions, ResBlock).
 - decoder: per level ``num_res_blocks + 1`` stages, each consuming one skip (channel concat) through a

@@ -10,15 +10,23 @@ in [0, 1]. All noise is drawn from one CPU generator, so a seed gives the same v
 same backend).
 
 Conditional modes (7-channel models; see ``conditioning``): ``image_to_video``, ``inpaint``, ``cinemagraph``;
-``video_to_video`` (SDEdit) works with any base model; ``with_style`` gives stylized generation.
+``video_to_video`` (SDEdit) works with any pixel-space base model; ``with_style`` gives stylized generation.
+
+Latent models (``in_channels=4``, converted from diffusers checkpoints by ``stunet convert``) denoise VAE latents
+and decode them with the folder's VAE; ``height`` and ``width`` stay in pixels:
+
+    pipe = stunet.Pipeline.from_pretrained("zeroscope-stunet")     # unet + vae + text_encoder + scheduler
+    res = pipe("a panda eating bamboo", num_frames=24, height=320, width=576)
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 import random
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
@@ -31,6 +39,7 @@ from ..sampling import runtime as cpp_runtime
 from ..sampling.samplers import Sampler, sampler_class
 from .conditioning import Conditioning, video_frames
 from .stages import BaseStage, Prompts, SSROptions, SSRStage, StageOptions, _number
+from .latent import LatentDecoder
 from .text import TextEncoder
 
 log = logging.getLogger(__name__)
@@ -80,6 +89,10 @@ class Pipeline:
         runtime: the sampler step: "cpp" (the C++ runtime's fused pass; the default when built) or "python".
         backend_options: keyword options of the backend (e.g. ``{"max_batch": 1}`` for "fast").
         progress: show progress bars (the call's ``progress=`` overrides it).
+        vae: a latent base model's decoder (:class:`~stunet.pipeline.latent.LatentDecoder`, or a diffusers
+            ``AutoencoderKL``); required by latent models (``in_channels=4``), refused by pixel models.
+        schedule: the checkpoint's scheduler settings (:meth:`~stunet.samplers.Sampler.schedule_options`) on
+            which a sampler named by the caller runs; None: the model config's schedule and prediction.
         parallel: share each generation among the ranks of a ``torch.distributed`` process group
             (:mod:`stunet.distributed`): None (the default) does when the pipeline is created after
             ``init_process_group`` with more than one rank; "auto" also initialises the group from torchrun's
@@ -89,11 +102,26 @@ class Pipeline:
 
     def __init__(self, base_model: STUNet, text_encoder: TextEncoder | None = None, ssr_model: STUNet | None = None,
                  *, backend: str = "reference", sampler: str | Sampler = "ddim", runtime: str | None = None,
-                 backend_options: dict | None = None, progress: bool = True, parallel=None):
+                 backend_options: dict | None = None, progress: bool = True, parallel=None,
+                 vae: LatentDecoder | None = None, schedule: dict | None = None):
         if not isinstance(base_model, STUNet):
             raise TypeError(f"base_model must be a STUNet, got {type(base_model).__name__}")
         if base_model.config.is_ssr:
             raise ValueError("base_model is an SSR model (in_channels=6); pass it as ssr_model=")
+        latent = base_model.config.in_channels == 4
+        if vae is not None and not isinstance(vae, LatentDecoder):
+            vae = LatentDecoder(vae)
+        if latent and vae is None:
+            raise ValueError("base_model is a latent model (in_channels=4): pass its VAE as vae= (a diffusers "
+                             "AutoencoderKL), or load the converted folder with Pipeline.from_pretrained")
+        if not latent and vae is not None:
+            raise ValueError(f"vae= is for latent models (in_channels=4); this base model works in pixels "
+                             f"(in_channels={base_model.config.in_channels})")
+        if latent and vae.latent_channels != base_model.config.out_channels:
+            raise ValueError(f"the VAE takes {vae.latent_channels}-channel latents but base_model makes "
+                             f"{base_model.config.out_channels}")
+        if latent and ssr_model is not None:
+            raise ValueError("a latent base model decodes with its VAE; it takes no ssr_model")
         if ssr_model is not None:
             if not isinstance(ssr_model, STUNet) or not ssr_model.config.is_ssr:
                 raise ValueError("ssr_model must be a STUNet with in_channels=6 (an SSR config such as lumiere-ssr)")
@@ -117,12 +145,18 @@ class Pipeline:
         if self.ssr is not None:
             self.ssr.eval()
         self.backend, self.sampler, self.runtime, self.progress = backend, sampler, runtime, progress
+        self.vae, self.schedule = vae, schedule
         self.backend_options = dict(backend_options or {})
         self.parallel = distributed.resolve(parallel)
         self.base_stage = BaseStage(make_backend(self.base, backend, **self.backend_options), runtime, sampler,
-                                    self.parallel)
+                                    self.parallel, schedule)
         self.ssr_stage = (SSRStage(make_backend(self.ssr, backend, **self.backend_options), runtime, sampler,
                                    self.parallel) if self.ssr is not None else None)
+
+    @property
+    def pixels_per_latent(self) -> int:
+        """How many pixels one position of the base model's output covers along H and W (1 in pixel space)."""
+        return self.vae.scale_factor if self.vae is not None else 1
 
     @classmethod
     def from_pretrained(cls, base: str | os.PathLike, ssr: str | os.PathLike | None = None,
@@ -132,17 +166,41 @@ class Pipeline:
         """Load the models saved by ``STUNet.save_pretrained`` (``base``, optional ``ssr``) and a text encoder:
         a folder in the transformers format (T5 or CLIP, with its tokenizer), an encoder object, or None (the
         ``text_encoder`` folder inside ``base`` when there is one). ``device`` defaults to CUDA when available;
-        other keywords go to :class:`Pipeline`."""
+        other keywords go to :class:`Pipeline`.
+
+        A folder written by ``stunet convert`` from a diffusers pipeline also holds ``vae``, ``tokenizer`` and
+        ``scheduler``: the VAE decodes the latents, CLIP encodes prompts as the diffusers pipeline does, and the
+        scheduler's settings become the default sampler (unless ``sampler=`` is given)."""
+        from ..sampling.samplers import make_sampler, scheduler_options
+        from .latent import load_vae
         from .text import load_text_encoder
 
+        base = Path(base)
+        if not base.is_dir():
+            raise FileNotFoundError(f"no model folder at {str(base)!r}: give the folder written by "
+                                    "STUNet.save_pretrained or `stunet convert`")
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         base_model = STUNet.from_pretrained(base, device=device, dtype=dtype)
         ssr_model = STUNet.from_pretrained(ssr, device=device, dtype=dtype) if ssr is not None else None
-        bundled = os.path.join(base, "text_encoder")
-        if text_encoder is None and os.path.isdir(bundled):
-            text_encoder = bundled
+        if text_encoder is None and (base / "text_encoder").is_dir():
+            text_encoder = base / "text_encoder"
         if isinstance(text_encoder, (str, os.PathLike)):
-            text_encoder = load_text_encoder(text_encoder, device=device)
+            tokenizer = base / "tokenizer"
+            sd_style = Path(text_encoder) == base / "text_encoder" and tokenizer.is_dir()
+            text_encoder = load_text_encoder(text_encoder, device=device, tokenizer=tokenizer if sd_style else None,
+                                             sd_style=sd_style)
+        if (base / "vae").is_dir() and "vae" not in kwargs:
+            kwargs["vae"] = load_vae(base / "vae", device=device, dtype=dtype)
+        scheduler = base / "scheduler" / "scheduler_config.json"
+        if scheduler.is_file() and "schedule" not in kwargs:
+            name, options = scheduler_options(json.loads(scheduler.read_text()))
+            kwargs["schedule"] = {k: v for k, v in options.items() if k not in ("clip_sample", "clip_range")}
+            if "sampler" not in kwargs:
+                if name is None:
+                    log.warning("stunet: %s's scheduler %s has no stunet counterpart; sampling with DDIM on its "
+                                "schedule (pass sampler= to choose)", base, json.loads(scheduler.read_text())
+                                .get("_class_name"))
+                kwargs["sampler"] = make_sampler(name or "ddim", **options)
         return cls(base_model, text_encoder, ssr_model, backend=backend, **kwargs)
 
     def with_style(self, style, alpha: float) -> "Pipeline":
@@ -152,7 +210,8 @@ class Pipeline:
         return Pipeline(interpolate_spatial(self.base, style, alpha), self.text_encoder, self.ssr,
                         backend=self.backend, sampler=self.sampler, runtime=self.runtime,
                         backend_options=self.backend_options, progress=self.progress,
-                        parallel=self.parallel if self.parallel is not None else False)
+                        parallel=self.parallel if self.parallel is not None else False, vae=self.vae,
+                        schedule=self.schedule)
 
     @property
     def device(self) -> torch.device:
@@ -229,14 +288,16 @@ class Pipeline:
                  conditioning: Conditioning | None = None, init_video: torch.Tensor | None = None,
                  strength: float = 1.0, prompt_embeds: torch.Tensor | None = None,
                  negative_prompt_embeds: torch.Tensor | None = None, output_type: str = "np",
-                 callback_on_step_end: Callable | None = None, progress: bool | None = None) -> PipelineOutput:
+                 callback_on_step_end: Callable | None = None, progress: bool | None = None,
+                 latents: torch.Tensor | None = None) -> PipelineOutput:
         """Generate videos; every argument is checked before any compute.
 
         Args:
             prompt: a prompt or a list of prompts (one video each); an empty prompt generates unconditionally.
             negative_prompt: what to steer away from (one for all, or one per prompt); default "".
             num_frames, height, width: the base video's size (default: the base model's ``sample_frames`` and
-                ``sample_size``); multiples of the model's frame and spatial divisors.
+                ``sample_size``, times the VAE's scale for a latent model); multiples of the model's frame and
+                spatial divisors (times the VAE's scale for a latent model).
             num_inference_steps: base denoising steps.
             guidance_scale: classifier-free guidance of the base stage (1 = none, half the compute).
             guidance_rescale: rescale of the guided prediction towards the conditional one's std, in [0, 1].
@@ -252,16 +313,20 @@ class Pipeline:
             callback_on_step_end: ``f(pipe, step, timestep, {"latents": x, "stage": "base"|"ssr"})`` after each
                 step; returning ``{"latents": x2}`` replaces the sample.
             progress: show progress bars (default: the pipeline's setting).
+            latents: the initial noise (B, C_out, T, H, W) of the base stage (latent-space H and W for a latent
+                model) instead of a draw from the seed.
         Returns:
             :class:`PipelineOutput` with ``frames`` (B, F, H, W, 3) in [0, 1] (after SSR when there is one);
             ``frames`` is None on the ranks that do not get them (see ``parallel``).
         """
         cfg = self.base.config
         show = self.progress if progress is None else progress
+        f = self.pixels_per_latent
         T = num_frames if num_frames is not None else cfg.sample_frames
-        H = height if height is not None else cfg.sample_size
-        W = width if width is not None else cfg.sample_size
+        H = height if height is not None else cfg.sample_size * f
+        W = width if width is not None else cfg.sample_size * f
         self._check_geometry(T, H, W)
+        H, W = H // f, W // f  # the base model's positions
         base_options = StageOptions(num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
                                     guidance_rescale=guidance_rescale, sampler=sampler)
         if isinstance(sampler, str):
@@ -295,8 +360,17 @@ class Pipeline:
             conditioning = conditioning.check(cfg, B, T, H, W)
         elif cfg.in_channels == 7:
             conditioning = Conditioning.unconditional(B, T, H, W)
+        if self.vae is not None and (init_video is not None or conditioning is not None):
+            raise ValueError("init_video and conditioning need a pixel-space base model; this one is latent")
         if init_video is not None:
             init_video = self._check_init(init_video, (B, 3, T, H, W), num_inference_steps, strength)
+        if latents is not None:
+            shape = (B, cfg.out_channels, T, H, W)
+            if not isinstance(latents, torch.Tensor) or tuple(latents.shape) != shape:
+                raise ValueError(f"latents must be a tensor of shape {shape} (B, C, T, H, W of the base model), got "
+                                 f"{tuple(getattr(latents, 'shape', ())) or type(latents).__name__}")
+            if not torch.isfinite(latents).all():
+                raise ValueError("latents contains NaN or inf")
         callback = self._step_callback(callback_on_step_end)
 
         timings: dict[str, float] = {}
@@ -306,7 +380,8 @@ class Pipeline:
 
         t0 = time.perf_counter()
         x = self.base_stage.run(text, (B, T, H, W), generator, base_options, conditioning=conditioning,
-                                init=init_video, strength=strength, callback=callback, progress=show)
+                                init=init_video, strength=strength, callback=callback, progress=show,
+                                latents=latents)
         timings["base"] = self._elapsed(t0)
 
         low = x
@@ -319,6 +394,8 @@ class Pipeline:
         t0 = time.perf_counter()
         frames = low_frames = None
         if self.parallel is None or self.parallel.gets_frames:
+            if self.vae is not None:
+                x = self.vae.decode(x)
             frames = self._output(x, output_type)
             low_frames = self._output(low, output_type) if self.ssr_stage is not None else None
         timings["decode"] = self._elapsed(t0)
@@ -361,10 +438,14 @@ class Pipeline:
 
     def _check_geometry(self, T: int, H: int, W: int) -> None:
         cfg = self.base.config
-        for name, value, div in (("num_frames", T, cfg.frame_divisor), ("height", H, cfg.spatial_divisor),
-                                 ("width", W, cfg.spatial_divisor)):
+        spatial = cfg.spatial_divisor * self.pixels_per_latent
+        for name, value, div in (("num_frames", T, cfg.frame_divisor), ("height", H, spatial),
+                                 ("width", W, spatial)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1 or value % div:
                 raise ValueError(f"{name} must be a positive multiple of {div} for this base model, got {value!r}")
+        if cfg.temporal_max_frames and T > cfg.temporal_max_frames:
+            raise ValueError(f"num_frames must be at most {cfg.temporal_max_frames} for this base model (its "
+                             f"temporal positional encoding's length), got {T}")
 
     @staticmethod
     def _output(video: torch.Tensor, output_type: str):

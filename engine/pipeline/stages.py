@@ -183,9 +183,10 @@ class Guided:
         return options.guidance_rescale if self.guided else 0.0
 
 
-def make_stage_sampler(config: STUNetConfig, choice: str | Sampler, runtime: str):
-    """A fresh sampler for one stage: the named one with the model's schedule and prediction, or a copy of a
-    configured one (checked against the model); wrapped in the C++ runtime's fused step for ``runtime="cpp"``."""
+def make_stage_sampler(config: STUNetConfig, choice: str | Sampler, runtime: str, schedule: dict | None = None):
+    """A fresh sampler for one stage: the named one on ``schedule`` (a :meth:`Sampler.schedule_options` dict:
+    the checkpoint's own scheduler settings) or the model's schedule and prediction, or a copy of a configured
+    one (checked against the model); wrapped in the C++ runtime's fused step for ``runtime="cpp"``."""
     if isinstance(choice, Sampler):
         for name, want in (("schedule", config.schedule), ("prediction", config.prediction),
                            ("num_train_timesteps", config.num_train_timesteps)):
@@ -193,6 +194,8 @@ def make_stage_sampler(config: STUNetConfig, choice: str | Sampler, runtime: str
                 raise ValueError(f"sampler has {name}={getattr(choice, name)!r} but the model was trained with "
                                  f"{name}={want!r}; build it with {name}={want!r}")
         sampler = copy.deepcopy(choice)  # the caller's object keeps its state
+    elif schedule is not None:
+        sampler = make_sampler(choice, **schedule)
     else:
         sampler = make_sampler(choice, schedule=config.schedule, prediction=config.prediction,
                                num_train_timesteps=config.num_train_timesteps)
@@ -202,10 +205,13 @@ def make_stage_sampler(config: STUNetConfig, choice: str | Sampler, runtime: str
 class _Stage:
     name = "stage"
 
-    def __init__(self, backend: Backend, runtime: str, default_sampler: str | Sampler, parallel=None):
+    def __init__(self, backend: Backend, runtime: str, default_sampler: str | Sampler, parallel=None,
+                 schedule: dict | None = None):
         self.backend, self.runtime, self.default_sampler = backend, runtime, default_sampler
         self.parallel = parallel
         """A ``stunet.distributed.Parallel`` sharing this stage's model calls among ranks, or None."""
+        self.schedule = schedule
+        """The checkpoint's scheduler settings that a sampler named by the caller runs on (None: the model's)."""
 
     def _shows_progress(self, progress: bool) -> bool:
         return progress and (self.parallel is None or self.parallel.rank == 0)
@@ -219,7 +225,7 @@ class _Stage:
         return self.backend.config
 
     def sampler(self, options: StageOptions, steps: int):
-        s = make_stage_sampler(self.config, options.sampler or self.default_sampler, self.runtime)
+        s = make_stage_sampler(self.config, options.sampler or self.default_sampler, self.runtime, self.schedule)
         s.set_timesteps(steps)
         return s
 
@@ -229,18 +235,24 @@ class _Stage:
 
 
 class BaseStage(_Stage):
-    """Text (+ conditioning) -> the base model's video (B, 3, T, H, W) in model space."""
+    """Text (+ conditioning) -> the base model's video (B, C_out, T, H, W) in model space (pixels in [-1, 1],
+    or a latent model's latents)."""
 
     name = "base"
 
     def run(self, prompts: Prompts, shape: tuple[int, int, int, int], generator: torch.Generator,
             options: StageOptions, *, conditioning: Conditioning | None = None, init: torch.Tensor | None = None,
-            strength: float = 1.0, callback: StepCallback | None = None, progress: bool = True) -> torch.Tensor:
+            strength: float = 1.0, callback: StepCallback | None = None, progress: bool = True,
+            latents: torch.Tensor | None = None) -> torch.Tensor:
+        """``latents``: the initial noise (B, C_out, T, H, W) instead of a draw from ``generator``."""
         B, T, H, W = shape
         dtype, device = self.backend.dtype, self.backend.device
         s = self.sampler(options, options.num_inference_steps)
         timesteps = s.timesteps
-        x = Sampler.draw_noise(torch.empty(B, 3, T, H, W), generator).to(device, dtype)
+        if latents is None:
+            x = Sampler.draw_noise(torch.empty(B, self.config.out_channels, T, H, W), generator).to(device, dtype)
+        else:
+            x = latents.to(device, dtype).contiguous()
         if init is not None:  # SDEdit: start from the input noised to `strength`
             skip = len(timesteps) - min(int(round(len(timesteps) * strength)), len(timesteps))
             timesteps = timesteps[skip:]

@@ -32,12 +32,19 @@ def _require_transformers():
 
 
 class HFTextEncoder:
-    """A transformers encoder model + tokenizer; tokens are the encoder's last hidden state."""
+    """A transformers encoder model + tokenizer; tokens are the encoder's last hidden state.
 
-    def __init__(self, model, tokenizer, max_length: int = 128, device: str | torch.device = "cpu"):
+    ``pad_to_max_length=True, attend_padding=True`` is the Stable Diffusion family's use of CLIP: every prompt
+    padded to ``max_length`` tokens, encoded without an attention mask, and all of them attended to (the mask
+    returned is all True), as the U-Nets were trained.
+    """
+
+    def __init__(self, model, tokenizer, max_length: int = 128, device: str | torch.device = "cpu", *,
+                 pad_to_max_length: bool = False, attend_padding: bool = False):
         self.model = model.eval().to(device)
         self.tokenizer = tokenizer
         self.max_length = max_length
+        self.pad_to_max_length, self.attend_padding = pad_to_max_length, attend_padding
         self.dim = int(model.config.hidden_size if hasattr(model.config, "hidden_size") else model.config.d_model)
 
     @property
@@ -48,30 +55,38 @@ class HFTextEncoder:
     def encode(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         if isinstance(prompts, str) or not all(isinstance(p, str) for p in prompts):
             raise TypeError("prompts must be a list of strings")
-        batch = self.tokenizer(list(prompts), padding=True, truncation=True, max_length=self.max_length,
-                               return_tensors="pt")
+        batch = self.tokenizer(list(prompts), padding="max_length" if self.pad_to_max_length else True,
+                               truncation=True, max_length=self.max_length, return_tensors="pt")
         ids = batch["input_ids"].to(self.device)
         mask = batch["attention_mask"].to(self.device)
+        if self.attend_padding:
+            hidden = self.model(input_ids=ids).last_hidden_state
+            return hidden.float(), torch.ones_like(mask, dtype=torch.bool)
         hidden = self.model(input_ids=ids, attention_mask=mask).last_hidden_state
         return hidden.float(), mask.bool()
 
 
 def load_text_encoder(path: str | os.PathLike, device: str | torch.device = "cpu",
-                      max_length: int | None = None) -> HFTextEncoder:
-    """A T5 encoder or CLIP text model saved with ``save_pretrained`` (model + tokenizer) in ``path``."""
+                      max_length: int | None = None, *, tokenizer: str | os.PathLike | None = None,
+                      sd_style: bool = False) -> HFTextEncoder:
+    """A T5 encoder or CLIP text model saved with ``save_pretrained`` in ``path``, with its tokenizer (in
+    ``path``, or the ``tokenizer`` folder of a diffusers pipeline). ``sd_style``: as the Stable Diffusion
+    family's pipelines use CLIP (padded to the tokenizer's length, padding attended; see HFTextEncoder)."""
     transformers = _require_transformers()
     path = Path(path)
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"text encoder directory {str(path)!r} has no config.json")
     config = transformers.AutoConfig.from_pretrained(path, local_files_only=True)
     kind = getattr(config, "model_type", "")
-    tokenizer = transformers.AutoTokenizer.from_pretrained(path, local_files_only=True)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(tokenizer or path, local_files_only=True)
     if kind in ("t5", "mt5", "umt5"):
         model = transformers.T5EncoderModel.from_pretrained(path, local_files_only=True)
         return HFTextEncoder(model, tokenizer, max_length or 128, device)
     if kind in ("clip", "clip_text_model"):
         model = transformers.CLIPTextModel.from_pretrained(path, local_files_only=True)
-        return HFTextEncoder(model, tokenizer, max_length or 77, device)
+        own = tokenizer.model_max_length  # what diffusers pads to; "unset" is a huge sentinel
+        length = max_length or (own if sd_style and own < 10 ** 6 else 77)
+        return HFTextEncoder(model, tokenizer, length, device, pad_to_max_length=sd_style, attend_padding=sd_style)
     raise ValueError(f"text encoder in {str(path)!r} has model_type {kind!r}; supported: t5 and clip")
 
 

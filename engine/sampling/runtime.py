@@ -116,11 +116,12 @@ class FusedSampler:
         self._scheduler = _C.Scheduler(_KIND[type(reference)], reference.schedule, reference.prediction,
                                        reference.spacing, reference.num_train_timesteps,
                                        float(getattr(reference, "eta", 0.0)), reference.clip_sample,
-                                       float(reference.clip_range))
+                                       float(reference.clip_range), reference.beta_start, reference.beta_end,
+                                       reference.steps_offset, reference.set_alpha_to_one)
         self._history: torch.Tensor | None = None
         self._stats: torch.Tensor | None = None
         if len(reference.timesteps):
-            self.set_timesteps(len(reference.timesteps))
+            self.set_timesteps(timesteps=reference.timesteps.tolist())
 
     @classmethod
     def make(cls, name: str, **kwargs) -> "FusedSampler":
@@ -143,9 +144,13 @@ class FusedSampler:
     def stochastic(self) -> bool:
         return self.reference.stochastic
 
-    def set_timesteps(self, num_inference_steps: int) -> None:
-        self.reference.set_timesteps(num_inference_steps)
-        self._scheduler.set_timesteps(num_inference_steps)
+    def set_timesteps(self, num_inference_steps: int | None = None, *, timesteps=None) -> None:
+        """As :meth:`Sampler.set_timesteps`: the grid of ``num_inference_steps``, or explicit ``timesteps``."""
+        self.reference.set_timesteps(num_inference_steps, timesteps=timesteps)
+        if timesteps is not None:
+            self._scheduler.set_explicit_timesteps(self.reference.timesteps.tolist())
+        else:
+            self._scheduler.set_timesteps(num_inference_steps)
         assert self._scheduler.timesteps == self.reference.timesteps.tolist(), "C++ and Python timesteps differ"
         self.reset()
 

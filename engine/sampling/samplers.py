@@ -30,17 +30,30 @@ def _linspace(start: float, end: float, n: int) -> list[float]:
     return [start] if n == 1 else [start + (end - start) * i / (n - 1) for i in range(n)]
 
 
-def make_betas(schedule: str, num_train_timesteps: int = 1000) -> torch.Tensor:
-    """Betas (float64) of a named schedule: "linear" 1e-4..2e-2, "scaled_linear" sqrt-space 0.00085..0.012,
-    "cosine" (Nichol & Dhariwal 2021, s = 0.008, beta capped at 0.999).
+BETA_RANGES = {"linear": (1e-4, 2e-2), "scaled_linear": (0.00085, 0.012)}
+"""The default (beta_start, beta_end) of the schedules that take them."""
+
+
+def make_betas(schedule: str, num_train_timesteps: int = 1000, beta_start: float | None = None,
+               beta_end: float | None = None) -> torch.Tensor:
+    """Betas (float64) of a named schedule: "linear" ``beta_start..beta_end`` (default 1e-4..2e-2),
+    "scaled_linear" the same in sqrt space (default 0.00085..0.012), "cosine" (Nichol & Dhariwal 2021,
+    s = 0.008, beta capped at 0.999; it takes no beta range).
 
     Every table is plain double arithmetic in a fixed order; csrc/schedule.cpp repeats it exactly.
     """
     n = num_train_timesteps
-    if schedule == "linear":
-        return torch.tensor(_linspace(1e-4, 2e-2, n), dtype=torch.float64)
-    if schedule == "scaled_linear":
-        return torch.tensor([b * b for b in _linspace(math.sqrt(0.00085), math.sqrt(0.012), n)], dtype=torch.float64)
+    if schedule in BETA_RANGES:
+        lo, hi = BETA_RANGES[schedule]
+        lo, hi = (lo if beta_start is None else float(beta_start)), (hi if beta_end is None else float(beta_end))
+        if not 0 < lo <= hi < 1:
+            raise ValueError(f"beta_start and beta_end must satisfy 0 < beta_start <= beta_end < 1, got "
+                             f"{lo!r}, {hi!r}")
+        if schedule == "linear":
+            return torch.tensor(_linspace(lo, hi, n), dtype=torch.float64)
+        return torch.tensor([b * b for b in _linspace(math.sqrt(lo), math.sqrt(hi), n)], dtype=torch.float64)
+    if schedule == "cosine" and (beta_start is not None or beta_end is not None):
+        raise ValueError("the cosine schedule takes no beta_start / beta_end")
     if schedule == "cosine":
         def abar(t: float) -> float:
             c = math.cos((t / n + 0.008) / 1.008 * math.pi / 2)
@@ -49,18 +62,25 @@ def make_betas(schedule: str, num_train_timesteps: int = 1000) -> torch.Tensor:
     raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
 
 
-def make_timesteps(num_inference_steps: int, num_train_timesteps: int, spacing: str) -> torch.Tensor:
-    """Descending int64 timesteps (as diffusers' ``timestep_spacing``); always ``num_inference_steps`` of them."""
+def make_timesteps(num_inference_steps: int, num_train_timesteps: int, spacing: str, steps_offset: int = 0,
+                   solver_grid: bool = False) -> torch.Tensor:
+    """Descending int64 timesteps, always ``num_inference_steps`` of them, as diffusers' ``timestep_spacing``.
+
+    ``steps_offset`` is added to "leading" timesteps (diffusers' ``steps_offset``). ``solver_grid``: the grid of
+    diffusers' multistep solvers (DPMSolverMultistepScheduler), whose "leading" and "linspace" spacings divide
+    the range into ``n + 1`` points and drop the last, where DDIM's and DDPM's divide it into ``n``.
+    """
     n, N = num_inference_steps, num_train_timesteps
+    points = n + 1 if solver_grid else n
     if spacing == "leading":
-        ts = [i * (N // n) for i in range(n)]
+        ts = [i * (N // points) + steps_offset for i in range(points)]
     elif spacing == "trailing":  # round(N - i N / n) - 1, i = 0..n-1 (already descending)
         return torch.tensor([round(N - i * N / n) - 1 for i in range(n)], dtype=torch.int64)
     elif spacing == "linspace":
-        ts = [round(v) for v in _linspace(0.0, N - 1.0, n)]
+        ts = [round(v) for v in _linspace(0.0, N - 1.0, points)]
     else:
         raise ValueError(f"spacing must be one of {SPACINGS}, got {spacing!r}")
-    return torch.tensor(ts[::-1], dtype=torch.int64)
+    return torch.tensor(ts[::-1][:n], dtype=torch.int64)
 
 
 def cfg_combine(cond: torch.Tensor, uncond: torch.Tensor, guidance_scale: float,
@@ -83,8 +103,13 @@ class Sampler(abc.ABC):
     order = 1
     stochastic = False
 
+    solver_grid = False
+    """Whether "leading" and "linspace" timesteps follow diffusers' multistep-solver grid (n + 1 divisions)."""
+
     def __init__(self, schedule: str = "cosine", prediction: str = "v", spacing: str = "leading",
-                 num_train_timesteps: int = 1000, clip_sample: bool = False, clip_range: float = 1.0):
+                 num_train_timesteps: int = 1000, clip_sample: bool = False, clip_range: float = 1.0, *,
+                 beta_start: float | None = None, beta_end: float | None = None, steps_offset: int = 0,
+                 set_alpha_to_one: bool = True):
         if prediction not in PREDICTIONS:
             raise ValueError(f"prediction must be one of {PREDICTIONS}, got {prediction!r}")
         if spacing not in SPACINGS:
@@ -93,11 +118,21 @@ class Sampler(abc.ABC):
             raise ValueError(f"num_train_timesteps must be an integer >= 2, got {num_train_timesteps!r}")
         if clip_range <= 0:
             raise ValueError(f"clip_range must be positive, got {clip_range}")
+        if isinstance(steps_offset, bool) or not isinstance(steps_offset, int) or steps_offset < 0:
+            raise ValueError(f"steps_offset must be a non-negative integer, got {steps_offset!r}")
+        if not isinstance(set_alpha_to_one, bool):
+            raise ValueError(f"set_alpha_to_one must be a bool, got {set_alpha_to_one!r}")
         self.schedule, self.prediction, self.spacing = schedule, prediction, spacing
         self.num_train_timesteps = num_train_timesteps
         self.clip_sample, self.clip_range = clip_sample, clip_range
-        self.betas = make_betas(schedule, num_train_timesteps)
+        self.beta_start, self.beta_end = beta_start, beta_end
+        self.steps_offset, self.set_alpha_to_one = steps_offset, set_alpha_to_one
+        self.betas = make_betas(schedule, num_train_timesteps, beta_start, beta_end)
         self.alphas_cumprod = torch.cumprod(1.0 - self.betas, dim=0)  # float64
+        self.final_abar = 1.0 if set_alpha_to_one else float(self.alphas_cumprod[0])
+        """DDIM's abar after its last step: 1 (the clean sample), or alphas_cumprod[0] (diffusers' DDIM with
+        ``set_alpha_to_one=False``, as Stable Diffusion's scheduler configs have it). The other samplers end
+        on the clean sample, as diffusers' do."""
         self.timesteps = torch.empty(0, dtype=torch.int64)
         self._index: dict[int, int] = {}
 
@@ -109,12 +144,33 @@ class Sampler(abc.ABC):
     def num_inference_steps(self) -> int:
         return len(self.timesteps)
 
-    def set_timesteps(self, num_inference_steps: int) -> None:
-        if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, int) or not (
-                1 <= num_inference_steps <= self.num_train_timesteps):
-            raise ValueError(f"num_inference_steps must be an integer in [1, {self.num_train_timesteps}], "
-                             f"got {num_inference_steps!r}")
-        self.timesteps = make_timesteps(num_inference_steps, self.num_train_timesteps, self.spacing)
+    def schedule_options(self) -> dict:
+        """The keyword arguments that make another sampler denoise on this one's schedule and grid."""
+        return dict(schedule=self.schedule, prediction=self.prediction, spacing=self.spacing,
+                    num_train_timesteps=self.num_train_timesteps, beta_start=self.beta_start,
+                    beta_end=self.beta_end, steps_offset=self.steps_offset, set_alpha_to_one=self.set_alpha_to_one)
+
+    def set_timesteps(self, num_inference_steps: int | None = None, *, timesteps=None) -> None:
+        """The grid of ``num_inference_steps`` (by ``spacing``), or the explicit descending ``timesteps``."""
+        N = self.num_train_timesteps
+        if timesteps is not None:
+            if num_inference_steps is not None:
+                raise ValueError("pass either num_inference_steps or timesteps, not both")
+            ts = [int(t) for t in timesteps]
+            if not ts or any(isinstance(t, bool) for t in timesteps) or any(float(t) != int(t) for t in timesteps):
+                raise ValueError(f"timesteps must be a non-empty sequence of integers, got {timesteps!r}")
+            if any(not 0 <= t < N for t in ts) or any(a <= b for a, b in zip(ts, ts[1:])):
+                raise ValueError(f"timesteps must be strictly descending integers in [0, {N - 1}], got {ts}")
+            self.timesteps = torch.tensor(ts, dtype=torch.int64)
+        else:
+            if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, int) or not (
+                    1 <= num_inference_steps <= N):
+                raise ValueError(f"num_inference_steps must be an integer in [1, {N}], got {num_inference_steps!r}")
+            self.timesteps = make_timesteps(num_inference_steps, N, self.spacing, self.steps_offset,
+                                            self.solver_grid)
+            if int(self.timesteps[0]) >= N:
+                raise ValueError(f"steps_offset={self.steps_offset} puts timestep {int(self.timesteps[0])} past the "
+                                 f"last training timestep {N - 1}; use fewer steps")
         self._index = {int(t): i for i, t in enumerate(self.timesteps)}
         self.reset()
 
@@ -205,7 +261,7 @@ class DDIM(Sampler):
         self.stochastic = eta > 0
 
     def _update(self, out, t, t_prev, i, x, generator):
-        a, a_prev = self.abar(t), self.abar(t_prev)
+        a, a_prev = self.abar(t), (self.final_abar if t_prev < 0 else self.abar(t_prev))
         x0, eps = self.predict_x0_eps(out, t, x)
         s = self.eta * math.sqrt((1 - a_prev) / (1 - a) * (1 - a / a_prev))
         x_prev = math.sqrt(a_prev) * x0 + math.sqrt(max(1 - a_prev - s * s, 0.0)) * eps
@@ -245,6 +301,7 @@ class DPMSolverPP2M(Sampler):
     """
 
     order = 2
+    solver_grid = True
 
     def reset(self) -> None:
         self._prev_x0: torch.Tensor | None = None
@@ -294,3 +351,54 @@ def make_sampler(name: str, **kwargs) -> Sampler:
     if cls is not DDIM and kwargs.pop("eta", 0.0):
         raise ValueError(f"eta is a DDIM parameter; {cls.__name__} does not take it")
     return cls(**kwargs)
+
+
+# -- diffusers scheduler configurations --------------------------------------------------------------------------
+_SCHEDULERS = {"DDIMScheduler": "ddim", "DDPMScheduler": "ddpm", "DPMSolverMultistepScheduler": "dpmpp2m"}
+_BETA_SCHEDULES = {"linear": "linear", "scaled_linear": "scaled_linear", "squaredcos_cap_v2": "cosine"}
+_PREDICTION_TYPES = {"epsilon": "eps", "v_prediction": "v"}
+# Options whose other values change the math these samplers do.
+_SCHEDULER_REQUIRED = {
+    "thresholding": (False,), "rescale_betas_zero_snr": (False,), "trained_betas": (None,),
+    "algorithm_type": ("dpmsolver++",), "solver_order": (2,), "solver_type": ("midpoint",),
+    "use_karras_sigmas": (False,), "use_exponential_sigmas": (False,), "use_beta_sigmas": (False,),
+    "use_lu_lambdas": (False,), "use_flow_sigmas": (False,), "lower_order_final": (True,), "euler_at_final": (False,),
+    "final_sigmas_type": ("zero",), "variance_type": (None, "fixed_small"), "timestep_type": ("discrete",),
+    "lambda_min_clipped": (float("-inf"),),
+}
+
+
+def scheduler_options(config: dict) -> tuple[str | None, dict]:
+    """(sampler name, keyword arguments) of a diffusers scheduler configuration (``scheduler_config.json``):
+    its beta schedule and range, prediction type, timestep spacing, ``steps_offset``, ``set_alpha_to_one`` and
+    clipping. The name is None for a scheduler class without a counterpart here (its schedule still maps).
+    Raises ``ValueError`` naming an option these samplers cannot reproduce."""
+    if not isinstance(config, dict):
+        raise TypeError(f"config must be a dict (a scheduler_config.json), got {type(config).__name__}")
+    kind = config.get("_class_name")
+    name = _SCHEDULERS.get(kind)
+    beta_schedule = config.get("beta_schedule", "linear")
+    if beta_schedule not in _BETA_SCHEDULES:
+        raise ValueError(f"scheduler beta_schedule={beta_schedule!r} is not supported; one of "
+                         f"{sorted(_BETA_SCHEDULES)}")
+    prediction = config.get("prediction_type", "epsilon")
+    if prediction not in _PREDICTION_TYPES:
+        raise ValueError(f"scheduler prediction_type={prediction!r} is not supported; one of "
+                         f"{sorted(_PREDICTION_TYPES)}")
+    if name is not None:
+        for option, allowed in _SCHEDULER_REQUIRED.items():
+            if option in config and config[option] not in allowed:
+                raise ValueError(f"{kind} option {option}={config[option]!r} is not supported; this sampler "
+                                 f"needs {option}={allowed[0]!r}")
+    schedule = _BETA_SCHEDULES[beta_schedule]
+    options = dict(schedule=schedule, prediction=_PREDICTION_TYPES[prediction],
+                   spacing=config.get("timestep_spacing", "leading"),
+                   num_train_timesteps=int(config.get("num_train_timesteps", 1000)),
+                   steps_offset=int(config.get("steps_offset", 0)),
+                   set_alpha_to_one=bool(config.get("set_alpha_to_one", True)) if name == "ddim" else True)
+    if schedule != "cosine":
+        options.update(beta_start=float(config.get("beta_start", 0.0001)),
+                       beta_end=float(config.get("beta_end", 0.02)))
+    if name in ("ddim", "ddpm") and config.get("clip_sample", name == "ddpm"):
+        options.update(clip_sample=True, clip_range=float(config.get("clip_sample_range", 1.0)))
+    return name, options

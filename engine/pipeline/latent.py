@@ -1,0 +1,72 @@
+"""Latent video models: their VAE decoder (diffusers' ``AutoencoderKL``, the optional ``stunet[diffusers]``).
+
+A latent STUNet (``in_channels=4``: ModelScope / ZeroScope, AnimateDiff, an inflated Stable Diffusion)
+denoises VAE latents (B, 4, T, H/8, W/8); :class:`LatentDecoder` turns them into the video (B, 3, T, H, W) in
+[-1, 1], frame by frame in chunks of ``chunk_frames`` frames, which bounds the decoder's memory whatever the
+clip length.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+
+def _require_diffusers():
+    try:
+        import diffusers
+    except ImportError:
+        raise ImportError("latent models decode with diffusers' AutoencoderKL: "
+                          "pip install 'stunet[diffusers]'") from None
+    return diffusers
+
+
+class LatentDecoder:
+    """Decodes latent videos with a diffusers ``AutoencoderKL`` (``vae``), ``chunk_frames`` frames at a time."""
+
+    def __init__(self, vae, chunk_frames: int = 8):
+        if not hasattr(vae, "decode") or not hasattr(vae, "config"):
+            raise TypeError(f"vae must be a diffusers AutoencoderKL, got {type(vae).__name__}")
+        if isinstance(chunk_frames, bool) or not isinstance(chunk_frames, int) or chunk_frames < 1:
+            raise ValueError(f"chunk_frames must be a positive integer, got {chunk_frames!r}")
+        self.vae = vae.eval()
+        self.chunk_frames = chunk_frames
+        self.latent_channels = int(vae.config.latent_channels)
+        self.scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
+        """Pixels per latent along H and W (8 for Stable Diffusion's VAE)."""
+        self.scaling_factor = float(vae.config.scaling_factor)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.vae.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.vae.parameters()).dtype
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """(B, C, T, h, w) latents -> (B, 3, T, h * f, w * f) video in [-1, 1] (fp32, on the VAE's device)."""
+        B, C, T, h, w = latents.shape
+        if C != self.latent_channels:
+            raise ValueError(f"latents have {C} channels but the VAE takes {self.latent_channels}")
+        frames = (latents / self.scaling_factor).transpose(1, 2).reshape(B * T, C, h, w)
+        frames = frames.to(self.device, self.dtype)
+        images = [self.vae.decode(chunk).sample.float() for chunk in frames.split(self.chunk_frames)]
+        video = torch.cat(images)
+        return video.reshape(B, T, *video.shape[1:]).transpose(1, 2)
+
+
+def load_vae(path: str | os.PathLike, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
+             chunk_frames: int = 8) -> LatentDecoder:
+    """The ``AutoencoderKL`` saved in ``path`` (a diffusers ``vae`` folder), as a :class:`LatentDecoder`."""
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"VAE directory {str(path)!r} has no config.json (a diffusers AutoencoderKL folder)")
+    diffusers = _require_diffusers()
+    vae = diffusers.AutoencoderKL.from_pretrained(path, local_files_only=True, torch_dtype=dtype)
+    return LatentDecoder(vae.to(device), chunk_frames)
+
+
+__all__ = ["LatentDecoder", "load_vae"]
