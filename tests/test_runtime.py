@@ -21,7 +21,8 @@ from utils import assert_close
 from stunet.pipeline import SSROptions
 from stunet.sampling import runtime
 from stunet.sampling.multidiffusion import blend, window_plan, window_weights
-from stunet.sampling.samplers import DDIM, SAMPLERS, SCHEDULES, SPACINGS, make_betas, make_sampler
+from stunet.sampling.samplers import (DDIM, SAMPLERS, SCHEDULES, SPACINGS, make_betas, make_sampler,
+                                      make_timesteps)
 
 _C = pytest.importorskip("stunet._C", reason="the C++ runtime is not built")
 CSRC = Path(__file__).resolve().parent.parent / "csrc"
@@ -81,10 +82,10 @@ def test_bf16_conversion_matches_torch():
 GUIDANCE = {"none": (1.0, 0.0), "cfg": (7.5, 0.0), "cfg+rescale": (5.0, 0.7)}
 
 
-def _sampler(name, prediction, clip):
+def _sampler(name, prediction, clip, **options):
     kw = {"eta": 0.6} if name == "ddim-eta" else {}
-    return make_sampler(name.split("-")[0], schedule="cosine", prediction=prediction, spacing="trailing",
-                        clip_sample=clip, **kw)
+    options = {"schedule": "cosine", "spacing": "trailing", **options}
+    return make_sampler(name.split("-")[0], prediction=prediction, clip_sample=clip, **kw, **options)
 
 
 def _prediction(sampler, t, x, x0, noise):
@@ -96,12 +97,18 @@ def _prediction(sampler, t, x, x0, noise):
     return out + noise
 
 
-def _run_both(name, prediction, guidance, dtype, clip=False, steps=6, shape=(2, 3, 5, 6, 7)):
+def _run_both(name, prediction, guidance, dtype, clip=False, steps=6, shape=(2, 3, 5, 6, 7), timesteps=None,
+              **options):
     """Steps the reference and the fused sampler side by side on the same predictions and noise draws."""
     scale, rescale = GUIDANCE[guidance]
-    ref, fused = _sampler(name, prediction, clip), runtime.FusedSampler(_sampler(name, prediction, clip))
-    ref.set_timesteps(steps)
-    fused.set_timesteps(steps)
+    ref = _sampler(name, prediction, clip, **options)
+    fused = runtime.FusedSampler(_sampler(name, prediction, clip, **options))
+    if timesteps is None:
+        ref.set_timesteps(steps)
+        fused.set_timesteps(steps)
+    else:
+        ref.set_timesteps(timesteps=timesteps)
+        fused.set_timesteps(timesteps=timesteps)
     g = torch.Generator().manual_seed(1)
     x_ref = x_fused = torch.randn(shape, generator=g).to(dtype)
     x0 = torch.randn(shape, generator=g) * 0.5
@@ -136,6 +143,40 @@ def test_fused_step_matches_reference(name, prediction, guidance, dtype):
 def test_fused_step_with_clipping_is_bit_identical(name):
     for got, want in _run_both(name, "eps", "cfg", torch.float32, clip=True):
         assert torch.equal(got, want)
+
+
+SD_SCHEDULE = dict(schedule="scaled_linear", beta_start=0.00085, beta_end=0.0125, spacing="leading", steps_offset=1,
+                   set_alpha_to_one=False)
+
+
+@pytest.mark.parametrize("name", ["ddim", "ddim-eta", "ddpm", "dpmpp2m"])
+def test_fused_step_on_a_diffusers_scheduler_config_is_bit_identical(name):
+    """Stable Diffusion's scheduler settings: a beta range, steps_offset, the final alpha of abar[0]."""
+    for i, (got, want) in enumerate(_run_both(name, "eps", "cfg", torch.float32, **SD_SCHEDULE)):
+        assert torch.equal(got, want), f"step {i}"
+
+
+@pytest.mark.parametrize("name", ["ddim", "dpmpp2m"])
+def test_fused_step_on_explicit_timesteps_is_bit_identical(name):
+    for got, want in _run_both(name, "v", "cfg", torch.float32, timesteps=[999, 760, 333, 41, 2]):
+        assert torch.equal(got, want)
+
+
+def test_ranged_betas_offsets_and_solver_grids_identical():
+    for schedule in ("linear", "scaled_linear"):
+        assert (_C.make_betas(schedule, 1000, 0.00085, 0.012)
+                == make_betas(schedule, 1000, 0.00085, 0.012).tolist())
+    for spacing in SPACINGS:
+        for solver_grid in (False, True):
+            for offset in (0, 1):
+                for n in range(1, 400, 7):
+                    want = make_timesteps(n, 1000, spacing, offset, solver_grid).tolist()
+                    assert _C.make_timesteps(n, 1000, spacing, offset, solver_grid) == want, (spacing, n)
+    fused = runtime.FusedSampler(make_sampler("dpmpp2m", spacing="leading", steps_offset=1))
+    fused.set_timesteps(10)  # diffusers' DPMSolverMultistepScheduler: 1000 // 11 apart, + 1
+    assert fused.timesteps.tolist() == [901, 811, 721, 631, 541, 451, 361, 271, 181, 91]
+    with pytest.raises(ValueError, match="strictly descending"):
+        _C.Scheduler("ddim").set_explicit_timesteps([5, 9])
 
 
 def test_mixed_dtypes_and_in_place():

@@ -1,0 +1,240 @@
+"""Converted diffusers pipelines run by stunet.Pipeline: tiny random TextToVideoSDPipeline and AnimateDiffPipeline
+folders built offline, saved, converted by `stunet convert`, and generated with the same latents; the samplers
+against diffusers' schedulers; the CLI path from a folder to a video."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import stunet
+from stunet.convert import convert_folder
+from stunet.sampling.samplers import make_sampler, scheduler_options
+
+diffusers = pytest.importorskip("diffusers")
+transformers = pytest.importorskip("transformers")
+
+
+def _randomized(model: torch.nn.Module, seed: int) -> torch.nn.Module:
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(0.2 * torch.randn(p.shape, generator=g))
+    return model.eval()
+
+
+def _clip(tmp: Path, max_length: int = 16):
+    """A CLIP tokenizer over single bytes (no merges) and a tiny random CLIP text model, built offline."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs, extra = bs[:], 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + extra)
+            extra += 1
+    chars = sorted(chr(c) for c in cs)
+    vocab = {c: i for i, c in enumerate(chars)} | {c + "</w>": len(chars) + i for i, c in enumerate(chars)}
+    vocab |= {"<|startoftext|>": len(vocab), "<|endoftext|>": len(vocab) + 1}
+    tmp.mkdir(parents=True, exist_ok=True)
+    (tmp / "vocab.json").write_text(json.dumps(vocab))
+    (tmp / "merges.txt").write_text("#version: 0.2\n")
+    tokenizer = transformers.CLIPTokenizer(str(tmp / "vocab.json"), str(tmp / "merges.txt"),
+                                           model_max_length=max_length)
+    config = transformers.CLIPTextConfig(vocab_size=len(vocab), hidden_size=24, intermediate_size=37,
+                                         num_hidden_layers=2, num_attention_heads=2, max_position_embeddings=max_length,
+                                         bos_token_id=len(vocab) - 2, eos_token_id=len(vocab) - 1,
+                                         pad_token_id=len(vocab) - 1)
+    torch.manual_seed(0)
+    return tokenizer, transformers.CLIPTextModel(config).eval()
+
+
+def _vae():
+    return _randomized(diffusers.AutoencoderKL(
+        block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4, norm_num_groups=4, sample_size=32), 5)
+
+
+def _unet2d():
+    return _randomized(diffusers.UNet2DConditionModel(
+        block_out_channels=(32, 64), down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), layers_per_block=1, cross_attention_dim=24,
+        attention_head_dim=8, norm_num_groups=8, sample_size=16), 1)
+
+
+@pytest.fixture(scope="module")
+def t2v_folder(tmp_path_factory):
+    """A saved TextToVideoSDPipeline (ModelScope's layout) with Stable Diffusion's DDIM settings."""
+    root = tmp_path_factory.mktemp("t2v")
+    tokenizer, text_encoder = _clip(root / "tok")
+    unet = _randomized(diffusers.UNet3DConditionModel(
+        block_out_channels=(32, 64), down_block_types=("CrossAttnDownBlock3D", "DownBlock3D"),
+        up_block_types=("UpBlock3D", "CrossAttnUpBlock3D"), layers_per_block=1, cross_attention_dim=24,
+        attention_head_dim=8, norm_num_groups=8, sample_size=16), 1)
+    scheduler = diffusers.DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+                                        steps_offset=1, set_alpha_to_one=False, clip_sample=False)
+    pipe = diffusers.TextToVideoSDPipeline(vae=_vae(), text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+                                           scheduler=scheduler)
+    pipe.save_pretrained(root / "pipe")
+    return pipe, root / "pipe"
+
+
+@pytest.fixture(scope="module")
+def animatediff_folder(tmp_path_factory):
+    """A saved AnimateDiffPipeline (an SD U-Net + a MotionAdapter) with AnimateDiff's linear DDIM schedule."""
+    root = tmp_path_factory.mktemp("animatediff")
+    tokenizer, text_encoder = _clip(root / "tok")
+    adapter = _randomized(diffusers.MotionAdapter(
+        block_out_channels=(32, 64), motion_layers_per_block=1, motion_num_attention_heads=2,
+        motion_norm_num_groups=8, motion_max_seq_length=24), 2)
+    scheduler = diffusers.DDIMScheduler(beta_schedule="linear", beta_start=0.00085, beta_end=0.012, steps_offset=1,
+                                        set_alpha_to_one=False, clip_sample=False)
+    pipe = diffusers.AnimateDiffPipeline(vae=_vae(), text_encoder=text_encoder, tokenizer=tokenizer, unet=_unet2d(),
+                                         motion_adapter=adapter, scheduler=scheduler)
+    pipe.save_pretrained(root / "pipe")
+    return pipe, root / "pipe"
+
+
+def _latents(frames: int, seed: int = 0) -> torch.Tensor:
+    return torch.randn(1, 4, frames, 8, 8, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("runtime", ["python", "cpp"])
+@pytest.mark.parametrize("which", ["t2v", "animatediff"])
+def test_converted_pipelines_reproduce_diffusers_frames(which, runtime, request, tmp_path):
+    pipe, folder = request.getfixturevalue(f"{which}_folder")
+    frames = 4 if which == "t2v" else 5
+    guidance = 9.0 if which == "t2v" else 7.5  # each diffusers pipeline's default
+    latents = _latents(frames)
+    with torch.no_grad():
+        want = np.asarray(pipe("a red fox", num_frames=frames, height=16, width=16, num_inference_steps=4,
+                               guidance_scale=guidance, latents=latents.clone(), output_type="np").frames)
+    convert_folder(folder, tmp_path / "stunet", dtype="fp32")
+    ours = stunet.Pipeline.from_pretrained(tmp_path / "stunet", device="cpu", runtime=runtime, progress=False)
+    assert isinstance(ours.sampler, stunet.samplers.DDIM) and ours.sampler.steps_offset == 1
+    assert not ours.sampler.set_alpha_to_one
+    got = ours("a red fox", num_frames=frames, height=16, width=16, num_inference_steps=4, guidance_scale=guidance,
+               latents=latents.clone()).frames
+    assert got.shape == want.shape == (1, frames, 16, 16, 3)
+    assert np.abs(got - want).max() <= 1e-4, f"max |stunet - diffusers| {np.abs(got - want).max():.3g}"
+
+
+def test_convert_folder_writes_the_engine_format_and_the_pipeline_parts(t2v_folder, tmp_path):
+    _, folder = t2v_folder
+    model = convert_folder(folder, tmp_path / "out")  # fp16 weights by default
+    out = tmp_path / "out"
+    assert {p.name for p in out.iterdir()} == {"config.json", "model.safetensors", "vae", "text_encoder",
+                                               "tokenizer", "scheduler"}
+    loaded = stunet.STUNet.from_pretrained(out)
+    assert loaded.dtype == torch.float16 and loaded.config == model.config
+    assert loaded.config.prediction == "eps" and loaded.config.schedule == "scaled_linear"
+    with pytest.raises(FileExistsError, match="exists and is not empty"):
+        convert_folder(folder, out)
+    with pytest.raises(FileNotFoundError, match="nothing is downloaded"):
+        convert_folder(tmp_path / "missing", tmp_path / "x")
+    assert not (tmp_path / "x").exists()
+
+
+def test_a_latent_model_needs_its_vae(t2v_folder, tmp_path):
+    _, folder = t2v_folder
+    model = convert_folder(folder, tmp_path / "m", dtype="fp32")
+    with pytest.raises(ValueError, match="latent model .*pass its VAE as vae="):
+        stunet.Pipeline(model, None)
+    pixel = stunet.STUNet(stunet.STUNetConfig.from_preset("tiny"))
+    with pytest.raises(ValueError, match="vae= is for latent models"):
+        stunet.Pipeline(pixel, None, vae=_vae())
+    with pytest.raises(FileNotFoundError, match="no model folder"):
+        stunet.Pipeline.from_pretrained(tmp_path / "nowhere")
+    pipe = stunet.Pipeline.from_pretrained(tmp_path / "m", device="cpu", progress=False)
+    with pytest.raises(ValueError, match="height must be a positive multiple of 4"):
+        pipe("a fox", num_frames=4, height=18, width=16)
+    with pytest.raises(ValueError, match="latents must be a tensor of shape \\(1, 4, 4, 8, 8\\)"):
+        pipe("a fox", num_frames=4, height=16, width=16, latents=torch.zeros(1, 4, 4, 16, 16))
+
+
+# -- samplers against diffusers' schedulers --------------------------------------------------------------------
+def _trajectory(scheduler, sampler, steps=None, timesteps=None, shape=(1, 4, 3, 4, 4)):
+    """Both step the same deterministic predictions; returns their samples after every step."""
+    if timesteps is None:
+        scheduler.set_timesteps(steps)
+        sampler.set_timesteps(steps)
+    else:
+        scheduler.set_timesteps(timesteps=timesteps)
+        sampler.set_timesteps(timesteps=timesteps)
+    assert sampler.timesteps.tolist() == scheduler.timesteps.tolist()
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(shape, generator=g)
+    ours, theirs = x.clone(), x.clone()
+    for t in sampler.timesteps:
+        pred = torch.randn(shape, generator=g)
+        ours = sampler.step(pred, t, ours)
+        theirs = scheduler.step(pred, t, theirs).prev_sample
+        yield ours, theirs
+
+
+SCHEDULER_CONFIGS = [
+    ("DDIMScheduler", dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, steps_offset=1,
+                           set_alpha_to_one=False, clip_sample=False)),
+    ("DDIMScheduler", dict(beta_schedule="linear", beta_start=0.00085, beta_end=0.012, steps_offset=1,
+                           clip_sample=False, prediction_type="v_prediction")),
+    ("DPMSolverMultistepScheduler", dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+                                         steps_offset=1, timestep_spacing="leading")),
+    ("DPMSolverMultistepScheduler", dict(beta_schedule="linear", timestep_spacing="linspace",
+                                         prediction_type="v_prediction")),
+    ("DPMSolverMultistepScheduler", dict(beta_schedule="scaled_linear", timestep_spacing="trailing")),
+]
+
+
+@pytest.mark.parametrize("steps", [7, 25])
+@pytest.mark.parametrize("kind,options", SCHEDULER_CONFIGS, ids=["ddim-sd", "ddim-v", "dpm-leading", "dpm-linspace",
+                                                                  "dpm-trailing"])
+def test_samplers_reproduce_diffusers_schedulers(kind, options, steps):
+    scheduler = getattr(diffusers, kind)(**options)
+    name, kwargs = scheduler_options(dict(scheduler.config, _class_name=kind))
+    for i, (ours, theirs) in enumerate(_trajectory(scheduler, make_sampler(name, **kwargs), steps)):
+        err = (ours - theirs).abs().max().item()
+        assert err <= 1e-4 * max(1.0, theirs.abs().max().item()), f"step {i}: max |err| {err:.3g}"
+
+
+def test_explicit_timesteps_as_diffusers_takes_them():
+    scheduler = diffusers.DPMSolverMultistepScheduler(beta_schedule="scaled_linear")
+    name, kwargs = scheduler_options(dict(scheduler.config, _class_name="DPMSolverMultistepScheduler"))
+    for ours, theirs in _trajectory(scheduler, make_sampler(name, **kwargs), timesteps=[999, 800, 501, 200, 3]):
+        assert (ours - theirs).abs().max().item() <= 1e-4 * max(1.0, theirs.abs().max().item())
+    sampler = make_sampler("ddim")
+    for bad in ([10, 20], [1000, 5], [], [5.5, 1]):
+        with pytest.raises(ValueError, match="timesteps must"):
+            sampler.set_timesteps(timesteps=bad)
+
+
+def test_scheduler_options_refuse_what_they_cannot_reproduce():
+    with pytest.raises(ValueError, match="use_karras_sigmas=True"):
+        scheduler_options({"_class_name": "DPMSolverMultistepScheduler", "use_karras_sigmas": True})
+    with pytest.raises(ValueError, match="prediction_type='sample'"):
+        scheduler_options({"_class_name": "DDIMScheduler", "prediction_type": "sample"})
+    name, options = scheduler_options({"_class_name": "EulerDiscreteScheduler", "beta_schedule": "scaled_linear"})
+    assert name is None and options["schedule"] == "scaled_linear"
+
+
+# -- the command line ------------------------------------------------------------------------------------------
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "stunet.cli", *args], capture_output=True, text=True, timeout=300)
+
+
+def test_cli_converts_a_folder_and_generates_a_video_from_it(t2v_folder, tmp_path):
+    _, folder = t2v_folder
+    res = _cli("convert", str(folder), "-o", str(tmp_path / "m"))
+    assert res.returncode == 0, res.stderr
+    assert "in_channels 4, prediction eps" in res.stderr and "vae" in res.stderr
+    res = _cli("generate", "a red fox", "--model", str(tmp_path / "m"), "-o", str(tmp_path / "fox.mp4"),
+               "--frames", "4", "--steps", "2", "-q")
+    assert res.returncode == 0, res.stderr
+    assert (tmp_path / "fox.mp4").stat().st_size > 0 and "32x32" in res.stderr  # 16 latents x the VAE's 2
+    again = _cli("convert", str(folder), "-o", str(tmp_path / "m"))
+    assert again.returncode == 2 and "pass --overwrite" in again.stderr
+    missing = _cli("convert", str(tmp_path / "nowhere"), "-o", str(tmp_path / "n"))
+    assert missing.returncode == 2 and "argument SRC_DIR: no folder" in missing.stderr
