@@ -12,14 +12,17 @@ import pytest
 BENCH = Path(__file__).resolve().parent.parent / "bench"
 
 
-@pytest.mark.parametrize("script", ["runtime.py", "kernels.py", "step.py", "pipeline.py", "distributed.py"])
+@pytest.mark.parametrize("script", ["runtime.py", "kernels.py", "step.py", "pipeline.py", "distributed.py", "peers.py"])
 def test_bench_script_smoke_run(script, tmp_path):
     name = script.removesuffix(".py")
+    if script == "peers.py":
+        pytest.importorskip("diffusers", reason="bench/peers.py times diffusers' own U-Nets")
     # Whole-model scripts use the kernels' reference paths on the CPU (the interpreter would take minutes);
     # kernels.py runs the kernels interpreted when the suite does.
-    whole_model = ("step.py", "pipeline.py", "distributed.py")
+    whole_model = ("step.py", "pipeline.py", "distributed.py", "peers.py")
     env = {**os.environ, **({"TRITON_INTERPRET": "0"} if script in whole_model else {})}
-    extra = {"pipeline.py": [], "distributed.py": [], "step.py": ["--iters", "2", "--max-batch", "1"]}.get(
+    extra = {"pipeline.py": [], "distributed.py": [], "step.py": ["--iters", "2", "--max-batch", "1"],
+             "peers.py": ["--iters", "2"]}.get(
         script, ["--iters", "2"])
     run = subprocess.run([sys.executable, str(BENCH / script), "--device", "cpu", "--quick", *extra,
                           "--out", str(tmp_path)], capture_output=True, text=True, timeout=600, env=env)
