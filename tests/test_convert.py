@@ -6,6 +6,7 @@ import copy
 
 import pytest
 import torch
+from diffusers_models import randomized
 from utils import assert_close
 
 import stunet
@@ -16,15 +17,6 @@ from stunet.kernels import _triton
 diffusers = pytest.importorskip("diffusers")
 
 TEXT_DIMS = (24, 40)
-
-
-def _randomized(model: torch.nn.Module, seed: int) -> torch.nn.Module:
-    """Every parameter drawn at random (zero-initialised layers too: otherwise they hide mapping errors)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(0.2 * torch.randn(p.shape, generator=g))
-    return model.eval()
 
 
 def _blocks(kind: str, cross: tuple[bool, ...]) -> tuple[tuple[str, ...], tuple[str, ...]]:
@@ -48,7 +40,7 @@ def _unet3d(widths, cross, layers, head_dim, groups, text_dim, seed=0):
     model = diffusers.UNet3DConditionModel(
         block_out_channels=widths, down_block_types=down, up_block_types=up, layers_per_block=layers,
         cross_attention_dim=text_dim, attention_head_dim=head_dim, norm_num_groups=groups, sample_size=16)
-    return _randomized(model, seed)
+    return randomized(model, seed)
 
 
 def _unet2d(widths, cross, layers, heads, groups, text_dim, seed=0, **options):
@@ -57,7 +49,7 @@ def _unet2d(widths, cross, layers, heads, groups, text_dim, seed=0, **options):
         block_out_channels=widths, down_block_types=down, up_block_types=up, layers_per_block=layers,
         cross_attention_dim=text_dim, attention_head_dim=heads, norm_num_groups=groups, sample_size=16,
         **options)
-    return _randomized(model, seed)
+    return randomized(model, seed)
 
 
 def _motion(widths, cross, layers, heads, groups, text_dim, seed=0, motion_heads=2, mid=True, max_len=24):
@@ -65,7 +57,7 @@ def _motion(widths, cross, layers, heads, groups, text_dim, seed=0, motion_heads
     adapter = diffusers.MotionAdapter(
         block_out_channels=widths, motion_layers_per_block=layers, motion_num_attention_heads=motion_heads,
         motion_norm_num_groups=groups, motion_max_seq_length=max_len, use_motion_mid_block=mid)
-    return _randomized(diffusers.UNetMotionModel.from_unet2d(unet, adapter), seed + 1)
+    return randomized(diffusers.UNetMotionModel.from_unet2d(unet, adapter), seed + 1)
 
 
 def _inputs(model: stunet.STUNet, frames: int, batch: int = 2, text_len: int = 7, seed: int = 0):

@@ -3,11 +3,10 @@ folders built offline, saved, converted by `stunet convert`, and generated with 
 against diffusers' schedulers; the CLI path from a folder to a video."""
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
-from pathlib import Path
 
+import diffusers_models as tiny
 import numpy as np
 import pytest
 import torch
@@ -20,65 +19,11 @@ diffusers = pytest.importorskip("diffusers")
 transformers = pytest.importorskip("transformers")
 
 
-def _randomized(model: torch.nn.Module, seed: int) -> torch.nn.Module:
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(0.2 * torch.randn(p.shape, generator=g))
-    return model.eval()
-
-
-def _clip(tmp: Path, max_length: int = 16):
-    """A CLIP tokenizer over single bytes (no merges) and a tiny random CLIP text model, built offline."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs, extra = bs[:], 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + extra)
-            extra += 1
-    chars = sorted(chr(c) for c in cs)
-    vocab = {c: i for i, c in enumerate(chars)} | {c + "</w>": len(chars) + i for i, c in enumerate(chars)}
-    vocab |= {"<|startoftext|>": len(vocab), "<|endoftext|>": len(vocab) + 1}
-    tmp.mkdir(parents=True, exist_ok=True)
-    (tmp / "vocab.json").write_text(json.dumps(vocab))
-    (tmp / "merges.txt").write_text("#version: 0.2\n")
-    tokenizer = transformers.CLIPTokenizer(str(tmp / "vocab.json"), str(tmp / "merges.txt"),
-                                           model_max_length=max_length)
-    config = transformers.CLIPTextConfig(vocab_size=len(vocab), hidden_size=24, intermediate_size=37,
-                                         num_hidden_layers=2, num_attention_heads=2, max_position_embeddings=max_length,
-                                         bos_token_id=len(vocab) - 2, eos_token_id=len(vocab) - 1,
-                                         pad_token_id=len(vocab) - 1)
-    torch.manual_seed(0)
-    return tokenizer, transformers.CLIPTextModel(config).eval()
-
-
-def _vae():
-    return _randomized(diffusers.AutoencoderKL(
-        block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2,
-        up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4, norm_num_groups=4, sample_size=32), 5)
-
-
-def _unet2d():
-    return _randomized(diffusers.UNet2DConditionModel(
-        block_out_channels=(32, 64), down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), layers_per_block=1, cross_attention_dim=24,
-        attention_head_dim=8, norm_num_groups=8, sample_size=16), 1)
-
-
 @pytest.fixture(scope="module")
 def t2v_folder(tmp_path_factory):
     """A saved TextToVideoSDPipeline (ModelScope's layout) with Stable Diffusion's DDIM settings."""
     root = tmp_path_factory.mktemp("t2v")
-    tokenizer, text_encoder = _clip(root / "tok")
-    unet = _randomized(diffusers.UNet3DConditionModel(
-        block_out_channels=(32, 64), down_block_types=("CrossAttnDownBlock3D", "DownBlock3D"),
-        up_block_types=("UpBlock3D", "CrossAttnUpBlock3D"), layers_per_block=1, cross_attention_dim=24,
-        attention_head_dim=8, norm_num_groups=8, sample_size=16), 1)
-    scheduler = diffusers.DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
-                                        steps_offset=1, set_alpha_to_one=False, clip_sample=False)
-    pipe = diffusers.TextToVideoSDPipeline(vae=_vae(), text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
-                                           scheduler=scheduler)
+    pipe = tiny.text_to_video_pipeline(root)
     pipe.save_pretrained(root / "pipe")
     return pipe, root / "pipe"
 
@@ -87,14 +32,7 @@ def t2v_folder(tmp_path_factory):
 def animatediff_folder(tmp_path_factory):
     """A saved AnimateDiffPipeline (an SD U-Net + a MotionAdapter) with AnimateDiff's linear DDIM schedule."""
     root = tmp_path_factory.mktemp("animatediff")
-    tokenizer, text_encoder = _clip(root / "tok")
-    adapter = _randomized(diffusers.MotionAdapter(
-        block_out_channels=(32, 64), motion_layers_per_block=1, motion_num_attention_heads=2,
-        motion_norm_num_groups=8, motion_max_seq_length=24), 2)
-    scheduler = diffusers.DDIMScheduler(beta_schedule="linear", beta_start=0.00085, beta_end=0.012, steps_offset=1,
-                                        set_alpha_to_one=False, clip_sample=False)
-    pipe = diffusers.AnimateDiffPipeline(vae=_vae(), text_encoder=text_encoder, tokenizer=tokenizer, unet=_unet2d(),
-                                         motion_adapter=adapter, scheduler=scheduler)
+    pipe = tiny.animatediff_pipeline(root)
     pipe.save_pretrained(root / "pipe")
     return pipe, root / "pipe"
 
@@ -146,7 +84,7 @@ def test_a_latent_model_needs_its_vae(t2v_folder, tmp_path):
         stunet.Pipeline(model, None)
     pixel = stunet.STUNet(stunet.STUNetConfig.from_preset("tiny"))
     with pytest.raises(ValueError, match="vae= is for latent models"):
-        stunet.Pipeline(pixel, None, vae=_vae())
+        stunet.Pipeline(pixel, None, vae=tiny.vae())
     with pytest.raises(FileNotFoundError, match="no model folder"):
         stunet.Pipeline.from_pretrained(tmp_path / "nowhere")
     pipe = stunet.Pipeline.from_pretrained(tmp_path / "m", device="cpu", progress=False)
