@@ -54,30 +54,39 @@ def vae(levels: int = 2):
         up_block_types=("UpDecoderBlock2D",) * levels, latent_channels=4, norm_num_groups=4, sample_size=32), 5)
 
 
-def unet3d(text_dim: int = 24):
+FAST = dict(widths=(8, 16), groups=4, head_dim=2, attend_full_res=False)
+"""A stand-in cheap enough to run at a real checkpoint's frame size on a CPU (no attention at full resolution)."""
+
+
+def _blocks(kind: str, attend_full_res: bool) -> dict:
+    cross = (f"CrossAttnDownBlock{kind}", f"DownBlock{kind}", f"CrossAttnUpBlock{kind}", f"UpBlock{kind}")
+    down = (cross[0], cross[1]) if attend_full_res else (cross[1], cross[0])
+    up = (cross[3], cross[2]) if attend_full_res else (cross[2], cross[3])
+    return dict(down_block_types=down, up_block_types=up)
+
+
+def unet3d(text_dim: int = 24, widths=(32, 64), groups: int = 8, head_dim: int = 8, attend_full_res: bool = True):
     import diffusers
 
     return randomized(diffusers.UNet3DConditionModel(
-        block_out_channels=(32, 64), down_block_types=("CrossAttnDownBlock3D", "DownBlock3D"),
-        up_block_types=("UpBlock3D", "CrossAttnUpBlock3D"), layers_per_block=1, cross_attention_dim=text_dim,
-        attention_head_dim=8, norm_num_groups=8, sample_size=16), 1)
+        block_out_channels=widths, layers_per_block=1, cross_attention_dim=text_dim, attention_head_dim=head_dim,
+        norm_num_groups=groups, sample_size=16, **_blocks("3D", attend_full_res)), 1)
 
 
-def unet2d(text_dim: int = 24):
+def unet2d(text_dim: int = 24, widths=(32, 64), groups: int = 8, head_dim: int = 8, attend_full_res: bool = True):
     import diffusers
 
     return randomized(diffusers.UNet2DConditionModel(
-        block_out_channels=(32, 64), down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), layers_per_block=1, cross_attention_dim=text_dim,
-        attention_head_dim=8, norm_num_groups=8, sample_size=16), 1)
+        block_out_channels=widths, layers_per_block=1, cross_attention_dim=text_dim, attention_head_dim=head_dim,
+        norm_num_groups=groups, sample_size=16, **_blocks("2D", attend_full_res)), 1)
 
 
-def motion_adapter():
+def motion_adapter(widths=(32, 64), groups: int = 8):
     import diffusers
 
     return randomized(diffusers.MotionAdapter(
-        block_out_channels=(32, 64), motion_layers_per_block=1, motion_num_attention_heads=2,
-        motion_norm_num_groups=8, motion_max_seq_length=24), 2)
+        block_out_channels=widths, motion_layers_per_block=1, motion_num_attention_heads=2,
+        motion_norm_num_groups=groups, motion_max_seq_length=24), 2)
 
 
 def sd_ddim(beta_schedule: str = "scaled_linear"):
@@ -88,13 +97,13 @@ def sd_ddim(beta_schedule: str = "scaled_linear"):
                                    set_alpha_to_one=False, clip_sample=False)
 
 
-def text_to_video_pipeline(tmp: Path, vae_levels: int = 2):
+def text_to_video_pipeline(tmp: Path, vae_levels: int = 2, **unet):
     """A TextToVideoSDPipeline (ModelScope / ZeroScope's layout) of tiny random parts."""
     import diffusers
 
     tokenizer, text_encoder = clip(tmp / "tokenizer-files")
     return diffusers.TextToVideoSDPipeline(vae=vae(vae_levels), text_encoder=text_encoder, tokenizer=tokenizer,
-                                           unet=unet3d(), scheduler=sd_ddim())
+                                           unet=unet3d(**unet), scheduler=sd_ddim())
 
 
 def animatediff_pipeline(tmp: Path, vae_levels: int = 2):
@@ -106,10 +115,10 @@ def animatediff_pipeline(tmp: Path, vae_levels: int = 2):
                                          unet=unet2d(), motion_adapter=motion_adapter(), scheduler=sd_ddim("linear"))
 
 
-def save_sd_folder(folder: Path, vae_levels: int = 4) -> None:
+def save_sd_folder(folder: Path, vae_levels: int = 4, **unet) -> None:
     """A Stable Diffusion 1.x-style pipeline folder (unet, vae, text_encoder, tokenizer, scheduler), tiny."""
     tokenizer, text_encoder = clip(folder.parent / f".{folder.name}-tokenizer-files")
-    unet2d().save_pretrained(folder / "unet")
+    unet2d(**unet).save_pretrained(folder / "unet")
     vae(vae_levels).save_pretrained(folder / "vae")
     text_encoder.save_pretrained(folder / "text_encoder")
     tokenizer.save_pretrained(folder / "tokenizer")

@@ -47,10 +47,24 @@ def test_stunet_commands_run_as_written(tmp_path):
     env = {**os.environ, "TRITON_INTERPRET": "0"}
     # The README's Python section saves `tiny_model` before its export commands use it.
     stunet.STUNet(stunet.STUNetConfig.from_preset("tiny")).save_pretrained(tmp_path / "tiny_model")
+    _public_checkpoint_stand_ins(tmp_path)
     for command in commands:
         argv = shlex.split(command)
         run = subprocess.run([sys.executable, "-m", "stunet.cli", *argv[1:]], cwd=tmp_path, capture_output=True,
                              text=True, timeout=600, env=env)
         assert run.returncode == 0, f"{command}\n{run.stderr[-2000:]}"
         output = argv[argv.index("-o") + 1]
-        assert (tmp_path / output).is_file(), command
+        assert (tmp_path / output).exists(), command
+
+
+def _public_checkpoint_stand_ins(folder: Path) -> None:
+    """Tiny random diffusers folders under the names the README converts (their real weights are gigabytes
+    that a user downloads themselves): a ZeroScope pipeline, an SD 1.5 pipeline, an AnimateDiff motion adapter,
+    with SD's 8-pixels-per-latent VAE so the README's frame sizes hold."""
+    pytest.importorskip("diffusers")
+    import diffusers_models as tiny
+
+    fast = tiny.FAST
+    tiny.text_to_video_pipeline(folder / ".parts", vae_levels=4, **fast).save_pretrained(folder / "zeroscope_v2_576w")
+    tiny.save_sd_folder(folder / "stable-diffusion-v1-5", vae_levels=4, **fast)
+    tiny.motion_adapter(fast["widths"], fast["groups"]).save_pretrained(folder / "animatediff-motion-adapter-v1-5-2")
