@@ -182,15 +182,17 @@ PYBIND11_MODULE(_C, m) {
         .def(py::init([](const std::string& sampler, const std::string& schedule, const std::string& prediction,
                          const std::string& spacing, int num_train_timesteps, double eta, bool clip_sample,
                          double clip_range, std::optional<double> beta_start, std::optional<double> beta_end,
-                         int64_t steps_offset, bool set_alpha_to_one) {
+                         int64_t steps_offset, bool set_alpha_to_one, bool fixed_stride) {
                  return Scheduler(parse_sampler(sampler), parse_schedule(schedule), parse_prediction(prediction),
                                   parse_spacing(spacing), num_train_timesteps, eta, clip_sample, clip_range,
-                                  beta_start.value_or(NAN), beta_end.value_or(NAN), steps_offset, set_alpha_to_one);
+                                  beta_start.value_or(NAN), beta_end.value_or(NAN), steps_offset, set_alpha_to_one,
+                                  fixed_stride);
              }),
              py::arg("sampler"), py::arg("schedule") = "cosine", py::arg("prediction") = "v",
              py::arg("spacing") = "leading", py::arg("num_train_timesteps") = 1000, py::arg("eta") = 0.0,
              py::arg("clip_sample") = false, py::arg("clip_range") = 1.0, py::arg("beta_start") = py::none(),
-             py::arg("beta_end") = py::none(), py::arg("steps_offset") = 0, py::arg("set_alpha_to_one") = true)
+             py::arg("beta_end") = py::none(), py::arg("steps_offset") = 0, py::arg("set_alpha_to_one") = true,
+             py::arg("fixed_stride") = false)
         .def("set_timesteps", py::overload_cast<int>(&Scheduler::set_timesteps), py::arg("num_inference_steps"))
         .def("set_explicit_timesteps", py::overload_cast<const std::vector<int64_t>&>(&Scheduler::set_timesteps),
              py::arg("timesteps"))

@@ -70,7 +70,7 @@ public:
     Scheduler(SamplerKind kind, Schedule schedule, Prediction prediction, Spacing spacing,
               int num_train_timesteps = 1000, double eta = 0.0, bool clip_sample = false, double clip_range = 1.0,
               double beta_start = NAN, double beta_end = NAN, int64_t steps_offset = 0,
-              bool set_alpha_to_one = true);
+              bool set_alpha_to_one = true, bool fixed_stride = false);
 
     void set_timesteps(int num_inference_steps);  // also resets the solver history
     void set_timesteps(const std::vector<int64_t>& timesteps);  // explicit, strictly descending
@@ -96,6 +96,8 @@ private:
     bool clip_;
     int64_t steps_offset_ = 0;
     double final_abar_ = 1.0;  // DDIM's abar after the last step
+    bool fixed_stride_ = false;
+    int64_t stride_ = 0;       // fixed_stride: t steps to t - N / n (diffusers' DDIM); 0: to the next timestep
     std::vector<double> betas_, abar_;
     std::vector<int64_t> timesteps_;
     bool has_history_ = false;

@@ -136,9 +136,10 @@ std::vector<int64_t> make_timesteps(int n, int N, Spacing spacing, int64_t steps
 
 Scheduler::Scheduler(SamplerKind kind, Schedule schedule, Prediction prediction, Spacing spacing,
                      int num_train_timesteps, double eta, bool clip_sample, double clip_range, double beta_start,
-                     double beta_end, int64_t steps_offset, bool set_alpha_to_one)
+                     double beta_end, int64_t steps_offset, bool set_alpha_to_one, bool fixed_stride)
     : kind_(kind), prediction_(prediction), spacing_(spacing), num_train_timesteps_(num_train_timesteps),
-      eta_(eta), clip_range_(clip_range), clip_(clip_sample), steps_offset_(steps_offset) {
+      eta_(eta), clip_range_(clip_range), clip_(clip_sample), steps_offset_(steps_offset),
+      fixed_stride_(fixed_stride) {
     if (steps_offset < 0)
         throw std::invalid_argument("steps_offset must be >= 0, got " + std::to_string(steps_offset));
     if (!(eta >= 0.0 && eta <= 1.0)) throw std::invalid_argument("eta must be in [0, 1], got " + std::to_string(eta));
@@ -158,6 +159,7 @@ void Scheduler::set_timesteps(int n) {
         throw std::invalid_argument("steps_offset puts timestep " + std::to_string(ts.front()) +
                                     " past the last training timestep");
     timesteps_ = std::move(ts);
+    stride_ = fixed_stride_ ? num_train_timesteps_ / n : 0;
     reset();
 }
 
@@ -169,6 +171,7 @@ void Scheduler::set_timesteps(const std::vector<int64_t>& timesteps) {
                                         std::to_string(num_train_timesteps_ - 1) + "]");
     }
     timesteps_ = timesteps;
+    stride_ = 0;  // explicit timesteps step to the next one given
     reset();
 }
 
@@ -194,6 +197,7 @@ size_t Scheduler::index_of(int64_t t) const {
 
 int64_t Scheduler::prev_timestep(int64_t t) const {
     const size_t i = index_of(t);
+    if (stride_ > 0) return t - stride_ < 0 ? -1 : t - stride_;
     return i + 1 < timesteps_.size() ? timesteps_[i + 1] : -1;
 }
 

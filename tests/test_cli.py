@@ -162,7 +162,7 @@ def test_version_and_help_for_every_argument(capsys):
     parser = build_parser()
     subparsers = next(a for a in parser._actions if a.dest == "command").choices
     assert set(subparsers) == {"info", "env", "generate", "image-to-video", "inpaint", "cinemagraph",
-                               "video-to-video", "export"}
+                               "video-to-video", "export", "convert"}
     nested = next(a for a in subparsers["export"]._actions if a.dest == "route").choices
     for name, sub in [*subparsers.items(), *((f"export {k}", v) for k, v in nested.items())]:
         assert sub.description, f"stunet {name} has no description"

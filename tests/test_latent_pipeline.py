@@ -119,6 +119,7 @@ SCHEDULER_CONFIGS = [
                            set_alpha_to_one=False, clip_sample=False)),
     ("DDIMScheduler", dict(beta_schedule="linear", beta_start=0.00085, beta_end=0.012, steps_offset=1,
                            clip_sample=False, prediction_type="v_prediction")),
+    ("DDIMScheduler", dict(beta_schedule="scaled_linear", timestep_spacing="trailing", clip_sample=False)),
     ("DPMSolverMultistepScheduler", dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
                                          steps_offset=1, timestep_spacing="leading")),
     ("DPMSolverMultistepScheduler", dict(beta_schedule="linear", timestep_spacing="linspace",
@@ -128,14 +129,28 @@ SCHEDULER_CONFIGS = [
 
 
 @pytest.mark.parametrize("steps", [7, 25])
-@pytest.mark.parametrize("kind,options", SCHEDULER_CONFIGS, ids=["ddim-sd", "ddim-v", "dpm-leading", "dpm-linspace",
-                                                                  "dpm-trailing"])
+@pytest.mark.parametrize("kind,options", SCHEDULER_CONFIGS, ids=["ddim-sd", "ddim-v", "ddim-trailing", "dpm-leading",
+                                                                  "dpm-linspace", "dpm-trailing"])
 def test_samplers_reproduce_diffusers_schedulers(kind, options, steps):
     scheduler = getattr(diffusers, kind)(**options)
     name, kwargs = scheduler_options(dict(scheduler.config, _class_name=kind))
     for i, (ours, theirs) in enumerate(_trajectory(scheduler, make_sampler(name, **kwargs), steps)):
         err = (ours - theirs).abs().max().item()
         assert err <= 1e-4 * max(1.0, theirs.abs().max().item()), f"step {i}: max |err| {err:.3g}"
+
+
+def test_ddim_steps_by_diffusers_fixed_stride_only_when_asked():
+    """diffusers' DDIM steps from t to t - N // n; on a "trailing" grid of 7 steps that is not always the next
+    timestep of the grid, which stunet's own DDIM steps to."""
+    own, diffusers_like = make_sampler("ddim", spacing="trailing"), make_sampler("ddim", spacing="trailing",
+                                                                                fixed_stride=True)
+    own.set_timesteps(7)
+    diffusers_like.set_timesteps(7)
+    assert own.timesteps.tolist() == diffusers_like.timesteps.tolist() == [999, 856, 713, 570, 428, 285, 142]
+    assert own.prev_timestep(713) == 570 and diffusers_like.prev_timestep(713) == 571
+    assert own.prev_timestep(142) == -1 and diffusers_like.prev_timestep(142) == 0  # diffusers ends at t = 0
+    schedule = stunet.samplers.DDIM(schedule="linear", beta_start=0.001, beta_end=0.01, steps_offset=1)
+    assert make_sampler("dpmpp2m", **schedule.schedule_options()).betas.tolist() == schedule.betas.tolist()
 
 
 def test_explicit_timesteps_as_diffusers_takes_them():

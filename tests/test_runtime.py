@@ -156,6 +156,12 @@ def test_fused_step_on_a_diffusers_scheduler_config_is_bit_identical(name):
         assert torch.equal(got, want), f"step {i}"
 
 
+def test_fused_ddim_with_a_fixed_stride_is_bit_identical():
+    """diffusers' DDIM stepping (t -> t - N // n) on a trailing grid, where it differs from the grid's next."""
+    for got, want in _run_both("ddim", "eps", "cfg", torch.float32, steps=7, fixed_stride=True):
+        assert torch.equal(got, want)
+
+
 @pytest.mark.parametrize("name", ["ddim", "dpmpp2m"])
 def test_fused_step_on_explicit_timesteps_is_bit_identical(name):
     for got, want in _run_both(name, "v", "cfg", torch.float32, timesteps=[999, 760, 333, 41, 2]):

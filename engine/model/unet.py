@@ -138,9 +138,13 @@ class STUNet(nn.Module):
                 self.encoder.append(Stage(down))
                 skip_channels.append(ch)
 
-        mid_blocks = {"res": lambda: [res(ch, ch)], "attn": lambda: [attn(ch)],
-                      "temporal_conv": lambda: temporal("conv", ch), "temporal_attn": lambda: temporal("attn", ch)}
-        self.mid = Stage([block for kind in cfg.mid_modules for block in mid_blocks[kind]()])
+        # The mid block's temporal modules are built before its spatial ones (then placed in config order): the
+        # order parameters are created in fixes what a seed initialises, and seeded models keep their weights.
+        kinds = {"temporal_conv": "conv", "temporal_attn": "attn"}
+        built = {i: temporal(kinds[kind], ch) for i, kind in enumerate(cfg.mid_modules) if kind in kinds}
+        built.update({i: [res(ch, ch)] if kind == "res" else [attn(ch)]
+                      for i, kind in enumerate(cfg.mid_modules) if kind not in kinds})
+        self.mid = Stage([block for i in range(len(cfg.mid_modules)) for block in built[i]])
 
         self.decoder = nn.ModuleList()
         for level in reversed(range(cfg.num_levels)):

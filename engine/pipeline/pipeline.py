@@ -194,7 +194,8 @@ class Pipeline:
         scheduler = base / "scheduler" / "scheduler_config.json"
         if scheduler.is_file() and "schedule" not in kwargs:
             name, options = scheduler_options(json.loads(scheduler.read_text()))
-            kwargs["schedule"] = {k: v for k, v in options.items() if k not in ("clip_sample", "clip_range")}
+            kwargs["schedule"] = {k: v for k, v in options.items()  # what another named sampler runs on
+                                  if k not in ("clip_sample", "clip_range", "fixed_stride")}
             if "sampler" not in kwargs:
                 if name is None:
                     log.warning("stunet: %s's scheduler %s has no stunet counterpart; sampling with DDIM on its "

@@ -117,7 +117,7 @@ class FusedSampler:
                                        reference.spacing, reference.num_train_timesteps,
                                        float(getattr(reference, "eta", 0.0)), reference.clip_sample,
                                        float(reference.clip_range), reference.beta_start, reference.beta_end,
-                                       reference.steps_offset, reference.set_alpha_to_one)
+                                       reference.steps_offset, reference.set_alpha_to_one, reference.fixed_stride)
         self._history: torch.Tensor | None = None
         self._stats: torch.Tensor | None = None
         if len(reference.timesteps):

@@ -109,7 +109,7 @@ class Sampler(abc.ABC):
     def __init__(self, schedule: str = "cosine", prediction: str = "v", spacing: str = "leading",
                  num_train_timesteps: int = 1000, clip_sample: bool = False, clip_range: float = 1.0, *,
                  beta_start: float | None = None, beta_end: float | None = None, steps_offset: int = 0,
-                 set_alpha_to_one: bool = True):
+                 set_alpha_to_one: bool = True, fixed_stride: bool = False):
         if prediction not in PREDICTIONS:
             raise ValueError(f"prediction must be one of {PREDICTIONS}, got {prediction!r}")
         if spacing not in SPACINGS:
@@ -120,13 +120,18 @@ class Sampler(abc.ABC):
             raise ValueError(f"clip_range must be positive, got {clip_range}")
         if isinstance(steps_offset, bool) or not isinstance(steps_offset, int) or steps_offset < 0:
             raise ValueError(f"steps_offset must be a non-negative integer, got {steps_offset!r}")
-        if not isinstance(set_alpha_to_one, bool):
-            raise ValueError(f"set_alpha_to_one must be a bool, got {set_alpha_to_one!r}")
+        for name, flag in (("set_alpha_to_one", set_alpha_to_one), ("fixed_stride", fixed_stride)):
+            if not isinstance(flag, bool):
+                raise ValueError(f"{name} must be a bool, got {flag!r}")
         self.schedule, self.prediction, self.spacing = schedule, prediction, spacing
         self.num_train_timesteps = num_train_timesteps
         self.clip_sample, self.clip_range = clip_sample, clip_range
         self.beta_start, self.beta_end = beta_start, beta_end
         self.steps_offset, self.set_alpha_to_one = steps_offset, set_alpha_to_one
+        self.fixed_stride = fixed_stride
+        """Step from t to ``t - num_train_timesteps // n`` (diffusers' DDIMScheduler) rather than to the grid's
+        next timestep; the same for "leading" spacing, one timestep apart at some steps of the others."""
+        self._stride = 0
         self.betas = make_betas(schedule, num_train_timesteps, beta_start, beta_end)
         self.alphas_cumprod = torch.cumprod(1.0 - self.betas, dim=0)  # float64
         self.final_abar = 1.0 if set_alpha_to_one else float(self.alphas_cumprod[0])
@@ -162,6 +167,7 @@ class Sampler(abc.ABC):
             if any(not 0 <= t < N for t in ts) or any(a <= b for a, b in zip(ts, ts[1:])):
                 raise ValueError(f"timesteps must be strictly descending integers in [0, {N - 1}], got {ts}")
             self.timesteps = torch.tensor(ts, dtype=torch.int64)
+            self._stride = 0  # explicit timesteps step to the next one given
         else:
             if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, int) or not (
                     1 <= num_inference_steps <= N):
@@ -171,6 +177,7 @@ class Sampler(abc.ABC):
             if int(self.timesteps[0]) >= N:
                 raise ValueError(f"steps_offset={self.steps_offset} puts timestep {int(self.timesteps[0])} past the "
                                  f"last training timestep {N - 1}; use fewer steps")
+            self._stride = N // num_inference_steps if self.fixed_stride else 0
         self._index = {int(t): i for i, t in enumerate(self.timesteps)}
         self.reset()
 
@@ -184,6 +191,8 @@ class Sampler(abc.ABC):
 
     def prev_timestep(self, t: int) -> int:
         i = self._step_index(t)
+        if self._stride:
+            return max(int(t) - self._stride, -1)
         return int(self.timesteps[i + 1]) if i + 1 < len(self.timesteps) else -1
 
     def _step_index(self, t) -> int:
@@ -395,7 +404,8 @@ def scheduler_options(config: dict) -> tuple[str | None, dict]:
                    spacing=config.get("timestep_spacing", "leading"),
                    num_train_timesteps=int(config.get("num_train_timesteps", 1000)),
                    steps_offset=int(config.get("steps_offset", 0)),
-                   set_alpha_to_one=bool(config.get("set_alpha_to_one", True)) if name == "ddim" else True)
+                   set_alpha_to_one=bool(config.get("set_alpha_to_one", True)) if name == "ddim" else True,
+                   fixed_stride=name == "ddim")
     if schedule != "cosine":
         options.update(beta_start=float(config.get("beta_start", 0.0001)),
                        beta_end=float(config.get("beta_end", 0.02)))
