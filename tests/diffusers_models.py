@@ -54,31 +54,31 @@ def vae(levels: int = 2):
         up_block_types=("UpDecoderBlock2D",) * levels, latent_channels=4, norm_num_groups=4, sample_size=32), 5)
 
 
-FAST = dict(widths=(8, 16), groups=4, head_dim=2, attend_full_res=False)
-"""A stand-in cheap enough to run at a real checkpoint's frame size on a CPU (no attention at full resolution)."""
+FAST = dict(widths=(8, 8, 16), groups=4, head_dim=2, cross=(False, False, True))
+"""A stand-in cheap enough to run at a real checkpoint's frame size on a CPU (spatial attention only at the
+coarsest of three levels)."""
 
 
-def _blocks(kind: str, attend_full_res: bool) -> dict:
-    cross = (f"CrossAttnDownBlock{kind}", f"DownBlock{kind}", f"CrossAttnUpBlock{kind}", f"UpBlock{kind}")
-    down = (cross[0], cross[1]) if attend_full_res else (cross[1], cross[0])
-    up = (cross[3], cross[2]) if attend_full_res else (cross[2], cross[3])
+def _blocks(kind: str, cross: tuple[bool, ...]) -> dict:
+    down = tuple(f"CrossAttnDownBlock{kind}" if c else f"DownBlock{kind}" for c in cross)
+    up = tuple(f"CrossAttnUpBlock{kind}" if c else f"UpBlock{kind}" for c in reversed(cross))
     return dict(down_block_types=down, up_block_types=up)
 
 
-def unet3d(text_dim: int = 24, widths=(32, 64), groups: int = 8, head_dim: int = 8, attend_full_res: bool = True):
+def unet3d(text_dim: int = 24, widths=(32, 64), groups: int = 8, head_dim: int = 8, cross=(True, False)):
     import diffusers
 
     return randomized(diffusers.UNet3DConditionModel(
         block_out_channels=widths, layers_per_block=1, cross_attention_dim=text_dim, attention_head_dim=head_dim,
-        norm_num_groups=groups, sample_size=16, **_blocks("3D", attend_full_res)), 1)
+        norm_num_groups=groups, sample_size=16, **_blocks("3D", cross)), 1)
 
 
-def unet2d(text_dim: int = 24, widths=(32, 64), groups: int = 8, head_dim: int = 8, attend_full_res: bool = True):
+def unet2d(text_dim: int = 24, widths=(32, 64), groups: int = 8, head_dim: int = 8, cross=(True, False)):
     import diffusers
 
     return randomized(diffusers.UNet2DConditionModel(
         block_out_channels=widths, layers_per_block=1, cross_attention_dim=text_dim, attention_head_dim=head_dim,
-        norm_num_groups=groups, sample_size=16, **_blocks("2D", attend_full_res)), 1)
+        norm_num_groups=groups, sample_size=16, **_blocks("2D", cross)), 1)
 
 
 def motion_adapter(widths=(32, 64), groups: int = 8):

@@ -60,10 +60,10 @@ def _motion(widths, cross, layers, heads, groups, text_dim, seed=0, motion_heads
     return randomized(diffusers.UNetMotionModel.from_unet2d(unet, adapter), seed + 1)
 
 
-def _inputs(model: stunet.STUNet, frames: int, batch: int = 2, text_len: int = 7, seed: int = 0):
+def _inputs(model: stunet.STUNet, frames: int, batch: int = 2, text_len: int = 7, seed: int = 0, size: int = 16):
     g = torch.Generator().manual_seed(seed)
     cfg = model.config
-    x = torch.randn(batch, cfg.in_channels, frames, 16, 16, generator=g)
+    x = torch.randn(batch, cfg.in_channels, frames, size, size, generator=g)
     t = torch.tensor([17.0, 803.0][:batch])
     text = torch.randn(batch, text_len, cfg.text_dim, generator=g)
     return x, t, text
@@ -157,7 +157,7 @@ def test_fast_backend_runs_converted_models_like_the_reference(build):
     interpreter and the channels-last trunk: fp32 rounding only."""
     ours = from_diffusers(build())
     reference = copy.deepcopy(ours)
-    x, t, text = _inputs(ours, frames=4)
+    x, t, text = _inputs(ours, frames=3, batch=1, size=8)
     with torch.no_grad():
         got = FastBackend(ours)(x, t, text)
         want = reference(x, t, text)

@@ -127,14 +127,20 @@ class SSROptions(StageOptions):
 @dataclass
 class Prompts:
     """The encoded text of one generation: ``text`` (B or 2B, L, D) = [prompts; negative prompts] and its
-    mask, in the dtype and on the device of the model that reads them."""
+    mask, in the dtype and on the device of the model that reads them. A mask that attends to every token is
+    stored as None: the same attention, without the masked path's extra work (CLIP-conditioned models attend
+    to their padding)."""
 
     text: torch.Tensor
-    mask: torch.Tensor
+    mask: torch.Tensor | None
     batch: int
 
+    def __post_init__(self):
+        if self.mask is not None and bool(self.mask.all()):
+            self.mask = None
+
     def to(self, device: torch.device, dtype: torch.dtype) -> "Prompts":
-        return Prompts(self.text.to(device, dtype), self.mask.to(device), self.batch)
+        return Prompts(self.text.to(device, dtype), None if self.mask is None else self.mask.to(device), self.batch)
 
 
 class Guided:
@@ -152,7 +158,8 @@ class Guided:
         if groups not in self._rows:
             B, text, mask = self.prompts.batch, self.prompts.text, self.prompts.mask
             rows = 2 * B if self.guided else B
-            self._rows[groups] = (text[:rows].repeat(groups, 1, 1), mask[:rows].repeat(groups, 1))
+            self._rows[groups] = (text[:rows].repeat(groups, 1, 1),
+                                  None if mask is None else mask[:rows].repeat(groups, 1))
         return self._rows[groups]
 
     def __call__(self, x: torch.Tensor, t: int, noise_level: float | None = None) -> torch.Tensor:
@@ -169,7 +176,7 @@ class Guided:
             return self.backend(x, t, text, mask, noise_level=level)
 
         def row(i: int):  # one clip's conditional or unconditional row: a call of its own on some rank
-            return lambda: self.backend(x[i:i + 1], t, text[i:i + 1], mask[i:i + 1],
+            return lambda: self.backend(x[i:i + 1], t, text[i:i + 1], None if mask is None else mask[i:i + 1],
                                         noise_level=None if level is None else level[i:i + 1])
 
         return torch.cat(self.mapper([row(i) for i in range(x.shape[0])]))
