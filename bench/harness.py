@@ -110,6 +110,24 @@ def timeit(fn: Callable[[], object], device: torch.device, warmup: int = 3, iter
     return statistics.median(times)
 
 
+def timed_step(bench: str, shape: str, impl: str, step: Callable[[], object], device: torch.device, iters: int,
+             flops: float) -> Row:
+    """A Row timing a whole denoising step: on CUDA a first call (compile, capture, autotune) runs before the
+    peak-memory window; out of memory gives a failed row that says so."""
+    if device.type == "cuda":
+        step()
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    try:
+        ms = timeit(step, device, warmup=2, iters=iters)
+    except torch.OutOfMemoryError as e:
+        return Row(bench, shape, impl, 0.0, flops=flops, extra={"error": f"out of memory ({e})"[:200]})
+    extra = {"tflop_per_step": flops / 1e12}
+    if device.type == "cuda":
+        extra["peak_memory_gb"] = torch.cuda.max_memory_allocated() / 1e9
+    return Row(bench, shape, impl, ms, flops=flops, extra=extra)
+
+
 def copy_bandwidth(device: torch.device, nbytes: int) -> float:
     """GB/s of a device-to-device copy of ``nbytes`` (read + write counted)."""
     src = torch.empty(nbytes // 2, dtype=torch.float16, device=device)

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from harness import Row, command, parser, report, timeit  # noqa: E402
+from harness import Row, command, parser, report, timed_step  # noqa: E402
 
 from stunet.backends import make_backend  # noqa: E402
 from stunet.convert import from_diffusers  # noqa: E402
@@ -76,19 +76,7 @@ def rows_for(name: str, device, dtype, backends: list[str], iters: int, compile_
     rows = []
 
     def timed(impl: str, step) -> None:
-        if device.type == "cuda":
-            step()  # compile, capture, autotune before the peak-memory window
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-        try:
-            ms = timeit(step, device, warmup=2, iters=iters)
-        except torch.OutOfMemoryError as e:
-            rows.append(Row("step (CFG)", shape, impl, 0.0, flops=flops, extra={"error": f"out of memory ({e})"[:200]}))
-            return
-        extra = {"tflop_per_step": flops / 1e12}
-        if device.type == "cuda":
-            extra["peak_memory_gb"] = torch.cuda.max_memory_allocated() / 1e9
-        rows.append(Row("step (CFG)", shape, impl, ms, flops=flops, extra=extra))
+        rows.append(timed_step("step (CFG)", shape, impl, step, device, iters, flops))
 
     for label, unet in (("diffusers", theirs), ("diffusers compile", None)):
         if unet is None:

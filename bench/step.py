@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from harness import Row, command, parser, report, timeit  # noqa: E402
+from harness import Row, command, parser, report, timed_step  # noqa: E402
 
 from stunet import STUNet, STUNetConfig  # noqa: E402
 from stunet.sampling import runtime  # noqa: E402
@@ -59,23 +59,12 @@ def step_row(preset: str, backend: str, device, dtype, iters: int, compile_mode:
         cond, uncond = pred.chunk(2)
         sampler.launch(coefs, cond, uncond, latent, out, 7.5)
 
-    flops = model.flops(2, T, H, W, 77)
-    if device.type == "cuda":
-        step()  # compile, capture, autotune before the peak-memory window
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-    try:
-        ms = timeit(step, device, warmup=2, iters=iters)
-    except torch.OutOfMemoryError as e:
-        return Row("step (CFG)", shape, impl, 0.0, flops=flops, extra={"error": f"out of memory ({e})"[:200]})
-    extra = {"tflop_per_step": flops / 1e12}
-    if device.type == "cuda":
-        extra["peak_memory_gb"] = torch.cuda.max_memory_allocated() / 1e9
+    row = timed_step("step (CFG)", shape, impl, step, device, iters, model.flops(2, T, H, W, 77))
     del executor, model
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
-    return Row("step (CFG)", shape, impl, ms, flops=flops, extra=extra)
+    return row
 
 
 def main(argv=None) -> dict:

@@ -19,22 +19,23 @@ diffusers = pytest.importorskip("diffusers")
 transformers = pytest.importorskip("transformers")
 
 
+def _saved(tmp_path_factory, build):
+    root = tmp_path_factory.mktemp("pipeline")
+    pipe = build(root)
+    pipe.save_pretrained(root / "pipe")
+    return pipe, root / "pipe"
+
+
 @pytest.fixture(scope="module")
 def t2v_folder(tmp_path_factory):
     """A saved TextToVideoSDPipeline (ModelScope's layout) with Stable Diffusion's DDIM settings."""
-    root = tmp_path_factory.mktemp("t2v")
-    pipe = tiny.text_to_video_pipeline(root)
-    pipe.save_pretrained(root / "pipe")
-    return pipe, root / "pipe"
+    return _saved(tmp_path_factory, tiny.text_to_video_pipeline)
 
 
 @pytest.fixture(scope="module")
 def animatediff_folder(tmp_path_factory):
     """A saved AnimateDiffPipeline (an SD U-Net + a MotionAdapter) with AnimateDiff's linear DDIM schedule."""
-    root = tmp_path_factory.mktemp("animatediff")
-    pipe = tiny.animatediff_pipeline(root)
-    pipe.save_pretrained(root / "pipe")
-    return pipe, root / "pipe"
+    return _saved(tmp_path_factory, tiny.animatediff_pipeline)
 
 
 def _latents(frames: int, seed: int = 0) -> torch.Tensor:
