@@ -191,3 +191,15 @@ def test_sd_family_heads_are_mapped_per_level():
     assert fixed_width.attention_heads == 0 and fixed_width.attention_head_dim == 16
     with pytest.raises(ConversionError, match="num_attention_heads=\\(2, 2\\)|neither the head count"):
         from_diffusers(_unet2d((32, 64), (True, True), 1, (2, 8), 8, 24))
+
+
+def test_a_converted_model_exports_to_onnx_that_matches_the_reference(tmp_path):
+    """The export route takes the new temporal forms too: a converted ModelScope U-Net (temporal conv stacks,
+    temporal transformers, the one after conv_in), checked by onnxruntime against the reference."""
+    pytest.importorskip("onnxruntime")
+    from stunet.export import export_onnx
+
+    model = from_diffusers(_unet3d(*VIDEO_CONFIGS[0]))
+    result = export_onnx(model, tmp_path / "modelscope.onnx", batch=1, frames=3, height=16, width=16, text_len=7,
+                         dynamic=False, check=True)
+    assert result.max_abs_error is not None and result.max_abs_error <= 1e-4, result.max_abs_error
