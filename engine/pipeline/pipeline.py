@@ -193,14 +193,14 @@ class Pipeline:
             kwargs["vae"] = load_vae(base / "vae", device=device, dtype=dtype)
         scheduler = base / "scheduler" / "scheduler_config.json"
         if scheduler.is_file() and "schedule" not in kwargs:
-            name, options = scheduler_options(json.loads(scheduler.read_text()))
+            scheduler_config = json.loads(scheduler.read_text())
+            name, options = scheduler_options(scheduler_config)
             kwargs["schedule"] = {k: v for k, v in options.items()  # what another named sampler runs on
                                   if k not in ("clip_sample", "clip_range", "fixed_stride")}
             if "sampler" not in kwargs:
                 if name is None:
                     log.warning("stunet: %s's scheduler %s has no stunet counterpart; sampling with DDIM on its "
-                                "schedule (pass sampler= to choose)", base, json.loads(scheduler.read_text())
-                                .get("_class_name"))
+                                "schedule (pass sampler= to choose)", base, scheduler_config.get("_class_name"))
                 kwargs["sampler"] = make_sampler(name or "ddim", **options)
         return cls(base_model, text_encoder, ssr_model, backend=backend, **kwargs)
 
