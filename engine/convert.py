@@ -487,14 +487,15 @@ def convert_folder(src, dst, *, dtype: str = "fp16", motion_adapter=None, overwr
     folder next to an SD ``unet``, or ``motion_adapter=`` elsewhere). ``dst`` gets ``config.json`` +
     ``model.safetensors`` (weights in ``dtype``) and copies of the pipeline parts, which
     :meth:`stunet.Pipeline.from_pretrained` reads. The scheduler's prediction type and beta schedule go into
-    the model's config. The folder is built aside and moved into place, so a failure leaves nothing behind;
+    the model's config. The folder is built aside and moved into place (``io.atomic_dir``), so a failure leaves
+    nothing behind;
     an existing non-empty ``dst`` is refused unless ``overwrite``. Returns the converted model (fp32).
     """
     import json
     import shutil
-    import tempfile
     from pathlib import Path
 
+    from .io import atomic_dir
     from .sampling.samplers import scheduler_options
 
     src, dst = Path(src), Path(dst)
@@ -518,20 +519,12 @@ def convert_folder(src, dst, *, dtype: str = "fp16", motion_adapter=None, overwr
             overrides.setdefault(key, options[key])
     model = from_diffusers(_load_unet(unet_dir, motion_adapter), **overrides)
 
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", dir=dst.parent))
-    try:
+    with atomic_dir(dst) as staging:
         model.to(_DTYPES[dtype]).save_pretrained(staging)
         model.float()
         for part in PIPELINE_PARTS if pipeline else ():
-            if (src / part).is_dir():
-                shutil.copytree(src / part, staging / part)
-        if dst.exists():
-            shutil.rmtree(dst)
-        staging.rename(dst)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+            if (src / part).is_dir():  # fresh files (the umask's mode), not the source's permission bits
+                shutil.copytree(src / part, staging / part, copy_function=shutil.copyfile)
     log.info("wrote %s (%s weights%s)", dst, dtype,
              ", with " + ", ".join(p for p in PIPELINE_PARTS if (dst / p).is_dir()) if pipeline else "")
     return model

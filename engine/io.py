@@ -1,7 +1,8 @@
 """Atomic file writes: a reader never sees a half-written file, and a failed write leaves the old one intact.
 
 Written files get the mode any new file would get (0o666 minus the umask: 0644 under the usual 0022), or the
-mode of the file they replace; the temporary file's private 0600 never reaches the result.
+mode of the file they replace; the temporary file's private 0600 never reaches the result. Folders built aside
+(``atomic_dir``) get a new folder's mode (0o777 minus the umask).
 """
 from __future__ import annotations
 
@@ -35,14 +36,38 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         raise
 
 
+def _umask() -> int:
+    umask = os.umask(0)  # reading the umask means setting it: restore at once
+    os.umask(umask)
+    return umask
+
+
 def _target_mode(path: Path) -> int:
     """The replaced file's permission bits, or a new file's: 0o666 minus the process umask."""
     try:
         return path.stat().st_mode & 0o7777
     except FileNotFoundError:
-        umask = os.umask(0)  # reading the umask means setting it: restore at once
-        os.umask(umask)
-        return 0o666 & ~umask
+        return 0o666 & ~_umask()
+
+
+@contextlib.contextmanager
+def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary folder beside ``path``; on success it replaces ``path`` (any folder there is removed
+    only then), on error it is removed. The folder gets a new folder's mode (0o777 minus the umask)."""
+    import shutil
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        os.chmod(tmp, 0o777 & ~_umask())
+        yield tmp
+        if path.exists():
+            shutil.rmtree(path)
+        tmp.rename(path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:

@@ -3,6 +3,7 @@ folders built offline, saved, converted by `stunet convert`, and generated with 
 against diffusers' schedulers; the CLI path from a folder to a video."""
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -38,6 +39,12 @@ def animatediff_folder(tmp_path_factory):
     return _saved(tmp_path_factory, tiny.animatediff_pipeline)
 
 
+def _umask() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return umask
+
+
 def _latents(frames: int, seed: int = 0) -> torch.Tensor:
     return torch.randn(1, 4, frames, 8, 8, generator=torch.Generator().manual_seed(seed))
 
@@ -68,6 +75,9 @@ def test_convert_folder_writes_the_engine_format_and_the_pipeline_parts(t2v_fold
     out = tmp_path / "out"
     assert {p.name for p in out.iterdir()} == {"config.json", "model.safetensors", "vae", "text_encoder",
                                                "tokenizer", "scheduler"}
+    new_mode = 0o777 & ~_umask()  # a new folder's, and (less x) a new file's: never the staging's or the source's
+    assert [p for p in [out, *out.rglob("*")] if p.stat().st_mode & 0o777 != (new_mode if p.is_dir() else
+                                                                             new_mode & 0o666)] == []
     loaded = stunet.STUNet.from_pretrained(out)
     assert loaded.dtype == torch.float16 and loaded.config == model.config
     assert loaded.config.prediction == "eps" and loaded.config.schedule == "scaled_linear"
