@@ -109,12 +109,20 @@ def from_tokens(tokens: torch.Tensor, like: torch.Tensor, cond: Cond) -> torch.T
     return tokens.reshape(bt, h, w, -1).permute(0, 3, 1, 2).contiguous(memory_format=cond.policy.memory_format)
 
 
-def attend_over_time(y: torch.Tensor, qkv: nn.Linear, out: nn.Linear, heads: int, pos_embed: str,
+def time_positions(pos_embed: str, tokens: torch.Tensor) -> torch.Tensor | None:
+    """The (1, T, 1, C) positional encoding of (B, T, S, C) ``tokens`` (None for ``pos_embed="none"``)."""
+    if pos_embed != "sinusoidal":
+        return None
+    _, frames, _, dim = tokens.shape
+    return sinusoidal_positions(frames, dim, device=tokens.device).to(tokens.dtype)[None, :, None, :]
+
+
+def attend_over_time(y: torch.Tensor, qkv: nn.Linear, out: nn.Linear, heads: int, positions: torch.Tensor | None,
                      cond: Cond) -> torch.Tensor:
     """``out(attention over T(qkv(y + positions)))`` of normed tokens ``y`` (B, T, S, C): the op
     ``stunet.kernels.temporal_attention`` (its ``temporal_attention_ref`` is the math) on the packed q|k|v."""
-    if pos_embed == "sinusoidal":
-        y = y + sinusoidal_positions(y.shape[1], y.shape[3], device=y.device).to(y.dtype)[None, :, None, :]
+    if positions is not None:
+        y = y + positions
     attend = kernels.temporal_attention if cond.policy.kernels else temporal_attention_ref
     return out(attend(qkv(y), heads))
 
@@ -143,8 +151,8 @@ class TemporalAttentionBlock(TemporalModule):
 
     def forward(self, x: torch.Tensor, cond: Cond) -> torch.Tensor:
         tokens = to_tokens(x, cond.batch)
-        tokens = tokens + attend_over_time(self.norm1(tokens), self.qkv, self.attn_out, self.heads,
-                                           self.pos_embed, cond)
+        positions = time_positions(self.pos_embed, tokens)
+        tokens = tokens + attend_over_time(self.norm1(tokens), self.qkv, self.attn_out, self.heads, positions, cond)
         tokens = tokens + feed_forward(self.norm2(tokens), self.mlp_in, self.mlp_out, self.ff)
         return from_tokens(tokens, x, cond)
 
@@ -248,8 +256,9 @@ class TemporalTransformer(TemporalModule):
 
     def forward(self, x: torch.Tensor, cond: Cond) -> torch.Tensor:
         h = self.proj_in(to_tokens(self.norm(x, cond), cond.batch))  # (B, T, S, inner)
-        h = h + attend_over_time(self.norm1(h), self.qkv1, self.attn_out1, self.heads, self.pos_embed, cond)
-        h = h + attend_over_time(self.norm2(h), self.qkv2, self.attn_out2, self.heads, self.pos_embed, cond)
+        positions = time_positions(self.pos_embed, h)  # one table for both attentions
+        h = h + attend_over_time(self.norm1(h), self.qkv1, self.attn_out1, self.heads, positions, cond)
+        h = h + attend_over_time(self.norm2(h), self.qkv2, self.attn_out2, self.heads, positions, cond)
         h = h + feed_forward(self.norm3(h), self.mlp_in, self.mlp_out, self.ff)
         return x + from_tokens(self.proj_out(h), x, cond)
 
