@@ -18,7 +18,8 @@ from ..model import ExecutionPolicy, STUNet
 
 
 SPEC_KEY = "stunet.export_spec"
-"""The ONNX metadata key under which ``export_onnx`` records the file's ExportSpec (JSON)."""
+"""The metadata key under which ``export_onnx`` (ONNX metadata_props) and ``export_aoti`` (the package's
+metadata) record the artifact's ExportSpec (JSON)."""
 
 
 @dataclass(frozen=True)
@@ -117,6 +118,21 @@ class ExportSpec:
         if self.config.noise_aug:
             shapes["noise_level"] = {0: a["batch"]}
         return shapes
+
+    def geometry_errors(self, **sizes: int) -> list[str]:
+        """Why an artifact of this spec cannot run at ``sizes`` (batch, frames, height, width, text_len; any
+        subset): a static one runs only at its own geometry, a dynamic one within its axes' ranges and steps."""
+        axes = self.axes()
+        errors = []
+        for name, size in sizes.items():
+            axis = axes[name]
+            if not self.dynamic:
+                if size != axis.opt:
+                    errors.append(f"{name} {size} (static: {axis.opt})")
+            elif not axis.min <= size <= axis.max or size % axis.divisor:
+                step = f" in steps of {axis.divisor}" if axis.divisor > 1 else ""
+                errors.append(f"{name} {size} (dynamic: {axis.min}..{axis.max}{step})")
+        return errors
 
     def sample_inputs(self, *, batch: int | None = None, frames: int | None = None, height: int | None = None,
                       width: int | None = None, text_len: int | None = None, seed: int = 0) -> dict[str, torch.Tensor]:

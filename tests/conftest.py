@@ -51,3 +51,19 @@ def tiny_config() -> stunet.STUNetConfig:
 def tiny_model(tiny_config) -> stunet.STUNet:
     torch.manual_seed(0)
     return stunet.STUNet(tiny_config).eval()
+
+
+@pytest.fixture(scope="session")
+def tiny_aoti_package(tmp_path_factory):
+    """``utils.tiny_model()`` compiled by AOTInductor for the CPU at bench/step.py's smoke geometry (static:
+    batch 2, 8 frames of 16x16, 77 tokens): (model, ExportResult). Built once, in about a minute."""
+    from utils import tiny_model
+
+    from stunet.export import export_aoti
+
+    model = tiny_model()
+    path = tmp_path_factory.mktemp("aoti") / "tiny.pt2"
+    # The package's host wrapper at -O0: a minute less of g++.
+    result = export_aoti(model, path, batch=2, frames=8, height=16, width=16, text_len=77, dynamic=False,
+                         inductor_configs={"aot_inductor.compile_wrapper_opt_level": "O0"})
+    return model, result

@@ -35,3 +35,38 @@ def test_bench_script_smoke_run(script, tmp_path):
     assert doc["command"].startswith(f"python bench/{script}")
     table = [line for line in (tmp_path / f"{name}.md").read_text().splitlines() if line.startswith("| ")]
     assert len(table) == len(doc["rows"]) + 1  # header + one line per row
+
+
+@pytest.mark.slow
+def test_step_bench_times_an_aoti_package_beside_the_reference(tiny_aoti_package, tmp_path):
+    _, result = tiny_aoti_package
+    run = subprocess.run([sys.executable, str(BENCH / "step.py"), "--device", "cpu", "--quick", "--iters", "2",
+                          "--backend", "reference", "--backend", "aoti", "--aoti-package", str(result.path),
+                          "--out", str(tmp_path)], capture_output=True, text=True, timeout=600,
+                         env={**os.environ, "TRITON_INTERPRET": "0"})
+    assert run.returncode == 0, run.stderr[-3000:]
+    rows = json.loads((tmp_path / "step.json").read_text())["rows"]
+    assert [r["impl"] for r in rows] == ["reference", "aoti"] and all(r["ms"] > 0 for r in rows)
+    assert rows[1]["speedup"] is not None and rows[1]["flops"] == rows[0]["flops"]
+    # A package compiled for another model is refused with the reason, before anything is written.
+    run = subprocess.run([sys.executable, str(BENCH / "step.py"), "--device", "cpu", "--preset", "small",
+                          "--iters", "1", "--backend", "aoti", "--aoti-package", str(result.path),
+                          "--out", str(tmp_path / "other")],
+                         capture_output=True, text=True, timeout=600, env={**os.environ, "TRITON_INTERPRET": "0"})
+    assert run.returncode == 2 and "compiled from another architecture" in run.stderr, run.stderr[-2000:]
+    assert not (tmp_path / "other").exists()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--backend", "fast", "--aoti-package", "{pt2}"], "pass --backend aoti and one --preset"),
+    (["--backend", "aoti", "--preset", "small", "--preset", "edge", "--aoti-package", "{pt2}"], "one --preset"),
+    (["--backend", "aoti", "--preset", "small", "--aoti-package", "{missing}"], "no file"),
+    (["--backend", "onnx"], "invalid choice: 'onnx'"),
+])
+def test_step_bench_refuses_bad_aoti_requests(args, message, tmp_path):
+    (tmp_path / "m.pt2").write_bytes(b"")
+    args = [a.format(pt2=tmp_path / "m.pt2", missing=tmp_path / "none.pt2") for a in args]
+    run = subprocess.run([sys.executable, str(BENCH / "step.py"), "--device", "cpu", *args, "--out",
+                          str(tmp_path)], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 2 and message in run.stderr, run.stderr[-2000:]
+    assert not (tmp_path / "step.json").exists()

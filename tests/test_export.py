@@ -2,6 +2,7 @@
 local functions that give them meaning, fp16, and the command line."""
 from __future__ import annotations
 
+import re
 from collections import Counter
 
 import numpy as np
@@ -122,6 +123,18 @@ def test_export_arguments_are_checked(tmp_path):
         ExportSpec.for_model(model.config, dtype=torch.float64)
 
 
+def test_spec_geometry_errors_name_the_axis_and_its_range():
+    cfg = stunet.STUNetConfig.from_preset("tiny")  # frames in steps of 2, sides in steps of 4
+    static = ExportSpec.for_model(cfg, batch=2, frames=8, height=16, width=16, text_len=77, dynamic=False)
+    assert static.geometry_errors(batch=2, frames=8, height=16, width=16, text_len=77) == []
+    assert static.geometry_errors(batch=1, frames=16, text_len=77) == ["batch 1 (static: 2)", "frames 16 (static: 8)"]
+    dynamic = ExportSpec.for_model(cfg, batch=2, frames=8, height=16, width=16, text_len=5)
+    assert dynamic.geometry_errors(batch=1, frames=32, height=4, width=64, text_len=20) == []
+    assert dynamic.geometry_errors(batch=5, frames=6, height=68, width=18, text_len=21) == [
+        "batch 5 (dynamic: 1..4)", "height 68 (dynamic: 4..64 in steps of 4)",
+        "width 18 (dynamic: 4..64 in steps of 4)", "text_len 21 (dynamic: 1..20)"]
+
+
 def test_cli_export_onnx(tmp_path, capsys):
     model = tiny_model()
     model.save_pretrained(tmp_path / "m")
@@ -136,24 +149,88 @@ def test_cli_export_onnx(tmp_path, capsys):
 
 
 # -- AOTInductor ---------------------------------------------------------------------------------------------------
-FAST_COMPILE = {"aot_inductor.compile_wrapper_opt_level": "O0"}  # the package's host wrapper: a minute less of g++
-
-
 @pytest.mark.slow
-def test_aoti_package_matches_the_reference_and_runs_as_a_backend(tmp_path, monkeypatch):
+def test_aoti_package_matches_the_reference_and_runs_as_a_backend(tiny_aoti_package):
     """The tiny model compiled ahead of time for the CPU (the ops' reference math compiled as C++)."""
-    from stunet.backends import make_backend
-    from stunet.export import check_aoti, export_aoti
+    import zipfile
 
-    monkeypatch.setenv("TRITON_INTERPRET", "0")  # traced on the CPU, the ops take their reference math
-    model = tiny_model()
-    result = export_aoti(model, tmp_path / "tiny.pt2", batch=1, frames=4, height=8, width=8, text_len=3,
-                         dynamic=False, inductor_configs=FAST_COMPILE)
+    from stunet.backends import make_backend
+    from stunet.export import check_aoti
+
+    model, result = tiny_aoti_package
     assert check_aoti(result.path, model, result.spec) <= 1e-4
     backend = make_backend(model, "aoti", package=result.path)
     inputs = result.spec.sample_inputs(seed=5)
     got = backend(inputs["x"], inputs["timesteps"], inputs["text_embeds"])  # no mask: every token attends
     want = model(inputs["x"], inputs["timesteps"], inputs["text_embeds"])
     assert (got - want).abs().max() <= 1e-4
+    # The archive is rooted at the package's own name (not at the temporary file it was built as), and only the
+    # package is left in its folder.
+    assert {name.split("/")[0] for name in zipfile.ZipFile(result.path).namelist()} == {"tiny"}
+    assert sorted(p.name for p in result.path.parent.iterdir()) == ["tiny.pt2"]
+    assert backend.spec == result.spec  # recorded in the package
+
+
+@pytest.mark.slow
+def test_aoti_backend_refuses_calls_and_models_the_package_was_not_compiled_for(tiny_aoti_package, monkeypatch):
+    """A static package runs at its export's shapes only: anything else is an error naming the axis, never a
+    silent run of the compiled shapes (which would read past the inputs' buffers)."""
+    import stunet.export.aoti as aoti
+    from stunet.backends import make_backend
+
+    model, result = tiny_aoti_package
+    backend = make_backend(model, "aoti", package=result.path)
+    for geometry, named in (({"frames": 16}, "frames 16 (static: 8)"), ({"batch": 1}, "batch 1 (static: 2)"),
+                            ({"height": 32}, "height 32 (static: 16)"), ({"text_len": 7}, "text_len 7 (static: 77)")):
+        inputs = result.spec.sample_inputs(**geometry)
+        with pytest.raises(ValueError, match=rf"was not compiled for {re.escape(named)}; export it at this geometry"):
+            backend(inputs["x"], inputs["timesteps"], inputs["text_embeds"])
+    with pytest.raises(ValueError, match=r"does not match the model: it computes in torch.float32, the model is "
+                                         r"torch.float16"):
+        make_backend(tiny_model().half(), "aoti", package=result.path)
+    with pytest.raises(ValueError, match="compiled from another architecture"):
+        make_backend(tiny_model(text_dim=32), "aoti", package=result.path)
+    monkeypatch.setattr(aoti, "package_spec", lambda runner: None)
+    with pytest.raises(ValueError, match="carries no stunet export spec"):
+        make_backend(model, "aoti", package=result.path)
+
+
+def test_aoti_export_refuses_a_wrong_path(tmp_path):
+    from stunet.export import export_aoti
+
+    model = tiny_model()
     with pytest.raises(ValueError, match="path must end in .pt2"):
         export_aoti(model, tmp_path / "m.onnx")
+
+
+@pytest.mark.gpu
+def test_gpu_aoti_cuda_package_holds_the_kernels_and_matches_the_reference(tmp_path):
+    """Built on CUDA, the package holds the Triton kernels (temporal attention, GroupNorm) and runs like the
+    reference: fp32 within the spec's tolerance (TF32 off on both sides), fp16 within twice the fp16 reference's
+    relative L2 error plus 1e-3 (the fast backend's bound)."""
+    import copy
+    import zipfile
+
+    from stunet.backends import make_backend
+    from stunet.export import check_aoti, export_aoti
+
+    model = tiny_model().cuda()
+    geometry = dict(batch=2, frames=8, height=16, width=16, text_len=7)
+    with torch.backends.cudnn.flags(enabled=True, benchmark=False, deterministic=False, allow_tf32=False):
+        result = export_aoti(model, tmp_path / "tiny.pt2", **geometry)  # dynamic: checked at two geometries
+        assert check_aoti(result.path, model, result.spec) <= result.spec.tolerance
+    archive = zipfile.ZipFile(result.path)
+    sources = "".join(archive.read(n).decode(errors="ignore") for n in archive.namelist() if n.endswith(".cpp"))
+    for kernel in ("_temporal_attn_fwd_kernel", "_gn_apply_kernel"):
+        assert kernel in sources, f"{kernel} is not compiled into the package"
+
+    half = copy.deepcopy(model).half()
+    result16 = export_aoti(half, tmp_path / "tiny16.pt2", dtype=torch.float16, **geometry)
+    backend = make_backend(half, "aoti", package=result16.path)
+    inputs = {k: v.cuda() for k, v in result16.spec.sample_inputs(seed=3).items()}
+    args = inputs["x"], inputs["timesteps"], inputs["text_embeds"], inputs["text_mask"]
+    with torch.no_grad():
+        want = model(args[0].float(), args[1], args[2].float(), args[3])
+        err16 = float((half(*args).float() - want).norm() / want.norm())
+        err = float((backend(*args).float() - want).norm() / want.norm())
+    assert err <= 2 * err16 + 1e-3, (err, err16)
