@@ -280,3 +280,7 @@ def test_gpu_engine_matches_the_reference(fp16_export, tmp_path):
     plan = build_engine(result.path, tmp_path / "tiny.plan").path
     backend = make_backend(model.to("cuda"), "tensorrt", engine=plan)
     assert compare(backend, model, result.spec, "engine", device=torch.device("cuda")) < 5e-3
+    axes = result.spec.axes()
+    inputs = result.spec.sample_inputs(frames=axes["frames"].max + axes["frames"].divisor)
+    with pytest.raises(ValueError, match=r"x: shape .* is outside the engine's profile"):
+        backend(inputs["x"].cuda(), inputs["timesteps"].cuda(), inputs["text_embeds"].cuda())

@@ -82,7 +82,10 @@ class TensorRTBackend(Backend):
                 continue
             tensor = given[name].to(self._dtypes[name]).contiguous()
             keep.append(tensor)
-            self._context.set_input_shape(name, tuple(tensor.shape))
+            if not self._context.set_input_shape(name, tuple(tensor.shape)):
+                low, _, high = (tuple(shape) for shape in self._engine.get_tensor_profile_shape(name, 0))
+                raise ValueError(f"{name}: shape {tuple(tensor.shape)} is outside the engine's profile ({low} to "
+                                 f"{high}); build the engine from an export whose ranges cover it")
             self._context.set_tensor_address(name, tensor.data_ptr())
         out = torch.empty(tuple(self._context.get_tensor_shape("sample")), dtype=self._dtypes["sample"],
                           device=x.device)
