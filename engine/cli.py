@@ -367,6 +367,9 @@ def cmd_export(args: argparse.Namespace) -> int:
                        check=args.check)
     except (ImportError, ValueError) as e:
         parser.error(str(e))
+    except AssertionError as e:  # --check: the artifact was written, and differs from the reference
+        print(f"stunet export: error: {e}; {out} was written, but do not deploy it", file=sys.stderr)
+        return 1
     spec = result.spec
     note = f"; max |{args.route} - reference| {result.max_abs_error:.2g}" if result.max_abs_error is not None else ""
     print(f"stunet: wrote {out} (inputs {', '.join(spec.input_names)}; {'dynamic' if spec.dynamic else 'static'} "

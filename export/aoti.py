@@ -10,6 +10,7 @@ as C++. The package runs on the device it was compiled for.
 """
 from __future__ import annotations
 
+import logging
 import os
 import tempfile
 from pathlib import Path
@@ -19,6 +20,8 @@ import torch
 from ..io import atomic_path
 from ..model import STUNet
 from .spec import SPEC_KEY, ExportResult, ExportSpec, compare, prepare, shapes_tuple
+
+log = logging.getLogger("stunet.export")
 
 
 def export_aoti(model: STUNet, path: str | os.PathLike, *, batch: int = 2, frames: int | None = None,
@@ -50,7 +53,8 @@ def export_aoti(model: STUNet, path: str | os.PathLike, *, batch: int = 2, frame
 
 
 def load_aoti(path: str | os.PathLike):
-    """The runner of a package: ``runner(x, timesteps, text_embeds, text_mask[, noise_level]) -> sample``."""
+    """The raw runner of a package: ``runner(x, timesteps, text_embeds, text_mask[, noise_level]) -> sample``,
+    unchecked (``Package`` checks each call against the package's spec)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no AOTInductor package at {str(path)!r} (make one with stunet.export.export_aoti "
@@ -64,12 +68,55 @@ def package_spec(runner) -> ExportSpec | None:
     return None if text is None else ExportSpec.from_json(text)
 
 
-def package_device(runner) -> str:
-    """The device type a loaded package runs on ("cpu", "cuda")."""
-    return runner.get_metadata().get("AOTI_DEVICE_KEY", "")
+class Package:
+    """A package made by ``export_aoti``, loaded, run only where it was compiled to be right.
+
+    A compiled package does not check its inputs: it reads every input as contiguous, a static one reads past
+    smaller inputs, and a dynamic one computes wrong results at one step of an axis (torch.export specialises sizes 0 and 1, so the compiled
+    ranges start at two steps). Each call is checked against the recorded spec: batch 1 on a dynamic package
+    runs as a pair (the sample twice; logged once), anything else outside the compiled geometry is an error
+    naming the axis.
+    """
+
+    MIN_STEPS = 2  # of every dynamic axis, as torch.export compiles it
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        self.runner = load_aoti(self.path)
+        self.spec = package_spec(self.runner)
+        if self.spec is None:
+            raise ValueError(f"package: {str(path)!r} carries no stunet export spec (it was not made by "
+                             "stunet.export.export_aoti); build it with `stunet export aoti`")
+        self.device = self.runner.get_metadata().get("AOTI_DEVICE_KEY", "")
+        self._warned = False
+
+    def geometry_errors(self, x: torch.Tensor, text: torch.Tensor) -> list[str]:
+        B, _, T, H, W = x.shape
+        if self.spec.dynamic:
+            B = max(B, self.MIN_STEPS)  # a batch of 1 runs as a pair
+        return self.spec.geometry_errors(batch=B, frames=T, height=H, width=W, text_len=text.shape[1],
+                                         min_steps=self.MIN_STEPS)
+
+    def __call__(self, *inputs: torch.Tensor) -> torch.Tensor:
+        """``inputs`` in the spec's order (``spec.input_names``); any strides (the package reads them as the
+        contiguous tensors it was traced with, so others are copied first)."""
+        inputs = tuple(t.contiguous() for t in inputs)
+        x, text = inputs[0], inputs[2]
+        errors = self.geometry_errors(x, text)
+        if errors:
+            raise ValueError(f"x, text: the package {self.path.name} was not compiled for " + ", ".join(errors)
+                             + "; export it at this geometry, or dynamic (`stunet export aoti` without --static)")
+        if self.spec.dynamic and x.shape[0] < self.MIN_STEPS:
+            if not self._warned:
+                self._warned = True
+                log.warning("stunet.export: %s runs batch 1 as a pair (a dynamic package is compiled for batch "
+                            ">= %d)", self.path.name, self.MIN_STEPS)
+            pair = [t.expand(self.MIN_STEPS, *t.shape[1:]).contiguous() for t in inputs]
+            return self.runner(*pair)[:1]
+        return self.runner(*inputs)
 
 
 def check_aoti(path: str | os.PathLike, model: STUNet, spec: ExportSpec, geometries=None) -> float:
     """The package against the fp32 reference at the spec's geometry (and a second one when dynamic): the worst
     |difference|; raises beyond the tolerance for fp32 packages."""
-    return compare(load_aoti(path), model, spec, f"AOTInductor package {str(path)!r}", geometries)
+    return compare(Package(path), model, spec, f"AOTInductor package {str(path)!r}", geometries)

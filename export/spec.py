@@ -119,19 +119,21 @@ class ExportSpec:
             shapes["noise_level"] = {0: a["batch"]}
         return shapes
 
-    def geometry_errors(self, **sizes: int) -> list[str]:
+    def geometry_errors(self, *, min_steps: int = 1, **sizes: int) -> list[str]:
         """Why an artifact of this spec cannot run at ``sizes`` (batch, frames, height, width, text_len; any
-        subset): a static one runs only at its own geometry, a dynamic one within its axes' ranges and steps."""
+        subset): a static one runs only at its own geometry, a dynamic one within its axes' ranges and steps,
+        from ``min_steps`` steps of each axis up."""
         axes = self.axes()
         errors = []
         for name, size in sizes.items():
             axis = axes[name]
+            low = max(axis.min, min_steps * axis.divisor)
             if not self.dynamic:
                 if size != axis.opt:
                     errors.append(f"{name} {size} (static: {axis.opt})")
-            elif not axis.min <= size <= axis.max or size % axis.divisor:
+            elif not low <= size <= axis.max or size % axis.divisor:
                 step = f" in steps of {axis.divisor}" if axis.divisor > 1 else ""
-                errors.append(f"{name} {size} (dynamic: {axis.min}..{axis.max}{step})")
+                errors.append(f"{name} {size} (dynamic: {low}..{axis.max}{step})")
         return errors
 
     def sample_inputs(self, *, batch: int | None = None, frames: int | None = None, height: int | None = None,

@@ -148,6 +148,21 @@ def test_cli_export_onnx(tmp_path, capsys):
     assert info.value.code == 2 and "exists; pass --overwrite" in capsys.readouterr().err
 
 
+def test_cli_export_says_when_the_artifact_fails_its_check(tmp_path, capsys, monkeypatch):
+    import stunet.export
+
+    def failing(model, path, **kwargs):
+        path.write_bytes(b"")
+        raise AssertionError("AOTInductor package 'm.pt2' differs from the reference by 1.4 (tolerance 0.0001)")
+
+    tiny_model().save_pretrained(tmp_path / "m")
+    monkeypatch.setattr(stunet.export, "export_aoti", failing)
+    assert main(["export", "aoti", str(tmp_path / "m"), "-o", str(tmp_path / "m.pt2"), "--check"]) == 1
+    err = capsys.readouterr().err
+    assert "stunet export: error: AOTInductor package 'm.pt2' differs from the reference by 1.4" in err
+    assert "was written, but do not deploy it" in err and "Traceback" not in err
+
+
 # -- AOTInductor ---------------------------------------------------------------------------------------------------
 @pytest.mark.slow
 def test_aoti_package_matches_the_reference_and_runs_as_a_backend(tiny_aoti_package):
@@ -169,6 +184,63 @@ def test_aoti_package_matches_the_reference_and_runs_as_a_backend(tiny_aoti_pack
     assert {name.split("/")[0] for name in zipfile.ZipFile(result.path).namelist()} == {"tiny"}
     assert sorted(p.name for p in result.path.parent.iterdir()) == ["tiny.pt2"]
     assert backend.spec == result.spec  # recorded in the package
+    # A CFG pair made by expanding one latent (stride 0 over the batch) is read as the values it holds.
+    pair = inputs["x"][:1].expand(2, *inputs["x"].shape[1:])
+    got = backend(pair, inputs["timesteps"], inputs["text_embeds"])
+    assert (got - model(pair.contiguous(), inputs["timesteps"], inputs["text_embeds"])).abs().max() <= 1e-4
+
+
+class _StubRunner:
+    """Stands in for a loaded package: records what it is called with, returns the sample's shape."""
+
+    def __init__(self, spec):
+        self.spec, self.calls = spec, []
+
+    def get_metadata(self):
+        from stunet.export import SPEC_KEY
+
+        return {SPEC_KEY: self.spec.to_json(), "AOTI_DEVICE_KEY": "cpu"}
+
+    def __call__(self, *inputs):
+        self.calls.append(inputs)
+        x = inputs[0]
+        return torch.arange(x.shape[0], dtype=x.dtype)[:, None, None, None, None].expand(
+            x.shape[0], self.spec.config.out_channels, *x.shape[2:]).clone()
+
+
+def test_package_runs_only_where_it_was_compiled_to_be_right(tmp_path, monkeypatch, caplog):
+    """A dynamic package is compiled for two steps of every axis up (torch.export specialises sizes 0 and 1):
+    batch 1 runs as a pair (logged once), one step of another axis is refused; inputs reach it contiguous."""
+    import stunet.export.aoti as aoti
+
+    spec = ExportSpec.for_model(stunet.STUNetConfig.from_preset("tiny"), batch=2, frames=8, height=16, width=16,
+                                text_len=5)
+    stub = _StubRunner(spec)
+    monkeypatch.setattr(aoti, "load_aoti", lambda path: stub)
+    package = aoti.Package(tmp_path / "m.pt2")
+    assert package.spec == spec and package.device == "cpu"
+
+    inputs = spec.sample_inputs(batch=1)
+    with caplog.at_level("WARNING", logger="stunet.export"):
+        out = package(*(inputs[n] for n in spec.input_names))
+        package(*(inputs[n] for n in spec.input_names))
+    assert out.shape == (1, 3, 8, 16, 16) and [c[0].shape[0] for c in stub.calls] == [2, 2]
+    assert all(torch.equal(c[0][0], c[0][1]) for c in stub.calls)  # the sample twice
+    assert caplog.text.count("runs batch 1 as a pair") == 1
+
+    x = spec.sample_inputs(batch=3)["x"].transpose(3, 4).contiguous().transpose(3, 4)  # same values, other strides
+    rest = spec.sample_inputs(batch=3)
+    package(x, *(rest[n] for n in spec.input_names[1:]))
+    assert stub.calls[-1][0].is_contiguous() and torch.equal(stub.calls[-1][0], x)
+
+    for geometry, named in (({"frames": 2}, "frames 2 (dynamic: 4..32 in steps of 2)"),
+                            ({"height": 4}, "height 4 (dynamic: 8..64 in steps of 4)"),
+                            ({"text_len": 1}, "text_len 1 (dynamic: 2..20)"),
+                            ({"batch": 5}, "batch 5 (dynamic: 2..4)")):
+        inputs = spec.sample_inputs(**geometry)
+        with pytest.raises(ValueError, match=re.escape(named)):
+            package(*(inputs[n] for n in spec.input_names))
+    assert len(stub.calls) == 3  # nothing refused reached the package
 
 
 @pytest.mark.slow

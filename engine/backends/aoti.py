@@ -15,9 +15,10 @@ class AOTIBackend(Backend):
     """Runs the package at ``package``, compiled from this model's architecture with
     ``stunet.export.export_aoti`` (or ``stunet export aoti``), which carries its own weights. The package must
     match ``model``: its architecture, dtype and device, as its recorded export spec says. Every call is
-    validated against ``model`` and against the spec's geometry (a static package runs only at its export's
-    shapes, a dynamic one within its ranges), so an input the package was not compiled for is an error, never
-    a read past its buffers."""
+    validated against ``model`` and run by ``stunet.export.aoti.Package``, which holds it to the geometry the
+    package was compiled for (a static package runs only at its export's shapes, a dynamic one within its
+    ranges, batch 1 as a pair), so an input the package was not compiled for is an error, never a read past
+    its buffers or a wrong result."""
 
     name = "aoti"
 
@@ -26,21 +27,18 @@ class AOTIBackend(Backend):
         reasons = self.unsupported(model, package=package)
         if reasons:
             raise ValueError("the aoti backend cannot run this model: " + "; ".join(reasons))
-        from ..export.aoti import load_aoti, package_device, package_spec
+        from ..export.aoti import Package
 
         self.package = Path(package)
-        self._runner = load_aoti(self.package)
-        self.spec = package_spec(self._runner)
-        if self.spec is None:
-            raise ValueError(f"package: {str(package)!r} carries no stunet export spec (it was not made by "
-                             "stunet.export.export_aoti); build it with `stunet export aoti`")
+        self._package = Package(self.package)
+        self.spec = self._package.spec
         mismatches = []
         if self.spec.config != model.config:
             mismatches.append("it was compiled from another architecture (its config differs from the model's)")
         if self.spec.dtype != model.dtype:
             mismatches.append(f"it computes in {self.spec.dtype}, the model is {model.dtype}")
-        if package_device(self._runner) != model.device.type:
-            mismatches.append(f"it runs on {package_device(self._runner)}, the model is on {model.device.type}")
+        if self._package.device != model.device.type:
+            mismatches.append(f"it runs on {self._package.device}, the model is on {model.device.type}")
         if mismatches:
             raise ValueError(f"package: {str(package)!r} does not match the model: " + "; ".join(mismatches))
 
@@ -58,12 +56,6 @@ class AOTIBackend(Backend):
 
     def __call__(self, x, timesteps, text, text_mask=None, *, noise_level=None):
         x, t, text, mask, level = check_forward_inputs(self.model, x, timesteps, text, text_mask, noise_level, False)
-        B, _, T, H, W = x.shape
-        errors = self.spec.geometry_errors(batch=B, frames=T, height=H, width=W, text_len=text.shape[1])
-        if errors:
-            raise ValueError(f"x, text: the package {self.package.name} was not compiled for " + ", ".join(errors)
-                             + "; export it at this geometry, or dynamic (`stunet export aoti` without --static)")
         if mask is None:
             mask = torch.ones(text.shape[:2], dtype=torch.bool, device=text.device)
-        args = (x, t, text, mask) + ((level,) if self.config.noise_aug else ())
-        return self._runner(*args)
+        return self._package(x, t, text, mask, *((level,) if self.config.noise_aug else ()))
