@@ -72,10 +72,10 @@ class Package:
     """A package made by ``export_aoti``, loaded, run only where it was compiled to be right.
 
     A compiled package does not check its inputs: it reads every input as contiguous, a static one reads past
-    smaller inputs, and a dynamic one computes wrong results at one step of an axis (torch.export specialises sizes 0 and 1, so the compiled
-    ranges start at two steps). Each call is checked against the recorded spec: batch 1 on a dynamic package
-    runs as a pair (the sample twice; logged once), anything else outside the compiled geometry is an error
-    naming the axis.
+    smaller inputs, and a dynamic one computes wrong results at one step of an axis (torch.export specialises
+    sizes 0 and 1, so the compiled ranges start at two steps). Each call is checked against the recorded spec:
+    batch 1 on a dynamic package runs as a pair (the sample twice; logged once), anything else outside the
+    compiled geometry is an error naming the axis.
     """
 
     MIN_STEPS = 2  # of every dynamic axis, as torch.export compiles it
