@@ -214,6 +214,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
     demo = args.model is None and args.preset is None and command not in CONDITIONAL  # the shipped cascade
     if args.ssr_steps and not (args.ssr or demo):
         parser.error("argument --ssr-steps: needs an SSR model (--ssr DIR)")
+    kept = {"inpaint": ("frames", "height", "width"), "video-to-video": ("frames",)}.get(command, ())
+    if fixed := [f"--{k}" for k in kept if getattr(args, k) is not None]:
+        what = "size" if command == "inpaint" else "frame count"
+        parser.error(f"argument {fixed[0]}: {command} keeps the input video's {what}; drop {', '.join(fixed)}")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device.startswith("cuda"):
         if not torch.cuda.is_available():
@@ -257,7 +261,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if args.ssr_steps:
         call["ssr"] = SSROptions(num_inference_steps=args.ssr_steps)
     try:
-        res = _run_mode(pipe, args, inputs, call, parser)
+        res = _run_mode(pipe, args, inputs, call)
     except ValueError as e:
         parser.error(str(e))
     if res.frames is None:  # another rank writes the video
@@ -325,13 +329,11 @@ def _mode_inputs(args, parser) -> dict:
     return {}
 
 
-def _run_mode(pipe, args, inputs: dict, call: dict, parser):
-    """The generation of ``args.command`` (its inputs fix the size of the video: no --frames/--height/--width)."""
+def _run_mode(pipe, args, inputs: dict, call: dict):
+    """The generation of ``args.command``. An input video fixes the frames (and for inpaint the size); video-to-video
+    resizes its frames to --height / --width when given."""
     command = args.command
     sized = {k: v for k, v in call.items() if k not in ("num_frames", "height", "width")}
-    fixed = [f"--{k}" for k in ("frames", "height", "width") if getattr(args, k) is not None]
-    if command in ("inpaint", "video-to-video") and fixed:
-        parser.error(f"argument {fixed[0]}: {command} keeps the input video's size; drop {', '.join(fixed)}")
     if command == "generate":
         return pipe(args.prompt, **call)
     if command == "image-to-video":
@@ -340,7 +342,8 @@ def _run_mode(pipe, args, inputs: dict, call: dict, parser):
         return pipe.cinemagraph(inputs["image"], inputs["region"], args.prompt, **call)
     if command == "inpaint":
         return pipe.inpaint(inputs["video"], inputs["region"], args.prompt, **sized)
-    return pipe.video_to_video(inputs["video"], args.prompt, strength=args.strength, **sized)
+    return pipe.video_to_video(inputs["video"], args.prompt, strength=args.strength, height=args.height,
+                               width=args.width, **sized)
 
 
 def cmd_export(args: argparse.Namespace) -> int:
@@ -610,7 +613,9 @@ def build_parser() -> argparse.ArgumentParser:
     cin.add_argument("--region", required=True, type=_region,
                      help="what to animate: a mask image (white = animate) or a box x0,y0,x1,y1 in pixels")
     v2v = command("video-to-video", "SDEdit a video towards a prompt",
-                  "Noise a video to a strength and denoise it towards the prompt (SDEdit).", cmd_generate)
+                  "Noise a video to a strength and denoise it towards the prompt (SDEdit). The output keeps the "
+                  "video's frames and its size, or resizes each frame to --height / --width first (e.g. to upscale "
+                  "with a high-resolution model).", cmd_generate)
     _add_generation_args(v2v)
     v2v.add_argument("--video", required=True, help="input video (mp4/gif)")
     v2v.add_argument("--strength", type=_number(0.0, 1.0, lo_open=True), default=0.6,

@@ -53,12 +53,14 @@ def test_saved_models_and_every_mode(tmp_path, capsys):
          "--frames", "4"],
         ["inpaint", "x", "-o", "{tmp}/c.mp4", "--video", "{tmp}/b.mp4", "--region", "4,4,12,12"],
         ["video-to-video", "x", "-o", "{tmp}/d.mp4", "--video", "{tmp}/b.mp4", "--strength", "0.5"],
+        ["video-to-video", "x", "-o", "{tmp}/f.mp4", "--video", "{tmp}/b.mp4", "--height", "32", "--width", "24"],
         ["image-to-video", "x", "-o", "{tmp}/e.mp4", "--image", "{tmp}/d.mp4", "--frames", "4"],  # a video's frame 0
     ]
     for argv in runs:
         code, err = _cli([*argv, *common], tmp_path, capsys)
         assert code == 0, err
     assert len(read_mp4(tmp_path / "d.mp4")) == 4
+    assert np.asarray(read_mp4(tmp_path / "f.mp4")).shape == (4, 32, 24, 3)  # resized to --height x --width
 
 
 @needs_av
@@ -106,6 +108,10 @@ def test_bf16_runs_through_the_cpp_runtime(tmp_path, capsys):
      "argument --region: a box x0,y0,x1,y1 needs x1 > x0"),
     (["generate", "x", "-o", "{tmp}/o.mp4", "--preset", "tiny", "--ssr-steps", "3"],
      "argument --ssr-steps: needs an SSR model"),
+    (["video-to-video", "x", "-o", "{tmp}/o.mp4", "--video", "{tmp}/i.png", "--frames", "4"],
+     "argument --frames: video-to-video keeps the input video's frame count; drop --frames"),
+    (["inpaint", "x", "-o", "{tmp}/o.mp4", "--video", "{tmp}/i.png", "--region", "1,1,2,2", "--width", "8"],
+     "argument --width: inpaint keeps the input video's size; drop --width"),
 ])
 def test_bad_arguments_exit_2_with_the_subcommands_usage(argv, message, tmp_path, capsys):
     save_png(np.zeros((16, 16, 3), dtype=np.uint8), tmp_path / "i.png")

@@ -1,5 +1,6 @@
 """Converted diffusers pipelines run by stunet.Pipeline: tiny random TextToVideoSDPipeline and AnimateDiffPipeline
-folders built offline, saved, converted by `stunet convert`, and generated with the same latents; the samplers
+folders built offline, saved, converted by `stunet convert`, and generated with the same latents (text-to-video)
+or from the same seed (video-to-video, against diffusers' video-to-video pipelines); the samplers
 against diffusers' schedulers; the CLI path from a folder to a video."""
 from __future__ import annotations
 
@@ -9,11 +10,13 @@ import sys
 
 import diffusers_models as tiny
 import numpy as np
+import PIL.Image
 import pytest
 import torch
 
 import stunet
 from stunet.convert import convert_folder
+from stunet.pipeline.latent import VideoVAE
 from stunet.sampling.samplers import make_sampler, scheduler_options
 
 diffusers = pytest.importorskip("diffusers")
@@ -103,6 +106,73 @@ def test_a_latent_model_needs_its_vae(t2v_folder, tmp_path):
         pipe("a fox", num_frames=4, height=18, width=16)
     with pytest.raises(ValueError, match="latents must be a tensor of shape \\(1, 4, 4, 8, 8\\)"):
         pipe("a fox", num_frames=4, height=16, width=16, latents=torch.zeros(1, 4, 4, 16, 16))
+
+
+# -- video-to-video: the VAE encodes the input video ----------------------------------------------------------
+V2V_PIPELINES = {"t2v": "VideoToVideoSDPipeline", "animatediff": "AnimateDiffVideoToVideoPipeline"}
+
+
+@pytest.mark.parametrize("sampler", ["ddim", "dpmpp2m"])
+@pytest.mark.parametrize("which", ["t2v", "animatediff"])
+def test_video_to_video_reproduces_diffusers_from_a_seed(which, sampler, request, tmp_path):
+    """One seed gives diffusers' video: the VAE's posterior sample and the noise are drawn as its video-to-video
+    pipelines draw them, and the strength runs their number of steps (int(4 * 0.9) = 3, where rounding gives 4)."""
+    pipe, _ = request.getfixturevalue(f"{which}_folder")
+    parts = dict(pipe.components)
+    if sampler == "dpmpp2m":
+        parts["scheduler"] = diffusers.DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)
+    theirs = getattr(diffusers, V2V_PIPELINES[which])(**parts)
+    theirs.set_progress_bar_config(disable=True)
+    frames = np.random.default_rng(1).integers(0, 256, (4 if which == "t2v" else 5, 16, 16, 3), dtype=np.uint8)
+    if which == "t2v":  # a (B, F, C, H, W) tensor in [0, 1]
+        video, sized = torch.from_numpy(frames).permute(0, 3, 1, 2)[None].float() / 255, {}
+    else:  # PIL frames, resized to height x width
+        video, sized = [[PIL.Image.fromarray(f) for f in frames]], dict(height=16, width=16)
+    call = dict(strength=0.9, num_inference_steps=4, guidance_scale=7.5)
+    with torch.no_grad():
+        want = np.asarray(theirs(prompt="a red fox", video=video, generator=torch.Generator().manual_seed(3),
+                                 output_type="np", **sized, **call).frames)
+    theirs.save_pretrained(tmp_path / "pipe")  # with the scheduler it ran
+    convert_folder(tmp_path / "pipe", tmp_path / "stunet", dtype="fp32")
+    ours = stunet.Pipeline.from_pretrained(tmp_path / "stunet", device="cpu", progress=False)
+    assert type(ours.sampler).__name__ == {"ddim": "DDIM", "dpmpp2m": "DPMSolverPP2M"}[sampler]
+    steps = []
+    res = ours.video_to_video(frames, "a red fox", seed=3, callback_on_step_end=lambda p, i, t, kw: steps.append(t),
+                              **call)
+    assert len(steps) == 3 and set(res.timings) == {"text", "encode", "base", "decode"}
+    assert res.frames.shape == want.shape == (1, len(frames), 16, 16, 3)
+    err = np.abs(res.frames - want).max()
+    assert err <= 1e-4, f"max |stunet - diffusers| {err:.3g}"
+
+
+def test_the_vae_encodes_frame_by_frame_whatever_the_chunking(t2v_folder):
+    pipe, _ = t2v_folder
+    video = torch.rand(2, 3, 5, 16, 16, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    whole, chunked = VideoVAE(pipe.vae, chunk_frames=10), VideoVAE(pipe.vae, chunk_frames=3)
+    sample = whole.encode(video, torch.Generator().manual_seed(0))
+    assert sample.shape == (2, 4, 5, 8, 8) and sample.dtype == torch.float32
+    torch.testing.assert_close(chunked.encode(video, torch.Generator().manual_seed(0)), sample, atol=1e-5, rtol=0)
+    mean = whole.encode(video)  # no generator: the posterior's mean
+    with torch.no_grad():
+        want = pipe.vae.encode(video[1, :, 2][None]).latent_dist.mean[0] * pipe.vae.config.scaling_factor
+    torch.testing.assert_close(mean[1, :, 2], want, atol=1e-5, rtol=0)
+    assert (sample - mean).abs().max() > 1e-3
+    with pytest.raises(ValueError, match="H and W multiples of 2"):
+        whole.encode(torch.zeros(1, 3, 2, 15, 16))
+    with pytest.raises(TypeError, match="vae must be a diffusers AutoencoderKL"):
+        VideoVAE(pipe.unet)
+
+
+def test_video_to_video_of_a_latent_model_checks_the_video_in_pixels(t2v_folder, tmp_path):
+    _, folder = t2v_folder
+    convert_folder(folder, tmp_path / "m", dtype="fp32")
+    pipe = stunet.Pipeline.from_pretrained(tmp_path / "m", device="cpu", progress=False)
+    with pytest.raises(ValueError, match=r"init_video must be a tensor of shape \(1, 3, 4, 16, 16\)"):
+        pipe("a fox", num_frames=4, height=16, width=16, init_video=torch.zeros(1, 3, 4, 8, 8), strength=0.5)
+    with pytest.raises(ValueError, match="height must be a positive multiple of 4"):
+        pipe.video_to_video(np.zeros((4, 16, 16, 3)), "a fox", height=18)
+    res = pipe.video_to_video(np.zeros((4, 8, 8, 3)), "a fox", height=16, width=16, num_inference_steps=2, seed=0)
+    assert res.frames.shape == (1, 4, 16, 16, 3)
 
 
 # -- samplers against diffusers' schedulers --------------------------------------------------------------------

@@ -7,7 +7,7 @@ import torch
 from utils import randomize_temporal
 
 import stunet
-from stunet.pipeline.conditioning import Conditioning
+from stunet.pipeline.conditioning import Conditioning, resize_frames, video_frames
 from stunet.pipeline import Pipeline, SSROptions
 from stunet.pipeline.text import tiny_random_t5
 from stunet.pipeline.video import save_video
@@ -282,3 +282,21 @@ def test_video_to_video_strength(encoder):
     low = pipe.video_to_video(video, "x", strength=0.25, num_inference_steps=8, seed=0).frames
     high = pipe.video_to_video(video, "x", strength=1.0, num_inference_steps=8, seed=0).frames
     assert np.abs(low - video).mean() < np.abs(high - video).mean()  # less noise, closer to the input
+
+
+def test_video_to_video_resizes_the_video_to_the_size_asked_for(encoder):
+    base, _ = _models()
+    pipe = Pipeline(base, encoder, progress=False)
+    video = np.random.default_rng(3).random((4, 8, 24, 3), dtype=np.float32)
+    res = pipe.video_to_video(video, "x", height=16, width=32, num_inference_steps=4, seed=0)
+    assert res.frames.shape == (1, 4, 16, 32, 3)
+    init = resize_frames(video_frames(video), 16, 32)
+    assert init.shape == (1, 3, 4, 16, 32) and -1 <= init.min() and init.max() <= 1
+    same = pipe(["x"], init_video=init, strength=0.6, num_frames=4, height=16, width=32, num_inference_steps=4, seed=0)
+    assert np.array_equal(res.frames, same.frames)
+    with pytest.raises(ValueError, match=r"num_frames must be the video's frame count \(4\)"):
+        pipe.video_to_video(video, "x", num_frames=8)
+    with pytest.raises(ValueError, match="width must be a positive multiple of 4"):
+        pipe.video_to_video(video, "x", width=30)
+    with pytest.raises(ValueError, match="strength 0.1 leaves no denoising step of 8"):  # int(0.8) = 0 steps
+        pipe.video_to_video(video, "x", strength=0.1, num_inference_steps=8)

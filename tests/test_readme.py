@@ -59,12 +59,14 @@ def test_stunet_commands_run_as_written(tmp_path):
 
 def _public_checkpoint_stand_ins(folder: Path) -> None:
     """Tiny random diffusers folders under the names the README converts (their real weights are gigabytes
-    that a user downloads themselves): a ZeroScope pipeline, an SD 1.5 pipeline, an AnimateDiff motion adapter,
+    that a user downloads themselves): ZeroScope pipelines, an SD 1.5 pipeline, an AnimateDiff motion adapter,
     with SD's 8-pixels-per-latent VAE so the README's frame sizes hold."""
     pytest.importorskip("diffusers")
     import diffusers_models as tiny
 
     fast = tiny.FAST
-    tiny.text_to_video_pipeline(folder / ".parts", vae_levels=4, **fast).save_pretrained(folder / "zeroscope_v2_576w")
+    zeroscope = tiny.text_to_video_pipeline(folder / ".parts", vae_levels=4, **fast)
+    zeroscope.save_pretrained(folder / "zeroscope_v2_576w")
+    zeroscope.save_pretrained(folder / "zeroscope_v2_XL")
     tiny.save_sd_folder(folder / "stable-diffusion-v1-5", vae_levels=4, **fast)
     tiny.motion_adapter(fast["widths"], fast["groups"]).save_pretrained(folder / "animatediff-motion-adapter-v1-5-2")

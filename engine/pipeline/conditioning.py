@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 MODES = ("text_to_video", "image_to_video", "inpaint", "cinemagraph")
 
@@ -67,6 +68,15 @@ def _region(region, batch: int, frames: int, height: int, width: int, name: str 
 def video_frames(video, name: str = "video") -> torch.Tensor:
     """(F, H, W, 3) or (B, F, H, W, 3) frames in [0, 1] -> (B, 3, F, H, W) in model space [-1, 1]."""
     return _rgb(video, name, "(F, H, W, 3)")
+
+
+def resize_frames(video: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """(B, 3, F, h, w) in [-1, 1] -> (B, 3, F, height, width): each frame resized bilinearly, antialiased when it
+    shrinks."""
+    B, C, T, h, w = video.shape
+    folded = video.float().transpose(1, 2).reshape(B * T, C, h, w)
+    resized = F.interpolate(folded, size=(height, width), mode="bilinear", align_corners=False, antialias=True)
+    return resized.clamp(-1, 1).reshape(B, T, C, height, width).transpose(1, 2)
 
 
 @dataclass

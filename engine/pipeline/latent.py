@@ -1,9 +1,9 @@
-"""Latent video models: their VAE decoder (diffusers' ``AutoencoderKL``, the optional ``stunet[diffusers]``).
+"""Latent video models: their VAE (diffusers' ``AutoencoderKL``, the optional ``stunet[diffusers]``).
 
 A latent STUNet (``in_channels=4``: ModelScope / ZeroScope, AnimateDiff, an inflated Stable Diffusion)
-denoises VAE latents (B, 4, T, H/8, W/8); :class:`LatentDecoder` turns them into the video (B, 3, T, H, W) in
-[-1, 1], frame by frame in chunks of ``chunk_frames`` frames, which bounds the decoder's memory whatever the
-clip length.
+denoises VAE latents (B, 4, T, H/8, W/8). :class:`VideoVAE` turns them into the video (B, 3, T, H, W) in
+[-1, 1], and a video into latents (video-to-video), frame by frame in chunks of ``chunk_frames`` frames, which
+bounds the VAE's memory whatever the clip length.
 """
 from __future__ import annotations
 
@@ -17,16 +17,17 @@ def _require_diffusers():
     try:
         import diffusers
     except ImportError:
-        raise ImportError("latent models decode with diffusers' AutoencoderKL: "
+        raise ImportError("latent models run their VAE with diffusers' AutoencoderKL: "
                           "pip install 'stunet[diffusers]'") from None
     return diffusers
 
 
-class LatentDecoder:
-    """Decodes latent videos with a diffusers ``AutoencoderKL`` (``vae``), ``chunk_frames`` frames at a time."""
+class VideoVAE:
+    """Encodes and decodes videos with a diffusers ``AutoencoderKL`` (``vae``), ``chunk_frames`` frames at a
+    time."""
 
     def __init__(self, vae, chunk_frames: int = 8):
-        if not hasattr(vae, "decode") or not hasattr(vae, "config"):
+        if not all(hasattr(vae, a) for a in ("encode", "decode", "config")):
             raise TypeError(f"vae must be a diffusers AutoencoderKL, got {type(vae).__name__}")
         if isinstance(chunk_frames, bool) or not isinstance(chunk_frames, int) or chunk_frames < 1:
             raise ValueError(f"chunk_frames must be a positive integer, got {chunk_frames!r}")
@@ -57,16 +58,39 @@ class LatentDecoder:
         video = torch.cat(images)
         return video.reshape(B, T, *video.shape[1:]).transpose(1, 2)
 
+    @torch.no_grad()
+    def encode(self, video: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """(B, 3, T, H, W) video in [-1, 1] -> (B, C, T, H / f, W / f) latents (fp32, on the VAE's device), scaled
+        as the model sees them.
+
+        With a CPU ``generator``, a sample of each frame's posterior, drawn as diffusers' video-to-video
+        pipelines draw it: one standard normal (B * T, C, h, w) tensor in the VAE's dtype, frame-major, whatever
+        the chunking. Without one, the posterior's mean.
+        """
+        B, C, T, H, W = video.shape
+        f = self.scale_factor
+        if C != 3 or H % f or W % f:
+            raise ValueError(f"video must be (B, 3, T, H, W) with H and W multiples of {f} (the VAE's scale), "
+                             f"got {tuple(video.shape)}")
+        frames = video.transpose(1, 2).reshape(B * T, C, H, W).to(self.device, self.dtype)
+        posteriors = [self.vae.encode(chunk).latent_dist for chunk in frames.split(self.chunk_frames)]
+        latents = torch.cat([p.mean for p in posteriors])
+        if generator is not None:
+            eps = torch.randn(latents.shape, generator=generator, dtype=latents.dtype).to(latents.device)
+            latents = latents + torch.cat([p.std for p in posteriors]) * eps
+        latents = (self.scaling_factor * latents).float()
+        return latents.reshape(B, T, *latents.shape[1:]).transpose(1, 2)
+
 
 def load_vae(path: str | os.PathLike, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
-             chunk_frames: int = 8) -> LatentDecoder:
-    """The ``AutoencoderKL`` saved in ``path`` (a diffusers ``vae`` folder), as a :class:`LatentDecoder`."""
+             chunk_frames: int = 8) -> VideoVAE:
+    """The ``AutoencoderKL`` saved in ``path`` (a diffusers ``vae`` folder), as a :class:`VideoVAE`."""
     path = Path(path)
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"VAE directory {str(path)!r} has no config.json (a diffusers AutoencoderKL folder)")
     diffusers = _require_diffusers()
     vae = diffusers.AutoencoderKL.from_pretrained(path, local_files_only=True, torch_dtype=dtype)
-    return LatentDecoder(vae.to(device), chunk_frames)
+    return VideoVAE(vae.to(device), chunk_frames)
 
 
-__all__ = ["LatentDecoder", "load_vae"]
+__all__ = ["VideoVAE", "load_vae"]

@@ -10,10 +10,11 @@ in [0, 1]. All noise is drawn from one CPU generator, so a seed gives the same v
 same backend).
 
 Conditional modes (7-channel models; see ``conditioning``): ``image_to_video``, ``inpaint``, ``cinemagraph``;
-``video_to_video`` (SDEdit) works with any pixel-space base model; ``with_style`` gives stylized generation.
+``video_to_video`` (SDEdit) works with any base model; ``with_style`` gives stylized generation.
 
 Latent models (``in_channels=4``, converted from diffusers checkpoints by ``stunet convert``) denoise VAE latents
-and decode them with the folder's VAE; ``height`` and ``width`` stay in pixels:
+and decode them with the folder's VAE (which also encodes ``video_to_video``'s input); ``height`` and ``width``
+stay in pixels:
 
     pipe = stunet.Pipeline.from_pretrained("zeroscope-stunet")     # unet + vae + text_encoder + scheduler
     res = pipe("a panda eating bamboo", num_frames=24, height=320, width=576)
@@ -37,9 +38,9 @@ from ..backends import BACKENDS, make_backend
 from ..model import STUNet
 from ..sampling import runtime as cpp_runtime
 from ..sampling.samplers import Sampler, sampler_class
-from .conditioning import Conditioning, video_frames
+from .conditioning import Conditioning, resize_frames, video_frames
 from .stages import BaseStage, Prompts, SSROptions, SSRStage, StageOptions, _number
-from .latent import LatentDecoder
+from .latent import VideoVAE
 from .text import TextEncoder
 
 log = logging.getLogger(__name__)
@@ -89,7 +90,7 @@ class Pipeline:
         runtime: the sampler step: "cpp" (the C++ runtime's fused pass; the default when built) or "python".
         backend_options: keyword options of the backend (e.g. ``{"max_batch": 1}`` for "fast").
         progress: show progress bars (the call's ``progress=`` overrides it).
-        vae: a latent base model's decoder (:class:`~stunet.pipeline.latent.LatentDecoder`, or a diffusers
+        vae: a latent base model's VAE (:class:`~stunet.pipeline.latent.VideoVAE`, or a diffusers
             ``AutoencoderKL``); required by latent models (``in_channels=4``), refused by pixel models.
         schedule: the checkpoint's scheduler settings (:meth:`~stunet.samplers.Sampler.schedule_options`) on
             which a sampler named by the caller runs; None: the model config's schedule and prediction.
@@ -103,14 +104,14 @@ class Pipeline:
     def __init__(self, base_model: STUNet, text_encoder: TextEncoder | None = None, ssr_model: STUNet | None = None,
                  *, backend: str = "reference", sampler: str | Sampler = "ddim", runtime: str | None = None,
                  backend_options: dict | None = None, progress: bool = True, parallel=None,
-                 vae: LatentDecoder | None = None, schedule: dict | None = None):
+                 vae: VideoVAE | None = None, schedule: dict | None = None):
         if not isinstance(base_model, STUNet):
             raise TypeError(f"base_model must be a STUNet, got {type(base_model).__name__}")
         if base_model.config.is_ssr:
             raise ValueError("base_model is an SSR model (in_channels=6); pass it as ssr_model=")
         latent = base_model.config.in_channels == 4
-        if vae is not None and not isinstance(vae, LatentDecoder):
-            vae = LatentDecoder(vae)
+        if vae is not None and not isinstance(vae, VideoVAE):
+            vae = VideoVAE(vae)
         if latent and vae is None:
             raise ValueError("base_model is a latent model (in_channels=4): pass its VAE as vae= (a diffusers "
                              "AutoencoderKL), or load the converted folder with Pipeline.from_pretrained")
@@ -308,14 +309,16 @@ class Pipeline:
             generator: a CPU ``torch.Generator`` instead of ``seed``.
             ssr: :class:`SSROptions` for the SSR stage (steps, guidance, windows, noise augmentation).
             conditioning: the masked video and mask of a 7-channel model (see the mode methods).
-            init_video: SDEdit input (B, 3, F, H, W) in [-1, 1]; ``strength`` in (0, 1] is how far it is noised.
+            init_video: SDEdit input (B, 3, F, H, W) in [-1, 1] (pixels; a latent model encodes it with its VAE);
+                ``strength`` in (0, 1] is how far it is noised: the last ``int(num_inference_steps * strength)``
+                steps run, as diffusers counts them.
             prompt_embeds, negative_prompt_embeds: precomputed text tokens (B, L, text_dim) instead of prompts.
             output_type: "np" (numpy), "pt" (torch) or "pil" (lists of PIL images).
             callback_on_step_end: ``f(pipe, step, timestep, {"latents": x, "stage": "base"|"ssr"})`` after each
                 step; returning ``{"latents": x2}`` replaces the sample.
             progress: show progress bars (default: the pipeline's setting).
             latents: the initial noise (B, C_out, T, H, W) of the base stage (latent-space H and W for a latent
-                model) instead of a draw from the seed.
+                model) instead of a draw from the seed; with ``init_video``, the noise it is noised with.
         Returns:
             :class:`PipelineOutput` with ``frames`` (B, F, H, W, 3) in [0, 1] (after SSR when there is one);
             ``frames`` is None on the ranks that do not get them (see ``parallel``).
@@ -361,10 +364,8 @@ class Pipeline:
             conditioning = conditioning.check(cfg, B, T, H, W)
         elif cfg.in_channels == 7:
             conditioning = Conditioning.unconditional(B, T, H, W)
-        if self.vae is not None and (init_video is not None or conditioning is not None):
-            raise ValueError("init_video and conditioning need a pixel-space base model; this one is latent")
         if init_video is not None:
-            init_video = self._check_init(init_video, (B, 3, T, H, W), num_inference_steps, strength)
+            init_video = self._check_init(init_video, (B, 3, T, H * f, W * f), num_inference_steps, strength)
         if latents is not None:
             shape = (B, cfg.out_channels, T, H, W)
             if not isinstance(latents, torch.Tensor) or tuple(latents.shape) != shape:
@@ -378,6 +379,11 @@ class Pipeline:
         t0 = time.perf_counter()
         text = self._encode(prompts, negatives, prompt_embeds, negative_prompt_embeds)
         timings["text"] = self._elapsed(t0)
+
+        if init_video is not None and self.vae is not None:
+            t0 = time.perf_counter()
+            init_video, latents = self._encode_init(init_video, latents, generator)
+            timings["encode"] = self._elapsed(t0)
 
         t0 = time.perf_counter()
         x = self.base_stage.run(text, (B, T, H, W), generator, base_options, conditioning=conditioning,
@@ -402,6 +408,16 @@ class Pipeline:
         timings["decode"] = self._elapsed(t0)
         return PipelineOutput(frames=frames, seed=seed, timings=timings, low_res_frames=low_frames)
 
+    def _encode_init(self, video: torch.Tensor, noise: torch.Tensor | None, generator: torch.Generator):
+        """A latent model's SDEdit start: the video's latents (a posterior sample) and the noise to noise them
+        with, both drawn from ``generator`` in the order and the frame-major layout of diffusers' video-to-video
+        pipelines, so a seed gives their video."""
+        latents = self.vae.encode(video, generator)
+        if noise is None:
+            B, C, T, h, w = latents.shape
+            noise = Sampler.draw_noise(torch.empty(B, T, C, h, w), generator).transpose(1, 2)
+        return latents, noise
+
     @staticmethod
     def _check_init(init_video, shape, steps: int, strength: float) -> torch.Tensor:
         if not isinstance(init_video, torch.Tensor) or tuple(init_video.shape) != shape:
@@ -409,7 +425,7 @@ class Pipeline:
                              f"{tuple(getattr(init_video, 'shape', ())) or type(init_video).__name__}")
         if not torch.isfinite(init_video).all():
             raise ValueError("init_video contains NaN or inf")
-        if round(steps * strength) < 1:
+        if int(steps * strength) < 1:
             raise ValueError(f"strength {strength} leaves no denoising step of {steps}; raise it or the step count")
         return init_video.float()
 
@@ -477,11 +493,20 @@ class Pipeline:
         return self(prompt, conditioning=cond, **self._sized(kwargs, cond))
 
     def video_to_video(self, video, prompt=None, strength: float = 0.6, **kwargs) -> PipelineOutput:
-        """SDEdit: noise ``video`` (frames in [0, 1]) to ``strength`` and denoise it towards the prompt."""
+        """SDEdit: noise ``video`` (frames in [0, 1]) to ``strength`` and denoise it towards the prompt.
+
+        The output has the video's frames and, unless ``height`` / ``width`` ask for another size (each frame
+        resized to it first, as ZeroScope's XL model upscales a 576x320 clip at 1024x576), its size."""
         init = video_frames(video)
-        kwargs.setdefault("num_frames", init.shape[2])
-        kwargs.setdefault("height", init.shape[3])
-        kwargs.setdefault("width", init.shape[4])
+        _, _, T, H, W = init.shape
+        if kwargs.get("num_frames") not in (None, T):
+            raise ValueError(f"num_frames must be the video's frame count ({T}) or None, got {kwargs['num_frames']!r}")
+        kwargs["num_frames"] = T
+        for name, size in (("height", H), ("width", W)):
+            kwargs[name] = size if kwargs.get(name) is None else kwargs[name]
+        if (kwargs["height"], kwargs["width"]) != (H, W):
+            self._check_geometry(T, kwargs["height"], kwargs["width"])
+            init = resize_frames(init, kwargs["height"], kwargs["width"])
         return self(prompt, init_video=init, strength=strength, **kwargs)
 
     def _frames(self, kwargs) -> int:

@@ -261,7 +261,7 @@ class BaseStage(_Stage):
         else:
             x = latents.to(device, dtype).contiguous()
         if init is not None:  # SDEdit: start from the input noised to `strength`
-            skip = len(timesteps) - min(int(round(len(timesteps) * strength)), len(timesteps))
+            skip = len(timesteps) - min(int(len(timesteps) * strength), len(timesteps))
             timesteps = timesteps[skip:]
             x = s.add_noise(init.to(device, torch.float32), x.float(), int(timesteps[0])).to(dtype).contiguous()
         if conditioning is not None:
