@@ -228,7 +228,7 @@ def group_norm_ref(x: torch.Tensor, num_groups: int, weight: torch.Tensor, bias:
         grouped, dims = v.transpose(1, 2).contiguous().unflatten(2, (G, C // G)), (3, 4, 5)
     else:
         grouped, dims = v.contiguous().unflatten(1, (G, C // G)), (2, 3, 4, 5)
-    count = math.prod(grouped.shape[d] for d in dims)
+    count = math.prod(grouped.shape[dims[0]:])  # the trailing axes (no generator: torch.compile traces this)
     # Two passes (mean, then the centred sum of squares): exact for constant groups, and on the CPU three times
     # faster than var_mean's Welford loop.
     y = grouped - grouped.mean(dim=dims, keepdim=True)
