@@ -17,7 +17,9 @@ onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
 pytest.importorskip("onnxscript")
 
+from stunet.backends.base import converted_copy  # noqa: E402
 from stunet.export import ExportSpec, check_onnx, export_onnx  # noqa: E402
+from stunet.export.spec import compare  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -133,6 +135,22 @@ def test_spec_geometry_errors_name_the_axis_and_its_range():
     assert dynamic.geometry_errors(batch=5, frames=6, height=68, width=18, text_len=21) == [
         "batch 5 (dynamic: 1..4)", "height 68 (dynamic: 4..64 in steps of 4)",
         "width 18 (dynamic: 4..64 in steps of 4)", "text_len 21 (dynamic: 1..20)"]
+
+
+def test_the_frame_range_stops_at_the_clip_length_the_model_was_trained_for():
+    """AnimateDiff's motion modules know clips of up to 32 frames: a dynamic artifact of its 16-frame sample
+    takes 2..32 frames (not 4x the sample), and its parity check runs within that range."""
+    model = tiny_model(temporal_max_frames=12)
+    spec = ExportSpec.for_model(model.config, batch=2, frames=8, height=16, width=16, text_len=5)
+    assert (spec.axes()["frames"].min, spec.axes()["frames"].max) == (2, 12)
+    assert spec.second_geometry() == dict(batch=1, frames=12, height=20, text_len=8)
+    assert spec.geometry_errors(frames=14) == ["frames 14 (dynamic: 2..12 in steps of 2)"]
+    at_the_limit = ExportSpec.for_model(model.config, frames=12, height=16, width=16, text_len=5)
+    assert at_the_limit.second_geometry()["frames"] == 10
+    with pytest.raises(ValueError, match="frames must be at most 12 for this model"):
+        ExportSpec.for_model(model.config, frames=14)
+    reference = converted_copy(model, torch.float32)
+    assert compare(lambda *inputs: reference(*inputs), model, spec, "the reference itself") == 0
 
 
 def test_cli_export_onnx(tmp_path, capsys):
