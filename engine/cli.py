@@ -468,7 +468,9 @@ def cmd_env(args: argparse.Namespace) -> int:
 
 
 # -- the parser ------------------------------------------------------------------------------------------------------
-def _add_generation_args(p: argparse.ArgumentParser) -> None:
+def _add_generation_args(p: argparse.ArgumentParser, edits: str | None = None) -> None:
+    """The arguments every generation takes; ``edits``: how a mode that edits an input video takes its frames
+    and size ("keeps" them, or "resizes" to --height / --width)."""
     p.add_argument("prompt", metavar="PROMPT", help="what the video shows (an empty prompt generates unconditionally)")
     p.add_argument("-o", "--output", required=True, help="output video file: .mp4 or .gif")
     p.add_argument("--overwrite", action="store_true", help="replace the output file if it exists")
@@ -480,9 +482,12 @@ def _add_generation_args(p: argparse.ArgumentParser) -> None:
                    help="preset for random weights when --model is not given (default: the built-in demo "
                         "cascade, trained; tiny-cond with random weights for the conditional modes)")
     p.add_argument("--negative-prompt", default=None, metavar="TEXT", help="what to steer away from")
-    p.add_argument("--frames", type=_positive, help="frames (default: the model's sample_frames)")
-    p.add_argument("--height", type=_positive, help="height in pixels (default: the model's sample_size)")
-    p.add_argument("--width", type=_positive, help="width in pixels (default: the model's sample_size)")
+    size = {None: "default: the model's sample_size", "keeps": "not taken: the input video's",
+            "resizes": "default: the input video's; another resizes its frames"}[edits]
+    frames = "not taken: the input video's" if edits else "default: the model's sample_frames"
+    p.add_argument("--frames", type=_positive, help=f"frames ({frames})")
+    p.add_argument("--height", type=_positive, help=f"height in pixels ({size})")
+    p.add_argument("--width", type=_positive, help=f"width in pixels ({size})")
     p.add_argument("--steps", type=_positive, default=32, help="denoising steps (default 32)")
     p.add_argument("--ssr-steps", type=_positive, help="SSR denoising steps (default: --steps)")
     p.add_argument("--guidance", type=_number(0.0), default=7.5,
@@ -602,7 +607,7 @@ def build_parser() -> argparse.ArgumentParser:
     i2v.add_argument("--image", required=True, help="the first frame: an image (png/jpg) or a video's first frame")
     inp = command("inpaint", "regenerate a region of a video (7-channel model)",
                   "Regenerate a region of every frame of a video; the rest is kept.", cmd_generate)
-    _add_generation_args(inp)
+    _add_generation_args(inp, edits="keeps")
     inp.add_argument("--video", required=True, help="input video (mp4/gif)")
     inp.add_argument("--region", required=True, type=_region,
                      help="what to regenerate: a mask image (white = regenerate) or a box x0,y0,x1,y1 in pixels")
@@ -616,7 +621,7 @@ def build_parser() -> argparse.ArgumentParser:
                   "Noise a video to a strength and denoise it towards the prompt (SDEdit). The output keeps the "
                   "video's frames and its size, or resizes each frame to --height / --width first (e.g. to upscale "
                   "with a high-resolution model).", cmd_generate)
-    _add_generation_args(v2v)
+    _add_generation_args(v2v, edits="resizes")
     v2v.add_argument("--video", required=True, help="input video (mp4/gif)")
     v2v.add_argument("--strength", type=_number(0.0, 1.0, lo_open=True), default=0.6,
                      help="how far the input is noised, in (0, 1] (default 0.6; 1 ignores the input)")
