@@ -483,7 +483,8 @@ def _add_generation_args(p: argparse.ArgumentParser, edits: str | None = None) -
                         "cascade, trained; tiny-cond with random weights for the conditional modes)")
     p.add_argument("--negative-prompt", default=None, metavar="TEXT", help="what to steer away from")
     size = {None: "default: the model's sample_size", "keeps": "not taken: the input video's",
-            "resizes": "default: the input video's; another resizes its frames"}[edits]
+            "resizes": "default: the input video's, over the SSR's scale with --ssr; another resizes its "
+                       "frames"}[edits]
     frames = "not taken: the input video's" if edits else "default: the model's sample_frames"
     p.add_argument("--frames", type=_positive, help=f"frames ({frames})")
     p.add_argument("--height", type=_positive, help=f"height in pixels ({size})")

@@ -284,6 +284,20 @@ def test_video_to_video_strength(encoder):
     assert np.abs(low - video).mean() < np.abs(high - video).mean()  # less noise, closer to the input
 
 
+def test_video_to_video_on_a_cascade_edits_at_the_base_size_and_keeps_the_videos(pipe):
+    """A cascade's own output (the SSR's size) goes in, is edited at the base size and comes out at its size."""
+    cfg = pipe.ssr.config
+    big = 8 * cfg.sample_size // cfg.low_res_size
+    video = np.random.default_rng(4).random((8, big, big, 3), dtype=np.float32)
+    options = dict(num_inference_steps=2, ssr=SSROptions(window=4, overlap=1), seed=0)
+    res = pipe.video_to_video(video, "x", **options)
+    assert res.frames.shape == (1, 8, big, big, 3) and res.low_res_frames.shape == (1, 8, 8, 8, 3)
+    at_base = pipe.video_to_video(video, "x", height=8, width=8, **options)  # the same base size, asked for
+    assert np.array_equal(res.frames, at_base.frames)
+    with pytest.raises(ValueError, match=f"the video is {big - 1}x{big}, which this cascade does not make"):
+        pipe.video_to_video(video[:, 1:], "x", **options)
+
+
 def test_video_to_video_resizes_the_video_to_the_size_asked_for(encoder):
     base, _ = _models()
     pipe = Pipeline(base, encoder, progress=False)

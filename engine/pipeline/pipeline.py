@@ -495,19 +495,39 @@ class Pipeline:
     def video_to_video(self, video, prompt=None, strength: float = 0.6, **kwargs) -> PipelineOutput:
         """SDEdit: noise ``video`` (frames in [0, 1]) to ``strength`` and denoise it towards the prompt.
 
-        The output has the video's frames and, unless ``height`` / ``width`` ask for another size (each frame
-        resized to it first, as ZeroScope's XL model upscales a 576x320 clip at 1024x576), its size."""
+        The output has the video's frames and size. ``height`` / ``width`` (the base video's, as in ``__call__``)
+        default to the video's size, over the SSR stage's scale on a cascade (which edits at the base size and
+        raises the result back). Another size resizes each frame first, as ZeroScope's XL model upscales a
+        576x320 clip at 1024x576."""
         init = video_frames(video)
         _, _, T, H, W = init.shape
         if kwargs.get("num_frames") not in (None, T):
             raise ValueError(f"num_frames must be the video's frame count ({T}) or None, got {kwargs['num_frames']!r}")
         kwargs["num_frames"] = T
-        for name, size in (("height", H), ("width", W)):
-            kwargs[name] = size if kwargs.get(name) is None else kwargs[name]
+        if kwargs.get("height") is None or kwargs.get("width") is None:
+            base = self._base_size(H, W)
+            for name, size in zip(("height", "width"), base):
+                kwargs[name] = size if kwargs.get(name) is None else kwargs[name]
         if (kwargs["height"], kwargs["width"]) != (H, W):
             self._check_geometry(T, kwargs["height"], kwargs["width"])
             init = resize_frames(init, kwargs["height"], kwargs["width"])
         return self(prompt, init_video=init, strength=strength, **kwargs)
+
+    def _base_size(self, height: int, width: int) -> tuple[int, int]:
+        """The base video's (H, W) from which this pipeline makes a (height x width) video."""
+        if self.ssr_stage is None:
+            return height, width
+        cfg, spatial = self.ssr.config, self.base.config.spatial_divisor
+        h, w = height * cfg.low_res_size // cfg.sample_size, width * cfg.low_res_size // cfg.sample_size
+        if (min(h, w) < 1 or (h * cfg.sample_size, w * cfg.sample_size) != (height * cfg.low_res_size,
+                                                                           width * cfg.low_res_size)
+                or h % spatial or w % spatial):
+            raise ValueError(f"the video is {height}x{width}, which this cascade does not make: its SSR stage scales "
+                             f"base videos with sides in multiples of {spatial} by "
+                             f"{cfg.sample_size / cfg.low_res_size:g}; pass height= and width= (the base size to "
+                             f"edit at)")
+        self.ssr_stage.output_size(h, w)
+        return h, w
 
     def _frames(self, kwargs) -> int:
         return kwargs.get("num_frames") or self.base.config.sample_frames
