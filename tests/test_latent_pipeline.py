@@ -145,7 +145,7 @@ def test_video_to_video_reproduces_diffusers_from_a_seed(which, sampler, request
     assert err <= 1e-4, f"max |stunet - diffusers| {err:.3g}"
 
 
-def test_the_vae_encodes_frame_by_frame_whatever_the_chunking(t2v_folder):
+def test_the_vae_encodes_frame_by_frame_whatever_the_chunking(t2v_folder, capsys):
     pipe, _ = t2v_folder
     video = torch.rand(2, 3, 5, 16, 16, generator=torch.Generator().manual_seed(0)) * 2 - 1
     whole, chunked = VideoVAE(pipe.vae, chunk_frames=10), VideoVAE(pipe.vae, chunk_frames=3)
@@ -157,6 +157,10 @@ def test_the_vae_encodes_frame_by_frame_whatever_the_chunking(t2v_folder):
         want = pipe.vae.encode(video[1, :, 2][None]).latent_dist.mean[0] * pipe.vae.config.scaling_factor
     torch.testing.assert_close(mean[1, :, 2], want, atol=1e-5, rtol=0)
     assert (sample - mean).abs().max() > 1e-3
+    capsys.readouterr()
+    chunked.decode(chunked.encode(video, progress=True), progress=True)  # a bar per pass, counting frames
+    err = capsys.readouterr().err
+    assert "encode: 100%" in err and "decode: 100%" in err and "10/10" in err
     with pytest.raises(ValueError, match="H and W multiples of 2"):
         whole.encode(torch.zeros(1, 3, 2, 15, 16))
     with pytest.raises(TypeError, match="vae must be a diffusers AutoencoderKL"):

@@ -11,6 +11,7 @@ import os
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 
 
 def _require_diffusers():
@@ -46,20 +47,29 @@ class VideoVAE:
     def dtype(self) -> torch.dtype:
         return next(self.vae.parameters()).dtype
 
+    def _chunks(self, frames: torch.Tensor, what: str, progress: bool):
+        """``frames`` in chunks of ``chunk_frames``, with a progress bar (in frames) when asked."""
+        bar = tqdm(total=frames.shape[0], desc=what, unit="frame", disable=not progress)
+        for chunk in frames.split(self.chunk_frames):
+            yield chunk
+            bar.update(chunk.shape[0])
+        bar.close()
+
     @torch.no_grad()
-    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+    def decode(self, latents: torch.Tensor, progress: bool = False) -> torch.Tensor:
         """(B, C, T, h, w) latents -> (B, 3, T, h * f, w * f) video in [-1, 1] (fp32, on the VAE's device)."""
         B, C, T, h, w = latents.shape
         if C != self.latent_channels:
             raise ValueError(f"latents have {C} channels but the VAE takes {self.latent_channels}")
         frames = (latents / self.scaling_factor).transpose(1, 2).reshape(B * T, C, h, w)
         frames = frames.to(self.device, self.dtype)
-        images = [self.vae.decode(chunk).sample.float() for chunk in frames.split(self.chunk_frames)]
+        images = [self.vae.decode(chunk).sample.float() for chunk in self._chunks(frames, "decode", progress)]
         video = torch.cat(images)
         return video.reshape(B, T, *video.shape[1:]).transpose(1, 2)
 
     @torch.no_grad()
-    def encode(self, video: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    def encode(self, video: torch.Tensor, generator: torch.Generator | None = None,
+               progress: bool = False) -> torch.Tensor:
         """(B, 3, T, H, W) video in [-1, 1] -> (B, C, T, H / f, W / f) latents (fp32, on the VAE's device), scaled
         as the model sees them.
 
@@ -73,7 +83,7 @@ class VideoVAE:
             raise ValueError(f"video must be (B, 3, T, H, W) with H and W multiples of {f} (the VAE's scale), "
                              f"got {tuple(video.shape)}")
         frames = video.transpose(1, 2).reshape(B * T, C, H, W).to(self.device, self.dtype)
-        posteriors = [self.vae.encode(chunk).latent_dist for chunk in frames.split(self.chunk_frames)]
+        posteriors = [self.vae.encode(chunk).latent_dist for chunk in self._chunks(frames, "encode", progress)]
         latents = torch.cat([p.mean for p in posteriors])
         if generator is not None:
             eps = torch.randn(latents.shape, generator=generator, dtype=latents.dtype).to(latents.device)

@@ -155,6 +155,11 @@ class Pipeline:
                                    self.parallel) if self.ssr is not None else None)
 
     @property
+    def _rank0(self) -> bool:
+        """Whether this process shows progress: the only one, or rank 0 of a shared generation."""
+        return self.parallel is None or self.parallel.rank == 0
+
+    @property
     def pixels_per_latent(self) -> int:
         """How many pixels one position of the base model's output covers along H and W (1 in pixel space)."""
         return self.vae.scale_factor if self.vae is not None else 1
@@ -382,7 +387,7 @@ class Pipeline:
 
         if init_video is not None and self.vae is not None:
             t0 = time.perf_counter()
-            init_video, latents = self._encode_init(init_video, latents, generator)
+            init_video, latents = self._encode_init(init_video, latents, generator, show)
             timings["encode"] = self._elapsed(t0)
 
         t0 = time.perf_counter()
@@ -402,17 +407,18 @@ class Pipeline:
         frames = low_frames = None
         if self.parallel is None or self.parallel.gets_frames:
             if self.vae is not None:
-                x = self.vae.decode(x)
+                x = self.vae.decode(x, progress=show)
             frames = self._output(x, output_type)
             low_frames = self._output(low, output_type) if self.ssr_stage is not None else None
         timings["decode"] = self._elapsed(t0)
         return PipelineOutput(frames=frames, seed=seed, timings=timings, low_res_frames=low_frames)
 
-    def _encode_init(self, video: torch.Tensor, noise: torch.Tensor | None, generator: torch.Generator):
+    def _encode_init(self, video: torch.Tensor, noise: torch.Tensor | None, generator: torch.Generator,
+                     progress: bool):
         """A latent model's SDEdit start: the video's latents (a posterior sample) and the noise to noise them
         with, both drawn from ``generator`` in the order and the frame-major layout of diffusers' video-to-video
         pipelines, so a seed gives their video."""
-        latents = self.vae.encode(video, generator)
+        latents = self.vae.encode(video, generator, progress=progress and self._rank0)
         if noise is None:
             B, C, T, h, w = latents.shape
             noise = Sampler.draw_noise(torch.empty(B, T, C, h, w), generator).transpose(1, 2)
