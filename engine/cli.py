@@ -214,9 +214,13 @@ def cmd_generate(args: argparse.Namespace) -> int:
     demo = args.model is None and args.preset is None and command not in CONDITIONAL  # the shipped cascade
     if args.ssr_steps and not (args.ssr or demo):
         parser.error("argument --ssr-steps: needs an SSR model (--ssr DIR)")
-    kept = {"inpaint": ("frames", "height", "width"), "video-to-video": ("frames",)}.get(command, ())
+    if command == "upscale" and not (args.ssr or demo):
+        parser.error("argument --ssr: upscale runs an SSR model: give --ssr DIR (and the --model whose videos it "
+                     "raises), or neither for the demo cascade")
+    kept = {"inpaint": ("frames", "height", "width"), "upscale": ("frames", "height", "width"),
+            "video-to-video": ("frames",)}.get(command, ())
     if fixed := [f"--{k}" for k in kept if getattr(args, k) is not None]:
-        what = "size" if command == "inpaint" else "frame count"
+        what = "frame count" if command == "video-to-video" else "size"
         parser.error(f"argument {fixed[0]}: {command} keeps the input video's {what}; drop {', '.join(fixed)}")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device.startswith("cuda"):
@@ -318,7 +322,7 @@ def _mode_inputs(args, parser) -> dict:
     if command == "cinemagraph":
         image = _load_image(args.image, parser, "--image")
         return {"image": image, "region": _load_region(args.region, image.shape[:2], parser, "--region")}
-    if command in ("inpaint", "video-to-video"):
+    if command in ("inpaint", "video-to-video", "upscale"):
         video = _load_frames(args.video, parser, "--video")
         if video.ndim != 4:
             parser.error(f"argument --video: {args.video!r} is an image; give a video (mp4, gif)")
@@ -342,6 +346,8 @@ def _run_mode(pipe, args, inputs: dict, call: dict):
         return pipe.cinemagraph(inputs["image"], inputs["region"], args.prompt, **call)
     if command == "inpaint":
         return pipe.inpaint(inputs["video"], inputs["region"], args.prompt, **sized)
+    if command == "upscale":
+        return pipe.upscale(inputs["video"], args.prompt, **sized)
     return pipe.video_to_video(inputs["video"], args.prompt, strength=args.strength, height=args.height,
                                width=args.width, **sized)
 
@@ -626,6 +632,12 @@ def build_parser() -> argparse.ArgumentParser:
     v2v.add_argument("--video", required=True, help="input video (mp4/gif)")
     v2v.add_argument("--strength", type=_number(0.0, 1.0, lo_open=True), default=0.6,
                      help="how far the input is noised, in (0, 1] (default 0.6; 1 ignores the input)")
+    up = command("upscale", "raise a video with the SSR model alone",
+                 "Raise a video at a base size to the SSR model's resolution on MultiDiffusion windows, guided by "
+                 "the prompt, without running the base model (the demo cascade's SSR unless --model and --ssr "
+                 "are given).", cmd_generate)
+    _add_generation_args(up, edits="keeps")
+    up.add_argument("--video", required=True, help="the low-resolution video (mp4/gif) at a base model size")
     return parser
 
 

@@ -64,6 +64,22 @@ def test_saved_models_and_every_mode(tmp_path, capsys):
 
 
 @needs_av
+def test_upscale_raises_a_video_with_the_ssr_model(tmp_path, capsys):
+    torch.manual_seed(0)
+    stunet.STUNet(stunet.STUNetConfig.from_preset("tiny")).save_pretrained(tmp_path / "base")
+    stunet.STUNet(stunet.STUNetConfig.from_preset(
+        "tiny", in_channels=6, noise_aug=True, low_res_size=8, temporal_downsample=(False, False),
+        temporal_attn_depth=0, sample_size=16)).save_pretrained(tmp_path / "ssr")
+    code, err = _cli(["generate", "x", "-o", "{tmp}/low.mp4", "--model", "{tmp}/base", "--frames", "4", "--height",
+                      "8", "--width", "8", "--steps", "2", "-q"], tmp_path, capsys)
+    assert code == 0, err
+    code, err = _cli(["upscale", "x", "-o", "{tmp}/high.mp4", "--video", "{tmp}/low.mp4", "--model", "{tmp}/base",
+                      "--ssr", "{tmp}/ssr", "--steps", "2", "-q"], tmp_path, capsys)
+    assert code == 0, err
+    assert np.asarray(read_mp4(tmp_path / "high.mp4")).shape == (4, 16, 16, 3) and "ssr" in err
+
+
+@needs_av
 def test_conditional_modes_run_on_the_tiny_cond_preset_by_default(tmp_path, capsys):
     code, err = _cli(["generate", "a ball", "-o", "{tmp}/clip.mp4", *QUICK], tmp_path, capsys)
     assert code == 0, err
@@ -112,6 +128,10 @@ def test_bf16_runs_through_the_cpp_runtime(tmp_path, capsys):
      "argument --frames: video-to-video keeps the input video's frame count; drop --frames"),
     (["inpaint", "x", "-o", "{tmp}/o.mp4", "--video", "{tmp}/i.png", "--region", "1,1,2,2", "--width", "8"],
      "argument --width: inpaint keeps the input video's size; drop --width"),
+    (["upscale", "x", "-o", "{tmp}/o.mp4", "--video", "{tmp}/i.png", "--preset", "tiny"],
+     "argument --ssr: upscale runs an SSR model"),
+    (["upscale", "x", "-o", "{tmp}/o.mp4", "--video", "{tmp}/i.png", "--height", "8"],
+     "argument --height: upscale keeps the input video's size; drop --height"),
 ])
 def test_bad_arguments_exit_2_with_the_subcommands_usage(argv, message, tmp_path, capsys):
     save_png(np.zeros((16, 16, 3), dtype=np.uint8), tmp_path / "i.png")
@@ -168,7 +188,7 @@ def test_version_and_help_for_every_argument(capsys):
     parser = build_parser()
     subparsers = next(a for a in parser._actions if a.dest == "command").choices
     assert set(subparsers) == {"info", "env", "generate", "image-to-video", "inpaint", "cinemagraph",
-                               "video-to-video", "export", "convert"}
+                               "video-to-video", "upscale", "export", "convert"}
     nested = next(a for a in subparsers["export"]._actions if a.dest == "route").choices
     for name, sub in [*subparsers.items(), *((f"export {k}", v) for k, v in nested.items())]:
         assert sub.description, f"stunet {name} has no description"

@@ -298,6 +298,27 @@ def test_video_to_video_on_a_cascade_edits_at_the_base_size_and_keeps_the_videos
         pipe.video_to_video(video[:, 1:], "x", **options)
 
 
+def test_upscale_runs_the_ssr_stage_alone(pipe, encoder):
+    low = np.random.default_rng(5).random((8, 8, 8, 3), dtype=np.float32)
+    calls = []
+    options = dict(ssr=SSROptions(window=4, overlap=1, num_inference_steps=2), seed=3,
+                   callback_on_step_end=lambda p, i, t, kw: calls.append(kw["stage"]))
+    res = pipe.upscale(low, "x", **options)
+    assert res.frames.shape == (1, 8, 16, 16, 3) and calls == ["ssr", "ssr"] and "base" not in res.timings
+    assert np.abs(res.low_res_frames[0] - low).max() < 1e-6
+    assert np.array_equal(pipe.upscale(low, "x", **options).frames, res.frames)  # a seed gives the same video
+    with pytest.raises(ValueError, match=r"height must be the video's \(8\) or None"):
+        pipe.upscale(low, "x", height=16)
+    with pytest.raises(ValueError, match="low_res_video replaces the base stage, which init_video is for"):
+        pipe("x", num_frames=8, height=8, width=8, low_res_video=torch.zeros(1, 3, 8, 8, 8),
+             init_video=torch.zeros(1, 3, 8, 8, 8))
+    with pytest.raises(ValueError, match=r"low_res_video must be a tensor of shape \(1, 3, 8, 8, 8\)"):
+        pipe("x", num_frames=8, height=8, width=8, low_res_video=torch.zeros(1, 3, 8, 4, 4))
+    base, _ = _models()
+    with pytest.raises(ValueError, match="this pipeline has no SSR model to raise it"):
+        Pipeline(base, encoder, progress=False).upscale(low, "x")
+
+
 def test_video_to_video_resizes_the_video_to_the_size_asked_for(encoder):
     base, _ = _models()
     pipe = Pipeline(base, encoder, progress=False)

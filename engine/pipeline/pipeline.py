@@ -296,7 +296,7 @@ class Pipeline:
                  strength: float = 1.0, prompt_embeds: torch.Tensor | None = None,
                  negative_prompt_embeds: torch.Tensor | None = None, output_type: str = "np",
                  callback_on_step_end: Callable | None = None, progress: bool | None = None,
-                 latents: torch.Tensor | None = None) -> PipelineOutput:
+                 latents: torch.Tensor | None = None, low_res_video: torch.Tensor | None = None) -> PipelineOutput:
         """Generate videos; every argument is checked before any compute.
 
         Args:
@@ -324,6 +324,8 @@ class Pipeline:
             progress: show progress bars (default: the pipeline's setting).
             latents: the initial noise (B, C_out, T, H, W) of the base stage (latent-space H and W for a latent
                 model) instead of a draw from the seed; with ``init_video``, the noise it is noised with.
+            low_res_video: the base stage's video (B, 3, F, H, W) in [-1, 1] instead of generating it: only the SSR
+                stage runs, raising it (see :meth:`upscale`).
         Returns:
             :class:`PipelineOutput` with ``frames`` (B, F, H, W, 3) in [0, 1] (after SSR when there is one);
             ``frames`` is None on the ranks that do not get them (see ``parallel``).
@@ -365,12 +367,17 @@ class Pipeline:
                              "the same video on every device)")
         prompts, negatives = self._check_prompts(prompt, negative_prompt, prompt_embeds, negative_prompt_embeds)
         B = len(prompts) if prompts is not None else prompt_embeds.shape[0]
-        if conditioning is not None:
+        if low_res_video is not None:
+            low_res_video = self._check_low_res(low_res_video, (B, 3, T, H, W), conditioning, init_video, latents)
+        elif conditioning is not None:
             conditioning = conditioning.check(cfg, B, T, H, W)
         elif cfg.in_channels == 7:
             conditioning = Conditioning.unconditional(B, T, H, W)
         if init_video is not None:
-            init_video = self._check_init(init_video, (B, 3, T, H * f, W * f), num_inference_steps, strength)
+            init_video = self._check_video(init_video, "init_video", (B, 3, T, H * f, W * f))
+            if int(num_inference_steps * strength) < 1:
+                raise ValueError(f"strength {strength} leaves no denoising step of {num_inference_steps}; raise it "
+                                 "or the step count")
         if latents is not None:
             shape = (B, cfg.out_channels, T, H, W)
             if not isinstance(latents, torch.Tensor) or tuple(latents.shape) != shape:
@@ -390,11 +397,14 @@ class Pipeline:
             init_video, latents = self._encode_init(init_video, latents, generator, show)
             timings["encode"] = self._elapsed(t0)
 
-        t0 = time.perf_counter()
-        x = self.base_stage.run(text, (B, T, H, W), generator, base_options, conditioning=conditioning,
-                                init=init_video, strength=strength, callback=callback, progress=show,
-                                latents=latents)
-        timings["base"] = self._elapsed(t0)
+        if low_res_video is None:
+            t0 = time.perf_counter()
+            x = self.base_stage.run(text, (B, T, H, W), generator, base_options, conditioning=conditioning,
+                                    init=init_video, strength=strength, callback=callback, progress=show,
+                                    latents=latents)
+            timings["base"] = self._elapsed(t0)
+        else:
+            x = low_res_video.to(self.ssr_stage.backend.device)
 
         low = x
         if self.ssr_stage is not None:
@@ -425,15 +435,22 @@ class Pipeline:
         return latents, noise
 
     @staticmethod
-    def _check_init(init_video, shape, steps: int, strength: float) -> torch.Tensor:
-        if not isinstance(init_video, torch.Tensor) or tuple(init_video.shape) != shape:
-            raise ValueError(f"init_video must be a tensor of shape {shape} (B, 3, T, H, W), got "
-                             f"{tuple(getattr(init_video, 'shape', ())) or type(init_video).__name__}")
-        if not torch.isfinite(init_video).all():
-            raise ValueError("init_video contains NaN or inf")
-        if int(steps * strength) < 1:
-            raise ValueError(f"strength {strength} leaves no denoising step of {steps}; raise it or the step count")
-        return init_video.float()
+    def _check_video(video, name: str, shape) -> torch.Tensor:
+        if not isinstance(video, torch.Tensor) or tuple(video.shape) != shape:
+            raise ValueError(f"{name} must be a tensor of shape {shape} (B, 3, T, H, W), got "
+                             f"{tuple(getattr(video, 'shape', ())) or type(video).__name__}")
+        if not torch.isfinite(video).all():
+            raise ValueError(f"{name} contains NaN or inf")
+        return video.float()
+
+    def _check_low_res(self, video, shape, conditioning, init_video, latents) -> torch.Tensor:
+        if self.ssr_stage is None:
+            raise ValueError("low_res_video: this pipeline has no SSR model to raise it (pass ssr_model=)")
+        given = [n for n, v in (("conditioning", conditioning), ("init_video", init_video), ("latents", latents))
+                 if v is not None]
+        if given:
+            raise ValueError(f"low_res_video replaces the base stage, which {given[0]} is for; pass one of them")
+        return self._check_video(video, "low_res_video", shape)
 
     def _step_callback(self, callback: Callable | None):
         if callback is None:
@@ -518,6 +535,20 @@ class Pipeline:
             self._check_geometry(T, kwargs["height"], kwargs["width"])
             init = resize_frames(init, kwargs["height"], kwargs["width"])
         return self(prompt, init_video=init, strength=strength, **kwargs)
+
+    def upscale(self, video, prompt=None, **kwargs) -> PipelineOutput:
+        """The SSR stage alone: raise ``video`` (frames in [0, 1], at a base size) to the SSR model's resolution on
+        MultiDiffusion windows, guided by ``prompt``; the stage's settings in ``ssr=SSROptions(...)`` (its steps
+        default to ``num_inference_steps``). For a video made elsewhere, or another SSR pass over a base video
+        without running the base model again (``low_res_frames`` of an output). The seed's draws start at the SSR
+        stage, so a seed does not give the full generation's SSR noise."""
+        low = video_frames(video)
+        _, _, T, H, W = low.shape
+        for name, size in (("num_frames", T), ("height", H), ("width", W)):
+            if kwargs.get(name) not in (None, size):
+                raise ValueError(f"{name} must be the video's ({size}) or None: upscale raises the video as it is, "
+                                 f"got {kwargs[name]!r}")
+        return self(prompt, low_res_video=low, **{**kwargs, "num_frames": T, "height": H, "width": W})
 
     def _base_size(self, height: int, width: int) -> tuple[int, int]:
         """The base video's (H, W) from which this pipeline makes a (height x width) video."""
