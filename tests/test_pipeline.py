@@ -4,6 +4,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from utils import randomize_temporal
 
 import stunet
@@ -296,6 +298,21 @@ def test_video_to_video_on_a_cascade_edits_at_the_base_size_and_keeps_the_videos
     assert np.array_equal(res.frames, at_base.frames)
     with pytest.raises(ValueError, match=f"the video is {big - 1}x{big}, which this cascade does not make"):
         pipe.video_to_video(video[:, 1:], "x", **options)
+
+
+@settings(max_examples=60, deadline=None)
+@given(height=st.integers(1, 200), width=st.integers(1, 200))
+def test_a_cascades_base_size_is_the_one_its_ssr_raises_to_the_videos(pipe, height, width):
+    """The base size video-to-video edits a cascade's video at: the one base size (sides in multiples of the base
+    model's divisor) from which the SSR stage makes exactly height x width; none: an error asking for one."""
+    cfg, spatial = pipe.ssr.config, pipe.base.config.spatial_divisor
+    makes = {pipe.ssr_stage.output_size(h, h)[0]: h for h in range(spatial, 201, spatial)}
+    if height in makes and width in makes:
+        assert pipe._base_size(height, width) == (makes[height], makes[width])
+    else:
+        with pytest.raises(ValueError, match=f"the video is {height}x{width}, which this cascade does not make"):
+            pipe._base_size(height, width)
+    assert cfg.sample_size // cfg.low_res_size == 2
 
 
 def test_upscale_runs_the_ssr_stage_alone(pipe, encoder):

@@ -10,7 +10,8 @@ in [0, 1]. All noise is drawn from one CPU generator, so a seed gives the same v
 same backend).
 
 Conditional modes (7-channel models; see ``conditioning``): ``image_to_video``, ``inpaint``, ``cinemagraph``;
-``video_to_video`` (SDEdit) works with any base model; ``with_style`` gives stylized generation.
+``video_to_video`` (SDEdit) works with any base model; ``upscale`` runs the SSR stage alone on a given video;
+``with_style`` gives stylized generation.
 
 Latent models (``in_channels=4``, converted from diffusers checkpoints by ``stunet convert``) denoise VAE latents
 and decode them with the folder's VAE (which also encodes ``video_to_video``'s input); ``height`` and ``width``
