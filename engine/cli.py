@@ -217,10 +217,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if command == "upscale" and not (args.ssr or demo):
         parser.error("argument --ssr: upscale runs an SSR model: give --ssr DIR (and the --model whose videos it "
                      "raises), or neither for the demo cascade")
-    kept = {"inpaint": ("frames", "height", "width"), "upscale": ("frames", "height", "width"),
+    kept = {"inpaint": ("frames",), "upscale": ("frames", "height", "width"),
             "video-to-video": ("frames",)}.get(command, ())
     if fixed := [f"--{k}" for k in kept if getattr(args, k) is not None]:
-        what = "frame count" if command == "video-to-video" else "size"
+        what = "size" if command == "upscale" else "frame count"
         parser.error(f"argument {fixed[0]}: {command} keeps the input video's {what}; drop {', '.join(fixed)}")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device.startswith("cuda"):
@@ -334,8 +334,8 @@ def _mode_inputs(args, parser) -> dict:
 
 
 def _run_mode(pipe, args, inputs: dict, call: dict):
-    """The generation of ``args.command``. An input video fixes the frames (and for inpaint the size); video-to-video
-    resizes its frames to --height / --width when given."""
+    """The generation of ``args.command``. An input video fixes the frames; the modes that take an image or a
+    video resize it to --height / --width when given (upscale takes it as it is)."""
     command = args.command
     sized = {k: v for k, v in call.items() if k not in ("num_frames", "height", "width")}
     if command == "generate":
@@ -345,7 +345,8 @@ def _run_mode(pipe, args, inputs: dict, call: dict):
     if command == "cinemagraph":
         return pipe.cinemagraph(inputs["image"], inputs["region"], args.prompt, **call)
     if command == "inpaint":
-        return pipe.inpaint(inputs["video"], inputs["region"], args.prompt, **sized)
+        return pipe.inpaint(inputs["video"], inputs["region"], args.prompt, height=args.height, width=args.width,
+                            **sized)
     if command == "upscale":
         return pipe.upscale(inputs["video"], args.prompt, **sized)
     return pipe.video_to_video(inputs["video"], args.prompt, strength=args.strength, height=args.height,
@@ -475,8 +476,8 @@ def cmd_env(args: argparse.Namespace) -> int:
 
 # -- the parser ------------------------------------------------------------------------------------------------------
 def _add_generation_args(p: argparse.ArgumentParser, edits: str | None = None) -> None:
-    """The arguments every generation takes; ``edits``: how a mode that edits an input video takes its frames
-    and size ("keeps" them, or "resizes" to --height / --width)."""
+    """The arguments every generation takes; ``edits``: what a mode's input fixes: "image" (the size, which
+    --height / --width resize), "video" (also the frames) or "all" (upscale: the frames and the size)."""
     p.add_argument("prompt", metavar="PROMPT", help="what the video shows (an empty prompt generates unconditionally)")
     p.add_argument("-o", "--output", required=True, help="output video file: .mp4 or .gif")
     p.add_argument("--overwrite", action="store_true", help="replace the output file if it exists")
@@ -488,10 +489,11 @@ def _add_generation_args(p: argparse.ArgumentParser, edits: str | None = None) -
                    help="preset for random weights when --model is not given (default: the built-in demo "
                         "cascade, trained; tiny-cond with random weights for the conditional modes)")
     p.add_argument("--negative-prompt", default=None, metavar="TEXT", help="what to steer away from")
-    size = {None: "default: the model's sample_size", "keeps": "not taken: the input video's",
-            "resizes": "default: the input video's, over the SSR's scale with --ssr; another resizes its "
-                       "frames"}[edits]
-    frames = "not taken: the input video's" if edits else "default: the model's sample_frames"
+    size = {None: "default: the model's sample_size", "all": "not taken: the input video's",
+            "image": "default: the image's, over the SSR's scale with --ssr; another resizes it",
+            "video": "default: the input video's, over the SSR's scale with --ssr; another resizes its "
+                     "frames"}[edits]
+    frames = "not taken: the input video's" if edits in ("video", "all") else "default: the model's sample_frames"
     p.add_argument("--frames", type=_positive, help=f"frames ({frames})")
     p.add_argument("--height", type=_positive, help=f"height in pixels ({size})")
     p.add_argument("--width", type=_positive, help=f"width in pixels ({size})")
@@ -610,17 +612,17 @@ def build_parser() -> argparse.ArgumentParser:
                                  cmd_generate))
     i2v = command("image-to-video", "animate an image (7-channel model)",
                   "Generate a video whose first frame is the given image.", cmd_generate)
-    _add_generation_args(i2v)
+    _add_generation_args(i2v, edits="image")
     i2v.add_argument("--image", required=True, help="the first frame: an image (png/jpg) or a video's first frame")
     inp = command("inpaint", "regenerate a region of a video (7-channel model)",
                   "Regenerate a region of every frame of a video; the rest is kept.", cmd_generate)
-    _add_generation_args(inp, edits="keeps")
+    _add_generation_args(inp, edits="video")
     inp.add_argument("--video", required=True, help="input video (mp4/gif)")
     inp.add_argument("--region", required=True, type=_region,
                      help="what to regenerate: a mask image (white = regenerate) or a box x0,y0,x1,y1 in pixels")
     cin = command("cinemagraph", "animate a region of an image (7-channel model)",
                   "Animate only a region of an image; everything else stays still.", cmd_generate)
-    _add_generation_args(cin)
+    _add_generation_args(cin, edits="image")
     cin.add_argument("--image", required=True, help="the still image (png/jpg) or a video's first frame")
     cin.add_argument("--region", required=True, type=_region,
                      help="what to animate: a mask image (white = animate) or a box x0,y0,x1,y1 in pixels")
@@ -628,7 +630,7 @@ def build_parser() -> argparse.ArgumentParser:
                   "Noise a video to a strength and denoise it towards the prompt (SDEdit). The output keeps the "
                   "video's frames and its size, or resizes each frame to --height / --width first (e.g. to upscale "
                   "with a high-resolution model).", cmd_generate)
-    _add_generation_args(v2v, edits="resizes")
+    _add_generation_args(v2v, edits="video")
     v2v.add_argument("--video", required=True, help="input video (mp4/gif)")
     v2v.add_argument("--strength", type=_number(0.0, 1.0, lo_open=True), default=0.6,
                      help="how far the input is noised, in (0, 1] (default 0.6; 1 ignores the input)")
@@ -636,7 +638,7 @@ def build_parser() -> argparse.ArgumentParser:
                  "Raise a video at a base size to the SSR model's resolution on MultiDiffusion windows, guided by "
                  "the prompt, without running the base model (the demo cascade's SSR unless --model and --ssr "
                  "are given).", cmd_generate)
-    _add_generation_args(up, edits="keeps")
+    _add_generation_args(up, edits="all")
     up.add_argument("--video", required=True, help="the low-resolution video (mp4/gif) at a base model size")
     return parser
 

@@ -54,6 +54,9 @@ def test_saved_models_and_every_mode(tmp_path, capsys):
         ["inpaint", "x", "-o", "{tmp}/c.mp4", "--video", "{tmp}/b.mp4", "--region", "4,4,12,12"],
         ["video-to-video", "x", "-o", "{tmp}/d.mp4", "--video", "{tmp}/b.mp4", "--strength", "0.5"],
         ["video-to-video", "x", "-o", "{tmp}/f.mp4", "--video", "{tmp}/b.mp4", "--height", "32", "--width", "24"],
+        ["inpaint", "x", "-o", "{tmp}/g.mp4", "--video", "{tmp}/b.mp4", "--region", "4,4,12,12", "--height", "8",
+         "--width", "8"],
+        ["image-to-video", "x", "-o", "{tmp}/h.mp4", "--image", "{tmp}/img.png", "--frames", "4", "--height", "24"],
         ["image-to-video", "x", "-o", "{tmp}/e.mp4", "--image", "{tmp}/d.mp4", "--frames", "4"],  # a video's frame 0
     ]
     for argv in runs:
@@ -61,6 +64,8 @@ def test_saved_models_and_every_mode(tmp_path, capsys):
         assert code == 0, err
     assert len(read_mp4(tmp_path / "d.mp4")) == 4
     assert np.asarray(read_mp4(tmp_path / "f.mp4")).shape == (4, 32, 24, 3)  # resized to --height x --width
+    assert np.asarray(read_mp4(tmp_path / "g.mp4")).shape == (4, 8, 8, 3)
+    assert np.asarray(read_mp4(tmp_path / "h.mp4")).shape == (4, 24, 16, 3)
 
 
 @needs_av
@@ -126,8 +131,8 @@ def test_bf16_runs_through_the_cpp_runtime(tmp_path, capsys):
      "argument --ssr-steps: needs an SSR model"),
     (["video-to-video", "x", "-o", "{tmp}/o.mp4", "--video", "{tmp}/i.png", "--frames", "4"],
      "argument --frames: video-to-video keeps the input video's frame count; drop --frames"),
-    (["inpaint", "x", "-o", "{tmp}/o.mp4", "--video", "{tmp}/i.png", "--region", "1,1,2,2", "--width", "8"],
-     "argument --width: inpaint keeps the input video's size; drop --width"),
+    (["inpaint", "x", "-o", "{tmp}/o.mp4", "--video", "{tmp}/i.png", "--region", "1,1,2,2", "--frames", "8"],
+     "argument --frames: inpaint keeps the input video's frame count; drop --frames"),
     (["upscale", "x", "-o", "{tmp}/o.mp4", "--video", "{tmp}/i.png", "--preset", "tiny"],
      "argument --ssr: upscale runs an SSR model"),
     (["upscale", "x", "-o", "{tmp}/o.mp4", "--video", "{tmp}/i.png", "--height", "8"],

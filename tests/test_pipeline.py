@@ -336,6 +336,31 @@ def test_upscale_runs_the_ssr_stage_alone(pipe, encoder):
         Pipeline(base, encoder, progress=False).upscale(low, "x")
 
 
+def test_a_resized_conditioning_keeps_known_colours_and_never_shrinks_the_region():
+    video = np.full((4, 16, 16, 3), 0.75, dtype=np.float32)  # 0.5 in model space
+    region = np.zeros((16, 16), dtype=np.float32)
+    region[5:11, 4:12] = 1
+    small = Conditioning.inpaint(video, region).resized(8, 8)
+    assert small.video.shape == (1, 3, 4, 8, 8) and small.mask.shape == (1, 1, 4, 8, 8)
+    generate = small.mask[0, 0, 0] == 0
+    assert generate[2:6, 2:6].all()  # the region, halved, is still generated
+    assert generate.sum() < 64 and (generate.sum(dim=0) > 0).sum() <= 6  # ... with at most a pixel of margin
+    assert torch.equal(small.video, 0.5 * small.mask.expand_as(small.video))  # known pixels keep their colour
+    frame0 = Conditioning.image_to_video(np.full((16, 16, 3), 0.25, dtype=np.float32), 4).resized(8, 8)
+    assert frame0.mask[:, :, 0].eq(1).all() and frame0.mask[:, :, 1:].eq(0).all()
+    assert torch.allclose(frame0.video[:, :, 0], torch.tensor(-0.5)) and frame0.video[:, :, 1:].eq(0).all()
+
+
+def test_conditional_modes_on_a_cascade_take_inputs_at_its_output_size(encoder):
+    base, ssr = _models(in_channels=7)
+    pipe = Pipeline(base, encoder, ssr, progress=False)
+    image = np.random.default_rng(0).random((16, 16, 3), dtype=np.float32)
+    options = dict(num_frames=4, num_inference_steps=2, ssr=SSROptions(window=4, overlap=1), seed=0)
+    res = pipe.image_to_video(image, "x", **options)
+    assert res.frames.shape == (1, 4, 16, 16, 3) and res.low_res_frames.shape == (1, 4, 8, 8, 3)
+    assert pipe.image_to_video(image, "x", height=16, width=16, **options).frames.shape == (1, 4, 32, 32, 3)
+
+
 def test_video_to_video_resizes_the_video_to_the_size_asked_for(encoder):
     base, _ = _models()
     pipe = Pipeline(base, encoder, progress=False)
@@ -346,7 +371,7 @@ def test_video_to_video_resizes_the_video_to_the_size_asked_for(encoder):
     assert init.shape == (1, 3, 4, 16, 32) and -1 <= init.min() and init.max() <= 1
     same = pipe(["x"], init_video=init, strength=0.6, num_frames=4, height=16, width=32, num_inference_steps=4, seed=0)
     assert np.array_equal(res.frames, same.frames)
-    with pytest.raises(ValueError, match=r"num_frames must be the video's frame count \(4\)"):
+    with pytest.raises(ValueError, match=r"num_frames must be the inputs' frame count \(4\)"):
         pipe.video_to_video(video, "x", num_frames=8)
     with pytest.raises(ValueError, match="width must be a positive multiple of 4"):
         pipe.video_to_video(video, "x", width=30)

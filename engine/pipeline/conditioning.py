@@ -119,6 +119,22 @@ class Conditioning:
         mask[:, :, 0] = 1
         return cls._build(source, mask, "cinemagraph")
 
+    def resized(self, height: int, width: int) -> "Conditioning":
+        """The conditioning of a (height x width) video: the known pixels' colours resized (each output pixel the
+        average of the known pixels it covers, bilinearly, antialiased), known only where everything it covers is
+        known (so a region to generate never shrinks)."""
+        B, _, T, h, w = self.video.shape
+
+        def resize(t: torch.Tensor) -> torch.Tensor:
+            folded = t.float().transpose(1, 2).reshape(B * T, t.shape[1], h, w)
+            out = F.interpolate(folded, size=(height, width), mode="bilinear", align_corners=False, antialias=True)
+            return out.reshape(B, T, t.shape[1], height, width).transpose(1, 2)
+
+        cover = resize(self.mask)
+        mask = (cover >= 1 - 1e-4).float()
+        video = torch.where(cover > 0, resize(self.video) / cover.clamp_min(1e-6), 0.0).clamp(-1, 1) * mask
+        return Conditioning(video, mask, self.mode)
+
     def to(self, device, dtype) -> "Conditioning":
         return Conditioning(self.video.to(device, dtype), self.mask.to(device, dtype), self.mode)
 

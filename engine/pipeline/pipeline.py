@@ -502,19 +502,22 @@ class Pipeline:
 
     # -- conditional modes -----------------------------------------------------------------------------------
     def image_to_video(self, image, prompt=None, **kwargs) -> PipelineOutput:
-        """Animate ``image`` ((H, W, 3) or (B, H, W, 3) in [0, 1]): it is frame 0 of the generated video."""
+        """Animate ``image`` ((H, W, 3) or (B, H, W, 3) in [0, 1]): it is frame 0 of the generated video, which has
+        its size (``height`` / ``width`` as in :meth:`video_to_video`)."""
         cond = Conditioning.image_to_video(image, self._frames(kwargs))
-        return self(prompt, conditioning=cond, **self._sized(kwargs, cond))
+        return self(prompt, **self._sized(kwargs, cond))
 
     def inpaint(self, video, region, prompt=None, **kwargs) -> PipelineOutput:
-        """Regenerate ``region`` (1 = generate; (H, W), (F, H, W) or (B, F, H, W)) of ``video`` (frames in [0, 1])."""
+        """Regenerate ``region`` (1 = generate; (H, W), (F, H, W) or (B, F, H, W)) of ``video`` (frames in [0, 1]);
+        sizes as in :meth:`video_to_video` (a resized region never shrinks)."""
         cond = Conditioning.inpaint(video, region)
-        return self(prompt, conditioning=cond, **self._sized(kwargs, cond))
+        return self(prompt, **self._sized(kwargs, cond))
 
     def cinemagraph(self, image, region, prompt=None, **kwargs) -> PipelineOutput:
-        """Animate only ``region`` (1 = animate, (H, W) or (B, H, W)) of ``image``; the rest stays still."""
+        """Animate only ``region`` (1 = animate, (H, W) or (B, H, W)) of ``image``; the rest stays still; sizes as
+        in :meth:`video_to_video`."""
         cond = Conditioning.cinemagraph(image, region, self._frames(kwargs))
-        return self(prompt, conditioning=cond, **self._sized(kwargs, cond))
+        return self(prompt, **self._sized(kwargs, cond))
 
     def video_to_video(self, video, prompt=None, strength: float = 0.6, **kwargs) -> PipelineOutput:
         """SDEdit: noise ``video`` (frames in [0, 1]) to ``strength`` and denoise it towards the prompt.
@@ -525,17 +528,24 @@ class Pipeline:
         576x320 clip at 1024x576."""
         init = video_frames(video)
         _, _, T, H, W = init.shape
+        kwargs = self._input_sized(kwargs, T, H, W)
+        if (kwargs["height"], kwargs["width"]) != (H, W):
+            init = resize_frames(init, kwargs["height"], kwargs["width"])
+        return self(prompt, init_video=init, strength=strength, **kwargs)
+
+    def _input_sized(self, kwargs: dict, T: int, H: int, W: int) -> dict:
+        """The call of a mode whose inputs are (T, H, W): their frames, and ``height`` / ``width`` (the base
+        video's) defaulting to their size, over the SSR stage's scale on a cascade; another size is checked (the
+        mode resizes its inputs to it)."""
         if kwargs.get("num_frames") not in (None, T):
-            raise ValueError(f"num_frames must be the video's frame count ({T}) or None, got {kwargs['num_frames']!r}")
-        kwargs["num_frames"] = T
+            raise ValueError(f"num_frames must be the inputs' frame count ({T}) or None, got {kwargs['num_frames']!r}")
+        kwargs = {**kwargs, "num_frames": T}
         if kwargs.get("height") is None or kwargs.get("width") is None:
-            base = self._base_size(H, W)
-            for name, size in zip(("height", "width"), base):
+            for name, size in zip(("height", "width"), self._base_size(H, W)):
                 kwargs[name] = size if kwargs.get(name) is None else kwargs[name]
         if (kwargs["height"], kwargs["width"]) != (H, W):
             self._check_geometry(T, kwargs["height"], kwargs["width"])
-            init = resize_frames(init, kwargs["height"], kwargs["width"])
-        return self(prompt, init_video=init, strength=strength, **kwargs)
+        return kwargs
 
     def upscale(self, video, prompt=None, **kwargs) -> PipelineOutput:
         """The SSR stage alone: raise ``video`` (frames in [0, 1], at a base size) to the SSR model's resolution on
@@ -570,10 +580,13 @@ class Pipeline:
     def _frames(self, kwargs) -> int:
         return kwargs.get("num_frames") or self.base.config.sample_frames
 
-    @staticmethod
-    def _sized(kwargs: dict, cond: Conditioning) -> dict:
+    def _sized(self, kwargs: dict, cond: Conditioning) -> dict:
+        """The call of a conditional mode (see ``_input_sized``), its conditioning resized to the base size."""
         _, _, T, H, W = cond.video.shape
-        return {**kwargs, "num_frames": T, "height": H, "width": W}
+        kwargs = self._input_sized(kwargs, T, H, W)
+        if (kwargs["height"], kwargs["width"]) != (H, W):
+            cond = cond.resized(kwargs["height"], kwargs["width"])
+        return {**kwargs, "conditioning": cond}
 
 
 __all__ = ["Pipeline", "PipelineOutput", "to_frames", "RUNTIMES", "OUTPUT_TYPES"]
