@@ -70,13 +70,18 @@ def video_frames(video, name: str = "video") -> torch.Tensor:
     return _rgb(video, name, "(F, H, W, 3)")
 
 
-def resize_frames(video: torch.Tensor, height: int, width: int) -> torch.Tensor:
-    """(B, 3, F, h, w) in [-1, 1] -> (B, 3, F, height, width): each frame resized bilinearly, antialiased when it
+def _resize(video: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """(B, C, F, h, w) -> (B, C, F, height, width) in fp32: each frame resized bilinearly, antialiased when it
     shrinks."""
     B, C, T, h, w = video.shape
     folded = video.float().transpose(1, 2).reshape(B * T, C, h, w)
     resized = F.interpolate(folded, size=(height, width), mode="bilinear", align_corners=False, antialias=True)
-    return resized.clamp(-1, 1).reshape(B, T, C, height, width).transpose(1, 2)
+    return resized.reshape(B, T, C, height, width).transpose(1, 2)
+
+
+def resize_frames(video: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """(B, 3, F, h, w) in [-1, 1] -> (B, 3, F, height, width) in [-1, 1] (see ``_resize``)."""
+    return _resize(video, height, width).clamp(-1, 1)
 
 
 @dataclass
@@ -123,16 +128,10 @@ class Conditioning:
         """The conditioning of a (height x width) video: the known pixels' colours resized (each output pixel the
         average of the known pixels it covers, bilinearly, antialiased), known only where everything it covers is
         known (so a region to generate never shrinks)."""
-        B, _, T, h, w = self.video.shape
-
-        def resize(t: torch.Tensor) -> torch.Tensor:
-            folded = t.float().transpose(1, 2).reshape(B * T, t.shape[1], h, w)
-            out = F.interpolate(folded, size=(height, width), mode="bilinear", align_corners=False, antialias=True)
-            return out.reshape(B, T, t.shape[1], height, width).transpose(1, 2)
-
-        cover = resize(self.mask)
+        cover = _resize(self.mask, height, width)
         mask = (cover >= 1 - 1e-4).float()
-        video = torch.where(cover > 0, resize(self.video) / cover.clamp_min(1e-6), 0.0).clamp(-1, 1) * mask
+        video = _resize(self.video, height, width)
+        video = torch.where(cover > 0, video / cover.clamp_min(1e-6), 0.0).clamp(-1, 1) * mask
         return Conditioning(video, mask, self.mode)
 
     def to(self, device, dtype) -> "Conditioning":

@@ -375,17 +375,12 @@ class Pipeline:
         elif cfg.in_channels == 7:
             conditioning = Conditioning.unconditional(B, T, H, W)
         if init_video is not None:
-            init_video = self._check_video(init_video, "init_video", (B, 3, T, H * f, W * f))
+            init_video = self._check_tensor(init_video, "init_video", (B, 3, T, H * f, W * f)).float()
             if int(num_inference_steps * strength) < 1:
                 raise ValueError(f"strength {strength} leaves no denoising step of {num_inference_steps}; raise it "
                                  "or the step count")
         if latents is not None:
-            shape = (B, cfg.out_channels, T, H, W)
-            if not isinstance(latents, torch.Tensor) or tuple(latents.shape) != shape:
-                raise ValueError(f"latents must be a tensor of shape {shape} (B, C, T, H, W of the base model), got "
-                                 f"{tuple(getattr(latents, 'shape', ())) or type(latents).__name__}")
-            if not torch.isfinite(latents).all():
-                raise ValueError("latents contains NaN or inf")
+            self._check_tensor(latents, "latents", (B, cfg.out_channels, T, H, W), "B, C, T, H, W of the base model")
         callback = self._step_callback(callback_on_step_end)
 
         timings: dict[str, float] = {}
@@ -436,13 +431,13 @@ class Pipeline:
         return latents, noise
 
     @staticmethod
-    def _check_video(video, name: str, shape) -> torch.Tensor:
-        if not isinstance(video, torch.Tensor) or tuple(video.shape) != shape:
-            raise ValueError(f"{name} must be a tensor of shape {shape} (B, 3, T, H, W), got "
-                             f"{tuple(getattr(video, 'shape', ())) or type(video).__name__}")
-        if not torch.isfinite(video).all():
+    def _check_tensor(value, name: str, shape, layout: str = "B, 3, T, H, W") -> torch.Tensor:
+        if not isinstance(value, torch.Tensor) or tuple(value.shape) != shape:
+            raise ValueError(f"{name} must be a tensor of shape {shape} ({layout}), got "
+                             f"{tuple(getattr(value, 'shape', ())) or type(value).__name__}")
+        if not torch.isfinite(value).all():
             raise ValueError(f"{name} contains NaN or inf")
-        return video.float()
+        return value
 
     def _check_low_res(self, video, shape, conditioning, init_video, latents) -> torch.Tensor:
         if self.ssr_stage is None:
@@ -451,7 +446,7 @@ class Pipeline:
                  if v is not None]
         if given:
             raise ValueError(f"low_res_video replaces the base stage, which {given[0]} is for; pass one of them")
-        return self._check_video(video, "low_res_video", shape)
+        return self._check_tensor(video, "low_res_video", shape).float()
 
     def _step_callback(self, callback: Callable | None):
         if callback is None:
