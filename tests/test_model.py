@@ -8,7 +8,7 @@ from utils import assert_close, make_inputs, randomize_temporal
 import stunet
 from stunet.model import (Cond, ConvInflationBlock, ResBlock, SpatialAttention, TemporalAttentionBlock,
                           TemporalDown, TemporalUp)
-from stunet.model import PER_FRAME, from_clips, to_clips
+from stunet.model import PER_FRAME, REFERENCE, from_clips, to_clips
 
 FRAME_COUNTS = [1, 2, 7, 8, 17]  # T = 1, odd, even, and a prime past a power of two
 
@@ -19,7 +19,8 @@ def _folded(batch: int, frames: int, ch: int = 8, size: int = 4, seed: int = 0) 
 
 
 def _cond(batch: int) -> Cond:
-    return Cond(batch=batch, emb=torch.zeros(batch, 4), text=torch.zeros(batch, 1, 4), text_mask=None)
+    return Cond(batch=batch, emb=torch.zeros(batch, 4), text=torch.zeros(batch, 1, 4), text_mask=None,
+                policy=REFERENCE)
 
 
 # -- temporal modules at initialisation ---------------------------------------------------------------------------

@@ -29,7 +29,7 @@ from torch import nn
 
 from .. import kernels
 from ..kernels import group_norm_ref
-from .policy import REFERENCE, ExecutionPolicy
+from .policy import ExecutionPolicy
 
 Shape = tuple[int, int, int, int]  # (B, T, H, W) of a block's input
 
@@ -37,13 +37,14 @@ Shape = tuple[int, int, int, int]  # (B, T, H, W) of a block's input
 @dataclass
 class Cond:
     """What every frame shares (the clip count, the timestep embedding, the text tokens: never copied T times),
-    and how this forward executes (``policy``)."""
+    and how this forward executes (``policy``). The policy has no default on purpose: a dataclass default is a
+    constant of the generated ``__init__``, which torch.compile (2.11) cannot wrap, and it breaks the graph there."""
 
     batch: int
     emb: torch.Tensor  # (B, E)
     text: torch.Tensor  # (B, L, D_text)
     text_mask: torch.Tensor | None  # (B, L) bool, True = attend; None = every token
-    policy: ExecutionPolicy = REFERENCE
+    policy: ExecutionPolicy
 
     def cross_kv(self, layer: nn.Linear) -> tuple[torch.Tensor, torch.Tensor]:
         """(k, v), each (B, L, C): ``layer(text)`` split in two, kept in the policy's text K/V store if any."""
