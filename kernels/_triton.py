@@ -22,7 +22,10 @@ def jit(fn):
 def launch(kernel):
     """``kernel`` ready for ``[grid](...)``: wrapped with ``torch.library.wrap_triton``, so that inside a
     ``torch.library.triton_op`` torch.compile and AOTInductor see the launch (and compile the kernel into their
-    output); eagerly it launches the kernel as it is."""
+    output); eagerly it launches the kernel as it is. An interpreted kernel launches as it is: nothing traces one
+    (the ops take their reference math under tracing on the CPU), and torch before 2.13 refuses to wrap it."""
+    if interpreting():
+        return kernel
     from torch.library import wrap_triton
 
     return wrap_triton(kernel)
