@@ -103,7 +103,7 @@ setup(
     },
     package_data={"stunet.demo": ["weights/*/*.json", "weights/*/*.safetensors", "weights/*.json"]},
     install_requires=[
-        "torch>=2.4",
+        "torch>=2.11",  # the oldest release the suite is run on
         "numpy",
         "safetensors>=0.4",
         "tqdm",
