@@ -110,7 +110,7 @@ def main(argv=None) -> dict:
             note = {} if share is None else {"note": f"comm {100 * share:.1f}% of step time"}
             rows.append(Row(f"stage {stage}", r["label"], impl, r[f"{stage}_s"] * 1e3, extra=note))
     return report("distributed", rows, device, stock="1 process (batched)", command=command("distributed", argv),
-                  copy_bytes=(1 << 24) if args.quick else (1 << 30), out_dir=args.out)
+                  quick=args.quick, out_dir=args.out)
 
 
 def _drop(argv: list[str], options: tuple[str, ...]) -> list[str]:

@@ -2,9 +2,10 @@
 markdown table. Every benchmark script builds ``Row``s, the stock-PyTorch alternative among them, and calls
 ``report``.
 
-Roofline: the GPU's datasheet HBM bandwidth and dense FP16 tensor throughput, by device name (``PEAKS``); a
-copy of a large buffer is measured in the same run and reported beside it, since it bounds what any
-memory-bound kernel reaches. On the CPU the roofline is that measured copy.
+Roofline: measured in the same run, on the same device. Memory: the bandwidth of a device-to-device copy of a
+large buffer (read + write), which bounds what any memory-bound kernel reaches. Compute: the throughput of a large
+square matmul in FP16 (FP32 on the CPU), which bounds a model step; a step's "% roofline" is its MFU against it.
+The datasheet peaks (``PEAKS``, by device name) are recorded beside the measured ones.
 """
 from __future__ import annotations
 
@@ -136,6 +137,28 @@ def copy_bandwidth(device: torch.device, nbytes: int) -> float:
     return 2 * nbytes / ms / 1e6
 
 
+def gemm_throughput(device: torch.device, n: int, dtype: torch.dtype) -> float:
+    """TFLOP/s of an n x n x n matmul on random data."""
+    gen = torch.Generator(device).manual_seed(0)
+    a, b = (torch.randn(n, n, device=device, dtype=dtype, generator=gen) for _ in range(2))
+    out = torch.empty_like(a)
+    ms = timeit(lambda: torch.mm(a, b, out=out), device)
+    return 2 * n**3 / ms / 1e9
+
+
+def measure_roofline(device: torch.device, quick: bool = False) -> dict:
+    """The measured roofline and the datasheet's, as recorded in every result: copy GB/s of 1 GiB (16 MiB when
+    ``quick``) and matmul TFLOP/s, FP16 at n = 8192 on a GPU, FP32 at n = 1024 on the CPU (whose FP16 matmul is
+    not what a model runs there), n = 256 when ``quick``."""
+    info = device_info(device)
+    info["copy_gbps"] = copy_bandwidth(device, (1 << 24) if quick else (1 << 30))
+    n = 256 if quick else (8192 if device.type == "cuda" else 1024)
+    dtype = torch.float16 if device.type == "cuda" else torch.float32
+    info.update(gemm_tflops=gemm_throughput(device, n, dtype), gemm_n=n, gemm_dtype=str(dtype).removeprefix("torch."))
+    info["roofline_gbps"], info["roofline_tflops"] = info["copy_gbps"], info["gemm_tflops"]
+    return info
+
+
 def finish(rows: list[Row], roofline_gbps: float, peak_tflops: float, stock: str) -> None:
     """Fills GB/s, TFLOP/s, % of roofline (memory or compute, whichever bounds the row) and speed-ups.
     Rows that failed (ms == 0, the reason in ``extra["error"]``) keep zeros."""
@@ -153,8 +176,11 @@ def finish(rows: list[Row], roofline_gbps: float, peak_tflops: float, stock: str
 
 def markdown(rows: list[Row], info: dict) -> str:
     notes = any("note" in r.extra for r in rows)  # a last column when some row has a note
-    lines = [f"Device: {info['device']}; roofline: {info['roofline_gbps']:.0f} GB/s ({info['roofline_source']}); "
-             f"measured copy: {info['copy_gbps']:.0f} GB/s; torch {info['torch']}",
+    sheet = (f" (datasheet {info['peak_gbps']:.0f} GB/s, {info['peak_tflops_fp16']:.0f} TFLOP/s)"
+             if info["peak_gbps"] else "")
+    lines = [f"Device: {info['device']}; roofline measured in this run: copy {info['copy_gbps']:.0f} GB/s, "
+             f"{'FP16' if info['gemm_dtype'] == 'float16' else 'FP32'} matmul {info['gemm_tflops']:.1f} TFLOP/s "
+             f"(n={info['gemm_n']}){sheet}; torch {info['torch']}",
              "",
              "| bench | shape | impl | ms | GB/s | TFLOP/s | % roofline | speed-up |" + (" note |" if notes else ""),
              "|---|---|---|---:|---:|---:|---:|---:|" + ("---|" if notes else "")]
@@ -170,26 +196,28 @@ def markdown(rows: list[Row], info: dict) -> str:
     return "\n".join(lines)
 
 
-def report(name: str, rows: list[Row], device: torch.device, *, stock: str, command: str,
-           copy_bytes: int = 1 << 30, out_dir: Path | None = None) -> dict:
-    """Computes the derived columns, prints the table, writes <out_dir or results/<device>>/<name>.json and .md
-    (atomically) and returns the JSON document."""
-    info = device_info(device)
-    info["copy_gbps"] = copy_bandwidth(device, copy_bytes)
-    if info["peak_gbps"]:
-        info["roofline_gbps"], info["roofline_source"] = info["peak_gbps"], "datasheet HBM"
-    else:
-        info["roofline_gbps"], info["roofline_source"] = info["copy_gbps"], "measured copy"
-    finish(rows, info["roofline_gbps"], info["peak_tflops_fp16"], stock)
+def report(name: str, rows: list[Row], device: torch.device, *, stock: str, command: str, quick: bool = False,
+           out_dir: Path | None = None) -> dict:
+    """Measures the roofline, computes the derived columns, prints the table, writes <out_dir or
+    results/<device>>/<name>.json and .md (atomically) and returns the JSON document."""
+    info = measure_roofline(device, quick)
+    finish(rows, info["roofline_gbps"], info["roofline_tflops"], stock)
     table = markdown(rows, info)
     print(table)
-    doc = {"bench": name, "command": command, "stock": stock, "python": sys.version.split()[0], **info,
-           "rows": [asdict(r) for r in rows]}
-    out = Path(out_dir) if out_dir is not None else RESULTS / slug(info["device"].split(" (")[0])
+    doc = {"bench": name, "command": command, "stock": stock, **info, "rows": [asdict(r) for r in rows]}
+    write_results(name, doc, table, out_dir)
+    return doc
+
+
+def write_results(name: str, doc: dict, table: str, out_dir: Path | None) -> Path:
+    """<out_dir or results/<device>>/<name>.json (``doc`` with the Python version) and <name>.md (the command
+    and ``table``), each written atomically; returns the folder."""
+    doc = {**doc, "python": sys.version.split()[0]}
+    out = Path(out_dir) if out_dir is not None else RESULTS / slug(doc["device"].split(" (")[0])
     out.mkdir(parents=True, exist_ok=True)
-    for suffix, text in ((".json", json.dumps(doc, indent=2)), (".md", f"`{command}`\n\n{table}\n")):
+    for suffix, text in ((".json", json.dumps(doc, indent=2)), (".md", f"`{doc['command']}`\n\n{table}\n")):
         fd, tmp = tempfile.mkstemp(dir=out, prefix=f".{name}", suffix=suffix)
         with os.fdopen(fd, "w") as f:
             f.write(text)
         os.replace(tmp, out / f"{name}{suffix}")
-    return doc
+    return out

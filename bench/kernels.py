@@ -5,7 +5,9 @@
 
 Rows (fp16 on CUDA, fp32 on CPU; bytes are what an ideal kernel moves once; the stock rows are "torch eager"):
 - temporal attention: qkv (B, T, S, 3C) -> (B, T, S, C); stock = view/permute to (B*S, heads, T, D) copies, the
-  best SDPA backend torch picks, permute back. Bytes 4 * B*T*S*C * 2; FLOPs 4 * B*S*heads*T^2*D.
+  SDPA backend torch picks, permute back; the same with each SDPA backend forced ("torch SDPA (flash)", ...),
+  every one that runs the shape (one that cannot is named on stderr). Bytes 4 * B*T*S*C * 2; FLOPs
+  4 * B*S*heads*T^2*D. T sweeps 5 (lumiere-base's coarsest level) to 128.
 - group norm + SiLU on (B, C, T, H, W) videos, per-frame and per-clip statistics, NCDHW and channels-last;
   stock = fold the frames into the batch (a copy for NCDHW; per clip: the 5-D tensor as it is), F.group_norm,
   F.silu, unfold; also that function under torch.compile. Bytes: read x + write y. The ResBlock's form adds
@@ -15,11 +17,14 @@ Rows (fp16 on CUDA, fp32 on CPU; bytes are what an ideal kernel moves once; the 
 """
 from __future__ import annotations
 
+import contextlib
 import sys
+import warnings
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from harness import Row, command, parser, report, timeit  # noqa: E402
@@ -33,7 +38,7 @@ def attention_shapes(quick: bool):
         return [("quick", 1, 16, 64, 64, 2), ("quick T=5", 2, 5, 16, 64, 1)]
     base, edge = STUNetConfig.from_preset("lumiere-base"), STUNetConfig.from_preset("edge")
     rows = [("issue: B2 C512 T16 32x32", 2, 16, 1024, 512, 8), ("design: 16384 seq x T16 h8 d64", 1, 16, 16384, 512, 8)]
-    rows += [(f"sweep T={T}", 1, T, 4096, 512, 8) for T in (8, 32, 64, 128)]
+    rows += [(f"sweep T={T}", 1, T, 4096, 512, 8) for T in (5, 8, 16, 32, 64, 80, 128)]
     for name, cfg in (("lumiere-base mid", base), ("edge mid", edge)):
         T, H, W, C = cfg.level_shapes(cfg.sample_frames, cfg.sample_size, cfg.sample_size)[-1]
         rows.append((f"{name} (CFG batch 2)", 2, T, H * W, C, cfg.temporal_attn_heads))
@@ -50,12 +55,18 @@ def video_shapes(quick: bool):
             for i, (T, H, W, C) in enumerate(cfg.level_shapes(cfg.sample_frames, cfg.sample_size, cfg.sample_size))]
 
 
-def sdpa_stock(qkv: torch.Tensor, heads: int) -> torch.Tensor:
+def sdpa_stock(qkv: torch.Tensor, heads: int, backend: SDPBackend | None = None) -> torch.Tensor:
+    """Permute to SDPA's (batch, heads, T, D), attend (with ``backend`` forced, if given), permute back."""
     B, T, S, C3 = qkv.shape
     C = C3 // 3
     q, k, v = qkv.view(B, T, S, 3, heads, C // heads).permute(3, 0, 2, 4, 1, 5).reshape(3, B * S, heads, T, -1)
-    o = F.scaled_dot_product_attention(q, k, v)
+    with sdpa_kernel(backend) if backend is not None else contextlib.nullcontext():
+        o = F.scaled_dot_product_attention(q, k, v)
     return o.view(B, S, heads, T, -1).permute(0, 3, 1, 2, 4).reshape(B, T, S, C)
+
+
+SDPA_BACKENDS = {"math": SDPBackend.MATH, "efficient": SDPBackend.EFFICIENT_ATTENTION,
+                 "flash": SDPBackend.FLASH_ATTENTION, "cuDNN": SDPBackend.CUDNN_ATTENTION}
 
 
 def gn_silu_stock(x: torch.Tensor, groups: int, w: torch.Tensor, b: torch.Tensor, scope: str = "frame",
@@ -79,9 +90,18 @@ def attention_rows(device, quick, iters, dtype):
         shape = f"{label}: B{B} T{T} S{S} C{C} h{heads}"
         rows.append(Row("temporal attention", shape, "torch eager", timeit(lambda: sdpa_stock(qkv, heads), device,
                                                                          iters=iters), nbytes, flops))
+        for name, backend in SDPA_BACKENDS.items():
+            try:
+                with warnings.catch_warnings():  # a backend that cannot run warns its reasons, then raises
+                    warnings.simplefilter("ignore")
+                    ms = timeit(lambda: sdpa_stock(qkv, heads, backend), device, iters=iters)
+            except RuntimeError as e:  # this backend does not take this shape, dtype or device
+                print(f"torch SDPA ({name}) cannot run {shape}: {str(e).splitlines()[0][:200]}", file=sys.stderr)
+                continue
+            rows.append(Row("temporal attention", shape, f"torch SDPA ({name})", ms, nbytes, flops))
         rows.append(Row("temporal attention", shape, "stunet", timeit(lambda: kernels.temporal_attention(qkv, heads),
                                                                      device, iters=iters), nbytes, flops))
-        del qkv
+        qkv = None  # this shape's memory goes before the next one's is allocated
     return rows
 
 
@@ -120,7 +140,7 @@ def video_rows(device, quick, iters, compile_stock, dtype):
                 rows.append(Row("TemporalUp (dup + conv k=3)", name, "stunet",
                                 timeit(lambda: kernels.temporal_up_conv(x, wt, bt), device, iters=iters),
                                 3 * x.numel() * x.element_size(), flops))
-            del x
+            x = None
             if device.type == "cuda":
                 torch.cuda.empty_cache()
     return rows
@@ -137,7 +157,7 @@ def main(argv=None) -> dict:
     rows = attention_rows(device, args.quick, args.iters, dtype)
     rows += video_rows(device, args.quick, args.iters, not args.no_compile and device.type == "cuda", dtype)
     return report("kernels", rows, device, stock="torch eager", command=command("kernels", argv),
-                  copy_bytes=(1 << 24) if args.quick else (1 << 30), out_dir=args.out)
+                  quick=args.quick, out_dir=args.out)
 
 
 if __name__ == "__main__":

@@ -132,7 +132,7 @@ def main(argv=None) -> dict:
     for name in args.model or sorted(MODELS, reverse=True):
         rows += rows_for(name, device, dtype, backends, args.iters, args.compile_mode, args.quick)
     return report("peers", rows, device, stock="diffusers", command=command("peers", argv),
-                  copy_bytes=(1 << 24) if args.quick else (1 << 30), out_dir=args.out)
+                  quick=args.quick, out_dir=args.out)
 
 
 if __name__ == "__main__":

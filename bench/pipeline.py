@@ -92,7 +92,7 @@ def main(argv=None) -> dict:
             if f"{stage}_s" in r.extra:
                 rows.append(Row(f"stage {stage}", r.shape, r.impl, r.extra[f"{stage}_s"] * 1e3))
     return report("pipeline", rows, device, stock="reference + python", command=command("pipeline", argv),
-                  copy_bytes=(1 << 24) if args.quick else (1 << 30), out_dir=args.out)
+                  quick=args.quick, out_dir=args.out)
 
 
 if __name__ == "__main__":

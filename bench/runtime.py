@@ -103,7 +103,7 @@ def main(argv=None) -> dict:
         if device.type == "cuda":
             torch.cuda.empty_cache()
     return report("runtime", rows, device, stock="torch ops", command=command("runtime", argv),
-                  copy_bytes=(1 << 24) if args.quick else (1 << 30), out_dir=args.out)
+                  quick=args.quick, out_dir=args.out)
 
 
 if __name__ == "__main__":
