@@ -6,12 +6,12 @@
     python bench/step.py --device cpu --quick
 
 Reports ms per step, TFLOP/s from the model's analytic FLOP count (``STUNet.flops``: convs, linears, attention
-matmuls), MFU against the GPU's dense FP16 peak (the roofline column), and the step's peak memory. The stock
-row is the eager reference in FP16 ("reference"); "compile" is torch.compile of the same module; "aoti" is the
-model compiled ahead of time into an AOTInductor package (``stunet.export.export_aoti``, static at the timed
-geometry, with max-autotune on CUDA when ``--compile-mode`` asks for it), whose build seconds are recorded beside
-its row; ``--aoti-package`` times a package built beforehand instead. Weights are random (timing does not depend
-on them).
+matmuls), MFU against the FP16 matmul throughput measured in the same run (the roofline column; its inverse is
+how far the step is from its FLOP lower bound), and the step's peak memory. The stock row is the eager
+reference in FP16 ("reference"); "compile" is torch.compile of the same module; "aoti" is the model compiled
+ahead of time into an AOTInductor package (``stunet.export.export_aoti``, static at the timed geometry, with
+max-autotune on CUDA when ``--compile-mode`` asks for it), whose build seconds are recorded beside its row;
+``--aoti-package`` times a package built beforehand instead. Weights are random (timing does not depend on them).
 """
 from __future__ import annotations
 
@@ -79,6 +79,13 @@ def step_row(preset: str, backend: str, device, dtype, iters: int, compile_mode:
 
 def time_step(model: STUNet, executor, shape: str, impl: str, device, dtype, iters: int, T: int, H: int,
               W: int) -> Row:
+    step = cfg_step(model, executor, device, dtype, T, H, W)
+    return timed_step("step (CFG)", shape, impl, step, device, iters, model.flops(2, T, H, W, 77))
+
+
+def cfg_step(model: STUNet, executor, device, dtype, T: int, H: int, W: int):
+    """One denoising step with CFG as a closure: ``executor`` on the pair [x; x] with 77 text tokens each, then
+    the fused DDIM update with guidance 7.5 (the C++ runtime), on random inputs."""
     cfg = model.config
     x = torch.randn(1, cfg.in_channels, T, H, W, device=device, dtype=dtype)
     text = torch.randn(2, 77, cfg.text_dim, device=device, dtype=dtype)
@@ -95,7 +102,7 @@ def time_step(model: STUNet, executor, shape: str, impl: str, device, dtype, ite
         cond, uncond = pred.chunk(2)
         sampler.launch(coefs, cond, uncond, latent, out, 7.5)
 
-    return timed_step("step (CFG)", shape, impl, step, device, iters, model.flops(2, T, H, W, 77))
+    return step
 
 
 def main(argv=None) -> dict:
@@ -134,7 +141,7 @@ def main(argv=None) -> dict:
     except ValueError as e:  # a backend that cannot run this request (a package of another geometry, ...)
         p.error(str(e))
     return report("step", rows, device, stock="reference", command=command("step", argv),
-                  copy_bytes=(1 << 24) if args.quick else (1 << 30), out_dir=args.out)
+                  quick=args.quick, out_dir=args.out)
 
 
 if __name__ == "__main__":

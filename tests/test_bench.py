@@ -3,11 +3,13 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 BENCH = Path(__file__).resolve().parent.parent / "bench"
 
@@ -72,3 +74,73 @@ def test_step_bench_refuses_bad_aoti_requests(tmp_path, capsys, monkeypatch):
             step.main(["--device", "cpu", *map(str, args), "--out", str(tmp_path)])
         assert exit_.value.code == 2 and message in capsys.readouterr().err, message
     assert not (tmp_path / "step.json").exists()
+
+
+def test_every_result_records_the_roofline_it_measured(tmp_path):
+    """The % of roofline divides by a copy and a matmul measured in the same run, and the file says so."""
+    doc = json.loads(_run_script("runtime.py", tmp_path, "--iters", "1").read_text())
+    assert doc["copy_gbps"] > 0 and doc["gemm_tflops"] > 0 and doc["gemm_n"] == 256
+    assert doc["roofline_gbps"] == doc["copy_gbps"] and doc["roofline_tflops"] == doc["gemm_tflops"]
+    for r in doc["rows"]:
+        ideal_ms = max(r["bytes"] / doc["copy_gbps"] / 1e6, r["flops"] / doc["gemm_tflops"] / 1e9)
+        assert r["pct_roofline"] == pytest.approx(100 * ideal_ms / r["ms"], rel=1e-9)
+    header = (tmp_path / "runtime.md").read_text().splitlines()[2]
+    assert "roofline measured in this run" in header and "FP32 matmul" in header
+
+
+def test_fidelity_bench_compares_every_backend_with_the_fp32_reference(tmp_path):
+    doc = json.loads(_run_script("fidelity.py", tmp_path).read_text())
+    rows = {r["impl"]: r for r in doc["rows"]}
+    assert list(rows) == ["reference fp16", "fast"] and doc["stock"] == "reference fp16"
+    assert rows["reference fp16"]["dtype"] == "float16" and rows["reference fp16"]["error_vs_fp16_reference"] == 1
+    # fast keeps FP32 on the CPU (the kernels' reference math in the same module tree): rounding only.
+    assert rows["fast"]["dtype"] == "float32" and rows["fast"]["rel_l2_max"] < 1e-5
+    assert 1e-5 < rows["reference fp16"]["rel_l2_max"] < 1e-2
+    assert rows["fast"]["psnr_db"] > rows["reference fp16"]["psnr_db"] > 30
+    assert set(rows["fast"]["rel_l2"]) == {"999", "500", "20"}
+    table = [line for line in (tmp_path / "fidelity.md").read_text().splitlines() if line.startswith("| ")]
+    assert len(table) == len(rows) + 1
+
+
+def test_profile_bench_splits_a_step_into_classes_of_work(tmp_path, monkeypatch):
+    doc = json.loads(_run_script("profile_step.py", tmp_path, "--iters", "1", "--top", "5").read_text())
+    assert doc["backend"] == "fast" and doc["preset"] == "tiny" and doc["step_ms"] > 0
+    shares = {name: c["share"] for name, c in doc["classes"].items()}
+    assert sum(shares.values()) == pytest.approx(1.0)
+    assert shares["GEMM/conv"] > 0.2, shares  # convolutions dominate a U-Net step, even a tiny one
+    assert all(doc["top"][i]["ms"] >= doc["top"][i + 1]["ms"] for i in range(len(doc["top"]) - 1))
+    table = (tmp_path / "profile_step.md").read_text()
+    assert table.count("| `") == 5 and "GEMM/conv" in table
+    monkeypatch.syspath_prepend(str(BENCH))
+    from profile_step import classify
+
+    assert classify("sm90_xmma_gemm_f16f16_f16f32_f32_tn_n_tilesize128x128x64") == "GEMM/conv"
+    assert classify("void cudnn::ops::nchwToNhwcKernel<__half, __half, float, false>") == "copies/permutes"
+    assert classify("_temporal_attn_fwd_kernel") == "attention"
+    assert classify("_gn_apply_kernel") == "norms"
+    assert classify("void at::native::vectorized_elementwise_kernel<4, at::native::silu_kernel>") == "elementwise"
+    assert classify("void at::native::elementwise_kernel<128, 4, direct_copy_kernel_cuda>") == "copies/permutes"
+    assert classify("aten::upsample_nearest2d") == "other"
+
+
+def _run_script(script: str, out: Path, *args: str) -> Path:
+    """Runs bench/<script> at smoke size on the CPU (the model scripts on the kernels' reference math) and
+    returns its JSON's path."""
+    run = subprocess.run([sys.executable, str(BENCH / script), "--device", "cpu", "--quick", *args,
+                          "--out", str(out)], capture_output=True, text=True, timeout=600,
+                         env={**os.environ, "TRITON_INTERPRET": "0"})
+    assert run.returncode == 0, run.stderr[-3000:]
+    return out / f"{script.removesuffix('.py')}.json"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
+def test_baseline_script_parses_and_refuses_a_machine_without_cuda(tmp_path):
+    script = BENCH / "baseline.sh"
+    assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
+    run = subprocess.run(["bash", str(script), str(tmp_path / "out"), "60"], capture_output=True, text=True,
+                         timeout=120)
+    assert run.returncode == 2 and "no CUDA device" in run.stderr, run.stderr
+    assert not (tmp_path / "out").exists()
+    # Every script the baseline runs exists.
+    named = set(re.findall(r"python (bench/\w+\.py)", script.read_text()))
+    assert named and all((BENCH.parent / m).is_file() for m in named), named

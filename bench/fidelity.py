@@ -1,0 +1,149 @@
+"""Fidelity of each backend against the FP32 reference, on the same weights and inputs.
+
+    python bench/fidelity.py                                      # small, 16x64x64: reference FP16, compile, fast
+    python bench/fidelity.py --preset lumiere-base --frames 80 --size 128 --steps 8
+    python bench/fidelity.py --device cpu --quick
+
+Per step: one CFG forward (model batch 2, 77 text tokens) at timesteps 999, 500 and 20, and the relative L2
+error of its prediction against the FP32 reference's (``|y - y32| / |y32|``; the worst of the three). Per video:
+a generation of ``--steps`` DDIM steps with guidance 7.5 from the same seed and text, and the PSNR (dB) of its
+frames against the FP32 reference's frames. The stock row is the reference in FP16 ("reference fp16", eager):
+the error a user gets from ``model.half()`` alone, which every backend is held to (the GPU tests: per step at
+most twice its error plus 1e-3, PSNR within 3 dB of it or at least 40 dB). Weights are random, with the
+temporal modules perturbed (a fresh inflation is the identity in time) so that every block contributes.
+On the CPU the low-precision rows run in FP16 too, where the backend allows (fast keeps FP32 there).
+"""
+from __future__ import annotations
+
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from harness import command, device_info, parser, write_results  # noqa: E402
+
+from stunet import Pipeline, STUNet, STUNetConfig  # noqa: E402
+from stunet.backends import converted_copy, make_backend  # noqa: E402
+
+TIMESTEPS = (999, 500, 20)
+
+
+def random_model(preset: str, device) -> STUNet:
+    """FP32 weights, seeded, with the temporal modules perturbed (as the test suite's models are): a freshly
+    built model's temporal modules are the identity, which would hide their error."""
+    torch.manual_seed(0)
+    model = STUNet(STUNetConfig.from_preset(preset)).float().eval()
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for _, module in model.temporal_modules():
+            for p in module.parameters():
+                p.add_(0.2 * torch.randn(p.shape, generator=gen))
+    return model.to(device)
+
+
+def rel_l2(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.float() - b.float()).norm() / b.float().norm())
+
+
+def psnr(a: np.ndarray, b: np.ndarray) -> float:
+    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
+    return float("inf") if mse == 0 else 10 * math.log10(1.0 / mse)
+
+
+def executors(model32: STUNet, backends: list[str], compile_mode: str) -> dict:
+    """row -> (the model a backend is built on, its name, its options): the stock row and compile on an FP16
+    copy, fast on the FP32 model (it converts on CUDA, as a user's call would)."""
+    copy16 = converted_copy(model32, torch.float16)
+    rows = {"reference fp16": (copy16, "reference", {})}
+    if "compile" in backends:
+        rows["compile"] = (copy16, "compile", {"mode": compile_mode})
+    if "fast" in backends:
+        rows["fast"] = (model32, "fast", {})
+    return rows
+
+
+def measure(preset: str, backends: list[str], device, frames: int, size: int, steps: int, compile_mode: str) -> list:
+    model32 = random_model(preset, device)
+    cfg = model32.config
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(2, cfg.in_channels, frames, size, size, generator=gen).to(device)
+    text = torch.randn(2, 77, cfg.text_dim, generator=gen).to(device)
+    with torch.no_grad():
+        want = {t: model32(x, torch.full((2,), t, device=device), text) for t in TIMESTEPS}
+    video_kw = dict(prompt_embeds=text[:1], num_frames=frames, height=size, width=size, num_inference_steps=steps,
+                    guidance_scale=7.5, seed=0)
+    frames32 = Pipeline(model32, None, progress=False)(**video_kw).frames
+    rows = []
+    for label, (model, backend, options) in executors(model32, backends, compile_mode).items():
+        executor = make_backend(model, backend, **options)
+        dtype = executor.dtype
+        errors = {}
+        with torch.no_grad():
+            for t, y32 in want.items():
+                y = executor(x.to(dtype), torch.full((2,), t, device=device), text.to(dtype), None)
+                errors[t] = rel_l2(y, y32)
+        out = Pipeline(model, None, backend=backend, backend_options=options or None, progress=False)(**video_kw)
+        rows.append({"impl": label, "backend": backend, "dtype": str(dtype).removeprefix("torch."),
+                     "rel_l2": {str(t): e for t, e in errors.items()}, "rel_l2_max": max(errors.values()),
+                     "psnr_db": psnr(out.frames, frames32)})
+        del executor
+    stock = rows[0]
+    for r in rows:
+        r["error_vs_fp16_reference"] = r["rel_l2_max"] / stock["rel_l2_max"] if stock["rel_l2_max"] else None
+    return rows
+
+
+def markdown(rows: list[dict], info: dict, label: str) -> str:
+    lines = [f"Device: {info['device']}; torch {info['torch']}. {label}; against the FP32 reference on the same "
+             "weights and inputs.", "",
+             "| backend | dtype | rel. L2 per step, max | t=999 | t=500 | t=20 | x reference fp16 | video PSNR (dB) |",
+             "|---|---|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        ratio = f"{r['error_vs_fp16_reference']:.3g}x" if r["error_vs_fp16_reference"] is not None else ""
+        per_t = " | ".join(f"{r['rel_l2'][str(t)]:.2e}" for t in TIMESTEPS)
+        lines.append(f"| {r['impl']} | {r['dtype']} | {r['rel_l2_max']:.2e} | {per_t} | {ratio} | "
+                     f"{r['psnr_db']:.1f} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> dict:
+    p = parser("fidelity", __doc__, iters=None)
+    p.add_argument("--preset", default="small", help="a base preset (default small; tiny with --quick)")
+    p.add_argument("--backend", action="append", choices=["compile", "fast"],
+                   help="repeatable; default compile and fast (fast on the CPU); the FP16 reference row always runs")
+    p.add_argument("--frames", type=int, default=16)
+    p.add_argument("--size", type=int, default=64)
+    p.add_argument("--steps", type=int, default=8, help="DDIM steps of the video (default 8)")
+    p.add_argument("--compile-mode", default="default", help="torch.compile mode of the compile row (default "
+                                                             "'default': fidelity does not need autotuning)")
+    args = p.parse_args(argv)
+    device = torch.device(args.device)
+    preset = "tiny" if args.quick else args.preset
+    frames, size, steps = (8, 16, 2) if args.quick else (args.frames, args.size, args.steps)
+    try:
+        cfg = STUNetConfig.from_preset(preset)
+    except (KeyError, ValueError) as e:
+        p.error(f"argument --preset: {e}")
+    if cfg.is_ssr or cfg.in_channels != 3:
+        p.error(f"argument --preset: {preset!r} is not a pixel base model (in_channels=3); use small, edge or "
+                "lumiere-base")
+    backends = args.backend or (["compile", "fast"] if device.type == "cuda" else ["fast"])
+    label = f"{preset}, 2x{cfg.in_channels}x{frames}x{size}x{size}, video of {steps} steps"
+    try:
+        rows = measure(preset, backends, device, frames, size, steps, args.compile_mode)
+    except ValueError as e:  # a geometry the model refuses (frames not divisible, ...)
+        p.error(f"arguments --frames/--size: {e}")
+    info = device_info(device)
+    table = markdown(rows, info, label)
+    print(table)
+    doc = {"bench": "fidelity", "command": command("fidelity", argv), "stock": "reference fp16", **info,
+           "workload": label, "rows": rows}
+    write_results("fidelity", doc, table, args.out)
+    return doc
+
+
+if __name__ == "__main__":
+    main()
