@@ -409,8 +409,9 @@ def cmd_export_tensorrt(args: argparse.Namespace) -> int:
         print(f"stunet: {e}", file=sys.stderr)
         return 1
     targets = f" for sm_{', sm_'.join(map(str, result.compute_capabilities))}" if result.compute_capabilities else ""
-    print(f"stunet: wrote {out} ({result.toolkit} {result.version}{targets}, {result.bytes / 2 ** 20:.1f} MB, "
-          f"built in {result.seconds:.1f} s)", file=sys.stderr)
+    spec = f" and its export spec {out}.json" if result.spec is not None else ""
+    print(f"stunet: wrote {out}{spec} ({result.toolkit} {result.version}{targets}, "
+          f"{result.bytes / 2 ** 20:.1f} MB, built in {result.seconds:.1f} s)", file=sys.stderr)
     return 0
 
 

@@ -52,6 +52,20 @@ def read_spec(onnx_path: str | os.PathLike) -> ExportSpec | None:
     return None if text is None else ExportSpec.from_json(text)
 
 
+def plan_spec_path(plan_path: str | os.PathLike) -> Path:
+    """Where ``build_engine`` records a plan's export spec: beside it, ``<plan>.json`` (a plan has no room for
+    metadata of its own)."""
+    plan_path = Path(plan_path)
+    return plan_path.with_name(plan_path.name + ".json")
+
+
+def read_plan_spec(plan_path: str | os.PathLike) -> ExportSpec | None:
+    """The ExportSpec of the ONNX file a plan was built from (``plan_spec_path``), or None when the plan has
+    none beside it (built elsewhere, or copied without it)."""
+    path = plan_spec_path(plan_path)
+    return ExportSpec.from_json(path.read_text()) if path.is_file() else None
+
+
 def profile_shapes(spec: ExportSpec) -> dict[str, tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]]:
     """One optimisation profile: (min, opt, max) shape per input over the spec's dynamic ranges (the export
     geometry for every one of them when the spec is static)."""
@@ -109,6 +123,8 @@ class EngineResult:
     """The SMs the plan was built for (TensorRT-RTX); empty: the GPU it was built on (TensorRT)."""
     seconds: float = 0.0
     bytes: int = 0
+    spec: ExportSpec | None = None
+    """The export spec of the ONNX file, recorded beside the plan (``plan_spec_path``); None if it had none."""
 
 
 def build_engine(onnx_path: str | os.PathLike, plan_path: str | os.PathLike, *, profiles: list[dict] | None = None,
@@ -122,6 +138,8 @@ def build_engine(onnx_path: str | os.PathLike, plan_path: str | os.PathLike, *, 
     typed network takes from an FP16 export; pass False to build an fp32 export as it is.
     ``compute_capabilities`` (TensorRT-RTX): the SMs to build for, e.g. ``[86, 89]``; default: the GPU present.
     ``toolkit_name``: "tensorrt" or "tensorrt-rtx" (default: TensorRT when installed, else TensorRT-RTX).
+    The ONNX file's export spec is written beside the plan (``<plan>.json``, atomically), and the ``tensorrt``
+    backend refuses a model of another architecture with it.
     """
     import onnx
 
@@ -133,8 +151,8 @@ def build_engine(onnx_path: str | os.PathLike, plan_path: str | os.PathLike, *, 
     name, trt = toolkit(toolkit_name)
     proto = onnx.load(str(onnx_path), load_external_data=False)
     _check_precision(proto, fp16, onnx_path)
+    spec = next((ExportSpec.from_json(p.value) for p in proto.metadata_props if p.key == SPEC_KEY), None)
     if profiles is None:
-        spec = next((ExportSpec.from_json(p.value) for p in proto.metadata_props if p.key == SPEC_KEY), None)
         if spec is None:
             raise ValueError(f"profiles: {str(onnx_path)!r} carries no stunet export spec (it was not "
                              "written by export_onnx): re-export it (`stunet export onnx`), or pass "
@@ -176,8 +194,13 @@ def build_engine(onnx_path: str | os.PathLike, plan_path: str | os.PathLike, *, 
         raise RuntimeError(f"{name} could not build an engine from {str(onnx_path)!r} (its log above says why)")
     with atomic_path(plan_path) as tmp:
         Path(tmp).write_bytes(memoryview(plan))
+    if spec is not None:  # what the tensorrt backend checks a model against
+        with atomic_path(plan_spec_path(plan_path)) as tmp:
+            Path(tmp).write_text(spec.to_json())
+    else:  # a spec left by an earlier plan at this path would describe another network
+        plan_spec_path(plan_path).unlink(missing_ok=True)
     result = EngineResult(plan_path, name, trt.__version__, [dict(p) for p in profiles], capabilities,
-                          time.perf_counter() - start, plan.nbytes)
+                          time.perf_counter() - start, plan.nbytes, spec)
     log.info("stunet export: built %s (%s %s, %.1f MB) in %.1f s", plan_path, name, trt.__version__,
              result.bytes / 2 ** 20, result.seconds)
     return result

@@ -4,7 +4,8 @@
   parameter order (inputs, int32 scalars, outputs) over the plugin's own grid, and match the ops' references.
 - They compile to PTX for sm_90 and sm_86 whose entry has exactly that parameter list (no scratch pointers),
   and the PTX assembles with ptxas.
-- With TensorRT-RTX installed, an engine of the tiny model builds from its exported ONNX without a GPU.
+- With TensorRT-RTX installed, an engine of the tiny model builds from its exported ONNX without a GPU, with
+  the export spec beside it that the tensorrt backend checks a model against.
 """
 from __future__ import annotations
 
@@ -195,7 +196,7 @@ def test_tiny_engine_builds_without_a_gpu(fp16_export, tmp_path):
     """TensorRT-RTX's ahead-of-time build on a machine with no GPU: a strongly typed FP16 engine of the
     exported tiny model for two compute capabilities, with the spec's profile."""
     pytest.importorskip("tensorrt_rtx_bindings")
-    from stunet.export import build_engine, profile_shapes
+    from stunet.export import build_engine, plan_spec_path, profile_shapes, read_plan_spec
 
     _, result = fp16_export
     plan = tmp_path / "tiny.plan"
@@ -204,6 +205,31 @@ def test_tiny_engine_builds_without_a_gpu(fp16_export, tmp_path):
     assert built.toolkit == "tensorrt-rtx" and built.compute_capabilities == [86, 89]
     assert built.profiles == [profile_shapes(result.spec)]
     assert not list(tmp_path.glob("*.onnx")) and not list(result.path.parent.glob("tmp*"))  # no leftovers
+    assert built.spec == result.spec == read_plan_spec(plan) and plan_spec_path(plan).name == "tiny.plan.json"
+
+
+def test_a_plan_records_its_spec_and_the_backend_refuses_another_architecture(fp16_export, tmp_path):
+    pytest.importorskip("tensorrt_rtx_bindings")
+    from stunet.backends import TensorRTBackend, make_backend
+    from stunet.export import build_engine, plan_spec_path, profile_shapes, read_plan_spec
+
+    model, result = fp16_export
+    plan = build_engine(result.path, tmp_path / "tiny.plan", compute_capabilities=[86],
+                        toolkit_name="tensorrt-rtx").path
+    other = tiny_model(temporal_attn_depth=2)
+    with pytest.raises(ValueError, match=r"was built from another architecture \(the config in tiny.plan.json"):
+        make_backend(other, "tensorrt", engine=plan)
+    reasons = " ".join(TensorRTBackend.unsupported(model, engine=plan))
+    assert "another architecture" not in reasons
+    # A plan rebuilt at the same path from a file without a spec (explicit profiles) leaves no stale spec behind.
+    proto = onnx.load(str(result.path))
+    del proto.metadata_props[:]
+    bare = tmp_path / "bare.onnx"
+    onnx.save(proto, str(bare))
+    built = build_engine(bare, plan, profiles=[profile_shapes(result.spec)], compute_capabilities=[86],
+                         toolkit_name="tensorrt-rtx")
+    assert built.spec is None and read_plan_spec(plan) is None and not plan_spec_path(plan).exists()
+    assert "another architecture" not in " ".join(TensorRTBackend.unsupported(other, engine=plan))
 
 
 def test_build_engine_refuses_bad_requests(fp16_export, tmp_path):
@@ -250,7 +276,8 @@ def test_cli_builds_an_engine(fp16_export, tmp_path, capsys):
     _, result = fp16_export
     plan = tmp_path / "tiny.plan"
     assert main(["export", "tensorrt", str(result.path), "-o", str(plan), "--sm", "86"]) == 0
-    assert plan.is_file() and "tensorrt-rtx" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert plan.is_file() and "tensorrt-rtx" in err and f"its export spec {plan}.json" in err
     for argv, message in (([str(result.path), "-o", str(plan), "--sm", "86"], "exists; pass --overwrite"),
                           ([str(tmp_path / "no.onnx"), "-o", str(tmp_path / "b.plan")], "argument ONNX: no file"),
                           ([str(result.path), "-o", str(tmp_path / "b.txt")], "ending in .plan or .engine"),

@@ -7,6 +7,7 @@ CUDA stream with torch tensors bound by address: inputs in the engine's dtypes, 
 """
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
@@ -16,12 +17,15 @@ from ..model import STUNet
 from ..model.validate import check_forward_inputs
 from .base import Backend
 
+log = logging.getLogger(__name__)
+
 _TORCH_DTYPES = {"FLOAT": torch.float32, "HALF": torch.float16, "BF16": torch.bfloat16, "BOOL": torch.bool,
                  "INT32": torch.int32, "INT64": torch.int64}
 
 
 class TensorRTBackend(Backend):
-    """Runs the plan at ``engine``, built from this model's ONNX export. Inputs are validated eagerly against
+    """Runs the plan at ``engine``, built from this model's ONNX export. A plan from another architecture is
+    refused by the export spec ``build_engine`` writes beside it. Inputs are validated eagerly against
     ``model`` (its config); the engine computes in its own precision."""
 
     name = "tensorrt"
@@ -31,9 +35,13 @@ class TensorRTBackend(Backend):
         reasons = self.unsupported(model, engine=engine)
         if reasons:
             raise ValueError("the tensorrt backend cannot run this model: " + "; ".join(reasons))
-        from ..export.tensorrt import TOOLKITS, toolkit
+        from ..export.tensorrt import TOOLKITS, plan_spec_path, read_plan_spec, toolkit
 
         self.engine_path = Path(engine)
+        self.spec = read_plan_spec(engine)
+        if self.spec is None:
+            log.warning("stunet tensorrt backend: %s has no export spec beside it (%s): the model's architecture "
+                        "is not checked against the engine's", engine, plan_spec_path(engine).name)
         plan = self.engine_path.read_bytes()
         for name in TOOLKITS:  # a plan only deserialises in the toolkit that built it
             try:
@@ -58,6 +66,13 @@ class TensorRTBackend(Backend):
             reasons.append("it needs engine=PATH, a .plan made by stunet.export.build_engine")
         elif not Path(engine).is_file():
             reasons.append(f"no engine at {str(engine)!r} (make one with `stunet export tensorrt`)")
+        else:
+            from ..export.tensorrt import plan_spec_path, read_plan_spec
+
+            spec = read_plan_spec(engine)
+            if spec is not None and spec.config != model.config:
+                reasons.append(f"the engine at {str(engine)!r} was built from another architecture (the config "
+                               f"in {plan_spec_path(engine).name} differs from the model's)")
         if model.device.type != "cuda":
             reasons.append(f"TensorRT engines run on CUDA; the model is on {model.device}")
         try:
