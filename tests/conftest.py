@@ -34,6 +34,41 @@ def pytest_sessionstart(session):
         pytest.exit("CI=true, but the suite cannot test " + "; ".join(missing), returncode=3)
 
 
+def pytest_report_header(config):
+    """A line in the header when Triton's interpreter cannot run a loop over a runtime bound here, which every
+    interpreted kernel test then fails on (Triton 3.6's interpreter with numpy 2.4 or newer)."""
+    problem = _interpreter_problem()
+    return [f"WARNING: {problem}"] if problem else []
+
+
+def _interpreter_problem() -> str | None:
+    from stunet.kernels import _triton
+
+    if _triton.triton is None or not _triton.interpreting():
+        return None
+    import numpy
+
+    tl = _triton.tl
+
+    @_triton.jit
+    def probe(out, n, BLOCK: tl.constexpr):
+        acc = tl.zeros([BLOCK], tl.float32)
+        for _ in range(0, n, BLOCK):
+            acc += 1.0
+        tl.store(out + tl.arange(0, BLOCK), acc)
+
+    out = torch.zeros(4)
+    try:
+        probe[(1,)](out, 8, BLOCK=4)
+    except Exception as e:  # noqa: BLE001 - any failure is the finding
+        return (f"Triton {_triton.triton.__version__}'s interpreter fails here with numpy {numpy.__version__} "
+                f"({type(e).__name__}: {str(e)[:120]}): the interpreted kernel tests will fail; install "
+                "numpy<2.4 or a newer Triton")
+    if out.tolist() != [2.0] * 4:
+        return f"Triton {_triton.triton.__version__}'s interpreter computes a loop wrongly here ({out.tolist()})"
+    return None
+
+
 def pytest_collection_modifyitems(config, items):
     gpu_items = [item for item in items if "gpu" in item.keywords]
     if gpu_items and not torch.cuda.is_available():
