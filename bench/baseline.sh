@@ -7,7 +7,8 @@
 #
 # RESULTS_DIR (default bench/results/<gpu>) receives each benchmark's .json and .md, `pytest-gpu.log`, one log
 # per stage and `baseline.log` (stage, exit status, seconds). Exit status: 0 when every stage that ran passed.
-# STUNET_CUDA_ARCH (default 90 here: the machine's own GPU) chooses what nvcc builds for.
+# STAGES="step-lumiere-base pipeline" runs only the stages named (a later call finishing an earlier one's work;
+# names as in baseline.log). STUNET_CUDA_ARCH (default 90 here) chooses what nvcc builds for.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 if ! python -c "import torch; assert torch.cuda.is_available()" 2> /dev/null; then
@@ -22,11 +23,14 @@ mkdir -p "$out"
 out=$(cd "$out" && pwd)
 start=$(date +%s)
 status=0
-: > "$out/baseline.log"
+echo "# $(date -u '+%F %T') UTC, budget ${budget}s${STAGES:+, stages: $STAGES}" >> "$out/baseline.log"
 
 stage() {  # stage NAME CAP_SECONDS COMMAND...
     local name=$1 cap=$2 t0 rc left
     shift 2
+    if [[ -n ${STAGES:-} && " $STAGES " != *" $name "* ]]; then
+        return
+    fi
     left=$((budget - ($(date +%s) - start)))
     if ((left < 30)); then
         echo "$name skipped (budget of ${budget}s spent)" | tee -a "$out/baseline.log"
@@ -44,7 +48,7 @@ stage() {  # stage NAME CAP_SECONDS COMMAND...
 }
 
 stage install 300 env STUNET_CUDA=1 STUNET_CUDA_ARCH="${STUNET_CUDA_ARCH:-90}" \
-    pip install -q --no-build-isolation --no-deps -e .
+    python -m pip install -q --no-build-isolation --no-deps -e .
 stage pytest-gpu 400 python -m pytest -m gpu -q -rfEs -p no:cacheprovider
 stage kernels 240 python bench/kernels.py --out "$out"
 stage runtime 120 python bench/runtime.py --out "$out"
@@ -58,7 +62,7 @@ stage step-aoti 600 python bench/step.py --preset small --backend reference --ba
 stage pipeline 900 python bench/pipeline.py --steps 8 --ssr-steps 4 --out "$out"
 if python -c "import diffusers" 2> /dev/null; then
     stage peers 900 python bench/peers.py --out "$out"
-else
+elif [[ -z ${STAGES:-} || " $STAGES " == *" peers "* ]]; then
     echo "peers skipped (diffusers is not installed)" | tee -a "$out/baseline.log"
 fi
 echo "total $(($(date +%s) - start))s, status $status" | tee -a "$out/baseline.log"
