@@ -52,7 +52,7 @@ stage install 300 env STUNET_CUDA=1 STUNET_CUDA_ARCH="${STUNET_CUDA_ARCH:-90}" \
 stage pytest-gpu 400 python -m pytest -m gpu -q -rfEs -p no:cacheprovider
 stage kernels 240 python bench/kernels.py --out "$out"
 stage runtime 120 python bench/runtime.py --out "$out"
-stage fidelity 240 python bench/fidelity.py --out "$out"
+stage fidelity 300 python bench/fidelity.py --backend compile --backend fast --backend aoti --out "$out"
 stage profile_step 240 python bench/profile_step.py --out "$out"
 stage step-small-edge 600 python bench/step.py --preset small --preset edge --out "$out/small-edge"
 stage step-lumiere-base 900 python bench/step.py --preset lumiere-base --max-batch 1 --out "$out/lumiere-base"

@@ -1,6 +1,7 @@
 """Fidelity of each backend against the FP32 reference, on the same weights and inputs.
 
     python bench/fidelity.py                                      # small, 16x64x64: reference FP16, compile, fast
+    python bench/fidelity.py --backend fast --backend aoti        # an AOTInductor package built for the run
     python bench/fidelity.py --preset lumiere-base --frames 80 --size 128 --steps 8
     python bench/fidelity.py --device cpu --quick
 
@@ -11,12 +12,15 @@ frames against the FP32 reference's frames. The stock row is the reference in FP
 the error a user gets from ``model.half()`` alone, which every backend is held to (the GPU tests: per step at
 most twice its error plus 1e-3, PSNR within 3 dB of it or at least 40 dB). Weights are random, with the
 temporal modules perturbed (a fresh inflation is the identity in time) so that every block contributes.
-On the CPU the low-precision rows run in FP16 too, where the backend allows (fast keeps FP32 there).
+On the CPU the low-precision rows run in FP16 too, where the backend allows (fast and the aoti package keep FP32
+there). The aoti row's package is compiled for the run's geometry (static: batch 2, the frames and size, 77
+tokens) from the same weights, as ``bench/step.py`` builds its own.
 """
 from __future__ import annotations
 
 import math
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +28,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from harness import command, device_info, parser, write_results  # noqa: E402
+from step import build_package  # noqa: E402
 
 from stunet import Pipeline, STUNet, STUNetConfig  # noqa: E402
 from stunet.backends import converted_copy, make_backend  # noqa: E402
@@ -53,15 +58,22 @@ def psnr(a: np.ndarray, b: np.ndarray) -> float:
     return float("inf") if mse == 0 else 10 * math.log10(1.0 / mse)
 
 
-def executors(model32: STUNet, backends: list[str], compile_mode: str) -> dict:
+def executors(model32: STUNet, backends: list[str], compile_mode: str, folder: str, frames: int,
+              size: int) -> dict:
     """row -> (the model a backend is built on, its name, its options): the stock row and compile on an FP16
-    copy, fast on the FP32 model (it converts on CUDA, as a user's call would)."""
+    copy, fast on the FP32 model (it converts on CUDA, as a user's call would), aoti on a package of the FP16
+    copy built here for this geometry (of the FP32 model on the CPU, whose FP16 inductor code is not the
+    product)."""
     copy16 = converted_copy(model32, torch.float16)
     rows = {"reference fp16": (copy16, "reference", {})}
     if "compile" in backends:
         rows["compile"] = (copy16, "compile", {"mode": compile_mode})
     if "fast" in backends:
         rows["fast"] = (model32, "fast", {})
+    if "aoti" in backends:
+        model = copy16 if model32.device.type == "cuda" else model32
+        package, _ = build_package(model, folder, frames, size, size, compile_mode)
+        rows["aoti"] = (model, "aoti", {"package": package})
     return rows
 
 
@@ -77,23 +89,31 @@ def measure(preset: str, backends: list[str], device, frames: int, size: int, st
                     guidance_scale=7.5, seed=0)
     frames32 = Pipeline(model32, None, progress=False)(**video_kw).frames
     rows = []
-    for label, (model, backend, options) in executors(model32, backends, compile_mode).items():
-        executor = make_backend(model, backend, **options)
-        dtype = executor.dtype
-        errors = {}
-        with torch.no_grad():
-            for t, y32 in want.items():
-                y = executor(x.to(dtype), torch.full((2,), t, device=device), text.to(dtype), None)
-                errors[t] = rel_l2(y, y32)
-        out = Pipeline(model, None, backend=backend, backend_options=options or None, progress=False)(**video_kw)
-        rows.append({"impl": label, "backend": backend, "dtype": str(dtype).removeprefix("torch."),
-                     "rel_l2": {str(t): e for t, e in errors.items()}, "rel_l2_max": max(errors.values()),
-                     "psnr_db": psnr(out.frames, frames32)})
-        del executor
+    with tempfile.TemporaryDirectory(prefix="stunet-fidelity-") as folder:  # an aoti package lives here
+        for label, (model, backend, options) in executors(model32, backends, compile_mode, folder, frames,
+                                                          size).items():
+            rows.append(measure_row(label, model, backend, options, x, text, want, video_kw, frames32))
     stock = rows[0]
     for r in rows:
         r["error_vs_fp16_reference"] = r["rel_l2_max"] / stock["rel_l2_max"] if stock["rel_l2_max"] else None
     return rows
+
+
+def measure_row(label: str, model: STUNet, backend: str, options: dict, x, text, want: dict, video_kw: dict,
+                frames32: np.ndarray) -> dict:
+    """One backend's per-step errors (against ``want``, the FP32 predictions per timestep) and video PSNR."""
+    executor = make_backend(model, backend, **options)
+    dtype = executor.dtype
+    errors = {}
+    with torch.no_grad():
+        for t, y32 in want.items():
+            y = executor(x.to(dtype), torch.full((2,), t, device=x.device), text.to(dtype), None)
+            errors[t] = rel_l2(y, y32)
+    del executor
+    out = Pipeline(model, None, backend=backend, backend_options=options or None, progress=False)(**video_kw)
+    return {"impl": label, "backend": backend, "dtype": str(dtype).removeprefix("torch."),
+            "rel_l2": {str(t): e for t, e in errors.items()}, "rel_l2_max": max(errors.values()),
+            "psnr_db": psnr(out.frames, frames32)}
 
 
 def markdown(rows: list[dict], info: dict, label: str) -> str:
@@ -112,8 +132,9 @@ def markdown(rows: list[dict], info: dict, label: str) -> str:
 def main(argv=None) -> dict:
     p = parser("fidelity", __doc__, iters=None)
     p.add_argument("--preset", default="small", help="a base preset (default small; tiny with --quick)")
-    p.add_argument("--backend", action="append", choices=["compile", "fast"],
-                   help="repeatable; default compile and fast (fast on the CPU); the FP16 reference row always runs")
+    p.add_argument("--backend", action="append", choices=["compile", "fast", "aoti"],
+                   help="repeatable; default compile and fast (fast on the CPU); aoti builds a package for the "
+                        "geometry first; the FP16 reference row always runs")
     p.add_argument("--frames", type=int, default=16)
     p.add_argument("--size", type=int, default=64)
     p.add_argument("--steps", type=int, default=8, help="DDIM steps of the video (default 8)")

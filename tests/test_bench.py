@@ -89,14 +89,16 @@ def test_every_result_records_the_roofline_it_measured(tmp_path):
 
 
 def test_fidelity_bench_compares_every_backend_with_the_fp32_reference(tmp_path):
-    doc = json.loads(_run_script("fidelity.py", tmp_path).read_text())
+    doc = json.loads(_run_script("fidelity.py", tmp_path, "--backend", "fast", "--backend", "aoti").read_text())
     rows = {r["impl"]: r for r in doc["rows"]}
-    assert list(rows) == ["reference fp16", "fast"] and doc["stock"] == "reference fp16"
+    assert list(rows) == ["reference fp16", "fast", "aoti"] and doc["stock"] == "reference fp16"
     assert rows["reference fp16"]["dtype"] == "float16" and rows["reference fp16"]["error_vs_fp16_reference"] == 1
-    # fast keeps FP32 on the CPU (the kernels' reference math in the same module tree): rounding only.
-    assert rows["fast"]["dtype"] == "float32" and rows["fast"]["rel_l2_max"] < 1e-5
+    # fast keeps FP32 on the CPU (the kernels' reference math in the same module tree), and so does the package
+    # built there: rounding only.
+    for name in ("fast", "aoti"):
+        assert rows[name]["dtype"] == "float32" and rows[name]["rel_l2_max"] < 1e-5, rows[name]
+        assert rows[name]["psnr_db"] > rows["reference fp16"]["psnr_db"] > 30
     assert 1e-5 < rows["reference fp16"]["rel_l2_max"] < 1e-2
-    assert rows["fast"]["psnr_db"] > rows["reference fp16"]["psnr_db"] > 30
     assert set(rows["fast"]["rel_l2"]) == {"999", "500", "20"}
     table = [line for line in (tmp_path / "fidelity.md").read_text().splitlines() if line.startswith("| ")]
     assert len(table) == len(rows) + 1
