@@ -17,13 +17,14 @@ import re
 import shlex
 import statistics
 import sys
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
 import torch
+
+from stunet.io import atomic_path
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -216,8 +217,6 @@ def write_results(name: str, doc: dict, table: str, out_dir: Path | None) -> Pat
     out = Path(out_dir) if out_dir is not None else RESULTS / slug(doc["device"].split(" (")[0])
     out.mkdir(parents=True, exist_ok=True)
     for suffix, text in ((".json", json.dumps(doc, indent=2)), (".md", f"`{doc['command']}`\n\n{table}\n")):
-        fd, tmp = tempfile.mkstemp(dir=out, prefix=f".{name}", suffix=suffix)
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, out / f"{name}{suffix}")
+        with atomic_path(out / f"{name}{suffix}") as tmp:
+            tmp.write_text(text)
     return out
