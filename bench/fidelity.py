@@ -151,12 +151,17 @@ def main(argv=None) -> dict:
     if cfg.is_ssr or cfg.in_channels != 3:
         p.error(f"argument --preset: {preset!r} is not a pixel base model (in_channels=3); use small, edge or "
                 "lumiere-base")
+    if frames < 1 or frames % cfg.frame_divisor or size < 1 or size % cfg.spatial_divisor:
+        p.error(f"arguments --frames/--size: {preset} takes frames in multiples of {cfg.frame_divisor} and sizes "
+                f"in multiples of {cfg.spatial_divisor}, got {frames} and {size}")
+    if steps < 1:
+        p.error(f"argument --steps: must be at least 1, got {steps}")
     backends = args.backend or (["compile", "fast"] if device.type == "cuda" else ["fast"])
     label = f"{preset}, 2x{cfg.in_channels}x{frames}x{size}x{size}, video of {steps} steps"
     try:
         rows = measure(preset, backends, device, frames, size, steps, args.compile_mode)
-    except ValueError as e:  # a geometry the model refuses (frames not divisible, ...)
-        p.error(f"arguments --frames/--size: {e}")
+    except ValueError as e:  # what the model or a backend refuses beyond the checks above
+        p.error(str(e))
     info = device_info(device)
     table = markdown(rows, info, label)
     print(table)

@@ -149,3 +149,16 @@ def test_baseline_script_parses_and_refuses_a_machine_without_cuda(tmp_path):
     # Every script the baseline runs exists.
     named = set(re.findall(r"python (bench/\w+\.py)", script.read_text()))
     assert named and all((BENCH.parent / m).is_file() for m in named), named
+
+
+def test_fidelity_bench_refuses_bad_requests_before_building_a_model(tmp_path, capsys, monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCH))
+    import fidelity
+
+    for args, message in ((["--frames", "7"], "frames in multiples of 4"), (["--size", "62"], "sizes in multiples"),
+                          (["--steps", "0"], "--steps: must be at least 1"),
+                          (["--preset", "lumiere-ssr"], "not a pixel base model")):
+        with pytest.raises(SystemExit) as exit_:
+            fidelity.main(["--device", "cpu", *args, "--out", str(tmp_path)])
+        assert exit_.value.code == 2 and message in capsys.readouterr().err, message
+    assert not list(tmp_path.iterdir())
