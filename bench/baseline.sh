@@ -11,6 +11,10 @@
 # names as in baseline.log). STUNET_CUDA_ARCH (default 90 here) chooses what nvcc builds for.
 set -uo pipefail
 cd "$(dirname "$0")/.."
+if ! [[ ${2:-3600} =~ ^[1-9][0-9]*$ ]]; then
+    echo "bench/baseline.sh: BUDGET_SECONDS must be a positive whole number of seconds, got '$2'" >&2
+    exit 2
+fi
 if ! python -c "import torch; assert torch.cuda.is_available()" 2> /dev/null; then
     echo "bench/baseline.sh: no CUDA device here (it is the GPU baseline; each bench/*.py runs on the CPU with" \
          "--device cpu --quick)" >&2

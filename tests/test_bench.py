@@ -145,6 +145,8 @@ def test_baseline_script_parses_and_refuses_a_machine_without_cuda(tmp_path):
     run = subprocess.run(["bash", str(script), str(tmp_path / "out"), "60"], capture_output=True, text=True,
                          timeout=120)
     assert run.returncode == 2 and "no CUDA device" in run.stderr, run.stderr
+    run = subprocess.run(["bash", str(script), str(tmp_path / "out"), "ten"], capture_output=True, text=True)
+    assert run.returncode == 2 and "BUDGET_SECONDS must be a positive whole number" in run.stderr, run.stderr
     assert not (tmp_path / "out").exists()
     # Every script the baseline runs exists.
     named = set(re.findall(r"python (bench/\w+\.py)", script.read_text()))
