@@ -167,6 +167,26 @@ def test_the_vae_encodes_frame_by_frame_whatever_the_chunking(t2v_folder, capsys
         VideoVAE(pipe.unet)
 
 
+def test_an_fp16_vae_that_asks_for_it_encodes_in_fp32_and_stays_fp16(t2v_folder):
+    """``force_upcast`` (AutoencoderKL's default): encode as the FP32 VAE of the same (FP16) weights does,
+    drawing the posterior sample in FP32, as diffusers' AnimateDiff video-to-video does; decode in FP16."""
+    import copy
+
+    pipe, _ = t2v_folder
+    video = torch.rand(1, 3, 3, 16, 16, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    half = copy.deepcopy(pipe.vae).half()
+    assert half.config.force_upcast
+    want = VideoVAE(copy.deepcopy(half).float()).encode(video, torch.Generator().manual_seed(0))
+    vae = VideoVAE(half)
+    got = vae.encode(video, torch.Generator().manual_seed(0))
+    assert torch.equal(got, want)
+    assert all(p.dtype == torch.float16 for p in half.parameters())  # the VAE itself is left as it is
+    assert vae.decode(got).dtype == torch.float32  # decoded in FP16, returned in FP32
+    half.register_to_config(force_upcast=False)
+    plain = VideoVAE(half).encode(video, torch.Generator().manual_seed(0))  # FP16 all the way
+    assert not torch.equal(plain, want) and torch.allclose(plain, want, atol=0.05)
+
+
 def test_video_to_video_of_a_latent_model_checks_the_video_in_pixels(t2v_folder, tmp_path):
     _, folder = t2v_folder
     convert_folder(folder, tmp_path / "m", dtype="fp32")

@@ -4,14 +4,22 @@ A latent STUNet (``in_channels=4``: ModelScope / ZeroScope, AnimateDiff, an infl
 denoises VAE latents (B, 4, T, H/8, W/8). :class:`VideoVAE` turns them into the video (B, 3, T, H, W) in
 [-1, 1], and a video into latents (video-to-video), frame by frame in chunks of ``chunk_frames`` frames, which
 bounds the VAE's memory whatever the clip length.
+
+An FP16 VAE whose config sets ``force_upcast`` (the default of ``AutoencoderKL``: Stable Diffusion's VAE
+overflows FP16 when it encodes) encodes in FP32, as diffusers' video-to-video pipelines do; it decodes in its
+own dtype, as diffusers' text-to-video pipelines do.
 """
 from __future__ import annotations
 
+import copy
+import logging
 import os
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
+
+log = logging.getLogger(__name__)
 
 
 def _require_diffusers():
@@ -38,6 +46,8 @@ class VideoVAE:
         self.scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
         """Pixels per latent along H and W (8 for Stable Diffusion's VAE)."""
         self.scaling_factor = float(vae.config.scaling_factor)
+        self.upcast_encode = bool(getattr(vae.config, "force_upcast", False))
+        """Whether an FP16 VAE encodes in FP32 (the config's ``force_upcast``)."""
 
     @property
     def device(self) -> torch.device:
@@ -74,22 +84,31 @@ class VideoVAE:
         as the model sees them.
 
         With a CPU ``generator``, a sample of each frame's posterior, drawn as diffusers' video-to-video
-        pipelines draw it: one standard normal (B * T, C, h, w) tensor in the VAE's dtype, frame-major, whatever
-        the chunking. Without one, the posterior's mean.
+        pipelines draw it: one standard normal (B * T, C, h, w) tensor in the dtype it encodes in, frame-major,
+        whatever the chunking. Without one, the posterior's mean. An FP16 VAE with ``force_upcast`` encodes (and draws)
+        in FP32, on a temporary FP32 copy: the VAE itself is left as it is.
         """
         B, C, T, H, W = video.shape
         f = self.scale_factor
         if C != 3 or H % f or W % f:
             raise ValueError(f"video must be (B, 3, T, H, W) with H and W multiples of {f} (the VAE's scale), "
                              f"got {tuple(video.shape)}")
-        frames = video.transpose(1, 2).reshape(B * T, C, H, W).to(self.device, self.dtype)
-        posteriors = [self.vae.encode(chunk).latent_dist for chunk in self._chunks(frames, "encode", progress)]
+        vae = self._encoder()
+        frames = video.transpose(1, 2).reshape(B * T, C, H, W).to(self.device, next(vae.parameters()).dtype)
+        posteriors = [vae.encode(chunk).latent_dist for chunk in self._chunks(frames, "encode", progress)]
         latents = torch.cat([p.mean for p in posteriors])
         if generator is not None:
             eps = torch.randn(latents.shape, generator=generator, dtype=latents.dtype).to(latents.device)
             latents = latents + torch.cat([p.std for p in posteriors]) * eps
         latents = (self.scaling_factor * latents).float()
         return latents.reshape(B, T, *latents.shape[1:]).transpose(1, 2)
+
+    def _encoder(self):
+        """The VAE that encodes: the VAE, or an FP32 copy of an FP16 one whose config asks for upcasting."""
+        if self.dtype != torch.float16 or not self.upcast_encode:
+            return self.vae
+        log.info("stunet: the FP16 VAE encodes in FP32 (its config sets force_upcast)")
+        return copy.deepcopy(self.vae).float()
 
 
 def load_vae(path: str | os.PathLike, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
