@@ -11,6 +11,7 @@ from utils import randomize_temporal
 import stunet
 from stunet.pipeline.conditioning import Conditioning, resize_frames, video_frames
 from stunet.pipeline import Pipeline, SSROptions
+from stunet.pipeline.pipeline import stage_generator
 from stunet.pipeline.text import tiny_random_t5
 from stunet.pipeline.video import save_video
 
@@ -334,6 +335,26 @@ def test_upscale_runs_the_ssr_stage_alone(pipe, encoder):
     base, _ = _models()
     with pytest.raises(ValueError, match="this pipeline has no SSR model to raise it"):
         Pipeline(base, encoder, progress=False).upscale(low, "x")
+
+
+def test_upscale_repeats_the_ssr_stage_of_a_generation(pipe):
+    """The SSR stage's noise depends on the seed alone: not on the base stage's steps or sampler (DDPM draws at
+    every step), and ``upscale`` of a generation's low-res frames with its seed gives its video."""
+    options = dict(SMALL, ssr=SSROptions(window=4, overlap=1, num_inference_steps=2, sampler="ddpm"), seed=11)
+    res = pipe("x", **options)
+    again = pipe.upscale(res.low_res_frames[0], "x", **options)
+    assert np.abs(again.frames - res.frames).max() < 1e-4
+    other_base = pipe("x", **{**options, "sampler": "ddpm", "num_inference_steps": 4})
+    assert np.abs(other_base.low_res_frames - res.low_res_frames).max() > 1e-2  # another base video,
+    same_noise = pipe.upscale(other_base.low_res_frames[0], "x", **options)
+    assert np.abs(same_noise.frames - other_base.frames).max() < 1e-4  # raised with the same SSR noise
+    with_generator = pipe("x", **{**options, "seed": None}, generator=torch.Generator().manual_seed(11))
+    assert np.array_equal(with_generator.frames, res.frames)  # seed=s is a fresh generator seeded with s
+    gen = torch.Generator().manual_seed(0)
+    assert stage_generator(gen, "ssr").initial_seed() != stage_generator(gen, "base").initial_seed()
+    torch.randn(1, generator=gen)
+    assert stage_generator(gen, "ssr").initial_seed() != stage_generator(torch.Generator().manual_seed(0),
+                                                                         "ssr").initial_seed()
 
 
 def test_a_resized_conditioning_keeps_known_colours_and_never_shrinks_the_region():

@@ -6,8 +6,10 @@
 
 The pipeline checks every argument before any compute, encodes the prompts once, and runs the stages of
 ``stages`` (base, then SSR when it has an SSR model) on their backends. The user sees frames (B, F, H, W, 3)
-in [0, 1]. All noise is drawn from one CPU generator, so a seed gives the same video on every device (for the
-same backend).
+in [0, 1]. All noise is drawn from CPU generators, so a seed gives the same video on every device (for the
+same backend). The SSR stage draws from a generator of its own, seeded from the call's generator as it was when
+the call began (``stage_generator``): its noise depends on the seed alone, not on the base stage's settings, so
+``upscale(res.low_res_frames, prompt, seed=res.seed)`` repeats the SSR stage of a generation.
 
 Conditional modes (7-channel models; see ``conditioning``): ``image_to_video``, ``inpaint``, ``cinemagraph``;
 ``video_to_video`` (SDEdit) works with any base model; ``upscale`` runs the SSR stage alone on a given video;
@@ -22,6 +24,7 @@ stay in pixels:
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -69,6 +72,15 @@ class PipelineOutput:
     """Seconds per stage: text, base, ssr, decode."""
     low_res_frames: Any = None
     """The base model's frames when an SSR stage ran (same type as ``frames``)."""
+
+
+def stage_generator(generator: torch.Generator, stage: str) -> torch.Generator:
+    """A CPU generator of ``stage``'s own, seeded from ``generator``'s current state without drawing from it:
+    the same for ``seed=s`` and for a fresh ``torch.Generator().manual_seed(s)``, and another one once the
+    generator has drawn."""
+    state = generator.get_state().numpy().tobytes()
+    digest = hashlib.sha256(state + stage.encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") % 2 ** 63)
 
 
 def to_frames(video: torch.Tensor) -> torch.Tensor:
@@ -382,6 +394,7 @@ class Pipeline:
         if latents is not None:
             self._check_tensor(latents, "latents", (B, cfg.out_channels, T, H, W), "B, C, T, H, W of the base model")
         callback = self._step_callback(callback_on_step_end)
+        ssr_generator = stage_generator(generator, "ssr") if self.ssr_stage is not None else None
 
         timings: dict[str, float] = {}
         t0 = time.perf_counter()
@@ -405,7 +418,7 @@ class Pipeline:
         low = x
         if self.ssr_stage is not None:
             t0 = time.perf_counter()
-            x = self.ssr_stage.run(text, low, generator, ssr, ssr.num_inference_steps or num_inference_steps,
+            x = self.ssr_stage.run(text, low, ssr_generator, ssr, ssr.num_inference_steps or num_inference_steps,
                                    callback=callback, progress=show)
             timings["ssr"] = self._elapsed(t0)
 
@@ -546,8 +559,9 @@ class Pipeline:
         """The SSR stage alone: raise ``video`` (frames in [0, 1], at a base size) to the SSR model's resolution on
         MultiDiffusion windows, guided by ``prompt``; the stage's settings in ``ssr=SSROptions(...)`` (its steps
         default to ``num_inference_steps``). For a video made elsewhere, or another SSR pass over a base video
-        without running the base model again (``low_res_frames`` of an output). The seed's draws start at the SSR
-        stage, so a seed does not give the full generation's SSR noise."""
+        without running the base model again (``low_res_frames`` of an output). The SSR stage draws its noise as
+        in a whole generation, so ``upscale(res.low_res_frames, prompt, seed=res.seed)`` with the same settings
+        repeats ``res``'s SSR stage (up to the rounding of the frames' round trip through [0, 1])."""
         low = video_frames(video)
         _, _, T, H, W = low.shape
         for name, size in (("num_frames", T), ("height", H), ("width", W)):
@@ -584,4 +598,4 @@ class Pipeline:
         return {**kwargs, "conditioning": cond}
 
 
-__all__ = ["Pipeline", "PipelineOutput", "to_frames", "RUNTIMES", "OUTPUT_TYPES"]
+__all__ = ["Pipeline", "PipelineOutput", "stage_generator", "to_frames", "RUNTIMES", "OUTPUT_TYPES"]

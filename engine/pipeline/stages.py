@@ -303,7 +303,7 @@ class SSRStage(_Stage):
         H, W = self.output_size(h, w)
         window, overlap = options.geometry(self.config, T)
         dtype, device = self.backend.dtype, self.backend.device
-        up = upsample_video(low, H, W)
+        up = upsample_video(low.clamp(-1, 1), H, W)  # the video the user sees: frames in [-1, 1]
         s = self.sampler(options, steps)
         if options.noise_level:
             up = s.add_noise(up, Sampler.draw_noise(up, generator), options.noise_level)
