@@ -116,31 +116,33 @@ V2V_PIPELINES = {"t2v": "VideoToVideoSDPipeline", "animatediff": "AnimateDiffVid
 @pytest.mark.parametrize("which", ["t2v", "animatediff"])
 def test_video_to_video_reproduces_diffusers_from_a_seed(which, sampler, request, tmp_path):
     """One seed gives diffusers' video: the VAE's posterior sample and the noise are drawn as its video-to-video
-    pipelines draw them, and the strength runs their number of steps (int(4 * 0.9) = 3, where rounding gives 4)."""
+    pipelines draw them, and the strength runs their number of steps (int(4 * 0.9) = 3, where rounding gives 4).
+    Two videos of 20 frames for AnimateDiff's, which encodes (and draws) per video in chunks of 16 frames."""
     pipe, _ = request.getfixturevalue(f"{which}_folder")
     parts = dict(pipe.components)
     if sampler == "dpmpp2m":
         parts["scheduler"] = diffusers.DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)
     theirs = getattr(diffusers, V2V_PIPELINES[which])(**parts)
     theirs.set_progress_bar_config(disable=True)
-    frames = np.random.default_rng(1).integers(0, 256, (4 if which == "t2v" else 5, 16, 16, 3), dtype=np.uint8)
+    B, F = (1, 4) if which == "t2v" else (2, 20)  # diffusers' ModelScope pipeline cannot take two videos
+    frames = np.random.default_rng(1).integers(0, 256, (B, F, 16, 16, 3), dtype=np.uint8)
     if which == "t2v":  # a (B, F, C, H, W) tensor in [0, 1]
-        video, sized = torch.from_numpy(frames).permute(0, 3, 1, 2)[None].float() / 255, {}
+        video, sized = torch.from_numpy(frames).permute(0, 1, 4, 2, 3).float() / 255, {}
     else:  # PIL frames, resized to height x width
-        video, sized = [[PIL.Image.fromarray(f) for f in frames]], dict(height=16, width=16)
+        video, sized = [[PIL.Image.fromarray(f) for f in clip] for clip in frames], dict(height=16, width=16)
     call = dict(strength=0.9, num_inference_steps=4, guidance_scale=7.5)
     with torch.no_grad():
-        want = np.asarray(theirs(prompt="a red fox", video=video, generator=torch.Generator().manual_seed(3),
+        want = np.asarray(theirs(prompt=["a red fox"] * B, video=video, generator=torch.Generator().manual_seed(3),
                                  output_type="np", **sized, **call).frames)
     theirs.save_pretrained(tmp_path / "pipe")  # with the scheduler it ran
     convert_folder(tmp_path / "pipe", tmp_path / "stunet", dtype="fp32")
     ours = stunet.Pipeline.from_pretrained(tmp_path / "stunet", device="cpu", progress=False)
     assert type(ours.sampler).__name__ == {"ddim": "DDIM", "dpmpp2m": "DPMSolverPP2M"}[sampler]
     steps = []
-    res = ours.video_to_video(frames, "a red fox", seed=3, callback_on_step_end=lambda p, i, t, kw: steps.append(t),
-                              **call)
+    res = ours.video_to_video(frames, ["a red fox"] * B, seed=3,
+                              callback_on_step_end=lambda p, i, t, kw: steps.append(t), **call)
     assert len(steps) == 3 and set(res.timings) == {"text", "encode", "base", "decode"}
-    assert res.frames.shape == want.shape == (1, len(frames), 16, 16, 3)
+    assert res.frames.shape == want.shape == (B, F, 16, 16, 3)
     err = np.abs(res.frames - want).max()
     assert err <= 1e-4, f"max |stunet - diffusers| {err:.3g}"
 
