@@ -638,7 +638,8 @@ def build_parser() -> argparse.ArgumentParser:
     up = command("upscale", "raise a video with the SSR model alone",
                  "Raise a video at a base size to the SSR model's resolution on MultiDiffusion windows, guided by "
                  "the prompt, without running the base model (the demo cascade's SSR unless --model and --ssr "
-                 "are given).", cmd_generate)
+                 "are given). The SSR noise depends on the seed alone: a generation's --seed draws the noise its "
+                 "SSR stage drew.", cmd_generate)
     _add_generation_args(up, edits="all")
     up.add_argument("--video", required=True, help="the low-resolution video (mp4/gif) at a base model size")
     return parser
