@@ -5,9 +5,9 @@ denoises VAE latents (B, 4, T, H/8, W/8). :class:`VideoVAE` turns them into the 
 [-1, 1], and a video into latents (video-to-video), frame by frame in chunks of ``chunk_frames`` frames, which
 bounds the VAE's memory whatever the clip length.
 
-An FP16 VAE whose config sets ``force_upcast`` (the default of ``AutoencoderKL``: Stable Diffusion's VAE
-overflows FP16 when it encodes) encodes in FP32, as diffusers' video-to-video pipelines do; it decodes in its
-own dtype, as diffusers' text-to-video pipelines do.
+An FP16 VAE whose config sets ``force_upcast`` (the default of ``AutoencoderKL``: Stable Diffusion's VAE can
+overflow FP16 when it encodes) encodes in FP32, as diffusers' AnimateDiff video-to-video pipeline does (its
+ModelScope one encodes in FP16); it decodes in its own dtype, as diffusers' text-to-video pipelines do.
 """
 from __future__ import annotations
 
