@@ -83,13 +83,18 @@ VIDEO_SUFFIXES = (".mp4", ".gif", ".mov", ".webm")
 
 
 def _load_frames(path: str, parser: argparse.ArgumentParser, arg: str):
-    """An image (png/jpg) -> (H, W, 3) or a video (mp4/gif/...) -> (F, H, W, 3), floats in [0, 1]."""
+    """An image (png/jpg) -> (H, W, 3) or a video (mp4/gif/..., or npy frames) -> (F, H, W, 3), floats in
+    [0, 1]."""
     import numpy as np
 
     p = Path(path)
     if not p.is_file():
         parser.error(f"argument {arg}: no file at {path!r}")
     try:
+        if p.suffix.lower() == ".npy":  # frames as stunet writes them (-o out.npy): no codec in between
+            from .pipeline.video import load_npy
+
+            return load_npy(p)
         if p.suffix.lower() in VIDEO_SUFFIXES:
             import av
 
@@ -127,19 +132,21 @@ def _load_region(region, size: tuple[int, int], parser, arg: str):
     return mask
 
 
-def _check_output(args, parser) -> Path:
+def _check_output(args, parser, path: str | None = None, arg: str = "-o/--output") -> Path:
+    """The video file to write (``path``; default ``args.output``), or exit 2 naming ``arg``."""
     from .pipeline.video import SUFFIXES
 
-    out = Path(args.output)
+    path = args.output if path is None else path
+    out = Path(path)
     if out.is_dir():
-        parser.error(f"argument -o/--output: {args.output!r} is a directory; give a file path such as "
+        parser.error(f"argument {arg}: {path!r} is a directory; give a file path such as "
                      f"{str(out / ('out' + SUFFIXES[0]))!r}")
     if out.suffix.lower() not in SUFFIXES:
-        parser.error(f"argument -o/--output: must end in {' or '.join(SUFFIXES)}, got {args.output!r}")
+        parser.error(f"argument {arg}: must end in {', '.join(SUFFIXES[:-1])} or {SUFFIXES[-1]}, got {path!r}")
     if not out.parent.is_dir():
-        parser.error(f"argument -o/--output: directory {str(out.parent)!r} does not exist")
+        parser.error(f"argument {arg}: directory {str(out.parent)!r} does not exist")
     if out.exists() and not args.overwrite:
-        parser.error(f"argument -o/--output: {args.output!r} exists; pass --overwrite to replace it")
+        parser.error(f"argument {arg}: {path!r} exists; pass --overwrite to replace it")
     return out
 
 
@@ -217,6 +224,16 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if command == "upscale" and not (args.ssr or demo):
         parser.error("argument --ssr: upscale runs an SSR model: give --ssr DIR (and the --model whose videos it "
                      "raises), or neither for the demo cascade")
+    low_out = None
+    if args.low_res_output is not None:
+        if command == "upscale":
+            parser.error("argument --low-res-output: upscale's low-resolution video is its --video; drop it")
+        if not (args.ssr or demo):
+            parser.error("argument --low-res-output: the base video of a cascade; it needs an SSR model "
+                         "(--ssr DIR)")
+        low_out = _check_output(args, parser, args.low_res_output, "--low-res-output")
+        if low_out.resolve() == out.resolve():
+            parser.error("argument --low-res-output: the same file as -o/--output; give another path")
     kept = {"inpaint": ("frames",), "upscale": ("frames", "height", "width"),
             "video-to-video": ("frames",)}.get(command, ())
     if fixed := [f"--{k}" for k in kept if getattr(args, k) is not None]:
@@ -274,6 +291,13 @@ def cmd_generate(args: argparse.Namespace) -> int:
     stages = ", ".join(f"{k} {v:.2f} s" for k, v in res.timings.items())
     print(f"stunet: wrote {out} ({res.frames.shape[1]} frames, {res.frames.shape[2]}x{res.frames.shape[3]}, "
           f"seed {res.seed}; {stages})", file=sys.stderr)
+    if low_out is not None:
+        low = res.low_res_frames[0]
+        save_video(low, low_out, fps=args.fps)
+        again = (f"`stunet upscale --video {low_out} --seed {res.seed}` with the same settings repeats the SSR "
+                 "stage" if low_out.suffix.lower() == ".npy" else
+                 f"through the {low_out.suffix[1:]} codec: write .npy to raise it again exactly")
+        print(f"stunet: wrote {low_out} (the base video, {low.shape[1]}x{low.shape[2]}; {again})", file=sys.stderr)
     return 0
 
 
@@ -480,8 +504,11 @@ def _add_generation_args(p: argparse.ArgumentParser, edits: str | None = None) -
     """The arguments every generation takes; ``edits``: what a mode's input fixes: "image" (the size, which
     --height / --width resize), "video" (also the frames) or "all" (upscale: the frames and the size)."""
     p.add_argument("prompt", metavar="PROMPT", help="what the video shows (an empty prompt generates unconditionally)")
-    p.add_argument("-o", "--output", required=True, help="output video file: .mp4 or .gif")
-    p.add_argument("--overwrite", action="store_true", help="replace the output file if it exists")
+    p.add_argument("-o", "--output", required=True,
+                   help="output video file: .mp4, .gif or .npy (float32 frames in [0, 1], lossless)")
+    p.add_argument("--low-res-output", metavar="FILE",
+                   help="also write a cascade's base video (before the SSR stage) to FILE (.mp4, .gif or .npy)")
+    p.add_argument("--overwrite", action="store_true", help="replace the output files if they exist")
     p.add_argument("--model", metavar="DIR", help="base model folder (config.json + model.safetensors)")
     p.add_argument("--ssr", metavar="DIR", help="SSR model folder; omit to stay at the base resolution")
     p.add_argument("--text-encoder", metavar="DIR",
@@ -618,7 +645,7 @@ def build_parser() -> argparse.ArgumentParser:
     inp = command("inpaint", "regenerate a region of a video (7-channel model)",
                   "Regenerate a region of every frame of a video; the rest is kept.", cmd_generate)
     _add_generation_args(inp, edits="video")
-    inp.add_argument("--video", required=True, help="input video (mp4/gif)")
+    inp.add_argument("--video", required=True, help="input video (mp4/gif, or npy frames)")
     inp.add_argument("--region", required=True, type=_region,
                      help="what to regenerate: a mask image (white = regenerate) or a box x0,y0,x1,y1 in pixels")
     cin = command("cinemagraph", "animate a region of an image (7-channel model)",
@@ -632,16 +659,17 @@ def build_parser() -> argparse.ArgumentParser:
                   "video's frames and its size, or resizes each frame to --height / --width first (e.g. to upscale "
                   "with a high-resolution model).", cmd_generate)
     _add_generation_args(v2v, edits="video")
-    v2v.add_argument("--video", required=True, help="input video (mp4/gif)")
+    v2v.add_argument("--video", required=True, help="input video (mp4/gif, or npy frames)")
     v2v.add_argument("--strength", type=_number(0.0, 1.0, lo_open=True), default=0.6,
                      help="how far the input is noised, in (0, 1] (default 0.6; 1 ignores the input)")
     up = command("upscale", "raise a video with the SSR model alone",
                  "Raise a video at a base size to the SSR model's resolution on MultiDiffusion windows, guided by "
                  "the prompt, without running the base model (the demo cascade's SSR unless --model and --ssr "
-                 "are given). The SSR noise depends on the seed alone: a generation's --seed draws the noise its "
-                 "SSR stage drew.", cmd_generate)
+                 "are given). The SSR noise depends on the seed alone: the --low-res-output .npy of a generation, "
+                 "raised with its --seed and settings, gives its video.", cmd_generate)
     _add_generation_args(up, edits="all")
-    up.add_argument("--video", required=True, help="the low-resolution video (mp4/gif) at a base model size")
+    up.add_argument("--video", required=True,
+                    help="the low-resolution video (mp4/gif, or npy frames) at a base model size")
     return parser
 
 

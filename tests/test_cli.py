@@ -82,6 +82,17 @@ def test_upscale_raises_a_video_with_the_ssr_model(tmp_path, capsys):
                       "--ssr", "{tmp}/ssr", "--steps", "2", "-q"], tmp_path, capsys)
     assert code == 0, err
     assert np.asarray(read_mp4(tmp_path / "high.mp4")).shape == (4, 16, 16, 3) and "ssr" in err
+    # Lossless frames: a cascade's base video (--low-res-output) raised with its seed gives its video.
+    cascade = ["--model", "{tmp}/base", "--ssr", "{tmp}/ssr", "--steps", "2", "--seed", "7", "-q"]
+    code, err = _cli(["generate", "x", "-o", "{tmp}/full.npy", "--low-res-output", "{tmp}/base.npy", "--frames",
+                      "4", "--height", "8", "--width", "8", *cascade], tmp_path, capsys)
+    assert code == 0 and f"wrote {tmp_path / 'base.npy'} (the base video, 8x8" in err, err
+    code, err = _cli(["upscale", "x", "-o", "{tmp}/again.npy", "--video", "{tmp}/base.npy", *cascade], tmp_path,
+                     capsys)
+    assert code == 0, err
+    full, base, again = (np.load(tmp_path / f"{n}.npy") for n in ("full", "base", "again"))
+    assert full.shape == again.shape == (4, 16, 16, 3) and base.shape == (4, 8, 8, 3)
+    assert full.dtype == np.float32 and np.abs(again - full).max() < 1e-4
 
 
 @needs_av
@@ -102,7 +113,21 @@ def test_bf16_runs_through_the_cpp_runtime(tmp_path, capsys):
 
 @needs_pil
 @pytest.mark.parametrize("argv,message", [
-    (["generate", "x", "-o", "out.avi"], "argument -o/--output: must end in .mp4 or .gif"),
+    (["generate", "x", "-o", "out.avi"], "argument -o/--output: must end in .mp4, .gif or .npy"),
+    (["generate", "x", "-o", "{tmp}/o.mp4", "--preset", "tiny", "--low-res-output", "{tmp}/l.mp4"],
+     "argument --low-res-output: the base video of a cascade; it needs an SSR model"),
+    (["generate", "x", "-o", "{tmp}/o.mp4", "--low-res-output", "{tmp}/l.avi"],
+     "argument --low-res-output: must end in .mp4, .gif or .npy"),
+    (["generate", "x", "-o", "{tmp}/o.mp4", "--low-res-output", "{tmp}/exists.mp4"],
+     "argument --low-res-output: '{tmp}/exists.mp4' exists; pass --overwrite"),
+    (["generate", "x", "-o", "{tmp}/o.mp4", "--low-res-output", "{tmp}/o.mp4"],
+     "argument --low-res-output: the same file as -o/--output"),
+    (["upscale", "x", "-o", "{tmp}/o.mp4", "--video", "{tmp}/i.png", "--low-res-output", "{tmp}/l.mp4"],
+     "argument --low-res-output: upscale's low-resolution video is its --video"),
+    (["upscale", "x", "-o", "{tmp}/o.mp4", "--video", "{tmp}/frames.npy"],
+     "argument --video: cannot read '{tmp}/frames.npy' ('{tmp}/frames.npy' holds values outside [0, 1]"),
+    (["video-to-video", "x", "-o", "{tmp}/o.mp4", "--video", "{tmp}/flat.npy"],
+     "holds an array of shape (4, 3), not frames (F, H, W, 3)"),
     (["generate", "x", "-o", "{tmp}"], "argument -o/--output: '{tmp}' is a directory"),
     (["generate", "x", "-o", "{tmp}/d.mp4"], "argument -o/--output: '{tmp}/d.mp4' is a directory"),
     (["generate", "x", "-o", "/nonexistent/out.mp4"], "does not exist"),
@@ -140,6 +165,8 @@ def test_bf16_runs_through_the_cpp_runtime(tmp_path, capsys):
 ])
 def test_bad_arguments_exit_2_with_the_subcommands_usage(argv, message, tmp_path, capsys):
     save_png(np.zeros((16, 16, 3), dtype=np.uint8), tmp_path / "i.png")
+    np.save(tmp_path / "frames.npy", np.full((2, 8, 8, 3), 2.0, dtype=np.float32))
+    np.save(tmp_path / "flat.npy", np.zeros((4, 3), dtype=np.float32))
     (tmp_path / "exists.mp4").write_bytes(b"keep")
     (tmp_path / "bad").mkdir()
     (tmp_path / "d.mp4").mkdir()

@@ -7,7 +7,7 @@ import torch
 from utils import needs_av, needs_pil, read_mp4
 
 from stunet.pipeline.text import HFTextEncoder, load_text_encoder, tiny_random_t5
-from stunet.pipeline.video import save_video
+from stunet.pipeline.video import load_npy, save_video
 
 
 @pytest.mark.parametrize("shape", [(5, 16, 24, 3), (3, 15, 9, 3), (1, 8, 8, 3)], ids=["even", "odd", "single"])
@@ -28,6 +28,30 @@ def test_gif_round_trip(tmp_path):
 
     img = Image.open(tmp_path / "a.gif")
     assert img.n_frames == 6 and img.size == (12, 10)
+
+
+def test_npy_keeps_the_frames_exactly(tmp_path):
+    """npy holds float32 frames in [0, 1] bit for bit (uint8 frames scaled by 1/255), written atomically;
+    ``load_npy`` reads frames and images back and names what else a file holds."""
+    frames = np.random.default_rng(0).random((3, 5, 7, 3), dtype=np.float32)
+    save_video(torch.from_numpy(frames), tmp_path / "a.npy")
+    assert [f.name for f in tmp_path.iterdir()] == ["a.npy"]  # no temporary left, no doubled suffix
+    assert np.array_equal(load_npy(tmp_path / "a.npy"), frames) and np.load(tmp_path / "a.npy").dtype == np.float32
+    save_video((frames * 255).astype(np.uint8), tmp_path / "b.npy")
+    assert np.array_equal(load_npy(tmp_path / "b.npy"), (frames * 255).astype(np.uint8) / np.float32(255))
+    np.save(tmp_path / "image.npy", (frames[0] * 255).astype(np.uint8))
+    assert load_npy(tmp_path / "image.npy").shape == (5, 7, 3)
+    for name, data, message in [("grey", np.zeros((2, 4, 4)), r"shape \(2, 4, 4\), not frames"),
+                                ("ints", np.zeros((2, 4, 4, 3), dtype=np.int64), "int64 values"),
+                                ("range", np.full((2, 4, 4, 3), -0.5), r"outside \[0, 1\]")]:
+        np.save(tmp_path / f"{name}.npy", data)
+        with pytest.raises(ValueError, match=message):
+            load_npy(tmp_path / f"{name}.npy")
+    (tmp_path / "text.npy").write_text("not numpy")
+    (tmp_path / "empty.npy").write_bytes(b"")
+    for name in ("text", "empty"):
+        with pytest.raises(ValueError, match="is not a numpy array file"):
+            load_npy(tmp_path / f"{name}.npy")
 
 
 @needs_pil

@@ -1,5 +1,6 @@
-"""Video files: ``save_video(frames, path, fps)`` writes mp4 (PyAV, imageio-ffmpeg as fallback) or gif (Pillow),
-atomically (a temporary file beside the target, renamed on success)."""
+"""Video files: ``save_video(frames, path, fps)`` writes mp4 (PyAV, imageio-ffmpeg as fallback), gif (Pillow)
+or npy (the frames themselves, float32 in [0, 1]: lossless), atomically (a temporary file beside the target,
+renamed on success). ``load_npy`` reads an npy file back, checked."""
 from __future__ import annotations
 
 import logging
@@ -11,11 +12,27 @@ import numpy as np
 from ..io import atomic_path
 
 log = logging.getLogger(__name__)
-SUFFIXES = (".mp4", ".gif")
+SUFFIXES = (".mp4", ".gif", ".npy")
 
 
 def to_uint8(frames) -> np.ndarray:
     """(F, H, W, 3) floats in [0, 1] (or uint8) -> uint8, validated."""
+    frames = _checked(frames)
+    if frames.dtype == np.uint8:
+        return frames
+    return (np.clip(frames, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
+
+
+def to_float32(frames) -> np.ndarray:
+    """(F, H, W, 3) floats in [0, 1] (or uint8) -> float32 in [0, 1], validated (floats clipped to [0, 1])."""
+    frames = _checked(frames)
+    if frames.dtype == np.uint8:
+        return frames.astype(np.float32) / 255.0
+    return np.clip(frames, 0.0, 1.0).astype(np.float32)
+
+
+def _checked(frames) -> np.ndarray:
+    """(F, H, W, 3) frames as a numpy array of floats or uint8, or a ValueError / TypeError naming the problem."""
     try:
         import torch
 
@@ -35,7 +52,7 @@ def to_uint8(frames) -> np.ndarray:
         raise TypeError(f"frames must be floats in [0, 1] or uint8, got dtype {frames.dtype}")
     if not np.isfinite(frames).all():
         raise ValueError("frames contain NaN or inf")
-    return (np.clip(frames, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
+    return frames
 
 
 def _write_mp4(frames: np.ndarray, path: Path, fps: int) -> None:
@@ -76,15 +93,41 @@ def _write_gif(frames: np.ndarray, path: Path, fps: int) -> None:
     images[0].save(path, format="GIF", save_all=True, append_images=images[1:], duration=round(1000 / fps), loop=0)
 
 
+def _write_npy(frames: np.ndarray, path: Path, fps: int) -> None:
+    with open(path, "wb") as f:  # np.save on a path would add a second ".npy" to the temporary name
+        np.save(f, frames, allow_pickle=False)
+
+
 def save_video(frames, path: str | os.PathLike, fps: int = 16) -> Path:
-    """Write (F, H, W, 3) frames (floats in [0, 1] or uint8) to ``path``; the suffix picks mp4 or gif."""
+    """Write (F, H, W, 3) frames (floats in [0, 1] or uint8) to ``path``; the suffix picks mp4, gif or npy
+    (float32 frames in [0, 1], as given: no codec between a generation and the next stage; ``fps`` unused)."""
     path = Path(path)
-    if path.suffix.lower() not in SUFFIXES:
+    suffix = path.suffix.lower()
+    if suffix not in SUFFIXES:
         raise ValueError(f"path must end in one of {SUFFIXES}, got {str(path)!r}")
     if isinstance(fps, bool) or not isinstance(fps, int) or fps < 1:
         raise ValueError(f"fps must be a positive integer, got {fps!r}")
-    data = to_uint8(frames)
-    writer = _write_mp4 if path.suffix.lower() == ".mp4" else _write_gif
+    data = to_float32(frames) if suffix == ".npy" else to_uint8(frames)
+    writer = {".mp4": _write_mp4, ".gif": _write_gif, ".npy": _write_npy}[suffix]
     with atomic_path(path) as tmp:
         writer(data, tmp, fps)
     return path
+
+
+def load_npy(path: str | os.PathLike) -> np.ndarray:
+    """The frames of an npy file: (F, H, W, 3) or one (H, W, 3) image, float32 in [0, 1] (uint8 files are
+    scaled by 1/255). Raises ValueError naming what the file holds when it is not frames."""
+    try:
+        data = np.load(path, allow_pickle=False)
+    except (ValueError, EOFError) as e:  # not an npy file, a pickle, or an empty one
+        raise ValueError(f"{str(path)!r} is not a numpy array file ({str(e) or 'empty'})") from None
+    if data.ndim not in (3, 4) or data.shape[-1] != 3 or 0 in data.shape:
+        raise ValueError(f"{str(path)!r} holds an array of shape {data.shape}, not frames (F, H, W, 3) or an image "
+                         "(H, W, 3)")
+    if data.dtype == np.uint8:
+        return data.astype(np.float32) / 255.0
+    if not np.issubdtype(data.dtype, np.floating):
+        raise ValueError(f"{str(path)!r} holds {data.dtype} values; frames are floats in [0, 1] or uint8")
+    if not np.isfinite(data).all() or data.min() < 0 or data.max() > 1:
+        raise ValueError(f"{str(path)!r} holds values outside [0, 1] (or NaN); frames are floats in [0, 1]")
+    return data.astype(np.float32)
