@@ -106,10 +106,12 @@ def temporal_attention_ref(qkv: torch.Tensor, heads: int, bias: torch.Tensor | N
     B, T, S, C3 = qkv.shape
     C = C3 // 3
     D = C // heads
-    q, k, v = qkv.float().reshape(B, T, S, 3, heads, D).permute(3, 0, 2, 4, 1, 5)  # each (B, S, heads, T, D)
+    # Each of q, k, v as (B * S, heads, T, D): 4-D, so that PyTorch's fused CPU kernel takes it (on 5-D
+    # tensors SDPA falls back to its unfused math, twice as slow on a full-resolution temporal layer).
+    q, k, v = qkv.float().reshape(B, T, S, 3, heads, D).permute(3, 0, 2, 4, 1, 5).flatten(1, 2)
     o = F.scaled_dot_product_attention(q, k, v, attn_mask=None if bias is None else bias.float(),
                                        scale=scale if scale is not None else 1.0 / math.sqrt(D))
-    return o.permute(0, 3, 1, 2, 4).reshape(B, T, S, C).to(qkv.dtype)  # (B, S, heads, T, D) -> (B, T, S, C)
+    return o.unflatten(0, (B, S)).permute(0, 3, 1, 2, 4).reshape(B, T, S, C).to(qkv.dtype)  # -> (B, T, S, C)
 
 
 def unsupported(qkv: torch.Tensor, heads: int, bias: torch.Tensor | None) -> list[str]:
