@@ -70,7 +70,8 @@ class BuildExt(build_ext):
     def _add_cuda(self, ext: Extension) -> None:
         nvcc = find_nvcc()
         cuda_home = find_cuda_home(nvcc)
-        archs = [a.strip() for a in os.environ.get("STUNET_CUDA_ARCH", "80;90").replace(",", ";").split(";") if a.strip()]
+        listed = os.environ.get("STUNET_CUDA_ARCH", "80;90").replace(",", ";").split(";")
+        archs = [a.strip() for a in listed if a.strip()]
         gencode = [f"-gencode=arch=compute_{a},code=sm_{a}" for a in archs]
         gencode.append(f"-gencode=arch=compute_{archs[0]},code=compute_{archs[0]}")
         os.makedirs(self.build_temp, exist_ok=True)
@@ -115,8 +116,8 @@ setup(
         "triton": ["triton>=3.2"],
         "export": ["onnx>=1.16", "onnxscript>=0.2", "onnxruntime>=1.18"],
         "tensorrt-rtx": [f"tensorrt-rtx-cu13-{part}>=1.7; {X86}" for part in ("bindings", "libs")] + ["onnx>=1.16"],
-        "test": ["pytest>=8", "hypothesis>=6", "av>=12", "pillow", "transformers>=4.40", "triton>=3.2", "onnx>=1.16",
-                 "onnxscript>=0.2", "onnxruntime>=1.18", "diffusers>=0.30"]
+        "test": ["pytest>=8", "pytest-xdist>=3", "hypothesis>=6", "av>=12", "pillow", "transformers>=4.40",
+                 "triton>=3.2", "onnx>=1.16", "onnxscript>=0.2", "onnxruntime>=1.18", "diffusers>=0.30"]
                 + [f"tensorrt-rtx-cu13-{part}>=1.7; {X86}" for part in ("bindings", "libs")],
     },
     ext_modules=[Extension("stunet._C", CPU_SOURCES, depends=["csrc/runtime.h", "csrc/step_math.h"],

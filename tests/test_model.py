@@ -70,7 +70,14 @@ def test_temporal_modules_mix_frames_once_trained():
 
 
 # -- the whole network -------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+# FP64 and FP16, where PyTorch's CPU convolutions compute each image of a batch on its own. In FP32 a 1x1
+# convolution on one thread takes a oneDNN path whose last bits depend on how many images share the batch
+# (4.8e-7 apart for 16 images against 2), and the video's batch (B*T, halved at each temporal downsampling) is
+# not the per-frame U-Net's (B): there the two agree to rounding, not bit for bit.
+STATIC_DTYPES = pytest.mark.parametrize("dtype", [torch.float64, torch.float16], ids=["fp64", "fp16"])
+
+
+@STATIC_DTYPES
 @pytest.mark.parametrize("overrides", [{}, {"temporal_pos_embed": "none"}, {"in_channels": 7}],
                          ids=["default", "no-pos-embed", "7-channel"])
 def test_static_video_gives_the_per_frame_unet_output_exactly(overrides, dtype):
@@ -86,12 +93,13 @@ def test_static_video_gives_the_per_frame_unet_output_exactly(overrides, dtype):
     assert torch.equal(out, per_frame.expand_as(out))
 
 
-def test_ssr_static_video_gives_the_per_frame_unet_output_exactly():
+@STATIC_DTYPES
+def test_ssr_static_video_gives_the_per_frame_unet_output_exactly(dtype):
     cfg = stunet.STUNetConfig.from_preset("tiny", in_channels=6, noise_aug=True, low_res_size=8,
                                           temporal_downsample=(False, False), temporal_attn_depth=0)
     torch.manual_seed(0)
-    model = stunet.STUNet(cfg).eval()
-    x, t, text = make_inputs(cfg, batch=2, frames=3)
+    model = stunet.STUNet(cfg).eval().to(dtype)
+    x, t, text = make_inputs(cfg, batch=2, frames=3, dtype=dtype)
     frame = x[:, :, :1]
     with torch.no_grad():
         out = model(frame.expand_as(x).contiguous(), t, text, noise_level=250)
@@ -119,7 +127,8 @@ def test_trained_temporal_modules_change_the_output(tiny_model, tiny_config):
 
 
 PRESET_INPUTS = {  # reduced sizes: the smallest input each preset accepts, so a forward is cheap on a CPU
-    "tiny": (8, 16), "tiny-cond": (8, 16), "small": (4, 16), "lumiere-base": (16, 16), "lumiere-ssr": (2, 16), "edge": (8, 8),
+    "tiny": (8, 16), "tiny-cond": (8, 16), "small": (4, 16), "lumiere-base": (16, 16), "lumiere-ssr": (2, 16),
+    "edge": (8, 8),
 }
 
 

@@ -24,7 +24,7 @@ def _blocks(language: str) -> list[str]:
 
 def test_the_readme_has_the_set_up_commands_and_the_main_job():
     first = _blocks("bash")[0].strip().splitlines()
-    assert first == ['pip install torch==2.13.0 -e ".[test]"', "pytest"]
+    assert first == ['pip install torch==2.13.0 -e ".[test]"', "pytest -n auto --dist loadfile"]
     assert _blocks("bash")[1].strip().startswith("stunet generate ")
     ci = (README.parent / ".ci" / "run").read_text()
     assert all(line in ci for line in first)
