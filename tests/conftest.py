@@ -89,7 +89,18 @@ def _interpreter_problem() -> str | None:
     return None
 
 
+def pytest_configure(config):
+    """`--dist loadfile` hands out whole files in the suite's order (below), not pytest-xdist's default of the
+    files with the most tests first."""
+    if getattr(config.option, "dist", "no") in ("loadfile", "loadscope"):
+        config.option.loadscopereorder = False
+
+
 def pytest_collection_modifyitems(config, items):
+    # The files that hold a long test (marked slow) run first: under `pytest -n`, a worker that starts one last
+    # would end the run alone.
+    slow_files = {item.path for item in items if item.get_closest_marker("slow")}
+    items.sort(key=lambda item: item.path not in slow_files)
     gpu_items = [item for item in items if "gpu" in item.keywords]
     if gpu_items and not torch.cuda.is_available():
         skip = pytest.mark.skip(reason="needs CUDA (run `pytest -m gpu` on a GPU machine)")

@@ -43,6 +43,7 @@ def test_the_shipped_weights_load_strictly_and_are_small():
     assert total < 16 * 2 ** 20
 
 
+@pytest.mark.slow
 def test_generated_videos_follow_their_prompts(generated):
     assert generated.frames.shape == (len(PROMPTS), 16, 64, 64, 3)
     assert generated.low_res_frames.shape == (len(PROMPTS), 16, 16, 16, 3)
