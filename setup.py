@@ -123,5 +123,5 @@ setup(
     ext_modules=[Extension("stunet._C", CPU_SOURCES, depends=["csrc/runtime.h", "csrc/step_math.h"],
                            extra_compile_args=CXX_FLAGS, language="c++")],
     cmdclass={"build_ext": BuildExt},
-    entry_points={"console_scripts": ["stunet = stunet.cli:main"]},
+    entry_points={"console_scripts": ["stunet = stunet.cli:run"]},
 )

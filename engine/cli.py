@@ -1,19 +1,23 @@
 """The ``stunet`` command line.
 
 Every argument is checked before any compute; a bad one exits with status 2, the subcommand's usage and a
-message naming the argument and the fix. Ctrl-C exits with status 130 and one line (an output file is written
-atomically, so an interrupted run leaves none behind).
+message naming the argument and the fix. Ctrl-C prints one line and ends the process by SIGINT, as an uncaught
+Ctrl-C ends any Python program: a shell shows status 130, and a shell loop or a make that ran the command stops too.
+An output file is written atomically, so an interrupted run leaves none behind.
 """
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import logging
 import math
 import os
 import re
+import signal
 import sys
 from pathlib import Path
+from typing import NoReturn
 
 from .backends import BACKENDS
 from .config import PRESETS
@@ -686,7 +690,11 @@ def _without_nproc(argv: list[str]) -> list[str]:
     return out
 
 
+INTERRUPTED = 130  # main()'s status for Ctrl-C, the one a shell shows for a process that SIGINT ended
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Runs one command line and returns its exit status; :func:`run` is the ``stunet`` program around it."""
     parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
@@ -696,13 +704,34 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except KeyboardInterrupt:
         print("stunet: interrupted", file=sys.stderr)
-        return 130
+        return INTERRUPTED
 
 
-if __name__ == "__main__":
+def _end_by_sigint() -> NoReturn:
+    """Ends this process as SIGINT's default action does, after the exit handlers and a flush of the streams.
+
+    Not ``sys.exit(130)``: an exit status tells a shell that the command handled Ctrl-C itself, so a shell loop goes
+    on to its next command. Nor left to CPython, which ends a ``python -m`` run by SIGINT only when an interrupt
+    once went through an ``exec`` of a string (dataclasses and torch.fx build code that way), even caught."""
+    atexit._run_exitfuncs()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    os.kill(os.getpid(), signal.SIGINT)
+    os._exit(INTERRUPTED)  # reached only where SIGINT is blocked
+
+
+def run() -> NoReturn:
+    """The ``stunet`` program: :func:`main` on the command line, then the end of the process."""
     code = main()
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # one rank of `--nproc N`
         from stunet.distributed import leave
 
         leave(code)
+    if code == INTERRUPTED:
+        _end_by_sigint()
     sys.exit(code)
+
+
+if __name__ == "__main__":
+    run()

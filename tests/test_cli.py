@@ -14,6 +14,7 @@ import torch
 from utils import needs_av, needs_pil, read_mp4, save_png
 
 import stunet
+import stunet.cli
 from stunet.cli import build_parser, main
 
 QUICK = ["--preset", "tiny", "--steps", "2", "--frames", "4", "-q"]
@@ -195,8 +196,9 @@ def test_written_files_follow_the_umask(tmp_path, capsys):
     assert code == 0 and (tmp_path / "o.mp4").stat().st_mode & 0o777 == 0o644
 
 
-def test_ctrl_c_is_one_line_and_exit_130(tmp_path):
-    """SIGINT during generation: exit 130, one line on stderr, no output file (and no temporary one)."""
+def test_ctrl_c_is_one_line_and_ends_by_sigint(tmp_path):
+    """SIGINT during generation: one line on stderr, the process ended by SIGINT (a shell shows 130), no output file
+    (and no temporary one)."""
     env = {**os.environ, "TRITON_INTERPRET": "0"}
     proc = subprocess.Popen([sys.executable, "-m", "stunet.cli", "generate", "x", "-o", str(tmp_path / "o.gif"),
                              "--preset", "tiny", "--frames", "64", "--steps", "1000", "-q"],
@@ -208,9 +210,60 @@ def test_ctrl_c_is_one_line_and_exit_130(tmp_path):
     time.sleep(3)
     proc.send_signal(signal.SIGINT)
     rest = proc.stderr.read()
-    assert proc.wait(timeout=60) == 130
+    assert proc.wait(timeout=60) == -signal.SIGINT
     assert rest.strip().splitlines() == ["stunet: interrupted"], rest
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("where", ["raise KeyboardInterrupt", 'exec("raise KeyboardInterrupt")'])
+def test_an_interrupt_ends_the_process_by_sigint_wherever_it_lands(tmp_path, monkeypatch, where):
+    """The same end for an interrupt raised in plain code and in code made by exec (dataclasses, torch.fx), after
+    which CPython would end a `python -m` run by SIGINT and otherwise by the status asked for; main() itself, the
+    function, returns 130."""
+    (tmp_path / "interrupted_cli.py").write_text(
+        "import stunet.cli\n"
+        "def interrupted(args):\n"
+        f"    {where}\n"
+        "stunet.cli.cmd_info = interrupted\n"
+        "stunet.cli.run()\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(tmp_path), os.environ.get("PYTHONPATH")]))}
+    for launch in (["-m", "interrupted_cli"], [str(tmp_path / "interrupted_cli.py")]):
+        proc = subprocess.run([sys.executable, *launch, "info", "tiny"], capture_output=True, text=True, env=env,
+                              preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL), timeout=120)
+        assert (proc.returncode, proc.stderr) == (-signal.SIGINT, "stunet: interrupted\n"), launch
+
+    def interrupted(args):
+        exec(where)
+
+    monkeypatch.setattr(stunet.cli, "cmd_info", interrupted)
+    assert main(["info", "tiny"]) == 130
+
+
+def test_ctrl_c_stops_a_shell_loop_that_runs_the_command(tmp_path):
+    """A terminal's Ctrl-C goes to the whole foreground group: the shell running a loop of stunet commands sees its
+    command ended by SIGINT and stops, instead of going on to the next one (as it would after an exit status)."""
+    (tmp_path / "waiting_cli.py").write_text(
+        "import time, stunet.cli\n"
+        "def waiting(args):\n"
+        "    print('waiting', flush=True)\n"
+        "    time.sleep(120)\n"
+        "stunet.cli.cmd_info = waiting\n"
+        "stunet.cli.run()\n")
+    loop = f'for i in 1 2; do "{sys.executable}" -m waiting_cli info tiny; echo "after $i"; done'
+    shell = subprocess.Popen(["bash", "-c", loop], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                             text=True, start_new_session=True,
+                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    assert shell.stdout.readline() == "waiting\n"
+    os.killpg(shell.pid, signal.SIGINT)
+    out, _ = shell.communicate(timeout=60)
+    assert (shell.returncode, out) == (-signal.SIGINT, "stunet: interrupted\n")
+
+
+def test_the_stunet_program_is_run():
+    from importlib.metadata import entry_points
+
+    (script,) = entry_points(group="console_scripts", name="stunet")
+    assert script.value == "stunet.cli:run"
 
 
 def test_version_and_help_for_every_argument(capsys):
