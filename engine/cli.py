@@ -193,6 +193,11 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _ranked() -> bool:
+    """Whether this process is one rank of several (a torchrun launch, such as `--nproc N`'s)."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
 def _note(message: str) -> None:
     """A line on stderr, from one process only when the generation runs on several ranks."""
     if os.environ.get("RANK", "0") == "0":
@@ -252,7 +257,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
             parser.error(f"argument --device: {device} does not exist ({torch.cuda.device_count()} CUDA device(s))")
     dtype = getattr(torch, DTYPES[args.dtype or ("fp16" if device.startswith("cuda") else "fp32")])
     inputs = _mode_inputs(args, parser)
-    ranked = int(os.environ.get("WORLD_SIZE", "1")) > 1  # this process is one rank of a torchrun launch
+    ranked = _ranked()
     if args.nproc and args.nproc > 1 and not ranked:
         if device.startswith("cuda") and args.nproc > torch.cuda.device_count():
             parser.error(f"argument --nproc: {args.nproc} ranks but {torch.cuda.device_count()} CUDA device(s)")
@@ -703,7 +708,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except KeyboardInterrupt:
-        print("stunet: interrupted", file=sys.stderr)
+        if not _ranked():  # a rank's interrupt is told by the process that launched the ranks
+            print("stunet: interrupted", file=sys.stderr)
         return INTERRUPTED
 
 
@@ -724,7 +730,7 @@ def _end_by_sigint() -> NoReturn:
 def run() -> NoReturn:
     """The ``stunet`` program: :func:`main` on the command line, then the end of the process."""
     code = main()
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # one rank of `--nproc N`
+    if _ranked():
         from stunet.distributed import leave
 
         leave(code)

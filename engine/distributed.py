@@ -248,10 +248,15 @@ def resolve(parallel) -> Parallel | None:
 
 
 def launch(nproc: int, argv: list[str]) -> int:
-    """Runs ``python -m stunet.cli ARGV`` on ``nproc`` local ranks through torchrun; its exit status."""
+    """Runs ``python -m stunet.cli ARGV`` on ``nproc`` local ranks through torchrun; its exit status.
+
+    A SIGINT to the launcher (a terminal's Ctrl-C reaches the ranks too) stops the ranks and raises
+    KeyboardInterrupt here; SIGTERM, SIGHUP or SIGQUIT stop them and return 128 + the signal's number."""
+    import signal
     import sys
 
     from torch.distributed import run as torchrun
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
     args = torchrun.parse_args(["--nproc-per-node", str(nproc), "--standalone", "--no-python", sys.executable, "-m",
@@ -262,6 +267,11 @@ def launch(nproc: int, argv: list[str]) -> int:
         failures = ", ".join(f"rank {r} exit {f.exitcode}" for r, f in sorted(e.failures.items()))
         print(f"stunet: {failures}", file=sys.stderr)
         return max(1, *(f.exitcode for f in e.failures.values() if f.exitcode > 0))
+    except SignalException as e:  # torchrun's agent has stopped the ranks
+        if e.sigval == signal.SIGINT:
+            raise KeyboardInterrupt from None
+        print(f"stunet: stopped by {signal.Signals(e.sigval).name}", file=sys.stderr)
+        return 128 + int(e.sigval)
     return 0
 
 

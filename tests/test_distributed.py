@@ -5,8 +5,10 @@ with the error instead of a hang; the CLI's --nproc."""
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -79,6 +81,37 @@ def test_cli_nproc_launches_the_ranks(tmp_path):
         assert run.returncode == 0, run.stderr[-3000:]
         assert run.stderr.count("stunet: wrote") == 1 and run.stderr.count("RANDOM weights") == 1, run.stderr
     assert (tmp_path / "two.mp4").read_bytes() == (tmp_path / "one.mp4").read_bytes(), "2 ranks and 1 differ"
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_a_signal_to_cli_nproc_stops_the_ranks_in_one_line(tmp_path, sig):
+    """A terminal's Ctrl-C (SIGINT to the whole group) ends `--nproc` as it ends one process: one line, the
+    launcher ended by SIGINT; SIGTERM to the launcher stops the ranks and exits 143. No traceback, no file."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["OMP_NUM_THREADS"] = "1"
+    launcher = subprocess.Popen([sys.executable, "-m", "stunet.cli", "generate", "a cat", "--preset", "tiny",
+                                 "--steps", "1000", "--frames", "64", "-q", "-o", "o.mp4", "--nproc", "2"],
+                                cwd=tmp_path, stderr=subprocess.PIPE, text=True, env=env, start_new_session=True,
+                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    try:
+        while "RANDOM weights" not in (line := launcher.stderr.readline()):  # rank 0 has built its pipeline
+            assert line, "the launcher ended before its ranks started"
+        time.sleep(2)
+        if sig == signal.SIGINT:
+            os.killpg(launcher.pid, sig)
+        else:
+            launcher.send_signal(sig)
+        rest = launcher.stderr.read()
+        code = launcher.wait(timeout=120)
+    finally:
+        if launcher.poll() is None:
+            os.killpg(launcher.pid, signal.SIGKILL)  # the launcher and its ranks
+    ours = [line for line in rest.splitlines() if line.startswith("stunet:")]
+    if sig == signal.SIGINT:
+        assert (code, ours) == (-signal.SIGINT, ["stunet: interrupted"]), rest
+    else:
+        assert (code, ours) == (143, ["stunet: stopped by SIGTERM"]), rest
+    assert "Traceback" not in rest and list(tmp_path.iterdir()) == []
 
 
 def test_parallel_in_one_process_runs_every_call_here():
