@@ -562,10 +562,19 @@ def _add_generation_args(p: argparse.ArgumentParser, edits: str | None = None) -
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse's parser, but on the ranks of a launch only rank 0 prints a usage error; every rank exits 2."""
+
+    def error(self, message: str):
+        if os.environ.get("RANK", "0") != "0":
+            sys.exit(2)
+        super().error(message)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
-    parser = argparse.ArgumentParser(prog="stunet", description="Space-Time U-Net (STUNet) video diffusion engine.")
+    parser = _Parser(prog="stunet", description="Space-Time U-Net (STUNet) video diffusion engine.")
     parser.add_argument("--version", action="version", version=f"stunet {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", help="what to do")
 

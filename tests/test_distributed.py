@@ -83,6 +83,17 @@ def test_cli_nproc_launches_the_ranks(tmp_path):
     assert (tmp_path / "two.mp4").read_bytes() == (tmp_path / "one.mp4").read_bytes(), "2 ranks and 1 differ"
 
 
+def test_cli_nproc_a_bad_argument_that_the_ranks_find_is_told_once(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["OMP_NUM_THREADS"] = "1"
+    run = subprocess.run([sys.executable, "-m", "stunet.cli", "generate", "a cat", "--preset", "tiny", "--steps",
+                          "2000", "--frames", "8", "-q", "-o", "o.mp4", "--nproc", "2"], cwd=tmp_path,
+                         capture_output=True, text=True, timeout=240, env=env)
+    assert run.returncode == 2
+    assert run.stderr.count("error: num_inference_steps must be") == 1, run.stderr
+    assert run.stderr.count("usage: stunet generate") == 1 and list(tmp_path.iterdir()) == []
+
+
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
 def test_a_signal_to_cli_nproc_stops_the_ranks_in_one_line(tmp_path, sig):
     """A terminal's Ctrl-C (SIGINT to the whole group) ends `--nproc` as it ends one process: one line, the
