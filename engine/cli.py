@@ -188,9 +188,23 @@ def cmd_info(args: argparse.Namespace) -> int:
         info = analyse(config, name, batch=args.batch, frames=args.frames, height=args.height, width=args.width,
                        text_len=args.text_len, dtype=args.dtype)
     except ValueError as e:
-        parser.error(str(e))
+        _library_error(parser, e)
     print(json.dumps(info.to_dict(), indent=2) if args.json else info.format())
     return 0
+
+
+# The Python arguments that the library's errors name, as the command line's flags
+_FLAGS = {"num_frames": "--frames", "frames": "--frames", "height": "--height", "width": "--width",
+          "num_inference_steps": "--steps", "guidance_scale": "--guidance", "strength": "--strength", "seed": "--seed",
+          "negative_prompt": "--negative-prompt", "prompt": "PROMPT", "batch": "--batch", "text_len": "--text-len"}
+
+
+def _library_error(parser: argparse.ArgumentParser, error: Exception):
+    """Exits 2 with the library's message, led by the flag of the argument it names ("argument --steps: ...")."""
+    message = str(error)
+    name = re.match(r"\w+", message)
+    flag = _FLAGS.get(name.group()) if name else None
+    parser.error(f"argument {flag}: {message}" if flag else message)
 
 
 def _ranked() -> bool:
@@ -283,7 +297,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         else:
             pipe = _pixel_pipeline(args, demo, device, dtype, options, parallel)
     except (FileNotFoundError, ValueError, TypeError, RuntimeError, ImportError) as e:
-        parser.error(str(e))
+        _library_error(parser, e)
 
     call = dict(negative_prompt=args.negative_prompt, num_frames=args.frames, height=args.height, width=args.width,
                 num_inference_steps=args.steps, guidance_scale=args.guidance, seed=args.seed,
@@ -293,7 +307,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     try:
         res = _run_mode(pipe, args, inputs, call)
     except ValueError as e:
-        parser.error(str(e))
+        _library_error(parser, e)
     if res.frames is None:  # another rank writes the video
         return 0
     save_video(res.frames[0], out, fps=args.fps)
@@ -409,7 +423,7 @@ def cmd_export(args: argparse.Namespace) -> int:
                        text_len=args.text_len, dynamic=not args.static, dtype=getattr(torch, DTYPES[args.dtype]),
                        check=args.check)
     except (ImportError, ValueError) as e:
-        parser.error(str(e))
+        _library_error(parser, e)
     except AssertionError as e:  # --check: the artifact was written, and differs from the reference
         print(f"stunet export: error: {e}; {out} was written, but do not deploy it", file=sys.stderr)
         return 1

@@ -102,5 +102,6 @@ def test_the_cli_runs_the_demo_without_a_model(tmp_path, capsys):
     assert len(frames) == 16 and frames[0].shape == (64, 64, 3)
     with pytest.raises(SystemExit) as e:
         main(["generate", "a teddy bear surfing", "-o", str(tmp_path / "bear.mp4"), "-q"])
-    assert e.value.code == 2 and "unknown word(s) 'bear', 'surfing', 'teddy'" in capsys.readouterr().err
+    assert e.value.code == 2 and "error: argument PROMPT: prompt 'a teddy bear surfing': unknown word(s) 'bear', " \
+        "'surfing', 'teddy'" in capsys.readouterr().err
     assert not (tmp_path / "bear.mp4").exists()

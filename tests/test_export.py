@@ -166,6 +166,10 @@ def test_cli_export_onnx(tmp_path, capsys):
     with pytest.raises(SystemExit) as info:
         main(["export", "onnx", str(tmp_path / "m"), "-o", str(out)])
     assert info.value.code == 2 and "exists; pass --overwrite" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as info:
+        main(["export", "onnx", str(tmp_path / "m"), "-o", str(tmp_path / "odd.onnx"), "--frames", "3"])
+    assert info.value.code == 2 and "error: argument --frames: frames must be a positive multiple of 2" in \
+        capsys.readouterr().err and not (tmp_path / "odd.onnx").exists()
 
 
 def test_cli_export_says_when_the_artifact_fails_its_check(tmp_path, capsys, monkeypatch):

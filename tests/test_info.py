@@ -84,7 +84,7 @@ def test_cli_info_reads_a_model_directory(tiny_model, tmp_path, capsys):
 
 @pytest.mark.parametrize("argv,message", [
     (["info", "huge"], "argument PRESET: 'huge' is neither a preset"),
-    (["info", "lumiere-base", "--frames", "7"], "frames must be a positive multiple of 16"),
+    (["info", "lumiere-base", "--frames", "7"], "argument --frames: frames must be a positive multiple of 16"),
     (["info", "tiny", "--height", "0"], "argument --height: must be a positive integer, got 0"),
     (["info", "tiny", "--dtype", "int8"], "argument --dtype: invalid choice"),
 ])
