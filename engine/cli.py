@@ -421,7 +421,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         model = STUNet.from_pretrained(args.model, device=args.device)
         result = route(model, out, batch=args.batch, frames=args.frames, height=args.height, width=args.width,
                        text_len=args.text_len, dynamic=not args.static, dtype=getattr(torch, DTYPES[args.dtype]),
-                       check=args.check)
+                       check=args.check, progress=not args.quiet)
     except (ImportError, ValueError) as e:
         _library_error(parser, e)
     except AssertionError as e:  # --check: the artifact was written, and differs from the reference
@@ -449,7 +449,7 @@ def cmd_export_tensorrt(args: argparse.Namespace) -> int:
         parser.error(f"argument ONNX: no file at {args.onnx!r} (make one with `stunet export onnx`)")
     try:
         result = build_engine(args.onnx, out, fp16=not args.fp32, compute_capabilities=args.sm,
-                              toolkit_name=args.toolkit)
+                              toolkit_name=args.toolkit, progress=not args.quiet)
     except (ImportError, ValueError, FileNotFoundError) as e:
         parser.error(str(e))
     except RuntimeError as e:
@@ -652,6 +652,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--static", action="store_true", help="fix every axis to the example's size")
         p.add_argument("--check", action="store_true",
                        help="run the artifact against the reference (two geometries when dynamic)")
+        p.add_argument("-q", "--quiet", action="store_true", help="no progress line")
     trt = routes.add_parser("tensorrt", help="a TensorRT engine (.plan) from an exported ONNX file",
                             description="Build a TensorRT engine from an ONNX file made by `stunet export onnx`: a "
                                         "strongly typed network, one optimisation profile over the export's "
@@ -667,6 +668,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="TensorRT-RTX: compute capabilities to build for, e.g. 86 89 (default: this GPU)")
     trt.add_argument("--toolkit", choices=["tensorrt", "tensorrt-rtx"],
                      help="which TensorRT builds (default: TensorRT when installed, else TensorRT-RTX)")
+    trt.add_argument("-q", "--quiet", action="store_true", help="no progress line")
 
     _add_generation_args(command("generate", "text to video", "Generate a video from a text prompt.",
                                  cmd_generate))

@@ -19,36 +19,41 @@ import torch
 
 from ..io import atomic_path
 from ..model import STUNet
-from .spec import SPEC_KEY, ExportResult, ExportSpec, compare, prepare, shapes_tuple
+from .spec import SPEC_KEY, ExportResult, ExportSpec, Stages, compare, prepare, shapes_tuple
 
 log = logging.getLogger("stunet.export")
 
 
 def export_aoti(model: STUNet, path: str | os.PathLike, *, batch: int = 2, frames: int | None = None,
                 height: int | None = None, width: int | None = None, text_len: int = 77, dynamic: bool = True,
-                dtype: torch.dtype = torch.float32, check: bool = False,
-                inductor_configs: dict | None = None) -> ExportResult:
+                dtype: torch.dtype = torch.float32, check: bool = False, inductor_configs: dict | None = None,
+                progress: bool = False) -> ExportResult:
     """Compile ``model`` (on its device) into an AOTInductor package at ``path`` (``.pt2``, written atomically;
     the model is not modified). Geometry and ``dynamic`` as :func:`~stunet.export.export_onnx`; ``check`` runs
     the package against the reference at two geometries and raises beyond the spec's tolerance (fp32);
     ``inductor_configs`` go to ``aoti_compile_and_package`` (e.g. a faster-compiling wrapper for tests). The
-    package records its spec in its metadata (``package_spec``), which the ``aoti`` backend checks calls against."""
+    package records its spec in its metadata (``package_spec``), which the ``aoti`` backend checks calls against.
+    ``progress`` shows the stage that runs (the compile takes minutes)."""
     path, spec, module, args = prepare(model, path, ".pt2", batch=batch, frames=frames, height=height, width=width,
                                        text_len=text_len, dtype=dtype, dynamic=dynamic)
     configs = dict(inductor_configs or {})
     configs["aot_inductor.metadata"] = {**configs.get("aot_inductor.metadata", {}), SPEC_KEY: spec.to_json()}
-    with torch.no_grad():
-        program = torch.export.export(module, args, dynamic_shapes=shapes_tuple(spec))
+    result = ExportResult(path, spec)
+    names = ["torch.export", "AOTInductor compile", *(["check"] if check else [])]
+    with Stages(f"export {path.name}", names, progress) as stages, torch.no_grad():
+        with stages.stage("torch.export"):
+            program = torch.export.export(module, args, dynamic_shapes=shapes_tuple(spec))
         # Compiled under the final name in a private folder (a package's archive is rooted at its file name),
         # then moved into place atomically.
-        with atomic_path(path) as tmp, tempfile.TemporaryDirectory(prefix=f".{path.stem}.", dir=path.parent) as d:
+        with stages.stage("AOTInductor compile"), atomic_path(path) as tmp, \
+                tempfile.TemporaryDirectory(prefix=f".{path.stem}.", dir=path.parent) as d:
             built = Path(d) / path.name
             torch._inductor.aoti_compile_and_package(program, package_path=str(built),
                                                      inductor_configs=configs)
             os.replace(built, tmp)
-    result = ExportResult(path, spec)
-    if check:
-        result.max_abs_error = check_aoti(path, model, spec)
+        if check:
+            with stages.stage("check"):
+                result.max_abs_error = check_aoti(path, model, spec)
     return result
 
 

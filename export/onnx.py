@@ -28,7 +28,7 @@ import torch
 
 from ..io import atomic_path
 from ..model import STUNet
-from .spec import SPEC_KEY, ExportResult, ExportSpec, compare, prepare, shapes_tuple
+from .spec import SPEC_KEY, ExportResult, ExportSpec, Stages, compare, prepare, shapes_tuple
 
 log = logging.getLogger(__name__)
 
@@ -154,42 +154,47 @@ def _translations() -> dict:
 
 def export_onnx(model: STUNet, path: str | os.PathLike, *, batch: int = 2, frames: int | None = None,
                 height: int | None = None, width: int | None = None, text_len: int = 77, dynamic: bool = True,
-                dtype: torch.dtype = torch.float32, check: bool = False) -> ExportResult:
+                dtype: torch.dtype = torch.float32, check: bool = False, progress: bool = False) -> ExportResult:
     """Export ``model`` to ONNX at ``path`` (written atomically; the model is not modified).
 
     ``batch``, ``frames``, ``height``, ``width``, ``text_len`` give the example geometry (defaults: the model's
     sample size, 2 clips, 77 tokens); with ``dynamic`` every one of them is a dynamic axis (frames and sides in
     multiples of the model's divisors). ``check`` runs the file with onnxruntime against the reference at
-    two geometries and raises if it differs by more than the spec's tolerance (fp32).
+    two geometries and raises if it differs by more than the spec's tolerance (fp32). ``progress`` shows the
+    stage that runs.
     """
     onnx, _ = _require()
     from onnxscript import optimizer
 
     path, spec, module, args = prepare(model, path, ".onnx", device=torch.device("cpu"), batch=batch, frames=frames,
                                        height=height, width=width, text_len=text_len, dtype=dtype, dynamic=dynamic)
-    with torch.no_grad():
-        program = torch.onnx.export(module, args, dynamo=True, dynamic_shapes=shapes_tuple(spec),
-                                    input_names=spec.input_names, output_names=spec.output_names,
-                                    custom_translation_table=_translations(), opset_version=OPSET,
-                                    optimize=False, verbose=False)
-    proto = program.model_proto
-    proto.functions.extend(_functions())
-    # Fold the exporter's shape arithmetic and its SplitToSequence/SequenceAt pairs into plain ops (TensorRT's
-    # parser has no sequences); the stunet nodes and their functions stay as they are.
-    proto = optimizer.optimize(proto, num_iterations=1, inline=False, onnx_shape_inference=False)
-    proto.metadata_props.add(key=SPEC_KEY, value=spec.to_json())  # build_engine's default profiles
-    if not any(o.domain == DOMAIN for o in proto.opset_import):
-        proto.opset_import.append(onnx.helper.make_opsetid(DOMAIN, 1))
-    large = _byte_size(proto) >= 2 ** 31
-    with atomic_path(path) as tmp:
-        if large:
-            onnx.save_model(proto, str(tmp), save_as_external_data=True, all_tensors_to_one_file=True,
-                            location=path.name + ".data")
-        else:
-            onnx.save_model(proto, str(tmp))
     result = ExportResult(path, spec)
-    if check:
-        result.max_abs_error = check_onnx(path, model, spec)
+    names = ["torch.onnx.export", "optimise and save", *(["check"] if check else [])]
+    with Stages(f"export {path.name}", names, progress) as stages:
+        with stages.stage("torch.onnx.export"), torch.no_grad():
+            program = torch.onnx.export(module, args, dynamo=True, dynamic_shapes=shapes_tuple(spec),
+                                        input_names=spec.input_names, output_names=spec.output_names,
+                                        custom_translation_table=_translations(), opset_version=OPSET,
+                                        optimize=False, verbose=False)
+        with stages.stage("optimise and save"):
+            proto = program.model_proto
+            proto.functions.extend(_functions())
+            # Fold the exporter's shape arithmetic and its SplitToSequence/SequenceAt pairs into plain ops
+            # (TensorRT's parser has no sequences); the stunet nodes and their functions stay as they are.
+            proto = optimizer.optimize(proto, num_iterations=1, inline=False, onnx_shape_inference=False)
+            proto.metadata_props.add(key=SPEC_KEY, value=spec.to_json())  # build_engine's default profiles
+            if not any(o.domain == DOMAIN for o in proto.opset_import):
+                proto.opset_import.append(onnx.helper.make_opsetid(DOMAIN, 1))
+            large = _byte_size(proto) >= 2 ** 31
+            with atomic_path(path) as tmp:
+                if large:
+                    onnx.save_model(proto, str(tmp), save_as_external_data=True, all_tensors_to_one_file=True,
+                                    location=path.name + ".data")
+                else:
+                    onnx.save_model(proto, str(tmp))
+        if check:
+            with stages.stage("check"):
+                result.max_abs_error = check_onnx(path, model, spec)
     return result
 
 

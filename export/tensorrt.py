@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 
 from ..io import atomic_path
-from .spec import SPEC_KEY, ExportSpec
+from .spec import SPEC_KEY, ExportSpec, Stages
 
 log = logging.getLogger(__name__)
 
@@ -129,7 +129,7 @@ class EngineResult:
 
 def build_engine(onnx_path: str | os.PathLike, plan_path: str | os.PathLike, *, profiles: list[dict] | None = None,
                  fp16: bool = True, compute_capabilities: list[int] | None = None, toolkit_name: str | None = None,
-                 workspace_gb: float | None = None) -> EngineResult:
+                 workspace_gb: float | None = None, progress: bool = False) -> EngineResult:
     """Build a TensorRT engine from ``onnx_path`` (made by ``export_onnx``) and write it to ``plan_path``
     (atomically).
 
@@ -139,7 +139,8 @@ def build_engine(onnx_path: str | os.PathLike, plan_path: str | os.PathLike, *, 
     ``compute_capabilities`` (TensorRT-RTX): the SMs to build for, e.g. ``[86, 89]``; default: the GPU present.
     ``toolkit_name``: "tensorrt" or "tensorrt-rtx" (default: TensorRT when installed, else TensorRT-RTX).
     The ONNX file's export spec is written beside the plan (``<plan>.json``, atomically), and the ``tensorrt``
-    backend refuses a model of another architecture with it.
+    backend refuses a model of another architecture with it. ``progress`` shows the stage that runs (a build
+    takes minutes).
     """
     import onnx
 
@@ -181,15 +182,18 @@ def build_engine(onnx_path: str | os.PathLike, plan_path: str | os.PathLike, *, 
         override = getattr(getattr(trt, "OnnxParserFlag", None), "ENABLE_PLUGIN_OVERRIDE", None)
         if override is not None:
             parser.set_flag(override)
-    _parse(parser, proto, onnx_path)
-    if workspace_gb is not None:
-        config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_gb * 2 ** 30))
-    for shapes in profiles:
-        profile = builder.create_optimization_profile()
-        for input_name, (lo, opt, hi) in shapes.items():
-            profile.set_shape(input_name, lo, opt, hi)
-        config.add_optimization_profile(profile)
-    plan = builder.build_serialized_network(network, config)
+    with Stages(f"build {plan_path.name}", ["parse", f"{name} build"], progress) as stages:
+        with stages.stage("parse"):
+            _parse(parser, proto, onnx_path)
+        if workspace_gb is not None:
+            config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_gb * 2 ** 30))
+        for shapes in profiles:
+            profile = builder.create_optimization_profile()
+            for input_name, (lo, opt, hi) in shapes.items():
+                profile.set_shape(input_name, lo, opt, hi)
+            config.add_optimization_profile(profile)
+        with stages.stage(f"{name} build"):
+            plan = builder.build_serialized_network(network, config)
     if plan is None:
         raise RuntimeError(f"{name} could not build an engine from {str(onnx_path)!r} (its log above says why)")
     with atomic_path(plan_path) as tmp:

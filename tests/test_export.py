@@ -163,6 +163,9 @@ def test_cli_export_onnx(tmp_path, capsys):
                  "--width", "8", "--text-len", "3", "--batch", "1", "--check"]) == 0
     err = capsys.readouterr().err
     assert out.is_file() and "max |onnx - reference|" in err
+    at = [err.find(f"export m.onnx: {stage}") for stage in  # the progress line, stage by stage
+          ("torch.onnx.export (1/3)", "optimise and save (2/3)", "check (3/3)", "done")]
+    assert -1 not in at and at == sorted(at), err
     with pytest.raises(SystemExit) as info:
         main(["export", "onnx", str(tmp_path / "m"), "-o", str(out)])
     assert info.value.code == 2 and "exists; pass --overwrite" in capsys.readouterr().err
@@ -175,7 +178,10 @@ def test_cli_export_onnx(tmp_path, capsys):
 def test_cli_export_says_when_the_artifact_fails_its_check(tmp_path, capsys, monkeypatch):
     import stunet.export
 
+    progress = []
+
     def failing(model, path, **kwargs):
+        progress.append(kwargs["progress"])
         path.write_bytes(b"")
         raise AssertionError("AOTInductor package 'm.pt2' differs from the reference by 1.4 (tolerance 0.0001)")
 
@@ -185,6 +191,8 @@ def test_cli_export_says_when_the_artifact_fails_its_check(tmp_path, capsys, mon
     err = capsys.readouterr().err
     assert "stunet export: error: AOTInductor package 'm.pt2' differs from the reference by 1.4" in err
     assert "was written, but do not deploy it" in err and "Traceback" not in err
+    assert main(["export", "aoti", str(tmp_path / "m"), "-o", str(tmp_path / "q.pt2"), "--check", "-q"]) == 1
+    assert progress == [True, False]  # -q: no progress line
 
 
 # -- AOTInductor ---------------------------------------------------------------------------------------------------

@@ -282,6 +282,7 @@ def test_cli_builds_an_engine(fp16_export, tmp_path, capsys):
     assert main(["export", "tensorrt", str(result.path), "-o", str(plan), "--sm", "86"]) == 0
     err = capsys.readouterr().err
     assert plan.is_file() and "tensorrt-rtx" in err and f"its export spec {plan}.json" in err
+    assert f"build {plan.name}: parse (1/2)" in err and f"build {plan.name}: tensorrt-rtx build (2/2)" in err
     for argv, message in (([str(result.path), "-o", str(plan), "--sm", "86"], "exists; pass --overwrite"),
                           ([str(tmp_path / "no.onnx"), "-o", str(tmp_path / "b.plan")], "argument ONNX: no file"),
                           ([str(result.path), "-o", str(tmp_path / "b.txt")], "ending in .plan or .engine"),
