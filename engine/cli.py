@@ -2,7 +2,7 @@
 
 Every argument is checked before any compute; a bad one exits with status 2, the subcommand's usage and a
 message naming the argument and the fix. Ctrl-C prints one line and ends the process by SIGINT, as an uncaught
-Ctrl-C ends any Python program: a shell shows status 130, and a shell loop or a make that ran the command stops too.
+Ctrl-C ends any Python program: a shell shows status 130, and a shell loop that ran the command stops too.
 An output file is written atomically, so an interrupted run leaves none behind.
 """
 from __future__ import annotations
