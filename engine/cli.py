@@ -21,6 +21,7 @@ from typing import NoReturn
 
 from .backends import BACKENDS
 from .config import PRESETS
+from .io import atomic_path
 from .sampling.samplers import SAMPLERS
 
 DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
@@ -275,9 +276,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if args.nproc and args.nproc > 1 and not ranked:
         if device.startswith("cuda") and args.nproc > torch.cuda.device_count():
             parser.error(f"argument --nproc: {args.nproc} ranks but {torch.cuda.device_count()} CUDA device(s)")
-        from .distributed import launch
+        from .distributed import ArgumentsRefused, launch
 
-        return launch(args.nproc, _without_nproc(args.argv))
+        try:
+            return launch(args.nproc, _without_nproc(args.argv))
+        except ArgumentsRefused as e:
+            parser.error(str(e))
     if ranked:
         from . import distributed
 
@@ -577,10 +581,14 @@ def _add_generation_args(p: argparse.ArgumentParser, edits: str | None = None) -
 
 
 class _Parser(argparse.ArgumentParser):
-    """argparse's parser, but on the ranks of a launch only rank 0 prints a usage error; every rank exits 2."""
+    """argparse's parser; on a rank of `--nproc N` an argument error goes to the launcher, which prints it once."""
 
     def error(self, message: str):
-        if os.environ.get("RANK", "0") != "0":
+        from .distributed import REFUSALS
+
+        if _ranked() and os.environ.get(REFUSALS):
+            with atomic_path(Path(os.environ[REFUSALS]) / f"rank{os.environ['RANK']}.txt") as tmp:
+                tmp.write_text(message)
             sys.exit(2)
         super().error(message)
 

@@ -247,13 +247,26 @@ def resolve(parallel) -> Parallel | None:
     raise ValueError(f"parallel must be None, 'auto', False or a stunet.distributed.Parallel, got {parallel!r}")
 
 
+REFUSALS = "STUNET_LAUNCH_REFUSALS"
+"""The environment variable naming the folder where a launched rank leaves the argument error it refuses its
+command line with (``rank<N>.txt``), for the launcher to report once (``launch``)."""
+
+
+class ArgumentsRefused(ValueError):
+    """The ranks of a ``launch`` refused its command line; the message is the first rank's argument error."""
+
+
 def launch(nproc: int, argv: list[str]) -> int:
     """Runs ``python -m stunet.cli ARGV`` on ``nproc`` local ranks through torchrun; its exit status.
 
-    A SIGINT to the launcher (a terminal's Ctrl-C reaches the ranks too) stops the ranks and raises
-    KeyboardInterrupt here; SIGTERM, SIGHUP or SIGQUIT stop them and return 128 + the signal's number."""
+    An argument error that the ranks find (the pipeline checks its call on every rank) raises ArgumentsRefused
+    here with the lowest rank's message, whichever rank stopped first. A SIGINT to the launcher (a terminal's
+    Ctrl-C reaches the ranks too) stops the ranks and raises KeyboardInterrupt here; SIGTERM, SIGHUP or SIGQUIT
+    stop them and return 128 + the signal's number."""
     import signal
     import sys
+    import tempfile
+    from pathlib import Path
 
     from torch.distributed import run as torchrun
     from torch.distributed.elastic.multiprocessing.api import SignalException
@@ -261,18 +274,26 @@ def launch(nproc: int, argv: list[str]) -> int:
 
     args = torchrun.parse_args(["--nproc-per-node", str(nproc), "--standalone", "--no-python", sys.executable, "-m",
                                 "stunet.cli", *argv])
-    try:
-        torchrun.run(args)
-    except ChildFailedError as e:  # each rank has printed its own error
-        failures = ", ".join(f"rank {r} exit {f.exitcode}" for r, f in sorted(e.failures.items()))
-        print(f"stunet: {failures}", file=sys.stderr)
-        return max(1, *(f.exitcode for f in e.failures.values() if f.exitcode > 0))
-    except SignalException as e:  # torchrun's agent has stopped the ranks
-        if e.sigval == signal.SIGINT:
-            raise KeyboardInterrupt from None
-        print(f"stunet: stopped by {signal.Signals(e.sigval).name}", file=sys.stderr)
-        return 128 + int(e.sigval)
+    with tempfile.TemporaryDirectory(prefix="stunet-launch-") as refusals:
+        os.environ[REFUSALS] = refusals  # the ranks inherit it
+        try:
+            torchrun.run(args)
+        except ChildFailedError as e:
+            refused = sorted(Path(refusals).glob("rank*.txt"), key=lambda p: int(p.stem[4:]))
+            if refused:
+                raise ArgumentsRefused(refused[0].read_text()) from None
+            failures = ", ".join(f"rank {r} exit {f.exitcode}" for r, f in sorted(e.failures.items()))
+            print(f"stunet: {failures}", file=sys.stderr)  # each rank has printed its own error
+            return max(1, *(f.exitcode for f in e.failures.values() if f.exitcode > 0))
+        except SignalException as e:  # torchrun's agent has stopped the ranks
+            if e.sigval == signal.SIGINT:
+                raise KeyboardInterrupt from None
+            print(f"stunet: stopped by {signal.Signals(e.sigval).name}", file=sys.stderr)
+            return 128 + int(e.sigval)
+        finally:
+            del os.environ[REFUSALS]
     return 0
 
 
-__all__ = ["Parallel", "Stats", "RankFailed", "init", "shutdown", "leave", "device", "resolve", "launch"]
+__all__ = ["Parallel", "Stats", "RankFailed", "ArgumentsRefused", "init", "shutdown", "leave", "device", "resolve",
+           "launch"]

@@ -83,15 +83,36 @@ def test_cli_nproc_launches_the_ranks(tmp_path):
     assert (tmp_path / "two.mp4").read_bytes() == (tmp_path / "one.mp4").read_bytes(), "2 ranks and 1 differ"
 
 
-def test_cli_nproc_a_bad_argument_that_the_ranks_find_is_told_once(tmp_path):
+def test_cli_nproc_a_bad_argument_that_the_ranks_find_is_told_once_by_the_launcher(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["OMP_NUM_THREADS"] = "1"
     run = subprocess.run([sys.executable, "-m", "stunet.cli", "generate", "a cat", "--preset", "tiny", "--steps",
                           "2000", "--frames", "8", "-q", "-o", "o.mp4", "--nproc", "2"], cwd=tmp_path,
                          capture_output=True, text=True, timeout=240, env=env)
     assert run.returncode == 2
-    assert run.stderr.count("error: num_inference_steps must be") == 1, run.stderr
+    assert run.stderr.count("error: num_inference_steps must be") == 0, run.stderr  # not from a rank
+    assert run.stderr.count("stunet generate: error: argument --steps: num_inference_steps must be") == 1, run.stderr
     assert run.stderr.count("usage: stunet generate") == 1 and list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("refusing", [[1], [0, 1], [2, 10]])
+def test_launch_reports_the_lowest_refusing_rank_whichever_stopped_first(monkeypatch, refusing):
+    """torchrun stops the other ranks when one exits: the first to refuse may be any rank, and the others may
+    be stopped before they refuse; the launcher reports the lowest rank's refusal that it finds."""
+    from torch.distributed import run as torchrun
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, ProcessFailure
+
+    import stunet.distributed as distributed
+
+    def ranks(args):
+        for rank in refusing:
+            (Path(os.environ[distributed.REFUSALS]) / f"rank{rank}.txt").write_text(f"argument --steps: rank {rank}")
+        raise ChildFailedError("stunet.cli", {r: ProcessFailure(r, 1000 + r, 2, "") for r in refusing})
+
+    monkeypatch.setattr(torchrun, "run", ranks)
+    with pytest.raises(distributed.ArgumentsRefused, match=f"^argument --steps: rank {refusing[0]}$"):
+        distributed.launch(2, ["generate", "x"])
+    assert distributed.REFUSALS not in os.environ
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
