@@ -262,7 +262,8 @@ def launch(nproc: int, argv: list[str]) -> int:
     An argument error that the ranks find (the pipeline checks its call on every rank) raises ArgumentsRefused
     here with the lowest rank's message, whichever rank stopped first. A SIGINT to the launcher (a terminal's
     Ctrl-C reaches the ranks too) stops the ranks and raises KeyboardInterrupt here; SIGTERM, SIGHUP or SIGQUIT
-    stop them and return 128 + the signal's number."""
+    stop them and return 128 + the signal's number. Without OMP_NUM_THREADS, each rank gets its share of this
+    process's cores (torchrun would give it one thread)."""
     import signal
     import sys
     import tempfile
@@ -274,8 +275,10 @@ def launch(nproc: int, argv: list[str]) -> int:
 
     args = torchrun.parse_args(["--nproc-per-node", str(nproc), "--standalone", "--no-python", sys.executable, "-m",
                                 "stunet.cli", *argv])
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    threads = {} if "OMP_NUM_THREADS" in os.environ else {"OMP_NUM_THREADS": str(max(1, cores // nproc))}
     with tempfile.TemporaryDirectory(prefix="stunet-launch-") as refusals:
-        os.environ[REFUSALS] = refusals  # the ranks inherit it
+        os.environ.update({REFUSALS: refusals, **threads})  # the ranks inherit them
         try:
             torchrun.run(args)
         except ChildFailedError as e:
@@ -291,7 +294,8 @@ def launch(nproc: int, argv: list[str]) -> int:
             print(f"stunet: stopped by {signal.Signals(e.sigval).name}", file=sys.stderr)
             return 128 + int(e.sigval)
         finally:
-            del os.environ[REFUSALS]
+            for name in (REFUSALS, *threads):
+                del os.environ[name]
     return 0
 
 

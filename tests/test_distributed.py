@@ -115,6 +115,23 @@ def test_launch_reports_the_lowest_refusing_rank_whichever_stopped_first(monkeyp
     assert distributed.REFUSALS not in os.environ
 
 
+@pytest.mark.parametrize("given", [None, "3"])
+def test_launch_gives_each_rank_its_share_of_the_cores_unless_told(monkeypatch, given):
+    from torch.distributed import run as torchrun
+
+    import stunet.distributed as distributed
+
+    if given is None:
+        monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    else:
+        monkeypatch.setenv("OMP_NUM_THREADS", given)
+    seen = []
+    monkeypatch.setattr(torchrun, "run", lambda args: seen.append(os.environ["OMP_NUM_THREADS"]))
+    assert distributed.launch(2, ["generate", "x"]) == 0
+    assert seen == [given or str(max(1, len(os.sched_getaffinity(0)) // 2))]
+    assert os.environ.get("OMP_NUM_THREADS") == given and distributed.REFUSALS not in os.environ
+
+
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
 def test_a_signal_to_cli_nproc_stops_the_ranks_in_one_line(tmp_path, sig):
     """A terminal's Ctrl-C (SIGINT to the whole group) ends `--nproc` as it ends one process: one line, the
