@@ -584,12 +584,13 @@ class _Parser(argparse.ArgumentParser):
     """argparse's parser; on a rank of `--nproc N` an argument error goes to the launcher, which prints it once."""
 
     def error(self, message: str):
-        from .distributed import REFUSALS
+        if _ranked():
+            from .distributed import REFUSALS
 
-        if _ranked() and os.environ.get(REFUSALS):
-            with atomic_path(Path(os.environ[REFUSALS]) / f"rank{os.environ['RANK']}.txt") as tmp:
-                tmp.write_text(message)
-            sys.exit(2)
+            if os.environ.get(REFUSALS):
+                with atomic_path(Path(os.environ[REFUSALS]) / f"rank{os.environ['RANK']}.txt") as tmp:
+                    tmp.write_text(message)
+                sys.exit(2)
         super().error(message)
 
 

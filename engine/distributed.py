@@ -247,6 +247,11 @@ def resolve(parallel) -> Parallel | None:
     raise ValueError(f"parallel must be None, 'auto', False or a stunet.distributed.Parallel, got {parallel!r}")
 
 
+def local_cores() -> int:
+    """The cores this process may run on (a container's CPU set, not the host's count)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 REFUSALS = "STUNET_LAUNCH_REFUSALS"
 """The environment variable naming the folder where a launched rank leaves the argument error it refuses its
 command line with (``rank<N>.txt``), for the launcher to report once (``launch``)."""
@@ -275,8 +280,7 @@ def launch(nproc: int, argv: list[str]) -> int:
 
     args = torchrun.parse_args(["--nproc-per-node", str(nproc), "--standalone", "--no-python", sys.executable, "-m",
                                 "stunet.cli", *argv])
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    threads = {} if "OMP_NUM_THREADS" in os.environ else {"OMP_NUM_THREADS": str(max(1, cores // nproc))}
+    threads = {} if "OMP_NUM_THREADS" in os.environ else {"OMP_NUM_THREADS": str(max(1, local_cores() // nproc))}
     with tempfile.TemporaryDirectory(prefix="stunet-launch-") as refusals:
         os.environ.update({REFUSALS: refusals, **threads})  # the ranks inherit them
         try:

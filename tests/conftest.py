@@ -14,27 +14,23 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-
-def _cores() -> int:
-    """The cores this process may run on (a container's CPU set, not the host's count)."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+import stunet  # noqa: E402
+from stunet.distributed import local_cores  # noqa: E402
 
 
 # Under `pytest -n N` (pytest-xdist), the N workers share the cores instead of each taking all of them; the
 # processes a test starts (the CLI, torchrun ranks) inherit the worker's share. An explicit OMP_NUM_THREADS wins.
 _WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
 if _WORKERS > 1:
-    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, _cores() // _WORKERS)))
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, local_cores() // _WORKERS)))
     torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
-
-import stunet  # noqa: E402
 
 
 @pytest.hookimpl(optionalhook=True)
 def pytest_xdist_auto_num_workers(config):
     """`pytest -n auto`: one worker per core, at most four (a worker can hold several GB: the lumiere-base test,
     an ONNX export)."""
-    return min(_cores(), 4)
+    return min(local_cores(), 4)
 
 
 def pytest_sessionstart(session):
