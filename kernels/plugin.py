@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ._triton import jit, tl, triton
-from .temporal_attn import _blocks, _temporal_attn_fwd_kernel
+from .temporal_attn import _temporal_attn_fwd_kernel, tiles
 
 
 @jit
@@ -128,6 +128,7 @@ class PluginKernel:
     dtype: str
     constexprs: dict = field(default_factory=dict)
     num_warps: int = 4
+    num_stages: int = 3
     grid_of: object = None
     """``grid_of(dims, cdiv) -> (grid_x, grid_y)`` over the scalars' values (ints, or TensorRT shape
     expressions with ``cdiv`` their ceiling division)."""
@@ -150,7 +151,7 @@ class PluginKernel:
         and scalar by name, in the plugin's order, over ``grid(dims)``."""
         args = {**{name: tensors[name] for name in self.inputs + self.outputs},
                 **{name: int(dims[name]) for name in self.scalars}, **self.constexprs}
-        self.fn[self.grid(dims)](**args, num_warps=self.num_warps)
+        self.fn[self.grid(dims)](**args, num_warps=self.num_warps, num_stages=self.num_stages)
 
 
 def _check_dtype(dtype: str) -> None:
@@ -171,7 +172,7 @@ def group_norm_plugin(dtype: str, *, num_groups: int, eps: float, per_clip: bool
     def grid(dims, cdiv):
         return (dims["B"] * num_groups if per_clip else dims["B"] * dims["T"] * num_groups, 1)
 
-    return PluginKernel(_group_norm_plugin_kernel, inputs, ("C", "T", "HW"), ("y",), dtype, constexprs, 4, grid)
+    return PluginKernel(_group_norm_plugin_kernel, inputs, ("C", "T", "HW"), ("y",), dtype, constexprs, grid_of=grid)
 
 
 def temporal_attention_plugin(dtype: str, *, channels: int, heads: int, scale: float,
@@ -183,22 +184,15 @@ def temporal_attention_plugin(dtype: str, *, channels: int, heads: int, scale: f
     if channels % heads:
         raise ValueError(f"channels ({channels}) must be a multiple of heads ({heads})")
     head_dim = channels // heads
-    block_d = max(16, triton.next_power_of_2(head_dim))
-    if frames is not None:
-        torch_dtype = torch.float32 if dtype == "fp32" else torch.float16
-        packed, block_m, block_n, per_block = _blocks(frames, block_d, torch_dtype)
-    else:
-        packed, block_m, block_n, per_block = False, 64, 64, 1
-    constexprs = dict(QK_SCALE=float(scale) * _LOG2E, PACKED=packed, SEQ_PER_BLOCK=per_block, BLOCK_M=block_m,
-                      BLOCK_N=block_n, HEAD_DIM=head_dim, BLOCK_D=block_d,
-                      PRECISION="ieee" if dtype == "fp32" else "tf32")
+    t = tiles(frames, head_dim, torch.float32 if dtype == "fp32" else torch.float16)
+    constexprs = dict(QK_SCALE=float(scale) * _LOG2E, HEAD_DIM=head_dim, **t.constexprs())
 
     def grid(dims, cdiv):
-        x = cdiv(dims["num_seq"], per_block) if packed else dims["num_seq"] * cdiv(dims["T"], block_m)
+        x = cdiv(dims["num_seq"], t.seq_per_block) if t.packed else dims["num_seq"] * cdiv(dims["T"], t.block_m)
         return (x, heads)
 
     return PluginKernel(_temporal_attention_plugin_kernel, ("qkv",), ("T", "S", "num_seq", "C"), ("out",), dtype,
-                        constexprs, 4 if block_m * block_d <= 64 * 64 else 8, grid)
+                        constexprs, t.num_warps, t.num_stages, grid)
 
 
 @dataclass(frozen=True)
@@ -237,7 +231,8 @@ def compile_plugin(kernel: PluginKernel, arch: int) -> CompiledPlugin:
     params = kernel.fn.arg_names
     constexprs = {(params.index(k),): v for k, v in kernel.constexprs.items()}
     compiled = triton.compile(ASTSource(fn=kernel.fn, signature=kernel.signature(), constexprs=constexprs),
-                              target=GPUTarget("cuda", arch, 32), options=dict(num_warps=kernel.num_warps))
+                              target=GPUTarget("cuda", arch, 32),
+                              options=dict(num_warps=kernel.num_warps, num_stages=kernel.num_stages))
     meta = compiled.metadata
     for what in ("global_scratch_size", "profile_scratch_size"):
         if getattr(meta, what, 0):

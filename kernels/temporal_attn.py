@@ -16,6 +16,7 @@ Softmax statistics are fp32 (exp2 with log2(e) folded into the scale).
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -128,14 +129,51 @@ def unsupported(qkv: torch.Tensor, heads: int, bias: torch.Tensor | None) -> lis
     return reasons
 
 
-def _blocks(T: int, D: int, dtype: torch.dtype) -> tuple[bool, int, int, int]:
-    """(packed, BLOCK_M, BLOCK_N, sequences per block) for T frames of (padded) head dim D. fp32 (exact
-    "ieee" dots, not the fast path) keeps 64-row tiles: 128 x 128 fp32 tiles spill and compile slowly."""
-    if T <= 64:
-        return True, 64, 64, 64 // T
-    if T <= 128 and D <= 64 and dtype != torch.float32:
-        return True, 128, 128, 1
-    return False, 64, 64, 1
+# Shared memory a launch may use on every GPU the engine targets: sm_86 and sm_89 (Ampere and Ada workstation
+# and consumer cards) allow 99 KB per block, sm_80 and sm_87 (A100, Jetson Orin) 163 KB, sm_90 227 KB. A tile
+# over the device's limit does not fall back: Triton refuses the launch (OutOfResources).
+SHARED_MEMORY_BUDGET = 99 * 1024
+
+
+@dataclass(frozen=True)
+class Tiles:
+    """One launch configuration of the kernel: its tile constexprs and launch options."""
+
+    packed: bool
+    block_m: int
+    block_n: int
+    seq_per_block: int
+    block_d: int
+    precision: str
+    num_warps: int
+    num_stages: int
+
+    def constexprs(self) -> dict:
+        return dict(PACKED=self.packed, SEQ_PER_BLOCK=self.seq_per_block, BLOCK_M=self.block_m,
+                    BLOCK_N=self.block_n, BLOCK_D=self.block_d, PRECISION=self.precision)
+
+    def options(self) -> dict:
+        return dict(num_warps=self.num_warps, num_stages=self.num_stages)
+
+
+def tiles(T: int | None, head_dim: int, dtype: torch.dtype) -> Tiles:
+    """The launch configuration for sequences of T frames (None: any T, streamed) of ``head_dim`` in ``dtype``.
+    Head dims pad to a power of two of at least 16 (``tl.dot`` needs K >= 16). Up to 64 frames, whole sequences
+    pack into 64-row tiles; up to 128 frames with head dims <= 64, one sequence fills a 128-row tile (fp16/bf16);
+    longer clips stream key blocks. fp32 ("ieee" dots: the exact path, not the fast one) keeps 64-row tiles and
+    streams 32-key blocks in two stages: 64 x 128 fp32 key and value blocks in three stages need 213 KB of shared
+    memory. Every configuration fits SHARED_MEMORY_BUDGET for sm_80, sm_86 and sm_90
+    (tests/test_kernels_compile.py compiles each one)."""
+    block_d = max(16, triton.next_power_of_2(head_dim))
+    exact = dtype == torch.float32
+    if T is not None and T <= 64:
+        packed, block_m, block_n, per_block = True, 64, 64, 64 // T
+    elif T is not None and T <= 128 and block_d <= 64 and not exact:
+        packed, block_m, block_n, per_block = True, 128, 128, 1
+    else:
+        packed, block_m, block_n, per_block = False, 64, 32 if exact else 64, 1
+    return Tiles(packed, block_m, block_n, per_block, block_d, "ieee" if exact else "tf32",
+                 num_warps=4 if block_m * block_d <= 64 * 64 else 8, num_stages=2 if exact else 3)
 
 
 def temporal_attention(qkv: torch.Tensor, heads: int, bias: torch.Tensor | None = None,
@@ -144,20 +182,16 @@ def temporal_attention(qkv: torch.Tensor, heads: int, bias: torch.Tensor | None 
     B, T, S, C3 = qkv.shape
     C = C3 // 3
     D = C // heads
-    block_d = max(16, triton.next_power_of_2(D))  # tl.dot needs K >= 16
     if out is None:
         out = torch.empty(B, T, S, C, dtype=qkv.dtype, device=qkv.device)
     num_seq = B * S
-    packed, block_m, block_n, per_block = _blocks(T, block_d, qkv.dtype)
-    grid = (triton.cdiv(num_seq, per_block) if packed else num_seq * triton.cdiv(T, block_m), heads)
+    t = tiles(T, D, qkv.dtype)
+    grid = (triton.cdiv(num_seq, t.seq_per_block) if t.packed else num_seq * triton.cdiv(T, t.block_m), heads)
     qk_scale = (scale if scale is not None else 1.0 / math.sqrt(D)) * 1.4426950408889634
     launch(_temporal_attn_fwd_kernel)[grid](
         qkv, out, bias if bias is not None else qkv,
         T, S, num_seq, C, qk_scale,
         *qkv.stride(), *out.stride(),
-        HAS_BIAS=bias is not None, PACKED=packed, SEQ_PER_BLOCK=per_block,
-        BLOCK_M=block_m, BLOCK_N=block_n, HEAD_DIM=D, BLOCK_D=block_d,
-        PRECISION="ieee" if qkv.dtype == torch.float32 else "tf32",
-        num_warps=4 if block_m * block_d <= 64 * 64 else 8,
+        HAS_BIAS=bias is not None, HEAD_DIM=D, **t.constexprs(), **t.options(),
     )
     return out

@@ -71,6 +71,27 @@ def test_temporal_attention_head_dims_and_many_sequences(D):
            ATTN_TOL[torch.float16])
 
 
+@pytest.mark.parametrize("dtype", list(DTYPES))
+@pytest.mark.parametrize("T, branch", [(17, "packed 3 per 64-row tile"), (80, "128-row tile"), (130, "streamed")])
+def test_temporal_attention_every_launch_configuration(T, branch, dtype):
+    """Each branch of the launcher's tile choice (``temporal_attn.tiles``) against the reference, with a bias:
+    fp32 has no 128-row tiles and streams 32-key blocks under 64-row query tiles."""
+    from stunet.kernels.temporal_attn import tiles
+
+    dtype = DTYPES[dtype]
+    t = tiles(T, 64, dtype)
+    taken = (f"packed {t.seq_per_block} per {t.block_m}-row tile" if t.packed and t.seq_per_block > 1
+             else f"{t.block_m}-row tile" if t.packed else "streamed")
+    assert taken == (branch if dtype != torch.float32 or T <= 64 else "streamed")
+    exact = dtype == torch.float32
+    assert (t.block_n, t.num_stages) == (32 if exact and not t.packed else t.block_m, 2 if exact else 3)
+    g = torch.Generator().manual_seed(T)
+    qkv = _qkv(1, T, 3, 2 * 64, dtype, "tokens", g)
+    bias = torch.randn(2, T, T, generator=g).to(DEVICE)
+    _check(kernels.temporal_attention(qkv, 2, bias), kernels.temporal_attention_ref(qkv, 2, bias), dtype,
+           f"T={T} {taken}", ATTN_TOL[dtype])
+
+
 def test_temporal_attention_bad_inputs():
     q = torch.zeros(1, 4, 5, 96)
     with pytest.raises(ValueError, match="4-D"):
@@ -170,7 +191,7 @@ def test_group_norm_bad_inputs():
         kernels.group_norm(x[0], 2, w, b)
 
 
-# -- TemporalUp ------------------------------------------------------------------------------------------------------------
+# -- TemporalUp --------------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("T", [1, 2, 5, 8])
 def test_temporal_up_conv_folds_the_duplication(T):
     g = torch.Generator().manual_seed(T)
@@ -185,7 +206,7 @@ def test_temporal_up_conv_identity_init_is_frame_duplication():
     assert torch.equal(kernels.temporal_up_conv(x, w, None), x.repeat_interleave(2, dim=2))
 
 
-# -- the ops: schema, fakes, compile, fallbacks -------------------------------------------------------------------------
+# -- the ops: schema, fakes, compile, fallbacks ------------------------------------------------------------------------
 def _op_samples():
     x = torch.randn(1, 8, 3, 4, 4)
     w, b = torch.randn(8), torch.randn(8)
@@ -234,7 +255,7 @@ def test_kernel_reasons_name_every_obstacle(monkeypatch, caplog):
     assert not caplog.records  # CPU tensors outside the interpreter: the reference path is the CPU path, no warning
 
 
-# -- GPU ------------------------------------------------------------------------------------------------------------------
+# -- GPU ---------------------------------------------------------------------------------------------------------------
 @pytest.mark.gpu
 def test_gpu_temporal_attention_beyond_flash_batch_limit():
     """B*H*W = 2 x 256 x 256 = 131,072 sequences (SDPA's flash backend refuses batch >= 65,536)."""

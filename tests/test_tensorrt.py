@@ -2,7 +2,8 @@
 
 - The plugin kernels (``stunet.kernels.plugin``) run in Triton's interpreter, launched in TensorRT's AOT
   parameter order (inputs, int32 scalars, outputs) over the plugin's own grid, and match the ops' references.
-- They compile to PTX for sm_90 and sm_86 whose entry has exactly that parameter list (no scratch pointers),
+- They compile to PTX for sm_90 and sm_86 whose entry has exactly that parameter list (no scratch pointers)
+  and whose shared memory fits every targeted GPU,
   and the PTX assembles with ptxas.
 - With TensorRT-RTX installed, an engine of the tiny model builds from its exported ONNX without a GPU, with
   the export spec beside it that the tensorrt backend checks a model against.
@@ -23,6 +24,7 @@ from utils import tiny_model
 import stunet
 from stunet.cli import main
 from stunet.kernels import _triton, group_norm_ref, temporal_attention_ref
+from stunet.kernels.temporal_attn import SHARED_MEMORY_BUDGET
 
 needs_triton = pytest.mark.skipif(_triton.triton is None, reason="Triton is not installed")
 
@@ -107,7 +109,8 @@ def compile_all(arch: int) -> list[dict]:
                                  capture_output=True, text=True)
         wanted = ["ptr"] * len(kernel.inputs) + ["u32"] * len(kernel.scalars) + ["ptr"] * len(kernel.outputs)
         rows.append(dict(name=name, entry=compiled.name, params=list(compiled.params), wanted=wanted,
-                         ptxas=run.returncode, stderr=run.stderr[-500:], target=target.rstrip("a") == f"sm_{arch}"))
+                         ptxas=run.returncode, stderr=run.stderr[-500:], target=target.rstrip("a") == f"sm_{arch}",
+                         shared=compiled.shared))
     return rows
 
 
@@ -124,6 +127,7 @@ def test_plugin_kernels_compile_to_ptx_in_the_plugin_parameter_order(arch):
     for row in rows:
         assert row["params"] == row["wanted"], row["name"]
         assert row["target"] and row["ptxas"] == 0, (row["name"], row["stderr"])
+        assert row["shared"] <= SHARED_MEMORY_BUDGET, (row["name"], row["shared"])
 
 
 # -- engines ------------------------------------------------------------------------------------------------------
