@@ -76,7 +76,7 @@ def _gn_partial_kernel(
         p = r % P
         off = t.to(tl.int64) * s_t + p.to(tl.int64) * s_p
         ok = row_ok[:, None] & col_ok[None, :]
-        v = tl.load(base + off[:, None] + (c * s_c)[None, :], mask=ok, other=0.0).to(tl.float32)
+        v = tl.load(base + off[:, None] + (c.to(tl.int64) * s_c)[None, :], mask=ok, other=0.0).to(tl.float32)
         if HAS_IBIAS:
             v = tl.where(ok, v + ib[None, :], 0.0)
         n = tl.sum(tl.sum(ok.to(tl.float32), 1), 0)
@@ -125,7 +125,8 @@ def _gn_partial_rows_kernel(
         row_ok = (r < rows_per_group) & (r < r_start + rows_per_split)
         off = (r // P).to(tl.int64) * s_t + (r % P).to(tl.int64) * s_p
         ok = row_ok[:, None, None] & c_ok[None, :, :]
-        v = tl.load(base + off[:, None, None] + (c * s_c)[None, :, :], mask=ok, other=0.0).to(tl.float32)
+        v = tl.load(base + off[:, None, None] + (c.to(tl.int64) * s_c)[None, :, :], mask=ok,
+                    other=0.0).to(tl.float32)
         if HAS_IBIAS:
             v = tl.where(ok, v + ib[None, :, :], 0.0)
         n = tl.sum(tl.sum(ok.to(tl.float32), 2), 0)
@@ -190,14 +191,15 @@ def _gn_apply_kernel(
     w = tl.load(weight + c, mask=c_ok, other=0.0).to(tl.float32)
     bb = tl.load(bias + c, mask=c_ok, other=0.0).to(tl.float32)
     a = rstd * w  # (x - mean) first: x * a - mean * a would cancel badly when rstd is large
-    off = b.to(tl.int64) * s_b + t.to(tl.int64) * s_t + p.to(tl.int64)[:, None] * s_p + (c * s_c)[None, :]
+    off = b.to(tl.int64) * s_b + t.to(tl.int64) * s_t + p.to(tl.int64)[:, None] * s_p + (c.to(tl.int64) * s_c)[None, :]
     v = tl.load(x + off, mask=ok, other=0.0).to(tl.float32)
     if HAS_IBIAS:
         v += tl.load(ibias + b * C + c, mask=c_ok, other=0.0).to(tl.float32)[None, :]
     out = (v - mean[None, :]) * a[None, :] + bb[None, :]
     if SILU:
         out = out * tl.sigmoid(out)
-    y_off = b.to(tl.int64) * y_b + t.to(tl.int64) * y_t + p.to(tl.int64)[:, None] * y_p + (c * y_c)[None, :]
+    y_off = (b.to(tl.int64) * y_b + t.to(tl.int64) * y_t + p.to(tl.int64)[:, None] * y_p
+             + (c.to(tl.int64) * y_c)[None, :])
     tl.store(y + y_off, out.to(y.dtype.element_ty), mask=ok)
 
 

@@ -53,7 +53,8 @@ def _temporal_attn_fwd_kernel(
         valid_q = t_q < T
     b_q = seq_q // S
     p_q = seq_q % S
-    ch = head * HEAD_DIM + d
+    ch = (head * HEAD_DIM + d).to(tl.int64)  # channel offsets in int64, like every offset: a (B, T, S, 3C)
+    # view's strides may each fit in int32 while their products with an index do not
     q_off = b_q.to(tl.int64) * s_qb + t_q.to(tl.int64) * s_qt + p_q.to(tl.int64) * s_qs
     q = tl.load(qkv + q_off[:, None] + (ch * s_qc)[None, :], mask=valid_q[:, None] & d_ok[None, :], other=0.0)
 
@@ -75,10 +76,9 @@ def _temporal_attn_fwd_kernel(
             t_k = cols
             valid_k = t_k < T
         k_off = (seq_k // S).to(tl.int64) * s_qb + t_k.to(tl.int64) * s_qt + (seq_k % S).to(tl.int64) * s_qs
-        kv_ptr = qkv + k_off[:, None] + (ch * s_qc)[None, :]
         kv_ok = valid_k[:, None] & d_ok[None, :]
-        k = tl.load(kv_ptr + C * s_qc, mask=kv_ok, other=0.0)
-        v = tl.load(kv_ptr + 2 * C * s_qc, mask=kv_ok, other=0.0)
+        k = tl.load(qkv + k_off[:, None] + ((ch + C) * s_qc)[None, :], mask=kv_ok, other=0.0)
+        v = tl.load(qkv + k_off[:, None] + ((ch + 2 * C) * s_qc)[None, :], mask=kv_ok, other=0.0)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
         if HAS_BIAS:  # (heads, T, T) fp32, added before the softmax (in log2 units here)
             b_ptr = bias + head * T * T + t_q[:, None] * T + t_k[None, :]

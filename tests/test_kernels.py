@@ -255,6 +255,54 @@ def test_kernel_reasons_name_every_obstacle(monkeypatch, caplog):
     assert not caplog.records  # CPU tensors outside the interpreter: the reference path is the CPU path, no warning
 
 
+# -- offsets past 2^31 elements ----------------------------------------------------------------------------------------
+def _far_apart(shape, strides, tmp_path, device):
+    """An fp16 view whose element offsets pass 2^31 while every stride fits in int32: what a video of more
+    than 2^31 elements per clip gives a kernel (Triton passes such strides as int32; an offset formed in int32
+    wraps). On the CPU its storage is a sparse file mapped into memory (only the pages the view touches
+    exist); on CUDA a real allocation of several GB."""
+    numel = sum((n - 1) * s for n, s in zip(shape, strides)) + 1
+    assert numel > 2**31 and max(strides) < 2**31
+    if device == "cuda":
+        flat = torch.zeros(numel, dtype=torch.float16, device="cuda")
+    else:
+        path = tmp_path / "storage.bin"
+        with open(path, "wb") as f:
+            f.truncate(numel * 2)
+        flat = torch.from_file(str(path), shared=True, size=numel, dtype=torch.float16)
+        path.unlink()  # the mapping stays
+    view = flat.as_strided(shape, strides)
+    values = torch.randn(shape, generator=torch.Generator().manual_seed(0)).to(torch.float16)
+    view.copy_(values.to(device))
+    return view, values
+
+
+_DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
+
+
+@pytest.mark.parametrize("device", _DEVICES)
+def test_group_norm_offsets_past_two_to_the_31(device, tmp_path):
+    """128 channels 2^25 elements apart (a clip of 2^32 elements): channel offsets are formed in int64."""
+    if device == "cpu" and not _triton.interpreting():
+        pytest.skip("the CPU case runs the kernel in Triton's interpreter")
+    x, values = _far_apart((1, 128, 2, 2, 2), (1, 2**25, 4, 2, 1), tmp_path, device)
+    w = torch.randn(128, generator=torch.Generator().manual_seed(1)).to(device, torch.float16)
+    for scope in ("frame", "clip"):
+        got = kernels.group_norm(x, 32, w, w, scope=scope, silu=True)
+        want = kernels.group_norm_ref(values, 32, w.cpu(), w.cpu(), scope=scope, silu=True)
+        _check(got.cpu(), want, torch.float16, f"scope={scope}")
+
+
+@pytest.mark.parametrize("device", _DEVICES)
+def test_temporal_attention_offsets_past_two_to_the_31(device, tmp_path):
+    """q|k|v channels 2^25 elements apart (3C = 96: offsets up to 3.2e9): formed in int64."""
+    if device == "cpu" and not _triton.interpreting():
+        pytest.skip("the CPU case runs the kernel in Triton's interpreter")
+    qkv, values = _far_apart((1, 3, 2, 96), (1, 4, 2, 2**25), tmp_path, device)
+    _check(kernels.temporal_attention(qkv, 2).cpu(), kernels.temporal_attention_ref(values, 2), torch.float16,
+           "far-apart channels", ATTN_TOL[torch.float16])
+
+
 # -- GPU ---------------------------------------------------------------------------------------------------------------
 @pytest.mark.gpu
 def test_gpu_temporal_attention_beyond_flash_batch_limit():
