@@ -460,7 +460,7 @@ _DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 def _load_unet(src, motion_adapter):
     import json
 
-    from .pipeline.latent import _require_diffusers
+    from .pipeline.latent import _require_diffusers, diffusers_load_options
 
     diffusers = _require_diffusers()
     config = src / "config.json"
@@ -470,10 +470,10 @@ def _load_unet(src, motion_adapter):
     kind = json.loads(config.read_text()).get("_class_name")
     if kind not in SUPPORTED:
         _fail(f"model type {kind!r} (in {str(config)!r})", f"convert one of {', '.join(SUPPORTED)}")
-    model = getattr(diffusers, kind).from_pretrained(src, local_files_only=True, torch_dtype=torch.float32)
+    model = getattr(diffusers, kind).from_pretrained(src, torch_dtype=torch.float32, **diffusers_load_options())
     if kind == "UNet2DConditionModel" and motion_adapter is not None:
-        adapter = diffusers.MotionAdapter.from_pretrained(motion_adapter, local_files_only=True,
-                                                          torch_dtype=torch.float32)
+        adapter = diffusers.MotionAdapter.from_pretrained(motion_adapter, torch_dtype=torch.float32,
+                                                          **diffusers_load_options())
         model = diffusers.UNetMotionModel.from_unet2d(model, adapter)
     return model.eval()
 

@@ -291,6 +291,9 @@ def test_cli_convert_says_what_it_wrote_and_refuses_bad_folders(t2v_folder, tmp_
     res = _cli("convert", str(folder), "-o", str(tmp_path / "m"))
     assert res.returncode == 0, res.stderr
     assert "in_channels 4, prediction eps" in res.stderr and "vae" in res.stderr
+    # stunet's lines only: without accelerate, diffusers' loaders would warn on every load unless told not to
+    # ask for low_cpu_mem_usage
+    assert all(line.startswith("stunet: ") for line in res.stderr.splitlines() if line.strip()), res.stderr
     again = _cli("convert", str(folder), "-o", str(tmp_path / "m"))
     assert again.returncode == 2 and "pass --overwrite" in again.stderr
     missing = _cli("convert", str(tmp_path / "nowhere"), "-o", str(tmp_path / "n"))

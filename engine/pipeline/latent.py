@@ -31,6 +31,15 @@ def _require_diffusers():
     return diffusers
 
 
+def diffusers_load_options() -> dict:
+    """Keyword arguments for a diffusers ``from_pretrained`` of a local folder. ``low_cpu_mem_usage`` is asked
+    for only where accelerate is installed: diffusers' default asks for it everywhere and warns on every load
+    without accelerate that it loads the ordinary way, which is what it then does."""
+    from diffusers.utils import is_accelerate_available
+
+    return dict(local_files_only=True, low_cpu_mem_usage=is_accelerate_available())
+
+
 class VideoVAE:
     """Encodes and decodes videos with a diffusers ``AutoencoderKL`` (``vae``), ``chunk_frames`` frames at a
     time."""
@@ -118,7 +127,7 @@ def load_vae(path: str | os.PathLike, device: str | torch.device = "cpu", dtype:
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"VAE directory {str(path)!r} has no config.json (a diffusers AutoencoderKL folder)")
     diffusers = _require_diffusers()
-    vae = diffusers.AutoencoderKL.from_pretrained(path, local_files_only=True, torch_dtype=dtype)
+    vae = diffusers.AutoencoderKL.from_pretrained(path, torch_dtype=dtype, **diffusers_load_options())
     return VideoVAE(vae.to(device), chunk_frames)
 
 
