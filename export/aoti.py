@@ -19,7 +19,8 @@ import torch
 
 from ..io import atomic_path
 from ..model import STUNet
-from .spec import SPEC_KEY, ExportResult, ExportSpec, Stages, compare, prepare, shapes_tuple
+from .spec import (SPEC_KEY, ExportResult, ExportSpec, Stages, compare, exporter_chatter_silenced, prepare,
+                   shapes_tuple)
 
 log = logging.getLogger("stunet.export")
 
@@ -33,14 +34,17 @@ def export_aoti(model: STUNet, path: str | os.PathLike, *, batch: int = 2, frame
     the package against the reference at two geometries and raises beyond the spec's tolerance (fp32);
     ``inductor_configs`` go to ``aoti_compile_and_package`` (e.g. a faster-compiling wrapper for tests). The
     package records its spec in its metadata (``package_spec``), which the ``aoti`` backend checks calls against.
-    ``progress`` shows the stage that runs (the compile takes minutes)."""
+    A dynamic package runs from two steps of each axis up (batch 1 as a pair), so its own frames, height, width
+    and text length must be two steps or more. ``progress`` shows the stage that runs (the compile takes
+    minutes)."""
     path, spec, module, args = prepare(model, path, ".pt2", batch=batch, frames=frames, height=height, width=width,
-                                       text_len=text_len, dtype=dtype, dynamic=dynamic)
+                                       text_len=text_len, dtype=dtype, dynamic=dynamic, min_steps=Package.MIN_STEPS,
+                                       what="a dynamic AOTInductor package")
     configs = dict(inductor_configs or {})
     configs["aot_inductor.metadata"] = {**configs.get("aot_inductor.metadata", {}), SPEC_KEY: spec.to_json()}
     result = ExportResult(path, spec)
     names = ["torch.export", "AOTInductor compile", *(["check"] if check else [])]
-    with Stages(f"export {path.name}", names, progress) as stages, torch.no_grad():
+    with Stages(f"export {path.name}", names, progress) as stages, torch.no_grad(), exporter_chatter_silenced():
         with stages.stage("torch.export"):
             program = torch.export.export(module, args, dynamic_shapes=shapes_tuple(spec))
         # Compiled under the final name in a private folder (a package's archive is rooted at its file name),

@@ -20,17 +20,16 @@ Files over 2 GB keep their weights as external data beside the ``.onnx`` file.
 """
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 import os
-import warnings
 
 import torch
 
 from ..io import atomic_path
 from ..model import STUNet
-from .spec import SPEC_KEY, ExportResult, ExportSpec, Stages, compare, prepare, shapes_tuple
+from .spec import (SPEC_KEY, ExportResult, ExportSpec, Stages, compare, exporter_chatter_silenced, prepare,
+                   shapes_tuple)
 
 log = logging.getLogger(__name__)
 
@@ -173,7 +172,7 @@ def export_onnx(model: STUNet, path: str | os.PathLike, *, batch: int = 2, frame
     result = ExportResult(path, spec)
     names = ["torch.onnx.export", "optimise and save", *(["check"] if check else [])]
     with Stages(f"export {path.name}", names, progress) as stages:
-        with stages.stage("torch.onnx.export"), torch.no_grad(), _exporter_chatter_silenced():
+        with stages.stage("torch.onnx.export"), torch.no_grad(), exporter_chatter_silenced():
             program = torch.onnx.export(module, args, dynamo=True, dynamic_shapes=shapes_tuple(spec),
                                         input_names=spec.input_names, output_names=spec.output_names,
                                         custom_translation_table=_translations(), opset_version=OPSET,
@@ -198,24 +197,6 @@ def export_onnx(model: STUNet, path: str | os.PathLike, *, batch: int = 2, frame
             with stages.stage("check"):
                 result.max_abs_error = check_onnx(path, model, spec)
     return result
-
-
-@contextlib.contextmanager
-def _exporter_chatter_silenced():
-    """Silences what torch.onnx.export says about itself rather than about this export: that torchvision's
-    ops are not registered (stunet has none), that axes sharing one dynamic dimension keep one name (the spec
-    gives batch, frames and sides one dimension across the inputs on purpose), and a deprecation inside
-    torch's pytree pickling. Every other warning and log record passes."""
-    registration = logging.getLogger("torch.onnx._internal.exporter._registration")
-    level = registration.level
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", r"# The axis name: .* will not be used", UserWarning)
-        warnings.filterwarnings("ignore", r"`isinstance\(treespec, LeafSpec\)` is deprecated", FutureWarning)
-        registration.setLevel(logging.ERROR)  # "torchvision is not installed. Skipping torchvision::nms", ...
-        try:
-            yield
-        finally:
-            registration.setLevel(level)
 
 
 def _byte_size(proto) -> int:

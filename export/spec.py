@@ -7,6 +7,8 @@ agree across the artifacts of one network, and each artifact's parity check uses
 from __future__ import annotations
 
 import json
+import logging
+import warnings
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -41,6 +43,25 @@ class Stages:
         if error_type is None:
             self._bar.set_description_str(f"{self.what}: done", refresh=False)
         self._bar.close()
+
+
+@contextmanager
+def exporter_chatter_silenced():
+    """Silences what torch's exporters say about themselves rather than about this export: that torchvision's
+    ops are not registered (stunet has none), that axes sharing one dynamic dimension keep one name (the spec
+    gives batch, frames and sides one dimension across the inputs on purpose), and a deprecation inside
+    torch's pytree pickling (torch.onnx.export, AOTInductor). Every other warning and log record passes."""
+    registration = logging.getLogger("torch.onnx._internal.exporter._registration")
+    level = registration.level
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", r"# The axis name: .* will not be used", UserWarning)
+        warnings.filterwarnings("ignore", r"`isinstance\(treespec, LeafSpec\)` is deprecated", FutureWarning)
+        registration.setLevel(logging.ERROR)  # "torchvision is not installed. Skipping torchvision::nms", ...
+        try:
+            yield
+        finally:
+            registration.setLevel(level)
+
 
 
 SPEC_KEY = "stunet.export_spec"
@@ -152,6 +173,17 @@ class ExportSpec:
             shapes["noise_level"] = {0: a["batch"]}
         return shapes
 
+    def trace_geometry(self) -> dict[str, int]:
+        """The sizes an export traces at: the spec's, with every dynamic axis at two steps or more. torch.export
+        specialises a size of 0 or 1 to a constant, so a dynamic axis traced at one step (batch 1, a single
+        frame step, one token) would not be dynamic; the artifact's ranges still start at the axis's minimum."""
+        sizes = dict(batch=self.batch, frames=self.frames, height=self.height, width=self.width,
+                     text_len=self.text_len)
+        if not self.dynamic:
+            return sizes
+        axes = self.axes()
+        return {name: min(max(size, 2 * axes[name].divisor), axes[name].max) for name, size in sizes.items()}
+
     def second_geometry(self) -> dict[str, int]:
         """Where a dynamic artifact's parity check runs besides the spec's geometry: batch 1, another clip length
         (twice the frames where the range allows, else its longest clip, else one step fewer), a taller frame,
@@ -227,9 +259,12 @@ def shapes_tuple(spec: ExportSpec):
     return None if shapes is None else tuple(shapes[name] for name in spec.input_names)
 
 
-def prepare(model: STUNet, path, suffix: str, *, device: torch.device | None = None, **geometry):
+def prepare(model: STUNet, path, suffix: str, *, device: torch.device | None = None, min_steps: int = 1,
+            what: str = "", **geometry):
     """What every route starts from: the checked ``path``, the spec, the ``ExportedForward`` of a converted copy
-    of ``model`` (the caller's model is not modified) on ``device``, and the sample inputs in input order."""
+    of ``model`` (the caller's model is not modified) on ``device``, and the sample inputs to trace with, in
+    input order (at ``spec.trace_geometry()``). ``min_steps``: the steps of each dynamic axis (but the batch)
+    that ``what``, the artifact, needs its own geometry to have to run it."""
     from ..backends.base import converted_copy
 
     if not isinstance(model, STUNet):
@@ -238,9 +273,17 @@ def prepare(model: STUNet, path, suffix: str, *, device: torch.device | None = N
     if path.suffix != suffix:
         raise ValueError(f"path must end in {suffix}, got {str(path)!r}")
     spec = ExportSpec.for_model(model.config, **geometry)
+    if spec.dynamic and min_steps > 1:
+        axes = spec.axes()
+        short = [f"{name} must be at least {min_steps * axes[name].divisor} for {what}, got {size}"
+                 for name, size in dict(frames=spec.frames, height=spec.height, width=spec.width,
+                                        text_len=spec.text_len).items() if size < min_steps * axes[name].divisor]
+        if short:
+            raise ValueError("; ".join(short) + f" (torch.export compiles a dynamic size from {min_steps} steps of "
+                             "its axis up; a static export takes any size)")
     device = device or model.device
     module = ExportedForward(converted_copy(model, spec.dtype).to(device)).eval()
-    inputs = spec.sample_inputs()
+    inputs = spec.sample_inputs(**spec.trace_geometry())
     return path, spec, module, tuple(inputs[name].to(device) for name in spec.input_names)
 
 

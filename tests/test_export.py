@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import re
 from collections import Counter
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -140,6 +141,43 @@ def test_spec_geometry_errors_name_the_axis_and_its_range():
         "width 18 (dynamic: 4..64 in steps of 4)", "text_len 21 (dynamic: 1..20)"]
 
 
+def test_a_dynamic_export_traces_every_axis_at_two_steps_or_more(tmp_path, monkeypatch, capsys):
+    """torch.export turns a size of 1 into a constant: an export asked for at one step of an axis (batch 1, one
+    frame step, one token) traces at two, and its ranges still start at one step. A dynamic AOTInductor package
+    cannot run one step of frames, sides or text, so it refuses such a geometry before any work; batch 1 it runs
+    as a pair."""
+    import stunet.export.aoti as aoti
+
+    model = tiny_model()  # frames in steps of 2, sides in steps of 4
+    one_step = dict(batch=1, frames=2, height=4, width=4, text_len=1)
+    spec = ExportSpec.for_model(model.config, **one_step)
+    assert spec.trace_geometry() == dict(batch=2, frames=4, height=8, width=8, text_len=2)
+    assert ExportSpec.for_model(model.config, dynamic=False, **one_step).trace_geometry() == one_step
+    assert ExportSpec.for_model(model.config, batch=3, frames=6).trace_geometry()["batch"] == 3
+
+    compiled = []  # the compile is not under test: torch.export of the batch-1 spec is
+
+    def compile_stub(program, package_path, inductor_configs):
+        compiled.append(program)
+        Path(package_path).write_bytes(b"")
+
+    monkeypatch.setattr(torch._inductor, "aoti_compile_and_package", compile_stub)
+    aoti.export_aoti(model, tmp_path / "b1.pt2", batch=1, frames=4, height=8, width=8, text_len=3)
+    program = compiled[0]
+    x = next(n for n in program.graph.nodes if n.name == program.graph_signature.user_inputs[0]).meta["val"]
+    assert not all(isinstance(n, int) for n in x.shape[:1] + x.shape[2:]), x.shape  # batch, frames, sides dynamic
+    for flag, size, least in (("frames", 2, 4), ("height", 4, 8), ("text_len", 1, 2)):
+        with pytest.raises(ValueError, match=f"{flag} must be at least {least} for a dynamic AOTInductor package"):
+            aoti.export_aoti(model, tmp_path / "short.pt2", **{**dict(frames=4, height=8, width=8, text_len=3),
+                                                               flag: size})
+    assert not (tmp_path / "short.pt2").exists() and len(compiled) == 1
+    model.save_pretrained(tmp_path / "m")
+    with pytest.raises(SystemExit) as info:
+        main(["export", "aoti", str(tmp_path / "m"), "-o", str(tmp_path / "short.pt2"), "--frames", "2"])
+    assert info.value.code == 2 and "argument --frames: frames must be at least 4 for a dynamic AOTInductor " \
+        "package, got 2" in capsys.readouterr().err and len(compiled) == 1
+
+
 def test_the_frame_range_stops_at_the_clip_length_the_model_was_trained_for():
     """AnimateDiff's motion modules know clips of up to 32 frames: a dynamic artifact of its 16-frame sample
     takes 2..32 frames (not 4x the sample), and its parity check runs within that range."""
@@ -165,8 +203,9 @@ def test_cli_export_onnx(tmp_path, capsys, recwarn):
     handler.emit = exporter_log.append
     logging.getLogger("torch.onnx._internal.exporter._registration").addHandler(handler)
     try:
-        assert main(["export", "onnx", str(tmp_path / "m"), "-o", str(out), "--frames", "4", "--height", "8",
-                     "--width", "8", "--text-len", "3", "--batch", "1", "--check"]) == 0
+        # one step of every axis: traced at two steps (torch.export would fix sizes of 1), checked at this one
+        assert main(["export", "onnx", str(tmp_path / "m"), "-o", str(out), "--frames", "2", "--height", "4",
+                     "--width", "4", "--text-len", "1", "--batch", "1", "--check"]) == 0
     finally:
         logging.getLogger("torch.onnx._internal.exporter._registration").removeHandler(handler)
     assert not exporter_log, [r.getMessage() for r in exporter_log]
