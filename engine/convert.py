@@ -474,7 +474,15 @@ def _load_unet(src, motion_adapter):
     if kind == "UNet2DConditionModel" and motion_adapter is not None:
         adapter = diffusers.MotionAdapter.from_pretrained(motion_adapter, torch_dtype=torch.float32,
                                                           **diffusers_load_options())
-        model = diffusers.UNetMotionModel.from_unet2d(model, adapter)
+        # from_unet2d casts the model it builds with .to(dtype), on which diffusers warns that the modules "that
+        # should be kept in float32: []" may be cast inconsistently: a note about an empty list, dropped here
+        modeling = logging.getLogger("diffusers.models.modeling_utils")
+        note = lambda record: "should be kept in float32: []" not in record.getMessage()  # noqa: E731
+        modeling.addFilter(note)
+        try:
+            model = diffusers.UNetMotionModel.from_unet2d(model, adapter)
+        finally:
+            modeling.removeFilter(note)
     return model.eval()
 
 
