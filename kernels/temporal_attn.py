@@ -10,7 +10,8 @@ badly (one short sequence per program, and permutes around them). Here a program
 sequences at once (block-diagonal mask; T = 17 packs 3 sequences in 64 rows), so q, k and v are read exactly
 once: bytes moved = 4 * B*T*S*C * elem (+ the T x T bias per head), and the FLOPs (4 T^2 D per head and
 position, more with the packing's masked part) stay far below the tensor cores' rate: memory-bound.
-For T > 128 a program takes one sequence's query block and streams key blocks with an online softmax.
+Longer clips (and wide heads or fp32 past 64 frames: ``tiles``) take one sequence's query block per program
+and stream key blocks with an online softmax.
 Softmax statistics are fp32 (exp2 with log2(e) folded into the scale).
 """
 from __future__ import annotations
@@ -25,6 +26,7 @@ from ._triton import jit, launch, tl, triton
 
 # A finite "minus infinity": fully masked padding rows stay NaN-free. Kernels may only read constexpr globals.
 _NEG = tl.constexpr(-1.0e30) if tl is not None else -1.0e30
+MAX_HEAD_DIM = 256  # wider heads run the reference math
 
 
 @jit
@@ -122,8 +124,8 @@ def unsupported(qkv: torch.Tensor, heads: int, bias: torch.Tensor | None) -> lis
         reasons.append(f"dtype {qkv.dtype} (fp16, bf16, fp32 only)")
     C = qkv.shape[-1] // 3
     D = C // heads if heads else 0
-    if not 1 <= D <= 128:
-        reasons.append(f"head dim {D} (1 to 128 only)")
+    if not 1 <= D <= MAX_HEAD_DIM:
+        reasons.append(f"head dim {D} (1 to {MAX_HEAD_DIM} only)")
     if bias is not None and (bias.dtype != torch.float32 or not bias.is_contiguous()):
         reasons.append("bias must be contiguous fp32")
     return reasons
@@ -162,18 +164,22 @@ def tiles(T: int | None, head_dim: int, dtype: torch.dtype) -> Tiles:
     pack into 64-row tiles; up to 128 frames with head dims <= 64, one sequence fills a 128-row tile (fp16/bf16);
     longer clips stream key blocks. fp32 ("ieee" dots: the exact path, not the fast one) keeps 64-row tiles and
     streams 32-key blocks in two stages: 64 x 128 fp32 key and value blocks in three stages need 213 KB of shared
-    memory. Every configuration fits SHARED_MEMORY_BUDGET for sm_80, sm_86 and sm_90
-    (tests/test_kernels_compile.py compiles each one)."""
+    memory. Wide heads (129 to 256: AnimateDiff's 1280 channels in 8 heads) stream 32-key blocks, and in fp32
+    only 32 x 32 tiles in one stage fit. Every configuration fits SHARED_MEMORY_BUDGET for sm_80, sm_86 and
+    sm_90 (tests/test_kernels_compile.py compiles each one)."""
     block_d = max(16, triton.next_power_of_2(head_dim))
     exact = dtype == torch.float32
-    if T is not None and T <= 64:
+    stages = 2 if exact else 3
+    if block_d > 128 and exact:
+        packed, block_m, block_n, per_block, stages = False, 32, 32, 1, 1
+    elif T is not None and T <= 64:
         packed, block_m, block_n, per_block = True, 64, 64, 64 // T
     elif T is not None and T <= 128 and block_d <= 64 and not exact:
         packed, block_m, block_n, per_block = True, 128, 128, 1
     else:
-        packed, block_m, block_n, per_block = False, 64, 32 if exact else 64, 1
+        packed, block_m, block_n, per_block = False, 64, 32 if exact or block_d > 128 else 64, 1
     return Tiles(packed, block_m, block_n, per_block, block_d, "ieee" if exact else "tf32",
-                 num_warps=4 if block_m * block_d <= 64 * 64 else 8, num_stages=2 if exact else 3)
+                 num_warps=4 if block_m * block_d <= 64 * 64 else 8, num_stages=stages)
 
 
 def temporal_attention(qkv: torch.Tensor, heads: int, bias: torch.Tensor | None = None,

@@ -92,6 +92,25 @@ def test_temporal_attention_every_launch_configuration(T, branch, dtype):
            f"T={T} {taken}", ATTN_TOL[dtype])
 
 
+@pytest.mark.parametrize("dtype", list(DTYPES))
+@pytest.mark.parametrize("T", [17, 130])
+def test_temporal_attention_wide_heads(T, dtype):
+    """Head dims 129 to 256 (AnimateDiff: 1280 channels in 8 heads of 160) pad to 256: packed 64-row tiles up to
+    64 frames in fp16, else 32-key blocks (fp32: 32 x 32 tiles in one stage, all that fits 99 KB)."""
+    from stunet.kernels.temporal_attn import tiles
+
+    dtype = DTYPES[dtype]
+    t = tiles(T, 160, dtype)
+    assert t.block_d == 256 and t.packed == (T <= 64 and dtype != torch.float32)
+    assert (t.block_m, t.block_n, t.num_stages) == ((32, 32, 1) if dtype == torch.float32 else
+                                                    (64, 64, 3) if t.packed else (64, 32, 3))
+    g = torch.Generator().manual_seed(T)
+    qkv = _qkv(1, T, 2, 2 * 160, dtype, "nchw", g)
+    bias = torch.randn(2, T, T, generator=g).to(DEVICE)
+    _check(kernels.temporal_attention(qkv, 2, bias), kernels.temporal_attention_ref(qkv, 2, bias), dtype,
+           f"T={T} D=160", ATTN_TOL[dtype])
+
+
 def test_temporal_attention_bad_inputs():
     q = torch.zeros(1, 4, 5, 96)
     with pytest.raises(ValueError, match="4-D"):
@@ -107,10 +126,10 @@ def test_temporal_attention_bad_inputs():
 
 
 def test_temporal_attention_unsupported_head_dim_falls_back_to_reference():
-    q = torch.randn(1, 4, 3, 3 * 160)  # head dim 160: beyond the kernel's 128
+    q = torch.randn(1, 4, 3, 3 * 320)  # head dim 320: beyond the kernel's 256
     from stunet.kernels import temporal_attn
 
-    assert temporal_attn.unsupported(q, 1, None) == ["head dim 160 (1 to 128 only)"]
+    assert temporal_attn.unsupported(q, 1, None) == ["head dim 320 (1 to 256 only)"]
     assert torch.equal(kernels.temporal_attention(q, 1), kernels.temporal_attention_ref(q, 1))
 
 

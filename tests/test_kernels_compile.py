@@ -31,10 +31,10 @@ _TORCH_DTYPES = {"fp16": "float16", "bf16": "bfloat16", "fp32": "float32"}
 # path on Hopper; fp32 also on sm_86, whose 99 KB of shared memory per block is the tightest budget.
 ARCH_DTYPES = {80: ("fp16",), 86: ("fp16", "fp32"), 90: ("fp16", "bf16", "fp32")}
 # One sequence length per branch of temporal_attn.tiles (packed 64-row tiles, 128-row tiles, streamed), each
-# with the largest head dim the branch takes (the most shared memory), with and without the bias; plus a head
-# dim that is not a power of two.
+# with the largest head dim the branch takes (the most shared memory), with and without the bias; a head dim
+# that is not a power of two; and the wide heads (129 to 256), packed and streamed.
 ATTENTION_CASES = [(17, 128, False), (17, 128, True), (17, 48, False), (65, 64, False), (65, 64, True),
-                   (129, 128, False), (129, 128, True)]
+                   (129, 128, False), (129, 128, True), (17, 160, True), (129, 256, True)]
 
 
 def _variants(arch: int):
