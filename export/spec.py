@@ -63,7 +63,6 @@ def exporter_chatter_silenced():
             registration.setLevel(level)
 
 
-
 SPEC_KEY = "stunet.export_spec"
 """The metadata key under which ``export_onnx`` (ONNX metadata_props) and ``export_aoti`` (the package's
 metadata) record the artifact's ExportSpec (JSON)."""
