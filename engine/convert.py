@@ -476,8 +476,10 @@ def _load_unet(src, motion_adapter):
                                                           **diffusers_load_options())
         # from_unet2d casts the model it builds with .to(dtype), on which diffusers warns that the modules "that
         # should be kept in float32: []" may be cast inconsistently: a note about an empty list, dropped here
+        def note(record: logging.LogRecord) -> bool:
+            return "should be kept in float32: []" not in record.getMessage()
+
         modeling = logging.getLogger("diffusers.models.modeling_utils")
-        note = lambda record: "should be kept in float32: []" not in record.getMessage()  # noqa: E731
         modeling.addFilter(note)
         try:
             model = diffusers.UNetMotionModel.from_unet2d(model, adapter)

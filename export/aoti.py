@@ -19,8 +19,8 @@ import torch
 
 from ..io import atomic_path
 from ..model import STUNet
-from .spec import (SPEC_KEY, ExportResult, ExportSpec, Stages, compare, exporter_chatter_silenced, prepare,
-                   shapes_tuple)
+from .spec import (SPEC_KEY, TRACE_STEPS, ExportResult, ExportSpec, Stages, compare, exporter_chatter_silenced,
+                   prepare, shapes_tuple)
 
 log = logging.getLogger("stunet.export")
 
@@ -87,7 +87,7 @@ class Package:
     compiled geometry is an error naming the axis.
     """
 
-    MIN_STEPS = 2  # of every dynamic axis, as torch.export compiles it
+    MIN_STEPS = TRACE_STEPS  # of every dynamic axis, as torch.export compiles it
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)

@@ -63,6 +63,10 @@ def exporter_chatter_silenced():
             registration.setLevel(level)
 
 
+TRACE_STEPS = 2
+"""Steps of each dynamic axis an export traces at, at least: torch.export specialises sizes 0 and 1, so what it
+compiles for a dynamic axis starts at two steps."""
+
 SPEC_KEY = "stunet.export_spec"
 """The metadata key under which ``export_onnx`` (ONNX metadata_props) and ``export_aoti`` (the package's
 metadata) record the artifact's ExportSpec (JSON)."""
@@ -181,7 +185,8 @@ class ExportSpec:
         if not self.dynamic:
             return sizes
         axes = self.axes()
-        return {name: min(max(size, 2 * axes[name].divisor), axes[name].max) for name, size in sizes.items()}
+        return {name: min(max(size, TRACE_STEPS * axes[name].divisor), axes[name].max)
+                for name, size in sizes.items()}
 
     def second_geometry(self) -> dict[str, int]:
         """Where a dynamic artifact's parity check runs besides the spec's geometry: batch 1, another clip length

@@ -16,6 +16,7 @@ Softmax statistics are fp32 (exp2 with log2(e) folded into the scale).
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -158,6 +159,7 @@ class Tiles:
         return dict(num_warps=self.num_warps, num_stages=self.num_stages)
 
 
+@functools.lru_cache(maxsize=None)
 def tiles(T: int | None, head_dim: int, dtype: torch.dtype) -> Tiles:
     """The launch configuration for sequences of T frames (None: any T, streamed) of ``head_dim`` in ``dtype``.
     Head dims pad to a power of two of at least 16 (``tl.dot`` needs K >= 16). Up to 64 frames, whole sequences
