@@ -28,6 +28,7 @@ exchange; a rank that dies without raising is caught by the process group's time
 from __future__ import annotations
 
 import atexit
+import contextlib
 import datetime
 import logging
 import os
@@ -261,8 +262,39 @@ class ArgumentsRefused(ValueError):
     """The ranks of a ``launch`` refused its command line; the message is the first rank's argument error."""
 
 
+@contextlib.contextmanager
+def _agent_quiet():
+    """torchrun's agent logs what :func:`launch` reports itself (the signal it received, the ranks it stops, a
+    rank's exit status): its loggers show only critical records while it runs. Its exceptions still propagate."""
+    loggers = [logger for name, logger in logging.root.manager.loggerDict.items()
+               if name.startswith("torch.distributed.elastic") and isinstance(logger, logging.Logger)]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
+
+
+RANK_MAIN = """\
+import os, signal
+try:
+    from stunet.cli import run
+except KeyboardInterrupt:  # Ctrl-C while the rank starts: the launcher reports it, once
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    os.kill(os.getpid(), signal.SIGINT)
+    os._exit(130)
+run()
+"""
+"""The program of a launched rank (``python -c RANK_MAIN ARGV``): the ``stunet`` program, ended by SIGINT without
+a traceback when Ctrl-C lands while it is still importing (``stunet.cli.main`` handles the interrupts after)."""
+
+
 def launch(nproc: int, argv: list[str]) -> int:
-    """Runs ``python -m stunet.cli ARGV`` on ``nproc`` local ranks through torchrun; its exit status.
+    """Runs the ``stunet`` program (:data:`RANK_MAIN`) with ARGV on ``nproc`` local ranks through torchrun; its
+    exit status.
 
     An argument error that the ranks find (the pipeline checks its call on every rank) raises ArgumentsRefused
     here with the lowest rank's message, whichever rank stopped first. A SIGINT to the launcher (a terminal's
@@ -278,10 +310,10 @@ def launch(nproc: int, argv: list[str]) -> int:
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
-    args = torchrun.parse_args(["--nproc-per-node", str(nproc), "--standalone", "--no-python", sys.executable, "-m",
-                                "stunet.cli", *argv])
+    args = torchrun.parse_args(["--nproc-per-node", str(nproc), "--standalone", "--no-python", sys.executable, "-c",
+                                RANK_MAIN, *argv])
     threads = {} if "OMP_NUM_THREADS" in os.environ else {"OMP_NUM_THREADS": str(max(1, local_cores() // nproc))}
-    with tempfile.TemporaryDirectory(prefix="stunet-launch-") as refusals:
+    with tempfile.TemporaryDirectory(prefix="stunet-launch-") as refusals, _agent_quiet():
         os.environ.update({REFUSALS: refusals, **threads})  # the ranks inherit them
         try:
             torchrun.run(args)

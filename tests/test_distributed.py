@@ -80,6 +80,7 @@ def test_cli_nproc_launches_the_ranks(tmp_path):
                              cwd=tmp_path, capture_output=True, text=True, timeout=240, env=env)
         assert run.returncode == 0, run.stderr[-3000:]
         assert run.stderr.count("stunet: wrote") == 1 and run.stderr.count("RANDOM weights") == 1, run.stderr
+        assert all(line.startswith("stunet: ") for line in run.stderr.splitlines()), run.stderr
     assert (tmp_path / "two.mp4").read_bytes() == (tmp_path / "one.mp4").read_bytes(), "2 ranks and 1 differ"
 
 
@@ -93,6 +94,7 @@ def test_cli_nproc_a_bad_argument_that_the_ranks_find_is_told_once_by_the_launch
     assert run.stderr.count("error: num_inference_steps must be") == 0, run.stderr  # not from a rank
     assert run.stderr.count("stunet generate: error: argument --steps: num_inference_steps must be") == 1, run.stderr
     assert run.stderr.count("usage: stunet generate") == 1 and list(tmp_path.iterdir()) == []
+    assert "torch/distributed/elastic" not in run.stderr, run.stderr  # torchrun's agent reports nothing itself
 
 
 @pytest.mark.parametrize("refusing", [[1], [0, 1], [2, 10]])
@@ -135,8 +137,8 @@ def test_launch_gives_each_rank_its_share_of_the_cores_unless_told(monkeypatch, 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
 def test_a_signal_to_cli_nproc_stops_the_ranks_in_one_line(tmp_path, sig):
     """A terminal's Ctrl-C (SIGINT to the whole group) ends `--nproc` as it ends one process: one line, the
-    launcher ended by SIGINT; SIGTERM to the launcher stops the ranks and exits 143. No traceback from the
-    launcher, no file."""
+    launcher ended by SIGINT; SIGTERM to the launcher stops the ranks and exits 143. Nothing else: no traceback
+    and no narration from torchrun's agent, no file."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["OMP_NUM_THREADS"] = "1"
     launcher = subprocess.Popen([sys.executable, "-m", "stunet.cli", "generate", "a cat", "--preset", "tiny",
@@ -156,12 +158,29 @@ def test_a_signal_to_cli_nproc_stops_the_ranks_in_one_line(tmp_path, sig):
     finally:
         if launcher.poll() is None:
             os.killpg(launcher.pid, signal.SIGKILL)  # the launcher and its ranks
-    ours = [line for line in rest.splitlines() if line.startswith("stunet:")]
     if sig == signal.SIGINT:
-        assert (code, ours) == (-signal.SIGINT, ["stunet: interrupted"]), rest
+        assert (code, rest.splitlines()) == (-signal.SIGINT, ["stunet: interrupted"]), rest
     else:
-        assert (code, ours) == (143, ["stunet: stopped by SIGTERM"]), rest
-    assert "SignalException" not in rest and list(tmp_path.iterdir()) == []  # torchrun's, from the launcher
+        assert (code, rest.splitlines()) == (143, ["stunet: stopped by SIGTERM"]), rest
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_rank_interrupted_while_it_imports_ends_by_sigint_without_a_traceback(tmp_path):
+    """Ctrl-C reaches the ranks too, and may land while a rank still imports torch: the rank's program ends by
+    SIGINT in silence (the launcher prints the one line), and otherwise it is the `stunet` program."""
+    from stunet.distributed import RANK_MAIN
+
+    fake = tmp_path / "stunet"
+    fake.mkdir()
+    (fake / "__init__.py").write_text("")
+    (fake / "cli.py").write_text("raise KeyboardInterrupt  # as a Ctrl-C during the import would\n")
+    env = {**os.environ, "PYTHONPATH": str(tmp_path)}
+    interrupted = subprocess.run([sys.executable, "-c", RANK_MAIN, "generate", "x"], capture_output=True,
+                                 text=True, env=env, timeout=60)
+    assert (interrupted.returncode, interrupted.stderr) == (-signal.SIGINT, "")
+    program = subprocess.run([sys.executable, "-c", RANK_MAIN, "--version"], capture_output=True, text=True,
+                             timeout=120)
+    assert (program.returncode, program.stdout.strip()) == (0, f"stunet {stunet.__version__}"), program.stderr
 
 
 def test_parallel_in_one_process_runs_every_call_here():
