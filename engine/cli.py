@@ -495,6 +495,55 @@ def cmd_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+EXTRAS = {  # what each optional extra of setup.py gives; `stunet env` says which are installed
+    "video": ".mp4 and .gif files, image and video inputs",
+    "text": "T5 and CLIP text encoders",
+    "diffusers": "stunet convert, and the VAEs and CLIP encoders of converted checkpoints",
+    "export": "ONNX export and its onnxruntime check",
+    "tensorrt-rtx": "TensorRT-RTX engine builds, without a GPU",
+}
+"""The extras ``stunet env`` reports (``triton`` has its own line, ``test`` is the test suite's)."""
+
+
+def extras_status() -> dict[str, str]:
+    """Each extra of the installed stunet: the versions of what it requires, or what is missing and the command
+    that installs it; read from the installed package's metadata (empty where stunet is not installed)."""
+    from importlib import metadata
+
+    try:
+        requires = metadata.metadata("stunet").get_all("Requires-Dist") or []
+    except metadata.PackageNotFoundError:
+        return {}
+    try:
+        from packaging.markers import Marker
+    except ImportError:  # without packaging, every requirement of an extra counts on every platform
+        Marker = None
+    needs: dict[str, list[str]] = {}
+    for line in requires:
+        requirement, _, marker = line.partition(";")
+        extra = re.search(r"""extra\s*==\s*['"]([^'"]+)['"]""", marker)
+        if extra is None or extra.group(1) not in EXTRAS:
+            continue
+        if Marker is not None and not Marker(marker).evaluate({"extra": extra.group(1)}):
+            continue  # not for this platform
+        needs.setdefault(extra.group(1), []).append(re.match(r"[A-Za-z0-9._-]+", requirement.strip()).group())
+    status = {}
+    for extra, use in EXTRAS.items():
+        found, missing = [], []
+        for name in needs.get(extra, []):
+            try:
+                found.append(f"{name} {metadata.version(name)}")
+            except metadata.PackageNotFoundError:
+                missing.append(name)
+        if not needs.get(extra):
+            status[extra] = f"not available on this platform ({use})"
+        elif missing:
+            status[extra] = f"{', '.join(missing)} not installed: pip install 'stunet[{extra}]' for {use}"
+        else:
+            status[extra] = f"{', '.join(found)}: {use}"
+    return status
+
+
 def cmd_env(args: argparse.Namespace) -> int:
     """What this install can run, and why not where it cannot."""
     import platform
@@ -520,6 +569,7 @@ def cmd_env(args: argparse.Namespace) -> int:
                    "--backend fast) run their reference math here; TRITON_INTERPRET=1 runs the kernels on the "
                    "CPU, slowly, for tests")
     lines["triton kernels"] = kernels
+    lines.update({f"[{extra}]": text for extra, text in extras_status().items()})
     width = max(map(len, lines))
     for k, v in lines.items():
         print(f"{k:<{width}}  {v}")

@@ -3,6 +3,7 @@ compute with the subcommand's usage and a message naming the argument."""
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -319,6 +320,30 @@ def test_env_says_what_runs_where(capsys, monkeypatch):
     out = capsys.readouterr().out
     assert "torch" in out and "stunet runtime: C++" in out
     assert "no CUDA device is visible: the ops (and --backend fast) run their reference math" in out
+    assert re.search(r"^\[export\] +onnx [0-9.]+, onnxscript [0-9.]+, onnxruntime [0-9.]+: ONNX export", out, re.M), out
+
+
+def test_env_names_every_extra_and_what_a_missing_one_takes(capsys, monkeypatch):
+    """One line per extra of the installed package (every extra but test's and triton's, which has its own line),
+    from the package's metadata: a missing requirement is named with the command that installs it."""
+    from importlib import metadata
+
+    from stunet.cli import EXTRAS, extras_status
+
+    assert set(metadata.metadata("stunet").get_all("Provides-Extra")) - {"test", "triton"} == set(EXTRAS)
+    installed = metadata.version
+
+    def version(name: str) -> str:
+        if name == "onnxscript":
+            raise metadata.PackageNotFoundError(name)
+        return installed(name)
+
+    monkeypatch.setattr(metadata, "version", version)
+    status = extras_status()
+    assert set(status) == set(EXTRAS)
+    assert status["export"] == ("onnxscript not installed: pip install 'stunet[export]' for ONNX export and its "
+                                "onnxruntime check")
+    assert status["text"].startswith(f"transformers {installed('transformers')}: ")
 
 
 def test_info_errors_use_the_info_usage(capsys):
