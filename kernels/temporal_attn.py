@@ -10,8 +10,8 @@ badly (one short sequence per program, and permutes around them). Here a program
 sequences at once (block-diagonal mask; T = 17 packs 3 sequences in 64 rows), so q, k and v are read exactly
 once: bytes moved = 4 * B*T*S*C * elem (+ the T x T bias per head), and the FLOPs (4 T^2 D per head and
 position, more with the packing's masked part) stay far below the tensor cores' rate: memory-bound.
-Longer clips (and wide heads or fp32 past 64 frames: ``tiles``) take one sequence's query block per program
-and stream key blocks with an online softmax.
+Longer clips (past 128 frames; past 64 for heads wider than 64, past 32 in fp32: ``tiles``) take one sequence's
+query block per program and stream key blocks with an online softmax.
 Softmax statistics are fp32 (exp2 with log2(e) folded into the scale).
 """
 from __future__ import annotations
@@ -132,10 +132,12 @@ def unsupported(qkv: torch.Tensor, heads: int, bias: torch.Tensor | None) -> lis
     return reasons
 
 
-# Shared memory a launch may use on every GPU the engine targets: sm_86 and sm_89 (Ampere and Ada workstation
-# and consumer cards) allow 99 KB per block, sm_80 and sm_87 (A100, Jetson Orin) 163 KB, sm_90 227 KB. A tile
-# over the device's limit does not fall back: Triton refuses the launch (OutOfResources).
-SHARED_MEMORY_BUDGET = 99 * 1024
+# Shared memory a block may use (the opt-in maximum), by the architecture a kernel is compiled for: sm_80 and
+# sm_87 (A100, Jetson Orin) 163 KB, sm_86 and sm_89 (Ampere and Ada workstation and consumer cards) 99 KB, sm_90
+# (H100, H200) 227 KB. Triton compiles a kernel for the device it runs on, and the same tiles take more shared
+# memory on Hopper (wgmma reads its operands there); a tile over the device's limit does not fall back: Triton
+# refuses the launch (OutOfResources).
+SHARED_MEMORY_PER_BLOCK = {80: 163 * 1024, 86: 99 * 1024, 87: 163 * 1024, 89: 99 * 1024, 90: 227 * 1024}
 
 
 @dataclass(frozen=True)
@@ -162,25 +164,32 @@ class Tiles:
 @functools.lru_cache(maxsize=None)
 def tiles(T: int | None, head_dim: int, dtype: torch.dtype) -> Tiles:
     """The launch configuration for sequences of T frames (None: any T, streamed) of ``head_dim`` in ``dtype``.
-    Head dims pad to a power of two of at least 16 (``tl.dot`` needs K >= 16). Up to 64 frames, whole sequences
-    pack into 64-row tiles; up to 128 frames with head dims <= 64, one sequence fills a 128-row tile (fp16/bf16);
-    longer clips stream key blocks. fp32 ("ieee" dots: the exact path, not the fast one) keeps 64-row tiles and
-    streams 32-key blocks in two stages: 64 x 128 fp32 key and value blocks in three stages need 213 KB of shared
-    memory. Wide heads (129 to 256: AnimateDiff's 1280 channels in 8 heads) stream 32-key blocks, and in fp32
-    only 32 x 32 tiles in one stage fit. Every configuration fits SHARED_MEMORY_BUDGET for sm_80, sm_86 and
-    sm_90 (tests/test_kernels_compile.py compiles each one)."""
+    Head dims pad to a power of two of at least 16 (``tl.dot`` needs K >= 16).
+
+    fp16 / bf16: up to 64 frames, whole sequences pack into 64-row tiles; up to 128 frames with head dims <= 64,
+    one sequence fills a 128-row tile and reads its keys in two 64-key blocks (a 128 x 128 score tile spills
+    registers on sm_86), two stages; longer clips (and wider heads past 64 frames) stream 64-key blocks (32 for
+    heads wider than 128) past 64-query tiles, in three stages up to head dim 64 and two beyond (three stages of
+    128-wide key, value and bias blocks need 120 KB on sm_86).
+    fp32 ("ieee" dots, the exact path: Triton computes them with FMAs whose operands are held in registers):
+    32 x 32 tiles, packed up to 32 frames and streamed beyond, in two stages (one for heads wider than 128); 64-row
+    tiles spill kilobytes of registers per thread.
+
+    Each configuration compiles for sm_80, sm_86 and sm_90 within SHARED_MEMORY_PER_BLOCK and, in fp16 and bf16,
+    without register spills (tests/test_kernels_compile.py compiles the launches the launcher makes)."""
     block_d = max(16, triton.next_power_of_2(head_dim))
-    exact = dtype == torch.float32
-    stages = 2 if exact else 3
-    if block_d > 128 and exact:
-        packed, block_m, block_n, per_block, stages = False, 32, 32, 1, 1
-    elif T is not None and T <= 64:
-        packed, block_m, block_n, per_block = True, 64, 64, 64 // T
-    elif T is not None and T <= 128 and block_d <= 64 and not exact:
-        packed, block_m, block_n, per_block = True, 128, 128, 1
+    if dtype == torch.float32:
+        packed = T is not None and T <= 32
+        return Tiles(packed, 32, 32, 32 // T if packed else 1, block_d, "ieee", num_warps=8 if block_d > 64 else 4,
+                     num_stages=1 if block_d > 128 else 2)
+    if T is not None and T <= 64:
+        packed, block_m, block_n, per_block, stages = True, 64, 64, 64 // T, 3
+    elif T is not None and T <= 128 and block_d <= 64:
+        packed, block_m, block_n, per_block, stages = True, 128, 64, 1, 2
     else:
-        packed, block_m, block_n, per_block = False, 64, 32 if exact or block_d > 128 else 64, 1
-    return Tiles(packed, block_m, block_n, per_block, block_d, "ieee" if exact else "tf32",
+        packed, block_m, block_n, per_block = False, 64, 32 if block_d > 128 else 64, 1
+        stages = 3 if block_d <= 64 else 2
+    return Tiles(packed, block_m, block_n, per_block, block_d, "tf32",
                  num_warps=4 if block_m * block_d <= 64 * 64 else 8, num_stages=stages)
 
 

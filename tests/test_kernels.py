@@ -71,39 +71,44 @@ def test_temporal_attention_head_dims_and_many_sequences(D):
            ATTN_TOL[torch.float16])
 
 
+# (fp32, T) -> (packed, sequences per tile, block_m, block_n, stages) of temporal_attn.tiles at head dim 64
+LAUNCH_CONFIGURATIONS = {(False, 17): (True, 3, 64, 64, 3), (False, 80): (True, 1, 128, 64, 2),
+                         (False, 130): (False, 1, 64, 64, 3), (True, 17): (True, 1, 32, 32, 2),
+                         (True, 80): (False, 1, 32, 32, 2), (True, 130): (False, 1, 32, 32, 2)}
+
+
 @pytest.mark.parametrize("dtype", list(DTYPES))
-@pytest.mark.parametrize("T, branch", [(17, "packed 3 per 64-row tile"), (80, "128-row tile"), (130, "streamed")])
-def test_temporal_attention_every_launch_configuration(T, branch, dtype):
+@pytest.mark.parametrize("T", [17, 80, 130])
+def test_temporal_attention_every_launch_configuration(T, dtype):
     """Each branch of the launcher's tile choice (``temporal_attn.tiles``) against the reference, with a bias:
-    fp32 has no 128-row tiles and streams 32-key blocks under 64-row query tiles."""
+    fp16 packs three 17-frame sequences per 64-row tile, fills a 128-row tile with 80 frames (two 64-key blocks)
+    and streams 130; fp32 packs one 17-frame sequence per 32 x 32 tile and streams the longer ones."""
     from stunet.kernels.temporal_attn import tiles
 
     dtype = DTYPES[dtype]
     t = tiles(T, 64, dtype)
-    taken = (f"packed {t.seq_per_block} per {t.block_m}-row tile" if t.packed and t.seq_per_block > 1
-             else f"{t.block_m}-row tile" if t.packed else "streamed")
-    assert taken == (branch if dtype != torch.float32 or T <= 64 else "streamed")
-    exact = dtype == torch.float32
-    assert (t.block_n, t.num_stages) == (32 if exact and not t.packed else t.block_m, 2 if exact else 3)
+    assert (t.packed, t.seq_per_block, t.block_m, t.block_n, t.num_stages) == \
+        LAUNCH_CONFIGURATIONS[(dtype == torch.float32, T)]
     g = torch.Generator().manual_seed(T)
     qkv = _qkv(1, T, 3, 2 * 64, dtype, "tokens", g)
     bias = torch.randn(2, T, T, generator=g).to(DEVICE)
     _check(kernels.temporal_attention(qkv, 2, bias), kernels.temporal_attention_ref(qkv, 2, bias), dtype,
-           f"T={T} {taken}", ATTN_TOL[dtype])
+           f"T={T} {t}", ATTN_TOL[dtype])
 
 
 @pytest.mark.parametrize("dtype", list(DTYPES))
 @pytest.mark.parametrize("T", [17, 130])
 def test_temporal_attention_wide_heads(T, dtype):
     """Head dims 129 to 256 (AnimateDiff: 1280 channels in 8 heads of 160) pad to 256: packed 64-row tiles up to
-    64 frames in fp16, else 32-key blocks (fp32: 32 x 32 tiles in one stage, all that fits 99 KB)."""
+    64 frames in fp16, else 32-key blocks in two stages (fp32: 32 x 32 tiles in one stage, packed up to 32
+    frames)."""
     from stunet.kernels.temporal_attn import tiles
 
     dtype = DTYPES[dtype]
+    exact = dtype == torch.float32
     t = tiles(T, 160, dtype)
-    assert t.block_d == 256 and t.packed == (T <= 64 and dtype != torch.float32)
-    assert (t.block_m, t.block_n, t.num_stages) == ((32, 32, 1) if dtype == torch.float32 else
-                                                    (64, 64, 3) if t.packed else (64, 32, 3))
+    assert t.block_d == 256 and t.packed == (T <= (32 if exact else 64))
+    assert (t.block_m, t.block_n, t.num_stages) == ((32, 32, 1) if exact else (64, 64, 3) if t.packed else (64, 32, 2))
     g = torch.Generator().manual_seed(T)
     qkv = _qkv(1, T, 2, 2 * 160, dtype, "nchw", g)
     bias = torch.randn(2, T, T, generator=g).to(DEVICE)

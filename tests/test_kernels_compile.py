@@ -1,13 +1,15 @@
-"""Every Triton kernel compiles to PTX/cubin for the GPUs we target, on this CPU-only machine, and fits their
-shared memory.
+"""Every Triton kernel compiles to PTX/cubin for the GPUs we target, on this CPU-only machine, fits their shared
+memory and, on the product path (fp16 and bf16 on the channels-last trunk), keeps its registers.
 
 Triton's interpreter (tests/test_kernels.py) executes kernels with numpy and accepts code the compiler
 rejects (non-constexpr globals, type mismatches across branches, unsupported dot shapes), and it has no shared
-memory to run out of. Ahead-of-time compilation for sm_90 (H100/H200: fp16, bf16 and fp32), sm_80 (A100, the
-Ampere family of Jetson Orin) and sm_86 (Ampere workstation and consumer cards, 99 KB of shared memory per block)
-needs no GPU: ptxas ships with Triton, and the compiled kernel states its shared memory. Signatures mirror the
-launchers' argument types; temporal attention's launch configurations are the launcher's own
-(``temporal_attn.tiles``), over every branch it takes.
+memory to run out of and no registers to spill. Ahead-of-time compilation for sm_90 (H100/H200: fp16, bf16 and
+fp32), sm_80 (A100, the Ampere family of Jetson Orin) and sm_86 (Ampere and Ada workstation and consumer cards,
+99 KB of shared memory per block) needs no GPU: ptxas and cuobjdump ship with Triton, and the compiled kernel
+states its shared and local memory. What is compiled is what runs: the launchers themselves are called on meta
+tensors in the model's layouts, their launches recorded instead of run, and each launch specialised as Triton's
+JIT specialises it (unit strides as constants, 16-divisible integers and aligned pointers marked), which
+decides the vectorised loads, their pipelining and with them the shared memory and the registers.
 """
 from __future__ import annotations
 
@@ -23,93 +25,164 @@ from stunet.kernels import _triton
 
 pytestmark = pytest.mark.skipif(_triton.triton is None, reason="Triton is not installed")
 
-I32, I64, F32 = "i32", "i64", "fp32"
-
-
 _TORCH_DTYPES = {"fp16": "float16", "bf16": "bfloat16", "fp32": "float32"}
 # fp16 is the product path everywhere; bf16 (whose tl.dot Triton's interpreter cannot run) and the exact fp32
 # path on Hopper; fp32 also on sm_86, whose 99 KB of shared memory per block is the tightest budget.
 ARCH_DTYPES = {80: ("fp16",), 86: ("fp16", "fp32"), 90: ("fp16", "bf16", "fp32")}
-# One sequence length per branch of temporal_attn.tiles (packed 64-row tiles, 128-row tiles, streamed), each
-# with the largest head dim the branch takes (the most shared memory), with and without the bias; a head dim
-# that is not a power of two; and the wide heads (129 to 256), packed and streamed.
-ATTENTION_CASES = [(17, 128, False), (17, 128, True), (17, 48, False), (65, 64, False), (65, 64, True),
-                   (129, 128, False), (129, 128, True), (17, 160, True), (129, 256, True)]
+# (frames, heads, head dim, bias): one sequence length per branch of temporal_attn.tiles (packed 64-row tiles,
+# 128-row tiles, streamed), each with the largest head dim the branch takes (the most shared memory), with and
+# without the bias; a head dim that is not a power of two; the wide heads (129 to 256), packed and streamed;
+# a streamed 64-wide head; lumiere-base's (5 and 10 frames of 16 heads of 64 at its temporal-attention levels)
+# and an 80-frame clip.
+ATTENTION_CASES = [(17, 4, 128, False), (17, 4, 128, True), (17, 8, 48, False), (65, 8, 64, False),
+                   (65, 8, 64, True), (129, 4, 128, False), (129, 4, 128, True), (200, 8, 64, True),
+                   (17, 8, 160, True), (129, 5, 256, True), (5, 16, 64, True), (10, 16, 64, False),
+                   (80, 16, 64, True)]
+# (C, T, H, W, groups) of videos the GroupNorm kernels normalise: lumiere-base's first level, and a tiny one whose
+# sizes divide by nothing.
+GROUP_NORM_CASES = [(256, 80, 128, 128, 32), (64, 3, 5, 7, 8)]
+# Programs the GroupNorm statistics aim for: 4 per SM of each architecture's data-centre part (A100, RTX 3090's
+# 82 on sm_86, H100 SXM), as the launcher computes on the device.
+STATS_PROGRAMS = {80: 4 * 108, 86: 4 * 82, 90: 4 * 132}
+# The trunk's two memory formats (ExecutionPolicy.channels_last): the fast backend's, and the reference's.
+LAYOUTS = ("channels-last", "folded NCHW")
 
 
-def _variants(arch: int):
-    """(name, kernel, signature, constexprs, launch options) of every launch to compile for sm_<arch>."""
+def _trunk(B: int, C: int, T: int, H: int, W: int, dtype, layout: str):
+    """A meta (B*T, C, H, W) trunk tensor in ``layout``: no memory, the strides of the real one."""
+    import torch
+
+    trunk = torch.empty(B * T, C, H, W, dtype=dtype, device="meta")
+    return trunk.contiguous(memory_format=torch.channels_last) if layout == "channels-last" else trunk
+
+
+def _model_launches(arch: int):
+    """(name, kernel, positional args, keyword args) of every launch the op launchers make for the cases above
+    on sm_<arch>, recorded instead of run: the launchers' own tiles, grids and arguments, on meta tensors with
+    the model's layouts (the token view of the trunk for attention, its video view for GroupNorm)."""
+    from unittest import mock
+
     import torch
 
     from stunet.kernels import groupnorm as gn
     from stunet.kernels import temporal_attn as ta
 
-    out = []
+    launches = []
+
+    class recorder:  # stands for ``launch``: launch(kernel)[grid](*args, **kwargs) appends to ``launches``
+        def __init__(self, name: str):
+            self.name = name
+
+        def __call__(self, kernel):
+            self.kernel = kernel
+            return self
+
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: launches.append((self.name, self.kernel, args, kwargs))
+
     for dt in ARCH_DTYPES[arch]:
-        attn_sig = {"qkv": f"*{dt}", "out": f"*{dt}", "bias": "*fp32", "T": I32, "S": I32, "num_seq": I32,
-                    "C": I32, "qk_scale": F32,
-                    **{s: I64 for s in ("s_qb", "s_qt", "s_qs", "s_qc", "s_ob", "s_ot", "s_os", "s_oc")}}
-        seen = set()
-        for T, head_dim, bias in ATTENTION_CASES:
-            tiles = ta.tiles(T, head_dim, getattr(torch, _TORCH_DTYPES[dt]))  # the launcher's own choice
-            if (tiles, head_dim, bias) in seen:  # fp32 has no 128-row tiles
-                continue
-            seen.add((tiles, head_dim, bias))
-            kind = f"packed{tiles.seq_per_block}" if tiles.packed else "streamed"
-            out.append((f"attn-{dt}-{kind}-m{tiles.block_m}n{tiles.block_n}-d{head_dim}-bias{int(bias)}",
-                        ta._temporal_attn_fwd_kernel, attn_sig,
-                        dict(HAS_BIAS=bias, HEAD_DIM=head_dim, **tiles.constexprs()), tiles.options()))
-        if dt == "bf16" or arch == 86:
-            continue  # the GroupNorm kernels use no dot and almost no shared memory: fp16 and fp32 cover them
-        strides = {s: I64 for s in ("s_b", "s_c", "s_t", "s_p")}
-        stats = {"part": "*fp32", "T": I32, "P": I32, "C": I32, "G": I32, "CG": I32, "rows_per_group": I32,
-                 "rows_per_split": I32, **strides}
-        for clip, ibias in ((False, False), (True, True), (False, True)):
-            tag = f"{dt}-clip{int(clip)}-ibias{int(ibias)}"
-            out.append((f"gn-partial-{tag}", gn._gn_partial_kernel, {"x": f"*{dt}", "ibias": f"*{dt}", **stats},
-                        dict(CLIP_SCOPE=clip, HAS_IBIAS=ibias, BLOCK_R=256, BLOCK_CG=16), {}))
-            out.append((f"gn-partial-rows-{tag}", gn._gn_partial_rows_kernel,
-                        {"x": f"*{dt}", "ibias": f"*{dt}", **stats},
-                        dict(CLIP_SCOPE=clip, HAS_IBIAS=ibias, BLOCK_R=16, BLOCK_G=32, BLOCK_CG=8), {}))
-        for silu, ibias in ((False, False), (True, True)):
-            out.append((f"gn-apply-{dt}-silu{int(silu)}-ibias{int(ibias)}", gn._gn_apply_kernel,
-                        {"x": f"*{dt}", "y": f"*{dt}", "weight": f"*{dt}", "bias": f"*{dt}", "ibias": f"*{dt}",
-                         "stats": "*fp32", "T": I32, "P": I32, "C": I32, "G": I32, "CG": I32, **strides,
-                         **{s: I64 for s in ("y_b", "y_c", "y_t", "y_p")}},
-                        dict(CLIP_SCOPE=False, SILU=silu, HAS_IBIAS=ibias, BLOCK_P=64, BLOCK_C=64), {}))
-    out.append(("gn-finalize", gn._gn_finalize_kernel,
-                {"part": "*fp32", "stats": "*fp32", "num_groups": I32, "splits": I32, "eps": F32},
-                dict(BLOCK_G=64, BLOCK_S=16), {}))
-    return out
+        dtype = getattr(torch, _TORCH_DTYPES[dt])
+        for layout in LAYOUTS if dt == "fp16" else LAYOUTS[:1]:  # the product dtype in both
+            for T, heads, head_dim, bias in ATTENTION_CASES:
+                C, (H, W) = heads * head_dim, (5, 9)  # 45 pixels: no stride of the folded trunk divides by 16
+                trunk = _trunk(2, 3 * C, T, H, W, dtype, layout)
+                qkv = trunk.permute(0, 2, 3, 1).unflatten(0, (2, T)).flatten(2, 3)  # (B, T, S, 3C) tokens
+                b = torch.empty(heads, T, T, device="meta") if bias else None
+                with mock.patch.object(ta, "launch", recorder(f"attn-{dt}-{layout}-T{T}-d{head_dim}-bias{int(bias)}")):
+                    ta.temporal_attention(qkv, heads, b)
+            if dt == "bf16":
+                continue  # the GroupNorm kernels use no dot: fp16 and fp32 cover them
+            for C, T, H, W, G in GROUP_NORM_CASES:
+                x = _trunk(2, C, T, H, W, dtype, layout).unflatten(0, (2, T)).transpose(1, 2)  # (B, C, T, H, W)
+                w = torch.empty(C, dtype=dtype, device="meta")
+                for scope, silu, ibias in (("frame", True, False), ("clip", False, False), ("frame", True, True)):
+                    name = f"gn-{dt}-{layout}-C{C}xT{T}x{H}x{W}-{scope}-silu{int(silu)}-ibias{int(ibias)}"
+                    with mock.patch.object(gn, "launch", recorder(name)):
+                        gn.group_norm(x, G, w, w, 1e-5, scope, silu, torch.empty(2, C, dtype=dtype, device="meta")
+                                      if ibias else None, num_programs=STATS_PROGRAMS[arch])
+    return launches
 
 
-def compile_all(arch: int) -> list[str]:
-    """Compiles every variant for sm_<arch> with its launch options; returns one line per failure: a compile
-    error, or shared memory over the budget every targeted GPU allows a block (a launch over the device's limit
-    raises OutOfResources on the GPU, which no CPU test would see). Run in a process whose Triton was imported
-    without TRITON_INTERPRET (the interpreter swaps Triton's own library functions)."""
+def specialised(kernel, args: tuple, kwargs: dict):
+    """(signature, constexprs, attrs, options) of a launch as Triton's JIT specialises it (its own
+    ``native_specialize_impl``): an integer equal to 1 becomes a constant, one divisible by 16 and a 16-byte
+    aligned pointer carry ``tt.divisibility``, an integer is i32 or i64 by its value. A compile from a
+    hand-written signature misses all of this, and with it the vectorised loads, their pipelining (shared memory)
+    and the register pressure of the kernel that runs."""
+    import inspect
+
+    from triton.backends.nvidia.compiler import CUDABackend
+    from triton.runtime.jit import native_specialize_impl
+
+    options = {k: kwargs.pop(k) for k in ("num_warps", "num_stages") if k in kwargs}
+    bound = inspect.signature(kernel.fn).bind(*args, **kwargs).arguments
+    signature, constexprs, attrs = {}, {}, {}
+    for i, param in enumerate(kernel.params):
+        value = bound[param.name]
+        if param.is_constexpr:
+            signature[param.name], constexprs[(i,)] = "constexpr", value
+            continue
+        kind, key = native_specialize_impl(CUDABackend, value, False, not param.do_not_specialize, True)
+        signature[param.name] = kind
+        if kind == "constexpr":
+            constexprs[(i,)] = key
+        elif key:
+            attrs[(i,)] = CUDABackend.parse_attr(key)
+    return signature, constexprs, attrs, options
+
+
+def local_memory(cubin: bytes) -> int:
+    """Bytes of per-thread local memory (stack: register spills, local arrays) a compiled kernel uses, as
+    cuobjdump (shipped with Triton) reports it."""
+    import re
+    import tempfile
+
+    from triton import knobs
+
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        usage = subprocess.run([knobs.nvidia.cuobjdump.path, "-res-usage", f.name], capture_output=True,
+                               text=True, check=True).stdout
+    return max(int(n) for n in re.findall(r"STACK:(\d+)", usage))
+
+
+def compile_all(arch: int) -> dict:
+    """Compiles every recorded launch (once per distinct specialisation) for sm_<arch>; returns the failures
+    (a compile error; shared memory over what the architecture allows a block, which raises OutOfResources at
+    launch on the GPU and no CPU test would otherwise see; register spills on the product path: fp16 and bf16
+    on the channels-last trunk)
+    and each kernel's shared and local memory. Run in a process whose Triton was imported without
+    TRITON_INTERPRET (the interpreter swaps Triton's own library functions)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from stunet.kernels.temporal_attn import SHARED_MEMORY_BUDGET
+    from stunet.kernels.temporal_attn import SHARED_MEMORY_PER_BLOCK
 
-    failures = []
-    for name, fn, sig, constexprs, options in _variants(arch):
-        params = fn.arg_names
-        signature = {p: sig.get(p, "constexpr") for p in params}
+    failures, usage, seen = [], {}, {}
+    for name, kernel, args, kwargs in _model_launches(arch):
+        signature, constexprs, attrs, options = specialised(kernel, args, dict(kwargs))
+        key = repr((kernel.fn.__name__, signature, constexprs, attrs, options))
+        if key in seen:
+            continue
+        seen[key] = name = f"{name}:{kernel.fn.__name__}"
         try:
-            src = ASTSource(fn=fn, signature=signature,
-                            constexprs={(params.index(k),): v for k, v in constexprs.items()})
-            shared = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options).metadata.shared
+            compiled = triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs),
+                                      target=GPUTarget("cuda", arch, 32), options=options)
         except Exception as e:  # collect them all: one report names every kernel that fails
             lines = [line for line in str(e).splitlines() if line.strip()] or [repr(e)]
             failures.append(f"{name}: {type(e).__name__}: {lines[-1][:300]}")
             continue
-        if shared > SHARED_MEMORY_BUDGET:
-            failures.append(f"{name} {options}: {shared} bytes of shared memory, over the {SHARED_MEMORY_BUDGET} "
-                            f"every targeted GPU allows a block")
-    return failures
+        shared = compiled.metadata.shared
+        if shared > SHARED_MEMORY_PER_BLOCK[arch]:
+            failures.append(f"{name} {options}: {shared} bytes of shared memory, over the "
+                            f"{SHARED_MEMORY_PER_BLOCK[arch]} sm_{arch} allows a block")
+        local = local_memory(compiled.asm["cubin"])
+        if local and "fp32" not in name and "channels-last" in name:  # the fast backend's launches
+            failures.append(f"{name} {options}: spills registers ({local} bytes of local memory per thread)")
+        usage[name] = dict(shared=shared, local=local, options=options)
+    return dict(failures=failures, usage=usage)
 
 
 @pytest.mark.parametrize("arch", [80, 86, 90])
@@ -119,8 +192,11 @@ def test_every_kernel_compiles_ahead_of_time(arch):
     env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "TRITON_DEFAULT_FP_FUSION")}
     code = (f"import sys, json; sys.path.insert(0, {str(Path(__file__).parent)!r}); "
             f"from test_kernels_compile import compile_all; print(json.dumps(compile_all({arch})))")
-    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=600)
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=900)
     assert run.returncode == 0, run.stderr[-3000:]
     assert "FP_FUSION" not in run.stderr, run.stderr[-3000:]
-    failures = json.loads(run.stdout.strip().splitlines()[-1])
-    assert not failures, "\n".join(failures)
+    result = json.loads(run.stdout.strip().splitlines()[-1])
+    assert not result["failures"], "\n".join(result["failures"])
+    kernels = {name.split(":")[1] for name in result["usage"]}
+    assert kernels == {"_temporal_attn_fwd_kernel", "_gn_partial_kernel", "_gn_partial_rows_kernel",
+                       "_gn_finalize_kernel", "_gn_apply_kernel"}, kernels  # every kernel, in both layouts
