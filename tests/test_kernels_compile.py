@@ -1,5 +1,6 @@
 """Every Triton kernel compiles to PTX/cubin for the GPUs we target, on this CPU-only machine, fits their shared
-memory and, on the product path (fp16 and bf16 on the channels-last trunk), keeps its registers.
+memory and, on the product path (fp16 and bf16 on the channels-last trunk), keeps its registers and moves its
+data in vectors.
 
 Triton's interpreter (tests/test_kernels.py) executes kernels with numpy and accepts code the compiler
 rejects (non-constexpr globals, type mismatches across branches, unsupported dot shapes), and it has no shared
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -131,10 +133,14 @@ def specialised(kernel, args: tuple, kwargs: dict):
     return signature, constexprs, attrs, options
 
 
+SCALAR_HALF_ACCESS = re.compile(r"\b(?:ld|st)\.global(?:\.(?!v\d)[\w:]+)*?\.[bfu]16\b")
+"""A PTX global load or store of a single 16-bit value (``ld.global.b16``), where vector accesses (``.v4.b32``)
+should be: on the channels-last trunk every fp16 / bf16 tensor a kernel reads or writes is channel-contiguous."""
+
+
 def local_memory(cubin: bytes) -> int:
     """Bytes of per-thread local memory (stack: register spills, local arrays) a compiled kernel uses, as
     cuobjdump (shipped with Triton) reports it."""
-    import re
     import tempfile
 
     from triton import knobs
@@ -150,8 +156,8 @@ def local_memory(cubin: bytes) -> int:
 def compile_all(arch: int) -> dict:
     """Compiles every recorded launch (once per distinct specialisation) for sm_<arch>; returns the failures
     (a compile error; shared memory over what the architecture allows a block, which raises OutOfResources at
-    launch on the GPU and no CPU test would otherwise see; register spills on the product path: fp16 and bf16
-    on the channels-last trunk)
+    launch on the GPU and no CPU test would otherwise see; on the product path, fp16 and bf16 on the
+    channels-last trunk, register spills and 2-byte scalar memory accesses)
     and each kernel's shared and local memory. Run in a process whose Triton was imported without
     TRITON_INTERPRET (the interpreter swaps Triton's own library functions)."""
     import triton
@@ -179,8 +185,13 @@ def compile_all(arch: int) -> dict:
             failures.append(f"{name} {options}: {shared} bytes of shared memory, over the "
                             f"{SHARED_MEMORY_PER_BLOCK[arch]} sm_{arch} allows a block")
         local = local_memory(compiled.asm["cubin"])
-        if local and "fp32" not in name and "channels-last" in name:  # the fast backend's launches
-            failures.append(f"{name} {options}: spills registers ({local} bytes of local memory per thread)")
+        if "fp32" not in name and "channels-last" in name:  # the fast backend's launches
+            if local:
+                failures.append(f"{name} {options}: spills registers ({local} bytes of local memory per thread)")
+            scalar = len(SCALAR_HALF_ACCESS.findall(compiled.asm["ptx"]))
+            if scalar:
+                failures.append(f"{name}: {scalar} global loads or stores of one 2-byte element; the channels are "
+                                "contiguous and aligned here, so they should move as vectors")
         usage[name] = dict(shared=shared, local=local, options=options)
     return dict(failures=failures, usage=usage)
 
