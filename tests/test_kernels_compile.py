@@ -40,8 +40,8 @@ ATTENTION_CASES = [(17, 4, 128, False), (17, 4, 128, True), (17, 8, 48, False), 
                    (65, 8, 64, True), (129, 4, 128, False), (129, 4, 128, True), (200, 8, 64, True),
                    (17, 8, 160, True), (129, 5, 256, True), (5, 16, 64, True), (10, 16, 64, False),
                    (80, 16, 64, True)]
-# (C, T, H, W, groups) of videos the GroupNorm kernels normalise: lumiere-base's first level, and a tiny one whose
-# sizes divide by nothing.
+# (C, T, H, W, groups) of videos the GroupNorm kernels normalise: lumiere-base's first level, and a tiny one with
+# odd frame, height and width counts.
 GROUP_NORM_CASES = [(256, 80, 128, 128, 32), (64, 3, 5, 7, 8)]
 # Programs the GroupNorm statistics aim for: 4 per SM of each architecture's data-centre part (A100, RTX 3090's
 # 82 on sm_86, H100 SXM), as the launcher computes on the device.
