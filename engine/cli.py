@@ -384,6 +384,17 @@ def _mode_inputs(args, parser) -> dict:
     return {}
 
 
+def _note_upscale_size(ssr, size: tuple[int, int]) -> None:
+    """Says so when upscale's video is not the size the SSR model was trained to raise: it raises any size by the
+    same factor, so a video already at the model's output size (a cascade's final video, say) comes out larger
+    still, at a cost that grows with its area."""
+    h, w = size
+    if (h, w) != (ssr.low_res_size, ssr.low_res_size):
+        n, m = ssr.low_res_size, ssr.sample_size
+        _note(f"the video is {w}x{h}; this SSR model raises {n}x{n} videos to {m}x{m}, so it makes "
+              f"{w * m // n}x{h * m // n} (a cascade's base video is `stunet generate --low-res-output`)")
+
+
 def _run_mode(pipe, args, inputs: dict, call: dict):
     """The generation of ``args.command``. An input video fixes the frames; the modes that take an image or a
     video resize it to --height / --width when given (upscale takes it as it is)."""
@@ -399,6 +410,7 @@ def _run_mode(pipe, args, inputs: dict, call: dict):
         return pipe.inpaint(inputs["video"], inputs["region"], args.prompt, height=args.height, width=args.width,
                             **sized)
     if command == "upscale":
+        _note_upscale_size(pipe.ssr.config, inputs["video"].shape[1:3])
         return pipe.upscale(inputs["video"], args.prompt, **sized)
     return pipe.video_to_video(inputs["video"], args.prompt, strength=args.strength, height=args.height,
                                width=args.width, **sized)

@@ -84,6 +84,12 @@ def test_upscale_raises_a_video_with_the_ssr_model(tmp_path, capsys):
                       "--ssr", "{tmp}/ssr", "--steps", "2", "-q"], tmp_path, capsys)
     assert code == 0, err
     assert np.asarray(read_mp4(tmp_path / "high.mp4")).shape == (4, 16, 16, 3) and "ssr" in err
+    assert "SSR model raises" not in err
+    code, err = _cli(["upscale", "x", "-o", "{tmp}/higher.mp4", "--video", "{tmp}/high.mp4", "--model", "{tmp}/base",
+                      "--ssr", "{tmp}/ssr", "--steps", "1", "-q"], tmp_path, capsys)  # the raised video, again
+    assert code == 0 and "stunet: the video is 16x16; this SSR model raises 8x8 videos to 16x16, so it makes 32x32" \
+        in err, err
+    assert np.asarray(read_mp4(tmp_path / "higher.mp4")).shape == (4, 32, 32, 3)
     # Lossless frames: a cascade's base video (--low-res-output) raised with its seed gives its video.
     cascade = ["--model", "{tmp}/base", "--ssr", "{tmp}/ssr", "--steps", "2", "--seed", "7", "-q"]
     code, err = _cli(["generate", "x", "-o", "{tmp}/full.npy", "--low-res-output", "{tmp}/base.npy", "--frames",
