@@ -138,6 +138,11 @@ SCALAR_HALF_ACCESS = re.compile(r"\b(?:ld|st)\.global(?:\.(?!v\d)[\w:]+)*?\.[bfu
 should be: on the channels-last trunk every fp16 / bf16 tensor a kernel reads or writes is channel-contiguous."""
 
 
+TENSOR_CORE_MMA = re.compile(r"\b(?:wgmma\.mma_async|mma\.sync)\b")
+"""A tensor-core matrix instruction in PTX (Hopper's wgmma, Ampere's mma.sync): fp16 and bf16 attention's dots
+must compile to them (fp32's exact "ieee" dots run on FMAs)."""
+
+
 def local_memory(cubin: bytes) -> int:
     """Bytes of per-thread local memory (stack: register spills, local arrays) a compiled kernel uses, as
     cuobjdump (shipped with Triton) reports it."""
@@ -157,7 +162,8 @@ def compile_all(arch: int) -> dict:
     """Compiles every recorded launch (once per distinct specialisation) for sm_<arch>; returns the failures
     (a compile error; shared memory over what the architecture allows a block, which raises OutOfResources at
     launch on the GPU and no CPU test would otherwise see; on the product path, fp16 and bf16 on the
-    channels-last trunk, register spills and 2-byte scalar memory accesses)
+    channels-last trunk, register spills and 2-byte scalar memory accesses; fp16 and bf16 attention without
+    tensor cores)
     and each kernel's shared and local memory. Run in a process whose Triton was imported without
     TRITON_INTERPRET (the interpreter swaps Triton's own library functions)."""
     import triton
@@ -185,6 +191,8 @@ def compile_all(arch: int) -> dict:
             failures.append(f"{name} {options}: {shared} bytes of shared memory, over the "
                             f"{SHARED_MEMORY_PER_BLOCK[arch]} sm_{arch} allows a block")
         local = local_memory(compiled.asm["cubin"])
+        if name.startswith("attn-") and "fp32" not in name and not TENSOR_CORE_MMA.search(compiled.asm["ptx"]):
+            failures.append(f"{name}: its dots run without tensor cores (no mma.sync / wgmma in its PTX)")
         if "fp32" not in name and "channels-last" in name:  # the fast backend's launches
             if local:
                 failures.append(f"{name} {options}: spills registers ({local} bytes of local memory per thread)")
