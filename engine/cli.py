@@ -531,13 +531,15 @@ def extras_status() -> dict[str, str]:
     except ImportError:  # without packaging, every requirement of an extra counts on every platform
         Marker = None
     needs: dict[str, list[str]] = {}
+    elsewhere: set[str] = set()  # extras with a requirement for other platforms only (tensorrt-rtx off x86-64)
     for line in requires:
         requirement, _, marker = line.partition(";")
         extra = re.search(r"""extra\s*==\s*['"]([^'"]+)['"]""", marker)
         if extra is None or extra.group(1) not in EXTRAS:
             continue
         if Marker is not None and not Marker(marker).evaluate({"extra": extra.group(1)}):
-            continue  # not for this platform
+            elsewhere.add(extra.group(1))
+            continue
         needs.setdefault(extra.group(1), []).append(re.match(r"[A-Za-z0-9._-]+", requirement.strip()).group())
     status = {}
     for extra, use in EXTRAS.items():
@@ -547,7 +549,7 @@ def extras_status() -> dict[str, str]:
                 found.append(f"{name} {metadata.version(name)}")
             except metadata.PackageNotFoundError:
                 missing.append(name)
-        if not needs.get(extra):
+        if extra in elsewhere or not needs.get(extra):
             status[extra] = f"not available on this platform ({use})"
         elif missing:
             status[extra] = f"{', '.join(missing)} not installed: pip install 'stunet[{extra}]' for {use}"

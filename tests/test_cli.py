@@ -352,6 +352,21 @@ def test_env_names_every_extra_and_what_a_missing_one_takes(capsys, monkeypatch)
     assert status["text"].startswith(f"transformers {installed('transformers')}: ")
 
 
+def test_env_says_an_extra_for_other_platforms_is_not_available_here(monkeypatch):
+    """tensorrt-rtx's wheels are for x86-64 only: on an ARM machine (a Jetson) the extra is not available at all,
+    though its other requirement (onnx) may be installed."""
+    from packaging import markers  # pytest's own dependency
+
+    from stunet.cli import extras_status
+
+    evaluate = markers.Marker.evaluate
+    monkeypatch.setattr(markers.Marker, "evaluate", lambda self, environment=None, **kw: evaluate(
+        self, {**(environment or {}), "platform_machine": "aarch64"}, **kw))
+    status = extras_status()
+    assert status["tensorrt-rtx"] == "not available on this platform (TensorRT-RTX engine builds, without a GPU)"
+    assert status["export"].startswith("onnx ")
+
+
 def test_info_errors_use_the_info_usage(capsys):
     with pytest.raises(SystemExit) as info:
         main(["info", "no-such-preset"])
