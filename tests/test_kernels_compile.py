@@ -163,8 +163,7 @@ def compile_all(arch: int) -> dict:
     (a compile error; shared memory over what the architecture allows a block, which raises OutOfResources at
     launch on the GPU and no CPU test would otherwise see; on the product path, fp16 and bf16 on the
     channels-last trunk, register spills and 2-byte scalar memory accesses; fp16 and bf16 attention without
-    tensor cores)
-    and each kernel's shared and local memory. Run in a process whose Triton was imported without
+    tensor cores) and each kernel's shared and local memory. Run in a process whose Triton was imported without
     TRITON_INTERPRET (the interpreter swaps Triton's own library functions)."""
     import triton
     from triton.backends.compiler import GPUTarget
@@ -172,13 +171,14 @@ def compile_all(arch: int) -> dict:
 
     from stunet.kernels.temporal_attn import SHARED_MEMORY_PER_BLOCK
 
-    failures, usage, seen = [], {}, {}
+    failures, usage, seen = [], {}, set()
     for name, kernel, args, kwargs in _model_launches(arch):
         signature, constexprs, attrs, options = specialised(kernel, args, dict(kwargs))
         key = repr((kernel.fn.__name__, signature, constexprs, attrs, options))
         if key in seen:
             continue
-        seen[key] = name = f"{name}:{kernel.fn.__name__}"
+        seen.add(key)
+        name = f"{name}:{kernel.fn.__name__}"
         try:
             compiled = triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs),
                                       target=GPUTarget("cuda", arch, 32), options=options)
