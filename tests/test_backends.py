@@ -273,3 +273,21 @@ def test_gpu_cuda_graph_replay_equals_eager_fast_and_follows_text_changes():
     other = torch.randn_like(text)
     assert torch.equal(graphed(x, t, other), eager(x, t, other))
     assert len(graphed._graphs) == 1
+
+
+@pytest.mark.gpu
+def test_gpu_cuda_graphs_of_batch_slices_keep_their_own_text_kv():
+    """max_batch=1 on a CFG pair: a graph per slice, each computing its text K/V once (one graph shared by the
+    halves would refresh its K/V at every call), and the replays equal the eager slices bit for bit."""
+    model = _model("small").cuda().half()
+    graphed, eager = FastBackend(model, max_batch=1), FastBackend(model, graphs=False, max_batch=1)
+    x, t, text = make_inputs(model.config, batch=2, frames=16, size=64)
+    x, t, text = x.cuda().half(), t.cuda(), text.cuda().half()
+    assert torch.equal(graphed(x, t, text), eager(x, t, text))  # captures both slices' graphs
+    refreshes = []
+    for name, m in graphed.model.named_modules():
+        if name.endswith("cross_kv"):
+            m.register_forward_hook(lambda mod, i, o: refreshes.append(mod))
+    for step in range(1, 4):
+        assert torch.equal(graphed(x, t - step, text), eager(x, t - step, text))
+    assert len(graphed._graphs) == 2 and refreshes == []

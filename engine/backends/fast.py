@@ -114,7 +114,7 @@ class FastBackend(Backend):
         if not self.graphs:
             policy = dataclasses.replace(self.policy, text_kv=self._stores.setdefault(slot, TextKVStore()))
             return self.model(x, timesteps, text, text_mask, noise_level=noise_level, policy=policy)
-        return self._replay(x, timesteps, text, text_mask, noise_level)
+        return self._replay(slot, x, timesteps, text, text_mask, noise_level)
 
     # -- CUDA graphs -----------------------------------------------------------------------------------------
     def _host_vector(self, name: str, value, batch: int) -> torch.Tensor:
@@ -123,12 +123,15 @@ class FastBackend(Backend):
             value = value.detach().cpu()
         return _as_batch_vector(name, value, batch, torch.device("cpu"), self.config.num_train_timesteps)
 
-    def _replay(self, x, timesteps, text, text_mask, noise_level) -> torch.Tensor:
+    def _replay(self, slot: tuple[int, int], x, timesteps, text, text_mask, noise_level) -> torch.Tensor:
+        """One graph per batch slice and input shape: like the eager stores, each slice's graph keeps its own
+        text K/V (the halves of a CFG pair in slices of one would otherwise refresh a shared graph's every call);
+        the graphs share one memory pool, so their activations take the room of one."""
         B = x.shape[0]
         t = self._host_vector("timesteps", timesteps, B)
         nl = self._host_vector("noise_level", 0 if noise_level is None else noise_level, B) \
             if self.config.noise_aug else None
-        key = (tuple(x.shape), x.dtype, x.device, tuple(text.shape), text.dtype, text_mask is not None)
+        key = (slot, tuple(x.shape), x.dtype, x.device, tuple(text.shape), text.dtype, text_mask is not None)
         g = self._graphs.get(key)
         if g is None:
             g = self._capture(x, t, text, text_mask, nl)
