@@ -176,11 +176,12 @@ def _gn_apply_kernel(
     CLIP_SCOPE: tl.constexpr, SILU: tl.constexpr, HAS_IBIAS: tl.constexpr,
     BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    bt = tl.program_id(0)
+    pixel_blocks = tl.cdiv(P, BLOCK_P)
+    bt = tl.program_id(0) // pixel_blocks  # (frame, pixel block) on the grid's x axis, which takes 2^31 - 1
     b = bt // T
     t = bt % T
-    p = tl.program_id(1) * BLOCK_P + tl.arange(0, BLOCK_P)
-    c = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)
+    p = (tl.program_id(0) % pixel_blocks) * BLOCK_P + tl.arange(0, BLOCK_P)
+    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     p_ok = p < P
     c_ok = c < C
     ok = p_ok[:, None] & c_ok[None, :]
@@ -309,7 +310,7 @@ def group_norm(x: torch.Tensor, num_groups: int, weight: torch.Tensor, bias: tor
     y = torch.empty_like(x)  # x's strides (x is dense: the op checked that H and W merge)
     block_c = min(64, triton.next_power_of_2(C))
     block_p = max(1, min(triton.next_power_of_2(P), 4096 // block_c))
-    grid = (B * T, triton.cdiv(P, block_p), triton.cdiv(C, block_c))
+    grid = (B * T * triton.cdiv(P, block_p), triton.cdiv(C, block_c))
     launch(_gn_apply_kernel)[grid](x, y, weight, bias, ibias, stats, T, P, C, G, CG, *sx, *_video_strides(y),
                            CLIP_SCOPE=scope == "clip", SILU=silu, HAS_IBIAS=has_ibias, BLOCK_P=block_p,
                            BLOCK_C=block_c)

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from utils import assert_close
+from utils import assert_close, recorded_launches
 
 from stunet import kernels
 from stunet.kernels import _triton
@@ -322,6 +322,55 @@ def test_temporal_attention_offsets_past_two_to_the_31(device, tmp_path):
     qkv, values = _far_apart((1, 3, 2, 96), (1, 4, 2, 2**25), tmp_path, device)
     _check(kernels.temporal_attention(qkv, 2).cpu(), kernels.temporal_attention_ref(values, 2), torch.float16,
            "far-apart channels", ATTN_TOL[torch.float16])
+
+
+# CUDA's grid: up to 2^31 - 1 programs along x, 65,535 along y and z. Shapes are drawn up to what fits in 128 GiB
+# of fp16 (2^36 elements), on meta tensors: the launchers' grids are recorded, nothing runs.
+GRID_LIMITS = (2**31 - 1, 65535, 65535)
+MAX_ELEMENTS = 2**36
+
+
+def _assert_grids_fit(launches, what):
+    assert launches, what
+    for _, kernel, grid, _, _ in launches:
+        assert 1 <= len(grid) <= 3 and all(1 <= int(n) <= limit for n, limit in zip(grid, GRID_LIMITS)), \
+            f"{kernel.fn.__name__} launched over grid {grid} (CUDA allows {GRID_LIMITS}) for {what}"
+
+
+@settings(max_examples=60, deadline=None)
+@given(B=st.sampled_from([1, 2, 7, 64]), C=st.sampled_from([32, 64, 320, 1280]), T=st.sampled_from([1, 5, 80, 2048]),
+       H=st.sampled_from([1, 3, 128, 1024, 4096, 8192]), W=st.sampled_from([1, 5, 128, 1024, 4096, 8192]),
+       scope=st.sampled_from(["frame", "clip"]), layout=st.sampled_from(["contiguous", "channels-last"]))
+def test_group_norm_grids_fit_cuda_limits(B, C, T, H, W, scope, layout):
+    from hypothesis import assume
+
+    from stunet.kernels import groupnorm
+
+    assume(B * C * T * H * W <= MAX_ELEMENTS)
+    trunk = torch.empty(B * T, C, H, W, dtype=torch.float16, device="meta")
+    if layout == "channels-last":
+        trunk = trunk.contiguous(memory_format=torch.channels_last)
+    x = trunk.unflatten(0, (B, T)).transpose(1, 2)  # (B, C, T, H, W)
+    w = torch.empty(C, dtype=torch.float16, device="meta")
+    with recorded_launches(groupnorm) as launches:
+        groupnorm.group_norm(x, 32, w, w, 1e-5, scope, True, num_programs=4 * 132)
+    _assert_grids_fit(launches, f"a {layout} (B, C, T, H, W) = {tuple(x.shape)} video, {scope} scope")
+
+
+@settings(max_examples=60, deadline=None)
+@given(B=st.sampled_from([1, 2, 64]), T=st.sampled_from([1, 8, 80, 128, 1024]),
+       S=st.sampled_from([1, 256, 128 * 128, 1024 * 1024, 4096 * 4096]), heads=st.sampled_from([1, 8, 16]),
+       D=st.sampled_from([32, 64, 128]))
+def test_temporal_attention_grids_fit_cuda_limits(B, T, S, heads, D):
+    from hypothesis import assume
+
+    from stunet.kernels import temporal_attn
+
+    assume(B * T * S * 3 * heads * D <= MAX_ELEMENTS)
+    qkv = torch.empty(B, T, S, 3 * heads * D, dtype=torch.float16, device="meta")
+    with recorded_launches(temporal_attn) as launches:
+        temporal_attn.temporal_attention(qkv, heads)
+    _assert_grids_fit(launches, f"(B, T, S) = {(B, T, S)}, {heads} heads of {D}")
 
 
 # -- GPU ---------------------------------------------------------------------------------------------------------------

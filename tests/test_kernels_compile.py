@@ -59,29 +59,16 @@ def _trunk(B: int, C: int, T: int, H: int, W: int, dtype, layout: str):
 
 
 def _model_launches(arch: int):
-    """(name, kernel, positional args, keyword args) of every launch the op launchers make for the cases above
+    """(name, kernel, grid, positional args, keyword args) of every launch the op launchers make for the cases above
     on sm_<arch>, recorded instead of run: the launchers' own tiles, grids and arguments, on meta tensors with
     the model's layouts (the token view of the trunk for attention, its video view for GroupNorm)."""
-    from unittest import mock
-
     import torch
+    from utils import recorded_launches
 
     from stunet.kernels import groupnorm as gn
     from stunet.kernels import temporal_attn as ta
 
     launches = []
-
-    class recorder:  # stands for ``launch``: launch(kernel)[grid](*args, **kwargs) appends to ``launches``
-        def __init__(self, name: str):
-            self.name = name
-
-        def __call__(self, kernel):
-            self.kernel = kernel
-            return self
-
-        def __getitem__(self, grid):
-            return lambda *args, **kwargs: launches.append((self.name, self.kernel, args, kwargs))
-
     for dt in ARCH_DTYPES[arch]:
         dtype = getattr(torch, _TORCH_DTYPES[dt])
         for layout in LAYOUTS if dt == "fp16" else LAYOUTS[:1]:  # the product dtype in both
@@ -90,8 +77,9 @@ def _model_launches(arch: int):
                 trunk = _trunk(2, 3 * C, T, H, W, dtype, layout)
                 qkv = trunk.permute(0, 2, 3, 1).unflatten(0, (2, T)).flatten(2, 3)  # (B, T, S, 3C) tokens
                 b = torch.empty(heads, T, T, device="meta") if bias else None
-                with mock.patch.object(ta, "launch", recorder(f"attn-{dt}-{layout}-T{T}-d{head_dim}-bias{int(bias)}")):
+                with recorded_launches(ta, f"attn-{dt}-{layout}-T{T}-d{head_dim}-bias{int(bias)}") as recorded:
                     ta.temporal_attention(qkv, heads, b)
+                launches += recorded
             if dt == "bf16":
                 continue  # the GroupNorm kernels use no dot: fp16 and fp32 cover them
             for C, T, H, W, G in GROUP_NORM_CASES:
@@ -99,9 +87,10 @@ def _model_launches(arch: int):
                 w = torch.empty(C, dtype=dtype, device="meta")
                 for scope, silu, ibias in (("frame", True, False), ("clip", False, False), ("frame", True, True)):
                     name = f"gn-{dt}-{layout}-C{C}xT{T}x{H}x{W}-{scope}-silu{int(silu)}-ibias{int(ibias)}"
-                    with mock.patch.object(gn, "launch", recorder(name)):
+                    with recorded_launches(gn, name) as recorded:
                         gn.group_norm(x, G, w, w, 1e-5, scope, silu, torch.empty(2, C, dtype=dtype, device="meta")
                                       if ibias else None, num_programs=STATS_PROGRAMS[arch])
+                    launches += recorded
     return launches
 
 
@@ -172,7 +161,7 @@ def compile_all(arch: int) -> dict:
     from stunet.kernels.temporal_attn import SHARED_MEMORY_PER_BLOCK
 
     failures, usage, seen = [], {}, set()
-    for name, kernel, args, kwargs in _model_launches(arch):
+    for name, kernel, _, args, kwargs in _model_launches(arch):
         signature, constexprs, attrs, options = specialised(kernel, args, dict(kwargs))
         key = repr((kernel.fn.__name__, signature, constexprs, attrs, options))
         if key in seen:

@@ -1,7 +1,9 @@
 """Test helpers: seeded inputs, randomised temporal weights, and comparisons that explain their failures."""
 from __future__ import annotations
 
+import contextlib
 import importlib
+from unittest import mock
 
 import pytest
 import torch
@@ -76,3 +78,22 @@ def tiny_model(**overrides) -> stunet.STUNet:
     """The ``tiny`` preset (with ``overrides``) with seeded weights and clearly non-identity temporal modules."""
     torch.manual_seed(0)
     return randomize_temporal(stunet.STUNet(stunet.STUNetConfig.from_preset("tiny", **overrides)), scale=0.2).eval()
+
+
+@contextlib.contextmanager
+def recorded_launches(module, name: str = ""):
+    """``module.launch`` (used as ``launch(kernel)[grid](*args, **kwargs)``) replaced by a recorder: within the
+    block each launch appends ``(name, kernel, grid, args, kwargs)`` to the yielded list instead of running, so
+    the launchers' own tiles, grids and arguments can be checked on meta tensors of any size."""
+    launches = []
+
+    class Recorder:
+        def __call__(self, kernel):
+            self.kernel = kernel
+            return self
+
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: launches.append((name, self.kernel, tuple(grid), args, kwargs))
+
+    with mock.patch.object(module, "launch", Recorder()):
+        yield launches
