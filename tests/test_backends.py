@@ -159,6 +159,49 @@ def test_fast_backend_max_batch_runs_slices_with_the_same_result(monkeypatch):
         FastBackend(model, max_batch=0)
 
 
+# Ops whose result the host must read (a device synchronisation): inside a CUDA graph capture they fail.
+HOST_READS = {"aten::_local_scalar_dense", "aten::is_nonzero", "aten::equal", "aten::allclose", "aten::nonzero",
+              "aten::masked_select", "aten::_unique2", "aten::unique_consecutive", "aten::unique_dim"}
+
+
+@pytest.mark.parametrize("preset, overrides", [("tiny", {}), ("tiny-cond", {"norm_scope": "clip"}),
+                                               ("tiny", {"noise_aug": True, "in_channels": 6, "low_res_size": 4})])
+def test_the_forward_the_fast_backend_captures_reads_nothing_back(monkeypatch, preset, overrides):
+    """The call ``FastBackend`` captures as a CUDA graph (``forward_checked`` with the fast policy, text mask and
+    noise level given) dispatches no op that reads a device value on the host, which would fail the capture:
+    pinned on the CPU, where a TorchDispatchMode sees every op."""
+    import dataclasses
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from stunet.model import TextKVStore
+    from stunet.model.validate import check_forward_inputs
+
+    class Reads(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.seen = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func._schema.name in HOST_READS:
+                self.seen.append(func._schema.name)
+            return func(*args, **(kwargs or {}))
+
+    monkeypatch.setenv("TRITON_INTERPRET", "0")  # the ops' reference math: the interpreter itself reads values
+    model = _model(preset, **overrides)
+    fast = FastBackend(model)
+    x, t, text = make_inputs(model.config, batch=2)
+    mask = torch.arange(text.shape[1]).expand(2, -1) < 5
+    level = torch.tensor([10.0, 20.0]) if model.config.noise_aug else None
+    args = check_forward_inputs(fast.model, x, t, text, mask, level, False)
+    policy = dataclasses.replace(fast.policy, text_kv=TextKVStore())
+    with torch.no_grad():
+        fast.model.forward_checked(*args, policy)  # the warm-up: fills the text K/V store, as before a capture
+        with Reads() as reads:
+            fast.model.forward_checked(*args, policy)
+    assert reads.seen == []
+
+
 def test_make_backend_names_and_errors():
     model = _model()
     assert make_backend(model).name == "reference" and set(BACKENDS) == {"reference", "fast", "compile", "aoti",
