@@ -49,7 +49,8 @@ def run(backend: str, runtime: str, args, device, dtype) -> Row:
                              overlap=1 if args.quick else 2, batch_size=args.ssr_batch)
     kw = dict(prompt_embeds=text, num_frames=frames, height=size, width=size, num_inference_steps=args.steps,
               guidance_scale=7.5, seed=0, ssr=ssr_options)
-    label = f"{'tiny' if args.quick else 'lumiere-base + lumiere-ssr'} {frames} frames, {args.steps}+{args.ssr_steps} steps"
+    cascade = "tiny" if args.quick else "lumiere-base + lumiere-ssr"
+    label = f"{cascade} {frames} frames, {args.steps}+{args.ssr_steps} steps"
     impl = f"{backend} + {runtime}"
     try:
         if args.warmup:

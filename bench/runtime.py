@@ -73,7 +73,8 @@ def blend_rows(name: str, shape, window: int, overlap: int, device, dtype, iters
     length = min(window, T)
     weights = window_weights(T, starts, window, "uniform")
     windows = torch.randn(len(starts), b, c, length, h, w, device=device).to(dtype)
-    label = f"{name} {len(starts)}x{'x'.join(map(str, (b, c, length, h, w)))} -> T={T} {str(dtype).replace('torch.', '')}"
+    dims = "x".join(map(str, (len(starts), b, c, length, h, w)))
+    label = f"{name} {dims} -> T={T} {str(dtype).replace('torch.', '')}"
     nbytes = windows.numel() * windows.element_size() + b * c * T * h * w * windows.element_size()
     listed = list(windows)
     return [
