@@ -7,7 +7,10 @@
 
 Reports ms per step, TFLOP/s from the model's analytic FLOP count (``STUNet.flops``: convs, linears, attention
 matmuls), MFU against the FP16 matmul throughput measured in the same run (the roofline column; its inverse is
-how far the step is from its FLOP lower bound), and the step's peak memory. The stock row is the eager
+how far the step is from its FLOP lower bound), and the step's memory: on a GPU the measured peak, beside the
+weights and the activations the forward holds at its peak as simulated on meta tensors
+(``stunet.model.forward_peak_bytes`` for the reference's and the fast backend's policies), so each run shows how
+far the simulation is from the allocator's count. The stock row is the eager
 reference in FP16 ("reference"); "compile" is torch.compile of the same module; "aoti" is the model compiled
 ahead of time into an AOTInductor package (``stunet.export.export_aoti``, static at the timed geometry, with
 max-autotune on CUDA when ``--compile-mode`` asks for it), whose build seconds are recorded beside its row;
@@ -27,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from harness import Row, command, parser, report, timed_step  # noqa: E402
 
 from stunet import STUNet, STUNetConfig  # noqa: E402
+from stunet.model import FAST, REFERENCE, forward_peak_bytes  # noqa: E402
 from stunet.sampling import runtime  # noqa: E402
 from stunet.backends import make_backend  # noqa: E402
 from stunet.sampling.samplers import make_sampler  # noqa: E402
@@ -70,11 +74,26 @@ def step_row(preset: str, backend: str, device, dtype, iters: int, compile_mode:
         executor = make_backend(model, backend, **kwargs)
         row = time_step(model, executor, shape, impl, device, dtype, iters, T, H, W)
     row.extra.update(build)
+    row.extra.update(memory(model, backend, max_batch or 2, T, H, W, row.extra.get("peak_memory_gb")))
     del executor, model
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return row
+
+
+def memory(model: STUNet, backend: str, batch: int, T: int, H: int, W: int, peak_gb: float | None) -> dict:
+    """The weights' and the simulated activations' GB of a forward (batch: the clips one model call holds,
+    ``max_batch`` when the pair runs in slices), and a note beside the measured peak. The compile and aoti rows
+    take the reference's figure: inductor's buffer reuse can only lower it."""
+    policy = FAST if backend == "fast" else REFERENCE
+    weights = sum(p.numel() * p.element_size() for p in model.parameters()) / 1e9
+    simulated = forward_peak_bytes(model.config, batch=batch, frames=T, height=H, width=W, text_len=77,
+                                   dtype=model.dtype, policy=policy) / 1e9
+    out = {"weights_gb": weights, "simulated_activation_gb": simulated}
+    if peak_gb is not None:
+        out["note"] = f"peak {peak_gb:.2f} GB (weights {weights:.2f} + activations {simulated:.2f} simulated)"
+    return out
 
 
 def time_step(model: STUNet, executor, shape: str, impl: str, device, dtype, iters: int, T: int, H: int,

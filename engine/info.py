@@ -1,7 +1,8 @@
 """Static analysis of a configuration: parameters, analytic FLOPs, activation memory, per-level geometry.
 
-Everything is computed on the ``meta`` device, so ``lumiere-base`` (1.5 B parameters) is analysed in
-milliseconds without allocating its weights.
+Everything is computed on the ``meta`` device, so ``lumiere-base`` (1.5 B parameters) is analysed in about a
+second without allocating its weights: the activation memory is a forward simulated there
+(``stunet.model.memory``) for the reference and for the fast backend's policy.
 """
 from __future__ import annotations
 
@@ -11,9 +12,10 @@ from dataclasses import dataclass
 import torch
 
 from .config import STUNetConfig
-from .model import STUNet
+from .model import FAST, REFERENCE, STUNet, forward_peak_bytes
 
 BYTES_PER_ELEMENT = {"fp16": 2, "bf16": 2, "fp32": 4}
+POLICIES = {"reference": REFERENCE, "fast": FAST}
 
 
 @dataclass(frozen=True)
@@ -29,7 +31,8 @@ class ModelInfo:
     parameters: int
     temporal_parameters: int
     flops: int
-    activation_bytes: int
+    activation_bytes: dict[str, int]
+    """Peak activation bytes of one forward, per execution (``POLICIES``): simulated, weights excluded."""
     levels: list[dict]
 
     @property
@@ -58,7 +61,9 @@ class ModelInfo:
             f"input         batch {self.batch} x {self.frames} frames x {self.height} x {self.width}, "
             f"{self.text_len} text tokens",
             f"FLOPs/forward {self.flops / 1e12:,.2f} TFLOP (analytic; x2 with classifier-free guidance)",
-            f"activations   {self.activation_bytes / 1e9:.2f} GB in {self.dtype} (estimate: skips + widest block)",
+            "activations   " + ", ".join(f"{n / 1e9:.2f} GB {name}" for name, n in self.activation_bytes.items())
+            + f" in {self.dtype}: the peak of one forward, simulated",
+            "              (the weights, the allocator's slack and library workspaces come on top on a GPU)",
             "",
             "level      T      H      W      C  spatial attn  temporal",
         ]
@@ -95,6 +100,10 @@ def analyse(config: STUNetConfig, name: str = "custom", *, batch: int = 1, frame
         level = by_hw.get((row.in_shape[1], row.in_shape[2]))
         if level is not None:
             kinds.setdefault(level, Counter())[type(row.block).__name__] += 1
+    torch_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[dtype]
+    activations = {name: forward_peak_bytes(config, batch=batch, frames=frames, height=height, width=width,
+                                            text_len=text_len, dtype=torch_dtype, policy=policy)
+                   for name, policy in POLICIES.items()}
     levels = []
     last = config.num_levels - 1
     labels = {"ConvInflationBlock": "conv-inflation blocks", "TemporalConvStack": "temporal conv stacks",
@@ -108,4 +117,4 @@ def analyse(config: STUNetConfig, name: str = "custom", *, batch: int = 1, frame
                        "spatial_attention": i in config.attention_levels or i == last, "temporal": temporal_desc})
     return ModelInfo(name, config, batch, frames, height, width, text_len, dtype, params, temporal,
                      model.flops(batch, frames, height, width, text_len),
-                     model.activation_bytes(batch, frames, height, width, BYTES_PER_ELEMENT[dtype]), levels)
+                     activations, levels)

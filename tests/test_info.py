@@ -14,6 +14,7 @@ from utils import make_inputs
 import stunet
 from stunet.cli import main
 from stunet.info import analyse
+from stunet.model import FAST, forward_peak_bytes
 
 
 def measured_flops(model, *args, **kwargs) -> int:
@@ -54,12 +55,61 @@ def test_parameter_count_matches_the_built_model(tiny_model):
                                            for p in m.parameters())
 
 
-def test_activation_estimate_scales_with_the_input():
-    cfg = stunet.STUNetConfig.from_preset("small")
-    one = analyse(cfg, batch=1).activation_bytes
-    assert analyse(cfg, batch=2).activation_bytes == 2 * one
-    assert analyse(cfg, dtype="fp32").activation_bytes == 2 * one
-    assert analyse(cfg, frames=2 * cfg.sample_frames).activation_bytes > one
+def tracker_peak(cfg, batch, frames, size, text_len, policy) -> int:
+    """torch's own MemTracker (torch.distributed._tools) on the same meta forward: its activation and temporary
+    bytes at the peak."""
+    from torch.distributed._tools.mem_tracker import MemTracker, _MemRefType
+
+    from stunet.model.memory import _attention_as_fused
+    from stunet.model.validate import check_forward_inputs
+
+    with torch.device("meta"):
+        model = stunet.STUNet(cfg).half().eval()
+        x = torch.empty(batch, cfg.in_channels, frames, size, size, dtype=torch.float16)
+        text = torch.empty(batch, text_len, cfg.text_dim, dtype=torch.float16)
+        args = check_forward_inputs(model, x, torch.zeros(batch), text, None,
+                                    torch.zeros(batch) if cfg.noise_aug else None, False)
+    tracker = MemTracker()
+    tracker.track_external(model, *(a for a in args if a is not None))
+    with torch.no_grad(), _attention_as_fused(), tracker:
+        model.forward_checked(*args, policy)
+    peak = tracker.get_tracker_snapshot("peak")[torch.device("meta")]
+    return peak[_MemRefType.ACT] + peak[_MemRefType.TEMP]
+
+
+@pytest.mark.parametrize("policy", ["reference", "fast"])
+@pytest.mark.parametrize("overrides,frames,size", [
+    ({}, 8, 16),
+    ({}, 2, 12),
+    ({"in_channels": 6, "noise_aug": True, "low_res_size": 8}, 4, 8),
+    ({"norm_scope": "clip", "attention_levels": (0, 1, 2)}, 4, 8),
+], ids=["tiny", "tiny-odd-size", "tiny-ssr", "tiny-attn-everywhere"])
+def test_simulated_activation_peak_equals_torch_mem_tracker(overrides, frames, size, policy):
+    """The simulation's live-storage count is torch's MemTracker's figure for the same forward, to the byte."""
+    from stunet.info import POLICIES
+
+    cfg = stunet.STUNetConfig.from_preset("tiny", **overrides)
+    got = forward_peak_bytes(cfg, batch=2, frames=frames, height=size, width=size, text_len=5,
+                             policy=POLICIES[policy])
+    assert got == tracker_peak(cfg, 2, frames, size, 5, POLICIES[policy]) > 0
+
+
+def test_simulated_activation_peak_of_the_presets():
+    """lumiere-base's CFG pair (2 x 80 x 128 x 128): the fast policy holds about half the reference's
+    activations (no fp32 copies for the norms and attention); attention holds no L x L scores (fused, as on a
+    GPU); the peak grows with the batch and the frames and halves from fp32 to fp16 on the fast path."""
+    info = analyse(stunet.STUNetConfig.from_preset("lumiere-base"), "lumiere-base", batch=2)
+    ref, fast = info.activation_bytes["reference"], info.activation_bytes["fast"]
+    assert 25e9 < ref < 35e9 and 0.4 < fast / ref < 0.6, (ref, fast)
+    cfg = stunet.STUNetConfig.from_preset("small", attention_levels=(0, 1, 2))
+    geometry = dict(batch=1, frames=16, height=64, width=64)
+    fast16 = forward_peak_bytes(cfg, **geometry, policy=FAST)
+    heads = cfg.level_channels[0] // cfg.attention_head_dim
+    scores = 16 * heads * (64 * 64) ** 2 * 2  # level 0's spatial attention scores in fp16, per clip
+    assert fast16 < scores
+    assert forward_peak_bytes(cfg, **{**geometry, "batch": 2}, policy=FAST) > 1.9 * fast16
+    assert forward_peak_bytes(cfg, **{**geometry, "frames": 32}, policy=FAST) > 1.9 * fast16
+    assert forward_peak_bytes(cfg, **geometry, dtype=torch.float32, policy=FAST) == 2 * fast16
 
 
 @pytest.mark.parametrize("preset", list(stunet.PRESETS))

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from .. import kernels
-from ..model import ExecutionPolicy, STUNet, TextKVStore
+from ..model import FAST, ExecutionPolicy, STUNet, TextKVStore
 from ..model.validate import _as_batch_vector, check_forward_inputs
 from .base import Backend, converted_copy
 
@@ -60,7 +60,7 @@ class FastBackend(Backend):
         self.graphs = device.type == "cuda" if graphs is None else bool(graphs)
         dtype = torch.float16 if device.type == "cuda" else model.dtype
         self.model = converted_copy(model, dtype, channels_last_weights=device.type == "cuda")
-        self.policy = ExecutionPolicy(kernels=True, channels_last=True)
+        self.policy = FAST
         self.kernel_note = kernels.unavailable_on(device)
         if self.kernel_note:
             log.warning("stunet fast backend: the Triton kernels cannot run here (%s); its ops run their "

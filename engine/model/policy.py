@@ -77,7 +77,9 @@ class ExecutionPolicy:
 
 REFERENCE = ExecutionPolicy()
 """Eager PyTorch reference math in the model's dtype, NCHW trunk: the source of truth."""
+FAST = ExecutionPolicy(kernels=True, channels_last=True)
+"""The fast backend's: the kernel ops on a channels-last trunk (the backend adds its text K/V store)."""
 PER_FRAME = ExecutionPolicy(temporal=False)
 """The reference without its temporal modules: the inflated text-to-image U-Net on every frame."""
 
-__all__ = ["ExecutionPolicy", "TextKVStore", "REFERENCE", "PER_FRAME"]
+__all__ = ["ExecutionPolicy", "TextKVStore", "REFERENCE", "FAST", "PER_FRAME"]

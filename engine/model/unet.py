@@ -285,22 +285,6 @@ class STUNet(nn.Module):
             total += sum(linear_flops(m, batch) for m in self.noise_aug_embed if isinstance(m, nn.Linear))
         return total + sum(r.block.flops(r.in_shape, text_len) for r in self.trace(batch, frames, height, width))
 
-    def activation_bytes(self, batch: int, frames: int, height: int, width: int, bytes_per_element: int = 2) -> int:
-        """Estimated peak activation memory of one inference forward (no autograd).
-
-        The skips held for the decoder, plus the widest block's working set: about 6 tensors of its input's
-        size (input, normed input, hidden, output, the concat that fed it), 12 for attention blocks whose
-        qkv and 4C-wide MLP hidden are live. Attention scores are not counted: fused attention kernels never
-        materialise them (the eager reference on CPU may).
-        """
-        skips, peak = 0, 0
-        for r in self.trace(batch, frames, height, width):
-            if r.is_skip:
-                skips += r.out_elements
-            factor = 12 if isinstance(r.block, (SpatialAttention, TemporalAttentionBlock, TemporalTransformer)) else 6
-            peak = max(peak, factor * r.in_elements)
-        return (skips + peak) * bytes_per_element
-
     # -- weights -------------------------------------------------------------------------------------------
     def save_pretrained(self, directory: str | os.PathLike) -> None:
         """Write ``config.json`` + ``model.safetensors`` into ``directory`` (created if missing), atomically."""
