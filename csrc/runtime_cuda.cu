@@ -143,6 +143,10 @@ __global__ void step_kernel(StepArgs a, int64_t items, int64_t per_sample) {
     const StepCoefs& k = a.coefs;
     const bool has_u = uncond != nullptr, rescaled = has_u && a.guidance_rescale != 0.f;
     const float one_minus_r = static_cast<float>(1.0 - static_cast<double>(a.guidance_rescale));
+    // Guidance rescale's per-sample factor (fp64 divisions and square roots, slow on GPUs with little fp64) is
+    // computed when a thread meets a new sample, not per element: a few times per thread.
+    int64_t factor_of = -1;
+    float factor = 1.f;
     for (int64_t item = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; item < items;
          item += static_cast<int64_t>(gridDim.x) * blockDim.x) {
         const int64_t i = item * N;
@@ -152,12 +156,24 @@ __global__ void step_kernel(StepArgs a, int64_t items, int64_t per_sample) {
         load_n<X, N>(x, i, xv);
         if (k.second_order) load_n<DType::F32, N>(a.history, i, prev);
         if (k.needs_noise) load_n<DType::F32, N>(a.noise, i, z);
+        int64_t sample = 0, next_sample_at = 0;  // element i + j's sample, and where the next one starts
+        if (rescaled) {
+            sample = i / per_sample;
+            next_sample_at = (sample + 1) * per_sample;
+        }
 #pragma unroll
         for (int j = 0; j < N; ++j) {
             float g = detail::guide<P>(c[j], has_u ? u[j] : 0.f, has_u, a.guidance_scale);
             if (rescaled) {
-                const float f = detail::rescale_factor(a.stats + 4 * ((i + j) / per_sample), per_sample);
-                g = detail::rescale<P>(g, f, a.guidance_rescale, one_minus_r);
+                if (i + j == next_sample_at) {  // a vector of 8 may straddle samples of fewer than 8 elements
+                    ++sample;
+                    next_sample_at += per_sample;
+                }
+                if (sample != factor_of) {
+                    factor = detail::rescale_factor(a.stats + 4 * sample, per_sample);
+                    factor_of = sample;
+                }
+                g = detail::rescale<P>(g, factor, a.guidance_rescale, one_minus_r);
             }
             res[j] = detail::update(k, g, xv[j], k.second_order ? prev[j] : 0.f, k.needs_noise ? z[j] : 0.f, &x0[j]);
         }

@@ -394,8 +394,9 @@ def _cuda_runtime():
 def test_cuda_fused_step_matches_torch_on_cuda(name, guidance, dtype):
     _cuda_runtime()
     scale, rescale = GUIDANCE[guidance]
-    shape = (2, 3, 9, 33, 31)  # odd sizes: the scalar path; (2, 3, 8, 32, 32) below takes the vector path
-    for shp in (shape, (2, 3, 8, 32, 32)):
+    # Odd sizes take the scalar path, (2, 3, 8, 32, 32) the vector path, and (4, 1, 1, 2, 3) the vector path with
+    # vectors of 8 elements straddling samples of 6 (guidance rescale's per-sample factor changes mid-vector).
+    for shp in ((2, 3, 9, 33, 31), (2, 3, 8, 32, 32), (4, 1, 1, 2, 3)):
         ref, fused = make_sampler(name), runtime.FusedSampler(make_sampler(name))
         ref.set_timesteps(5)
         fused.set_timesteps(5)
