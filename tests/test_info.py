@@ -60,7 +60,7 @@ def tracker_peak(cfg, batch, frames, size, text_len, policy) -> int:
     bytes at the peak."""
     from torch.distributed._tools.mem_tracker import MemTracker, _MemRefType
 
-    from stunet.model.memory import _attention_as_fused
+    from stunet.model.memory import FusedAttention
     from stunet.model.validate import check_forward_inputs
 
     with torch.device("meta"):
@@ -71,7 +71,7 @@ def tracker_peak(cfg, batch, frames, size, text_len, policy) -> int:
                                     torch.zeros(batch) if cfg.noise_aug else None, False)
     tracker = MemTracker()
     tracker.track_external(model, *(a for a in args if a is not None))
-    with torch.no_grad(), _attention_as_fused(), tracker:
+    with torch.no_grad(), FusedAttention(), tracker:
         model.forward_checked(*args, policy)
     peak = tracker.get_tracker_snapshot("peak")[torch.device("meta")]
     return peak[_MemRefType.ACT] + peak[_MemRefType.TEMP]
@@ -110,6 +110,33 @@ def test_simulated_activation_peak_of_the_presets():
     assert forward_peak_bytes(cfg, **{**geometry, "batch": 2}, policy=FAST) > 1.9 * fast16
     assert forward_peak_bytes(cfg, **{**geometry, "frames": 32}, policy=FAST) > 1.9 * fast16
     assert forward_peak_bytes(cfg, **geometry, dtype=torch.float32, policy=FAST) == 2 * fast16
+
+
+def test_the_simulation_leaves_other_threads_alone():
+    """While one thread simulates (its attention a stand-in that allocates an empty output), attention in another
+    thread computes: the modes belong to the thread that entered them."""
+    import threading
+
+    from stunet.model.memory import FusedAttention, LiveBytes
+
+    entered, done = threading.Event(), threading.Event()
+
+    def simulate():
+        with FusedAttention(), LiveBytes([]):
+            entered.set()
+            done.wait(30)
+
+    worker = threading.Thread(target=simulate)
+    worker.start()
+    try:
+        assert entered.wait(30)
+        q = torch.randn(1, 2, 5, 8, generator=torch.Generator().manual_seed(0))
+        got = torch.nn.functional.scaled_dot_product_attention(q, q, q)
+        want = torch.softmax(q @ q.transpose(-1, -2) / 8 ** 0.5, dim=-1) @ q
+        torch.testing.assert_close(got, want)
+    finally:
+        done.set()
+        worker.join()
 
 
 @pytest.mark.parametrize("preset", list(stunet.PRESETS))

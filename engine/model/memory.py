@@ -5,6 +5,7 @@ in about a second) under a dispatch mode that counts the bytes of every storage 
 any tensor still refers to it, as a caching allocator's "allocated bytes" counter does, and keeps the
 maximum. Scaled-dot-product attention runs as the fused kernel it is on a GPU (flash, memory-efficient or
 cuDNN: its output alone), not as the math path torch takes on meta tensors, which holds the L x L scores.
+Both are modes of the calling thread: a model running in another thread meanwhile is untouched.
 
 Left out, so a GPU's ``torch.cuda.max_memory_allocated`` adds them: the weights and the inputs (not
 activations), the caching allocator's rounding, and library workspaces (cuBLAS, cuDNN). The simulation is exact
@@ -14,13 +15,11 @@ trunk's copies).
 """
 from __future__ import annotations
 
-import contextlib
 import weakref
-from typing import Iterator
-from unittest import mock
 
 import torch
 import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
@@ -68,15 +67,17 @@ class LiveBytes(TorchDispatchMode):
             self.live -= self._storages.pop(key)[0]
 
 
-def _fused_attention(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
-    """Stands in for ``F.scaled_dot_product_attention`` as a fused GPU kernel: the output is all it allocates."""
-    return q.new_empty(*q.shape[:-1], v.shape[-1])
+class FusedAttention(TorchFunctionMode):
+    """Runs ``F.scaled_dot_product_attention`` as the fused GPU kernel it is (flash, memory-efficient or cuDNN):
+    its output is all it allocates. A function mode, like a dispatch mode, acts on its own thread only."""
 
-
-@contextlib.contextmanager
-def _attention_as_fused() -> Iterator[None]:
-    with mock.patch.object(F, "scaled_dot_product_attention", _fused_attention):
-        yield
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is F.scaled_dot_product_attention:
+            q = args[0] if args else kwargs["query"]
+            v = args[2] if len(args) > 2 else kwargs["value"]
+            return q.new_empty(*q.shape[:-1], v.shape[-1])
+        return func(*args, **kwargs)
 
 
 def forward_peak_bytes(config: STUNetConfig, *, batch: int, frames: int, height: int, width: int,
@@ -91,8 +92,8 @@ def forward_peak_bytes(config: STUNetConfig, *, batch: int, frames: int, height:
         text = torch.empty(batch, text_len, config.text_dim, dtype=dtype)
         level = torch.zeros(batch) if config.noise_aug else None
         args = check_forward_inputs(model, x, torch.zeros(batch), text, None, level, False)
-    with torch.no_grad(), _attention_as_fused(), LiveBytes([*model.parameters(), *model.buffers(),
-                                                             *(a for a in args if a is not None)]) as live:
+    with torch.no_grad(), FusedAttention(), LiveBytes([*model.parameters(), *model.buffers(),
+                                                        *(a for a in args if a is not None)]) as live:
         model.forward_checked(*args, policy)
     return live.peak
 
