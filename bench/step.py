@@ -85,7 +85,7 @@ def step_row(preset: str, backend: str, device, dtype, iters: int, compile_mode:
 def memory(model: STUNet, backend: str, batch: int, T: int, H: int, W: int, peak_gb: float | None) -> dict:
     """The weights' and the simulated activations' GB of a forward (batch: the clips one model call holds,
     ``max_batch`` when the pair runs in slices), and a note beside the measured peak. The compile and aoti rows
-    take the reference's figure: inductor's buffer reuse can only lower it."""
+    take the reference's figure (inductor's fusion and buffer reuse usually lower it)."""
     policy = FAST if backend == "fast" else REFERENCE
     weights = sum(p.numel() * p.element_size() for p in model.parameters()) / 1e9
     simulated = forward_peak_bytes(model.config, batch=batch, frames=T, height=H, width=W, text_len=77,
