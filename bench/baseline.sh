@@ -53,7 +53,13 @@ stage() {  # stage NAME CAP_SECONDS COMMAND...
 
 stage install 300 env STUNET_CUDA=1 STUNET_CUDA_ARCH="${STUNET_CUDA_ARCH:-90}" \
     python -m pip install -q --no-build-isolation --no-deps -e .
-stage pytest-gpu 400 python -m pytest -m gpu -q -rfEs -p no:cacheprovider
+# Every file with a gpu test, the quick ones first (the AOTInductor package build takes minutes), one line per
+# test as it ends: a stage stopped at its cap still says what passed.
+gpu_files=(tests/test_model.py tests/test_kernels.py tests/test_runtime.py tests/test_backends.py)
+for f in $(grep -l "mark.gpu" tests/test_*.py); do
+    [[ " ${gpu_files[*]} " == *" $f "* ]] || gpu_files+=("$f")
+done
+stage pytest-gpu 400 python -m pytest -m gpu -v -rfEs --durations=20 -p no:cacheprovider "${gpu_files[@]}"
 stage kernels 240 python bench/kernels.py --out "$out"
 stage runtime 120 python bench/runtime.py --out "$out"
 stage fidelity 300 python bench/fidelity.py --backend compile --backend fast --backend aoti --out "$out"

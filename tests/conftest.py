@@ -93,10 +93,11 @@ def pytest_configure(config):
 
 
 def pytest_collection_modifyitems(config, items):
-    # The files that hold a long test (marked slow) run first: under `pytest -n`, a worker that starts one last
-    # would end the run alone.
-    slow_files = {item.path for item in items if item.get_closest_marker("slow")}
-    items.sort(key=lambda item: item.path not in slow_files)
+    # Under `pytest -n`, the files that hold a long test (marked slow) run first: a worker that starts one last
+    # would end the run alone. One process keeps the order of the command line (bench/baseline.sh's GPU run).
+    if getattr(config.option, "dist", "no") != "no":
+        slow_files = {item.path for item in items if item.get_closest_marker("slow")}
+        items.sort(key=lambda item: item.path not in slow_files)
     gpu_items = [item for item in items if "gpu" in item.keywords]
     if gpu_items and not torch.cuda.is_available():
         skip = pytest.mark.skip(reason="needs CUDA (run `pytest -m gpu` on a GPU machine)")
