@@ -85,6 +85,9 @@ def analyse(config: STUNetConfig, name: str = "custom", *, batch: int = 1, frame
                             ("width", width, config.spatial_divisor)):
         if value < 1 or value % div:
             raise ValueError(f"{arg} must be a positive multiple of {div} for this model, got {value}")
+    if config.temporal_max_frames and frames > config.temporal_max_frames:
+        raise ValueError(f"frames must be at most {config.temporal_max_frames} for this model (its temporal "
+                         f"positional encoding's temporal_max_frames), got {frames}")
     if batch < 1 or text_len < 1:
         raise ValueError(f"batch and text_len must be positive, got batch={batch}, text_len={text_len}")
     with torch.device("meta"):

@@ -159,6 +159,14 @@ def test_cli_info_reads_a_model_directory(tiny_model, tmp_path, capsys):
     assert "in_channels 3" in capsys.readouterr().out
 
 
+def test_cli_info_refuses_more_frames_than_the_temporal_encoding_takes(tmp_path, capsys):
+    stunet.STUNet(stunet.STUNetConfig.from_preset("tiny", temporal_max_frames=8)).save_pretrained(tmp_path)
+    with pytest.raises(SystemExit) as info:
+        main(["info", str(tmp_path), "--frames", "16"])
+    assert info.value.code == 2
+    assert "argument --frames: frames must be at most 8 for this model" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("argv,message", [
     (["info", "huge"], "argument PRESET: 'huge' is neither a preset"),
     (["info", "lumiere-base", "--frames", "7"], "argument --frames: frames must be a positive multiple of 16"),
