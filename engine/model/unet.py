@@ -247,7 +247,8 @@ class STUNet(nn.Module):
             skips.append(h)
         h = self._run(self.mid, h, cond)
         for stage in self.decoder:
-            h = self._run(stage, torch.cat([h, skips.pop()], dim=1), cond)
+            h = torch.cat([h, skips.pop()], dim=1)  # rebinding h frees the stage below's output before the stage
+            h = self._run(stage, h, cond)
         h = self.out(h, cond)
         return h.view(B, T, cfg.out_channels, H, W).transpose(1, 2).contiguous()
 
