@@ -228,24 +228,27 @@ class SpatialAttention(Block):
         return t.transpose(1, 2).reshape(n, s, h * d)
 
     def forward(self, x: torch.Tensor, cond: Cond) -> torch.Tensor:
-        B = cond.batch
+        # Each sublayer's intermediates live in its own call: released before the next sublayer allocates.
         bt, c, hh, ww = x.shape
-        tokens = self.norm(x, cond).flatten(2).transpose(1, 2)  # (B*T, H*W, C)
-        h = self.proj_in(tokens)
-
-        q, k, v = self.qkv(self.norm1(h)).chunk(3, dim=-1)
-        a = F.scaled_dot_product_attention(self._split(q), self._split(k), self._split(v))
-        h = h + self.attn_out(self._merge(a))
-
-        q = self.cross_q(self.norm2(h)).reshape(B, -1, c)  # (B, T*H*W, C): frames share the clip's text
-        k, v = cond.cross_kv(self.cross_kv)  # (B, L, C), once per generation when the backend caches them
-        mask = None if cond.text_mask is None else cond.text_mask[:, None, None, :]
-        a = F.scaled_dot_product_attention(self._split(q), self._split(k), self._split(v), attn_mask=mask)
-        h = h + self.cross_out(self._merge(a)).reshape(bt, hh * ww, c)
-
+        h = self.proj_in(self.norm(x, cond).flatten(2).transpose(1, 2))  # (B*T, H*W, C)
+        h = h + self._self_attention(h)
+        h = h + self._cross_attention(h, cond)
         h = h + feed_forward(self.norm3(h), self.mlp_in, self.mlp_out, self.ff)
         h = self.proj_out(h)
         return x + h.transpose(1, 2).reshape(bt, c, hh, ww)
+
+    def _self_attention(self, h: torch.Tensor) -> torch.Tensor:
+        q, k, v = self.qkv(self.norm1(h)).chunk(3, dim=-1)
+        a = F.scaled_dot_product_attention(self._split(q), self._split(k), self._split(v))
+        return self.attn_out(self._merge(a))
+
+    def _cross_attention(self, h: torch.Tensor, cond: Cond) -> torch.Tensor:
+        bt, hw, c = h.shape
+        q = self.cross_q(self.norm2(h)).reshape(cond.batch, -1, c)  # (B, T*H*W, C): frames share the clip's text
+        k, v = cond.cross_kv(self.cross_kv)  # (B, L, C), once per generation when the backend caches them
+        mask = None if cond.text_mask is None else cond.text_mask[:, None, None, :]
+        a = F.scaled_dot_product_attention(self._split(q), self._split(k), self._split(v), attn_mask=mask)
+        return self.cross_out(self._merge(a)).reshape(bt, hw, c)
 
     def flops(self, shape: Shape, text_len: int) -> int:
         B, T, H, W = shape
