@@ -115,6 +115,28 @@ def test_simulated_activation_peak_of_the_presets():
     assert forward_peak_bytes(cfg, **geometry, dtype=torch.float32, policy=FAST) == 2 * fast16
 
 
+def test_a_decoder_stage_releases_its_input_after_its_first_block():
+    """The concat a decoder stage starts from (the widest tensor of its level) is held by its first block alone:
+    when the second block runs, nothing holds it (nor the level below's output or the skip it was made of)."""
+    from stunet.model.memory import FusedAttention, LiveBytes
+    from stunet.model.validate import check_forward_inputs
+
+    cfg = stunet.STUNetConfig.from_preset("tiny", attention_levels=(0, 1))
+    with torch.device("meta"):
+        model = stunet.STUNet(cfg).half().eval()
+        x = torch.empty(1, 3, 8, 16, 16, dtype=torch.float16)
+        text = torch.empty(1, 5, cfg.text_dim, dtype=torch.float16)
+        args = check_forward_inputs(model, x, torch.zeros(1), text, None, None, False)
+    inputs, held = {}, []
+    stages = [(i, list(stage)) for i, stage in enumerate(model.decoder) if len(stage) > 1]
+    for i, (first, second, *_) in stages:
+        first.register_forward_pre_hook(lambda m, a, i=i: inputs.__setitem__(i, a[0].untyped_storage()._cdata))
+        second.register_forward_pre_hook(lambda m, a, i=i: held.append((i, inputs[i] in live._storages)))
+    with torch.no_grad(), FusedAttention(), LiveBytes([*model.parameters(), *args[:3]]) as live:
+        model.forward_checked(*args, FAST)
+    assert len(held) == len(stages) >= 4 and not any(h for _, h in held), held
+
+
 def test_the_simulation_leaves_other_threads_alone():
     """While one thread simulates (its attention a stand-in that allocates an empty output), attention in another
     thread computes: the modes belong to the thread that entered them."""

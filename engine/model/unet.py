@@ -184,7 +184,11 @@ class STUNet(nn.Module):
 
     # -- forward ---------------------------------------------------------------------------------------------
     @staticmethod
-    def _run(stage: Stage, h: torch.Tensor, cond: Cond) -> torch.Tensor:
+    def _run(stage: Stage, inputs: list[torch.Tensor], cond: Cond) -> torch.Tensor:
+        """The stage on ``inputs`` (a decoder stage's: the level below's output and the skip, concatenated), which
+        it empties: once its first block is done, no frame holds the stage's input."""
+        h = inputs[0] if len(inputs) == 1 else torch.cat(inputs, dim=1)
+        inputs.clear()
         for block in stage:
             if cond.policy.temporal or not isinstance(block, TemporalModule):
                 h = block(h, cond)
@@ -243,12 +247,13 @@ class STUNet(nn.Module):
         to_clips(h, B).copy_(x)
         skips = []
         for stage in self.encoder:
-            h = self._run(stage, h, cond)
+            h = self._run(stage, [h], cond)
             skips.append(h)
-        h = self._run(self.mid, h, cond)
+        h = self._run(self.mid, [h], cond)
         for stage in self.decoder:
-            h = torch.cat([h, skips.pop()], dim=1)  # rebinding h frees the stage below's output before the stage
-            h = self._run(stage, h, cond)
+            inputs = [h, skips.pop()]
+            del h  # the stage's inputs are now held by the list alone, which the stage empties
+            h = self._run(stage, inputs, cond)
         h = self.out(h, cond)
         return h.view(B, T, cfg.out_channels, H, W).transpose(1, 2).contiguous()
 
