@@ -140,12 +140,16 @@ class LayerNorm32(nn.LayerNorm):
 
 def feed_forward(x: torch.Tensor, mlp_in: nn.Linear, mlp_out: nn.Linear, kind: str) -> torch.Tensor:
     """The attention blocks' MLP: ``mlp_out(gelu(mlp_in(x)))``, or with "geglu" ``mlp_out(a * gelu(g))`` where
-    ``a, g = mlp_in(x).chunk(2)`` (``mlp_in`` is then twice as wide)."""
-    h = mlp_in(x)
+    ``a, g = mlp_in(x).chunk(2)`` (``mlp_in`` is then twice as wide). ``mlp_in``'s output is released before
+    ``mlp_out`` allocates: the activation is its own call."""
+    return mlp_out(_activation(mlp_in(x), kind))
+
+
+def _activation(h: torch.Tensor, kind: str) -> torch.Tensor:
     if kind == "geglu":
         value, gate = h.chunk(2, dim=-1)
-        return mlp_out(value * F.gelu(gate))
-    return mlp_out(F.gelu(h))
+        return value * F.gelu(gate)
+    return F.gelu(h)
 
 
 def feed_forward_layers(dim: int, ratio: int, kind: str) -> tuple[nn.Linear, nn.Linear]:
