@@ -60,15 +60,9 @@ def tracker_peak(cfg, batch, frames, size, text_len, policy) -> int:
     bytes at the peak."""
     from torch.distributed._tools.mem_tracker import MemTracker, _MemRefType
 
-    from stunet.model.memory import FusedAttention
-    from stunet.model.validate import check_forward_inputs
+    from stunet.model.memory import FusedAttention, meta_forward
 
-    with torch.device("meta"):
-        model = stunet.STUNet(cfg).half().eval()
-        x = torch.empty(batch, cfg.in_channels, frames, size, size, dtype=torch.float16)
-        text = torch.empty(batch, text_len, cfg.text_dim, dtype=torch.float16)
-        args = check_forward_inputs(model, x, torch.zeros(batch), text, None,
-                                    torch.zeros(batch) if cfg.noise_aug else None, False)
+    model, args = meta_forward(cfg, batch=batch, frames=frames, height=size, width=size, text_len=text_len)
     tracker = MemTracker()
     tracker.track_external(model, *(a for a in args if a is not None))
     with torch.no_grad(), FusedAttention(), tracker:
@@ -118,15 +112,10 @@ def test_simulated_activation_peak_of_the_presets():
 def test_a_decoder_stage_releases_its_input_after_its_first_block():
     """The concat a decoder stage starts from (the widest tensor of its level) is held by its first block alone:
     when the second block runs, nothing holds it (nor the level below's output or the skip it was made of)."""
-    from stunet.model.memory import FusedAttention, LiveBytes
-    from stunet.model.validate import check_forward_inputs
+    from stunet.model.memory import FusedAttention, LiveBytes, meta_forward
 
     cfg = stunet.STUNetConfig.from_preset("tiny", attention_levels=(0, 1))
-    with torch.device("meta"):
-        model = stunet.STUNet(cfg).half().eval()
-        x = torch.empty(1, 3, 8, 16, 16, dtype=torch.float16)
-        text = torch.empty(1, 5, cfg.text_dim, dtype=torch.float16)
-        args = check_forward_inputs(model, x, torch.zeros(1), text, None, None, False)
+    model, args = meta_forward(cfg, batch=1, frames=8, height=16, width=16, text_len=5)
     inputs, held = {}, []
     stages = [(i, list(stage)) for i, stage in enumerate(model.decoder) if len(stage) > 1]
     for i, (first, second, *_) in stages:

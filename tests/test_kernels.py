@@ -12,7 +12,7 @@ import logging
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 from utils import assert_close, recorded_launches
 
@@ -342,8 +342,6 @@ def _assert_grids_fit(launches, what):
        H=st.sampled_from([1, 3, 128, 1024, 4096, 8192]), W=st.sampled_from([1, 5, 128, 1024, 4096, 8192]),
        scope=st.sampled_from(["frame", "clip"]), layout=st.sampled_from(["contiguous", "channels-last"]))
 def test_group_norm_grids_fit_cuda_limits(B, C, T, H, W, scope, layout):
-    from hypothesis import assume
-
     from stunet.kernels import groupnorm
 
     assume(B * C * T * H * W <= MAX_ELEMENTS)
@@ -362,8 +360,6 @@ def test_group_norm_grids_fit_cuda_limits(B, C, T, H, W, scope, layout):
        S=st.sampled_from([1, 256, 128 * 128, 1024 * 1024, 4096 * 4096]), heads=st.sampled_from([1, 8, 16]),
        D=st.sampled_from([32, 64, 128]))
 def test_temporal_attention_grids_fit_cuda_limits(B, T, S, heads, D):
-    from hypothesis import assume
-
     from stunet.kernels import temporal_attn
 
     assume(B * T * S * 3 * heads * D <= MAX_ELEMENTS)

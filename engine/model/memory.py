@@ -86,14 +86,22 @@ def forward_peak_bytes(config: STUNetConfig, *, batch: int, frames: int, height:
     """Peak bytes of activations one inference forward of a ``config`` model holds at once: ``batch`` clips of
     ``frames`` x ``height`` x ``width`` with ``text_len`` tokens, weights and activations in ``dtype``, run
     with ``policy`` (``REFERENCE``, or ``FAST``: the fast backend's kernels and channels-last trunk)."""
+    model, args = meta_forward(config, batch=batch, frames=frames, height=height, width=width,
+                               text_len=text_len, dtype=dtype)
+    with torch.no_grad(), FusedAttention(), LiveBytes([*model.parameters(), *model.buffers(),
+                                                        *(a for a in args if a is not None)]) as live:
+        model.forward_checked(*args, policy)
+    return live.peak
+
+
+def meta_forward(config: STUNetConfig, *, batch: int, frames: int, height: int, width: int, text_len: int = 77,
+                 dtype: torch.dtype = torch.float16) -> tuple[STUNet, tuple]:
+    """A ``config`` model on the meta device in ``dtype`` and the checked inputs ``forward_checked`` takes
+    (x, timesteps, text, no mask, the noise level of an SSR model)."""
     with torch.device("meta"):
         model = STUNet(config).to(dtype).eval()
         x = torch.empty(batch, config.in_channels, frames, height, width, dtype=dtype)
         text = torch.empty(batch, text_len, config.text_dim, dtype=dtype)
         level = torch.zeros(batch) if config.noise_aug else None
-        args = check_forward_inputs(model, x, torch.zeros(batch), text, None, level, False)
-    with torch.no_grad(), FusedAttention(), LiveBytes([*model.parameters(), *model.buffers(),
-                                                        *(a for a in args if a is not None)]) as live:
-        model.forward_checked(*args, policy)
-    return live.peak
+        return model, check_forward_inputs(model, x, torch.zeros(batch), text, None, level, False)
 
