@@ -445,6 +445,8 @@ def cmd_export(args: argparse.Namespace) -> int:
         return 1
     spec = result.spec
     note = f"; max |{args.route} - reference| {result.max_abs_error:.2g}" if result.max_abs_error is not None else ""
+    if result.external_data is not None:
+        note += f"; its weights are in {result.external_data}, which must stay beside it"
     print(f"stunet: wrote {out} (inputs {', '.join(spec.input_names)}; {'dynamic' if spec.dynamic else 'static'} "
           f"batch, frames, height, width, text length{note})", file=sys.stderr)
     return 0

@@ -36,6 +36,35 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         raise
 
 
+@contextlib.contextmanager
+def atomic_files(*paths: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary folder beside ``paths`` (files of one folder) for a writer that makes them together
+    under their own names, such as an ONNX file and the external data it refers to by name. On success each is
+    renamed onto its path in the order given (name the file that refers to the others last, so it never points
+    at a file not yet in place); on error the folder is removed and nothing is touched. Each file is replaced
+    atomically, the group is not: a process killed between two renames leaves the new files named before."""
+    import shutil
+
+    paths = [Path(p) for p in paths]
+    folder = paths[-1].parent
+    if any(p.parent != folder for p in paths):
+        raise ValueError(f"atomic_files: {[str(p) for p in paths]} are not in one folder")
+    for p in paths:
+        if p.is_dir():
+            raise IsADirectoryError(f"cannot write {str(p)!r}: it is a directory; give a file path")
+    if not folder.is_dir():
+        raise FileNotFoundError(f"cannot write {str(paths[-1])!r}: directory {str(folder)!r} does not exist")
+    tmp = Path(tempfile.mkdtemp(prefix=f".{paths[-1].name}.", dir=folder))
+    try:
+        yield tmp
+        for p in paths:
+            os.chmod(tmp / p.name, _target_mode(p))
+        for p in paths:
+            os.replace(tmp / p.name, p)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def _umask() -> int:
     umask = os.umask(0)  # reading the umask means setting it: restore at once
     os.umask(umask)

@@ -16,7 +16,8 @@ and the model carries, for each, an ONNX local function with the same (domain, n
 ops computing that semantics in fp32. A runtime without plugins (onnxruntime) runs the functions; TensorRT
 (10.7 and newer) prefers a plugin registered under the node's name over the function.
 
-Files over 2 GB keep their weights as external data beside the ``.onnx`` file.
+A model whose file would pass protobuf's 2 GB limit keeps its weights in one external-data file beside the
+``.onnx`` file, ``<name>.onnx.data`` (``ExportResult.external_data``; keep the two together).
 """
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ import os
 
 import torch
 
-from ..io import atomic_path
+from ..io import atomic_files, atomic_path
 from ..model import STUNet
 from .spec import (SPEC_KEY, ExportResult, ExportSpec, Stages, compare, exporter_chatter_silenced, prepare,
                    shapes_tuple)
@@ -35,6 +36,8 @@ log = logging.getLogger(__name__)
 
 DOMAIN = "stunet"
 OPSET = 18
+EXTERNAL_DATA_BYTES = 2 ** 31
+"""Files whose protobuf would reach this size (protobuf's limit on one message) keep their weights beside them."""
 _TYPES = ["tensor(float)", "tensor(float16)", "tensor(bfloat16)"]
 
 
@@ -186,12 +189,13 @@ def export_onnx(model: STUNet, path: str | os.PathLike, *, batch: int = 2, frame
             proto.metadata_props.add(key=SPEC_KEY, value=spec.to_json())  # build_engine's default profiles
             if not any(o.domain == DOMAIN for o in proto.opset_import):
                 proto.opset_import.append(onnx.helper.make_opsetid(DOMAIN, 1))
-            large = _byte_size(proto) >= 2 ** 31
-            with atomic_path(path) as tmp:
-                if large:
-                    onnx.save_model(proto, str(tmp), save_as_external_data=True, all_tensors_to_one_file=True,
-                                    location=path.name + ".data")
-                else:
+            if _byte_size(proto) >= EXTERNAL_DATA_BYTES:
+                result.external_data = path.with_name(path.name + ".data")
+                with atomic_files(result.external_data, path) as folder:
+                    onnx.save_model(proto, str(folder / path.name), save_as_external_data=True,
+                                    all_tensors_to_one_file=True, location=result.external_data.name)
+            else:
+                with atomic_path(path) as tmp:
                     onnx.save_model(proto, str(tmp))
         if check:
             with stages.stage("check"):
@@ -200,10 +204,13 @@ def export_onnx(model: STUNet, path: str | os.PathLike, *, batch: int = 2, frame
 
 
 def _byte_size(proto) -> int:
-    """The serialised size; protobuf refuses to measure past 2 GB, which is what this asks."""
+    """The serialised size, or 2 GB where protobuf refuses to measure it (past its 2 GB limit: a ValueError or
+    an EncodeError, by protobuf version and implementation)."""
+    from google.protobuf.message import Error as ProtobufError
+
     try:
         return proto.ByteSize()
-    except ValueError:
+    except (ValueError, ProtobufError):
         return 2 ** 31
 
 

@@ -255,6 +255,8 @@ class ExportResult:
     spec: ExportSpec
     max_abs_error: float | None = None
     """The parity check's worst |artifact - reference| over its geometries (when checked)."""
+    external_data: Path | None = None
+    """An ONNX file's weights, when they are kept beside it (a model past protobuf's 2 GB limit)."""
 
 
 def shapes_tuple(spec: ExportSpec):

@@ -230,12 +230,15 @@ def test_a_plan_records_its_spec_and_the_backend_refuses_another_architecture(fp
     reasons = " ".join(TensorRTBackend.unsupported(model, engine=plan))
     assert "another architecture" not in reasons
     # A plan rebuilt at the same path from a file without a spec (explicit profiles) leaves no stale spec behind.
+    # That file keeps its weights beside it, as a model past 2 GB does: the build finds them there.
     proto = onnx.load(str(result.path))
     del proto.metadata_props[:]
     bare = tmp_path / "bare.onnx"
-    onnx.save(proto, str(bare))
+    onnx.save(proto, str(bare), save_as_external_data=True, location="bare.onnx.data")
     built = build_engine(bare, plan, profiles=[profile_shapes(result.spec)], compute_capabilities=[86],
                          toolkit_name="tensorrt-rtx")
+    assert built.bytes > 1_000_000 and sorted(p.name for p in tmp_path.iterdir()) == [
+        "bare.onnx", "bare.onnx.data", "tiny.plan"]
     assert built.spec is None and read_plan_spec(plan) is None and not plan_spec_path(plan).exists()
     assert "another architecture" not in " ".join(TensorRTBackend.unsupported(other, engine=plan))
 

@@ -126,6 +126,43 @@ def test_resaving_keeps_the_files_mode(trained, tmp_path):
     assert (tmp_path / "m" / "config.json").stat().st_mode & 0o777 == 0o640
 
 
+def test_files_written_together_replace_their_paths_in_order_or_not_at_all(tmp_path):
+    """``atomic_files``: a writer makes a group of files (an ONNX file and the weights it names) under their own
+    names; they replace their paths in the order given, with a new file's mode or the replaced one's."""
+    from stunet.io import atomic_files
+
+    data, model = tmp_path / "m.onnx.data", tmp_path / "m.onnx"
+    model.write_text("old")
+    os.chmod(model, 0o640)
+    with atomic_files(data, model) as folder:
+        assert folder.parent == tmp_path and not data.exists()
+        (folder / data.name).write_text("weights")
+        (folder / model.name).write_text("graph")
+    assert (data.read_text(), model.read_text()) == ("weights", "graph")
+    assert (model.stat().st_mode & 0o777, data.stat().st_mode & 0o777) == (0o640, 0o666 & ~_umask())
+    with pytest.raises(OSError, match="disk full"):
+        with atomic_files(data, model) as folder:
+            (folder / data.name).write_text("partial")
+            raise OSError("disk full")
+    assert (data.read_text(), model.read_text()) == ("weights", "graph")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx", "m.onnx.data"]  # no temporary folder
+    with pytest.raises(ValueError, match="not in one folder"):
+        with atomic_files(tmp_path / "a", tmp_path / "sub" / "b"):
+            pass
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        with atomic_files(tmp_path / "sub" / "a", tmp_path / "sub" / "b"):
+            pass
+    with pytest.raises(IsADirectoryError, match="it is a directory"):
+        with atomic_files(tmp_path):
+            pass
+
+
+def _umask() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return umask
+
+
 def test_a_bad_config_file_is_named(tmp_path):
     (tmp_path / "config.json").write_text('{"model_channels": 0}')
     with pytest.raises(ValueError, match=r"config.json': STUNetConfig.model_channels must be a positive integer"):
