@@ -36,8 +36,9 @@ log = logging.getLogger(__name__)
 
 DOMAIN = "stunet"
 OPSET = 18
-EXTERNAL_DATA_BYTES = 2 ** 31
-"""Files whose protobuf would reach this size (protobuf's limit on one message) keep their weights beside them."""
+EXTERNAL_DATA_BYTES = 2 ** 31 - 2 ** 28
+"""Models with this many bytes of weights or more keep them beside the file: protobuf holds at most 2 GB in one
+message, and this leaves the graph 256 MB of it."""
 _TYPES = ["tensor(float)", "tensor(float16)", "tensor(bfloat16)"]
 
 
@@ -167,8 +168,8 @@ def export_onnx(model: STUNet, path: str | os.PathLike, *, batch: int = 2, frame
     two geometries and raises if it differs by more than the spec's tolerance (fp32). ``progress`` shows the
     stage that runs.
     """
-    onnx, _ = _require()
-    from onnxscript import optimizer
+    _require()
+    from onnxscript import ir, optimizer
 
     path, spec, module, args = prepare(model, path, ".onnx", device=torch.device("cpu"), batch=batch, frames=frames,
                                        height=height, width=width, text_len=text_len, dtype=dtype, dynamic=dynamic)
@@ -181,37 +182,31 @@ def export_onnx(model: STUNet, path: str | os.PathLike, *, batch: int = 2, frame
                                         custom_translation_table=_translations(), opset_version=OPSET,
                                         optimize=False, verbose=False)
         with stages.stage("optimise and save"):
-            proto = program.model_proto
-            proto.functions.extend(_functions())
+            onnx_model = program.model  # the exporter's IR: weights still the model's tensors, not copied
+            for function in _functions():
+                ir_function = ir.serde.deserialize_function(function)
+                onnx_model.functions[ir_function.identifier()] = ir_function
+            onnx_model.opset_imports.setdefault(DOMAIN, 1)
             # Fold the exporter's shape arithmetic and its SplitToSequence/SequenceAt pairs into plain ops
             # (TensorRT's parser has no sequences); the stunet nodes and their functions stay as they are.
-            proto = optimizer.optimize(proto, num_iterations=1, inline=False, onnx_shape_inference=False)
-            proto.metadata_props.add(key=SPEC_KEY, value=spec.to_json())  # build_engine's default profiles
-            if not any(o.domain == DOMAIN for o in proto.opset_import):
-                proto.opset_import.append(onnx.helper.make_opsetid(DOMAIN, 1))
-            if _byte_size(proto) >= EXTERNAL_DATA_BYTES:
+            optimizer.optimize(onnx_model, num_iterations=1, inline=False, onnx_shape_inference=False)
+            onnx_model.metadata_props[SPEC_KEY] = spec.to_json()  # build_engine's default profiles
+            if _weight_bytes(onnx_model) >= EXTERNAL_DATA_BYTES:
                 result.external_data = path.with_name(path.name + ".data")
                 with atomic_files(result.external_data, path) as folder:
-                    onnx.save_model(proto, str(folder / path.name), save_as_external_data=True,
-                                    all_tensors_to_one_file=True, location=result.external_data.name)
+                    ir.save(onnx_model, folder / path.name, external_data=result.external_data.name)
             else:
                 with atomic_path(path) as tmp:
-                    onnx.save_model(proto, str(tmp))
+                    ir.save(onnx_model, tmp)
         if check:
             with stages.stage("check"):
                 result.max_abs_error = check_onnx(path, model, spec)
     return result
 
 
-def _byte_size(proto) -> int:
-    """The serialised size, or 2 GB where protobuf refuses to measure it (past its 2 GB limit: a ValueError or
-    an EncodeError, by protobuf version and implementation)."""
-    from google.protobuf.message import Error as ProtobufError
-
-    try:
-        return proto.ByteSize()
-    except (ValueError, ProtobufError):
-        return 2 ** 31
+def _weight_bytes(onnx_model) -> int:
+    """The bytes of the model's initializers (what decides whether its file fits one protobuf message)."""
+    return sum(v.const_value.nbytes for v in onnx_model.graph.initializers.values() if v.const_value is not None)
 
 
 def check_onnx(path: str | os.PathLike, model: STUNet, spec: ExportSpec, geometries=None) -> float:
