@@ -1,6 +1,9 @@
 """Video files and text encoders."""
 from __future__ import annotations
 
+import logging
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -12,12 +15,24 @@ from stunet.pipeline.video import load_npy, save_video
 
 @pytest.mark.parametrize("shape", [(5, 16, 24, 3), (3, 15, 9, 3), (1, 8, 8, 3)], ids=["even", "odd", "single"])
 @needs_av
-def test_mp4_round_trip(tmp_path, shape):
+def test_mp4_round_trip(tmp_path, shape, caplog):
     frames = np.random.default_rng(0).random(shape, dtype=np.float32)
-    save_video(frames, tmp_path / "a.mp4", fps=8)
+    with caplog.at_level(logging.WARNING, logger="stunet.pipeline.video"):
+        save_video(frames, tmp_path / "a.mp4", fps=8)
     back = read_mp4(tmp_path / "a.mp4")
-    h, w = shape[1] + shape[1] % 2, shape[2] + shape[2] % 2  # odd sides are padded for yuv420p
+    h, w = shape[1] + shape[1] % 2, shape[2] + shape[2] % 2  # odd sides are padded for yuv420p, and it says so
     assert len(back) == shape[0] and back[0].shape == (h, w, 3)
+    padded = [r.getMessage() for r in caplog.records if "padded" in r.getMessage()]
+    assert padded == ([f"a.mp4: H.264 (yuv420p) takes even sides only, so the {shape[2]}x{shape[1]} frames are padded "
+                       f"to {w}x{h} (edge pixels repeated); save a .gif or .npy for the exact size"]
+                      if (h, w) != shape[1:3] else [])
+
+
+def test_mp4_without_pyav_names_the_extra_and_writes_nothing(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "av", None)  # what `import av` meets without PyAV
+    with pytest.raises(ImportError, match=r"writing mp4 needs PyAV: pip install 'stunet\[video\]'"):
+        save_video(np.zeros((2, 8, 8, 3), dtype=np.float32), tmp_path / "a.mp4")
+    assert not list(tmp_path.iterdir())
 
 
 @needs_pil

@@ -1,4 +1,4 @@
-"""Video files: ``save_video(frames, path, fps)`` writes mp4 (PyAV, imageio-ffmpeg as fallback), gif (Pillow)
+"""Video files: ``save_video(frames, path, fps)`` writes mp4 (PyAV), gif (Pillow)
 or npy (the frames themselves, float32 in [0, 1]: lossless), atomically (a temporary file beside the target,
 renamed on success). ``load_npy`` reads an npy file back, checked."""
 from __future__ import annotations
@@ -59,17 +59,9 @@ def _write_mp4(frames: np.ndarray, path: Path, fps: int) -> None:
     try:
         import av
     except ImportError:
-        av = None
-    if av is None:
-        try:
-            import imageio.v3 as iio
-        except ImportError:
-            raise ImportError("writing mp4 needs PyAV or imageio-ffmpeg: pip install 'stunet[video]'") from None
-        log.warning("PyAV is not installed; writing %s through imageio-ffmpeg", path)
-        iio.imwrite(path, frames, fps=fps, codec="libx264")
-        return
+        raise ImportError("writing mp4 needs PyAV: pip install 'stunet[video]'") from None
     h, w = frames.shape[1:3]
-    # yuv420p needs even sides: pad by one pixel (edge) rather than fail.
+    # yuv420p needs even sides: pad by one pixel (edge) rather than fail (save_video says so).
     ph, pw = h % 2, w % 2
     if ph or pw:
         frames = np.pad(frames, ((0, 0), (0, ph), (0, pw), (0, 0)), mode="edge")
@@ -109,6 +101,10 @@ def save_video(frames, path: str | os.PathLike, fps: int = 16) -> Path:
         raise ValueError(f"fps must be a positive integer, got {fps!r}")
     data = to_float32(frames) if suffix == ".npy" else to_uint8(frames)
     writer = {".mp4": _write_mp4, ".gif": _write_gif, ".npy": _write_npy}[suffix]
+    h, w = data.shape[1:3]
+    if suffix == ".mp4" and (h % 2 or w % 2):
+        log.warning("%s: H.264 (yuv420p) takes even sides only, so the %dx%d frames are padded to %dx%d (edge "
+                    "pixels repeated); save a .gif or .npy for the exact size", path.name, w, h, w + w % 2, h + h % 2)
     with atomic_path(path) as tmp:
         writer(data, tmp, fps)
     return path
