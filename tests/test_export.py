@@ -105,6 +105,23 @@ def test_odd_frames_non_square_ssr_model_with_noise_level(tmp_path):
     assert names == ["x", "timesteps", "text_embeds", "text_mask", "noise_level"]
 
 
+def test_a_converted_modelscope_unet_exports_with_its_clip_wide_norms(tmp_path):
+    """A ZeroScope-shaped model converted from diffusers: ModelScope's temporal conv stacks (GroupNorm over the
+    whole clip: per_clip nodes), transformer-form temporal attention (also after conv_in) and GEGLU."""
+    pytest.importorskip("diffusers")
+    from diffusers_models import unet3d
+
+    from stunet.convert import from_diffusers
+
+    model = from_diffusers(unet3d())
+    result = export_onnx(model, tmp_path / "zeroscope.onnx", batch=2, frames=8, height=16, width=16, text_len=5,
+                         check=True)
+    assert result.max_abs_error <= 1e-4
+    norms = Counter(onnx.helper.get_node_attr_value(n, "per_clip") for n in onnx.load(str(result.path)).graph.node
+                    if n.domain == "stunet" and n.op_type.endswith("GroupNorm"))
+    assert norms[1] and norms[0]  # clip-wide and per-frame statistics both in the file
+
+
 def test_fp16_export_runs(tmp_path):
     model = tiny_model()
     result = export_onnx(model, tmp_path / "fp16.onnx", batch=1, frames=4, height=16, width=16, text_len=3,
