@@ -114,10 +114,10 @@ setup(
         "text": ["transformers>=4.40"],
         "diffusers": ["diffusers>=0.30", "transformers>=4.40"],
         "triton": ["triton>=3.2"],
-        "export": ["onnx>=1.16", "onnxscript>=0.2", "onnxruntime>=1.18"],
+        "export": ["onnx>=1.17", "onnxscript>=0.6.2", "onnxruntime>=1.18"],
         "tensorrt-rtx": [f"tensorrt-rtx-cu13-{part}>=1.7; {X86}" for part in ("bindings", "libs")] + ["onnx>=1.16"],
         "test": ["pytest>=8", "pytest-xdist>=3", "hypothesis>=6", "av>=12", "pillow", "transformers>=4.40",
-                 "triton>=3.2", "onnx>=1.16", "onnxscript>=0.2", "onnxruntime>=1.18", "diffusers>=0.30"]
+                 "triton>=3.2", "onnx>=1.17", "onnxscript>=0.6.2", "onnxruntime>=1.18", "diffusers>=0.30"]
                 + [f"tensorrt-rtx-cu13-{part}>=1.7; {X86}" for part in ("bindings", "libs")],
     },
     ext_modules=[Extension("stunet._C", CPU_SOURCES, depends=["csrc/runtime.h", "csrc/step_math.h"],
