@@ -530,9 +530,10 @@ def extras_status() -> dict[str, str]:
         return {}
     try:
         from packaging.markers import Marker
-    except ImportError:  # without packaging, every requirement of an extra counts on every platform
-        Marker = None
-    needs: dict[str, list[str]] = {}
+        from packaging.requirements import Requirement
+    except ImportError:  # without packaging, every requirement of an extra counts on every platform, any version
+        Marker = Requirement = None
+    needs: dict[str, list] = {}  # extra -> [(name, its version specifier or None)]
     elsewhere: set[str] = set()  # extras with a requirement for other platforms only (tensorrt-rtx off x86-64)
     for line in requires:
         requirement, _, marker = line.partition(";")
@@ -542,19 +543,27 @@ def extras_status() -> dict[str, str]:
         if Marker is not None and not Marker(marker).evaluate({"extra": extra.group(1)}):
             elsewhere.add(extra.group(1))
             continue
-        needs.setdefault(extra.group(1), []).append(re.match(r"[A-Za-z0-9._-]+", requirement.strip()).group())
+        name = re.match(r"[A-Za-z0-9._-]+", requirement.strip()).group()
+        wanted = Requirement(requirement).specifier if Requirement is not None else None
+        needs.setdefault(extra.group(1), []).append((name, wanted))
     status = {}
     for extra, use in EXTRAS.items():
-        found, missing = [], []
-        for name in needs.get(extra, []):
+        found, missing, old = [], [], []
+        for name, wanted in needs.get(extra, []):
             try:
-                found.append(f"{name} {metadata.version(name)}")
+                version = metadata.version(name)
             except metadata.PackageNotFoundError:
                 missing.append(name)
+                continue
+            found.append(f"{name} {version}")
+            if wanted and not wanted.contains(version, prereleases=True):
+                old.append(f"{name} {version} (needs {wanted})")
         if extra in elsewhere or not needs.get(extra):
             status[extra] = f"not available on this platform ({use})"
         elif missing:
             status[extra] = f"{', '.join(missing)} not installed: pip install 'stunet[{extra}]' for {use}"
+        elif old:
+            status[extra] = f"{', '.join(old)}: pip install -U 'stunet[{extra}]' for {use}"
         else:
             status[extra] = f"{', '.join(found)}: {use}"
     return status

@@ -39,6 +39,9 @@ OPSET = 18
 EXTERNAL_DATA_BYTES = 2 ** 31 - 2 ** 28
 """Models with this many bytes of weights or more keep them beside the file: protobuf holds at most 2 GB in one
 message, and this leaves the graph 256 MB of it."""
+ONNXSCRIPT_MIN = "0.6.2"
+"""The oldest onnxscript that exports with the torch releases stunet runs on (older ones lack the exporter's API
+or fail in the optimizer)."""
 _TYPES = ["tensor(float)", "tensor(float16)", "tensor(bfloat16)"]
 
 
@@ -48,6 +51,11 @@ def _require():
         import onnxscript
     except ImportError as e:
         raise ImportError(f"ONNX export needs onnx and onnxscript ({e}): pip install 'stunet[export]'") from None
+    from packaging.version import Version  # an onnxscript dependency
+
+    if Version(onnxscript.__version__) < Version(ONNXSCRIPT_MIN):
+        raise ImportError(f"ONNX export needs onnxscript>={ONNXSCRIPT_MIN}, found {onnxscript.__version__}: "
+                          "pip install -U 'stunet[export]'")
     return onnx, onnxscript
 
 

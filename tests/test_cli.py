@@ -350,6 +350,10 @@ def test_env_names_every_extra_and_what_a_missing_one_takes(capsys, monkeypatch)
     assert status["export"] == ("onnxscript not installed: pip install 'stunet[export]' for ONNX export and its "
                                 "onnxruntime check")
     assert status["text"].startswith(f"transformers {installed('transformers')}: ")
+    # A version older than setup.py's requirement is named with the requirement and the command that upgrades it.
+    monkeypatch.setattr(metadata, "version", lambda name: "0.5.7" if name == "onnxscript" else installed(name))
+    assert extras_status()["export"] == ("onnxscript 0.5.7 (needs >=0.6.2): pip install -U 'stunet[export]' for ONNX "
+                                         "export and its onnxruntime check")
 
 
 def test_env_says_an_extra_for_other_platforms_is_not_available_here(monkeypatch):

@@ -183,8 +183,19 @@ def test_a_model_past_protobufs_limit_keeps_its_weights_beside_the_file(tmp_path
     assert sorted(p.name for p in out.parent.iterdir()) == ["big.onnx", "big.onnx.data"]
 
 
-def test_export_arguments_are_checked(tmp_path):
+def test_export_arguments_are_checked(tmp_path, monkeypatch, capsys):
+    import onnxscript
+
     model = tiny_model()
+    with monkeypatch.context() as patch:  # an onnxscript the exporter of this torch cannot use
+        patch.setattr(onnxscript, "__version__", "0.5.7")
+        with pytest.raises(ImportError, match=r"onnxscript>=0.6.2, found 0.5.7: pip install -U 'stunet\[export\]'"):
+            export_onnx(model, tmp_path / "m.onnx")
+        model.save_pretrained(tmp_path / "m")
+        with pytest.raises(SystemExit) as info:
+            main(["export", "onnx", str(tmp_path / "m"), "-o", str(tmp_path / "m.onnx")])
+        assert info.value.code == 2 and "needs onnxscript>=0.6.2" in capsys.readouterr().err
+        assert not (tmp_path / "m.onnx").exists()
     with pytest.raises(ValueError, match="path must end in .onnx"):
         export_onnx(model, tmp_path / "m.pt")
     with pytest.raises(ValueError, match="frames must be a positive multiple of 2"):
