@@ -16,8 +16,8 @@ and the model carries, for each, an ONNX local function with the same (domain, n
 ops computing that semantics in fp32. A runtime without plugins (onnxruntime) runs the functions; TensorRT
 (10.7 and newer) prefers a plugin registered under the node's name over the function.
 
-A model whose file would pass protobuf's 2 GB limit keeps its weights in one external-data file beside the
-``.onnx`` file, ``<name>.onnx.data`` (``ExportResult.external_data``; keep the two together).
+A model with 1.75 GB of weights or more (protobuf holds at most 2 GB in one file) keeps them in one external-data
+file beside the ``.onnx`` file, ``<name>.onnx.data`` (``ExportResult.external_data``; keep the two together).
 """
 from __future__ import annotations
 
