@@ -151,6 +151,7 @@ def build_engine(onnx_path: str | os.PathLike, plan_path: str | os.PathLike, *, 
         raise ValueError(f"plan_path must end in .plan or .engine, got {str(plan_path)!r}")
     name, trt = toolkit(toolkit_name)
     proto = onnx.load(str(onnx_path), load_external_data=False)
+    _check_external_data(proto, onnx_path)
     _check_precision(proto, fp16, onnx_path)
     spec = next((ExportSpec.from_json(p.value) for p in proto.metadata_props if p.key == SPEC_KEY), None)
     if profiles is None:
@@ -211,6 +212,19 @@ def build_engine(onnx_path: str | os.PathLike, plan_path: str | os.PathLike, *, 
 
 
 _ONNX_TYPES = {1: "float32", 10: "float16", 16: "bfloat16"}
+
+
+def _check_external_data(proto, onnx_path: Path) -> None:
+    """The weights files a model keeps beside it (a model past 2 GB) must be there: the parser would fail deep
+    inside the build otherwise."""
+    import onnx
+
+    locations = {e.value for t in proto.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL
+                 for e in t.external_data if e.key == "location"}
+    missing = sorted(name for name in locations if not (onnx_path.parent / name).is_file())
+    if missing:
+        raise FileNotFoundError(f"onnx_path: {str(onnx_path)!r} keeps its weights in {', '.join(missing)}, which "
+                                f"is not beside it in {str(onnx_path.parent)!r}; copy it there with the file")
 
 
 def _check_precision(proto, fp16: bool, onnx_path: Path) -> None:

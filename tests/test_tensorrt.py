@@ -239,6 +239,10 @@ def test_a_plan_records_its_spec_and_the_backend_refuses_another_architecture(fp
                          toolkit_name="tensorrt-rtx")
     assert built.bytes > 1_000_000 and sorted(p.name for p in tmp_path.iterdir()) == [
         "bare.onnx", "bare.onnx.data", "tiny.plan"]
+    (tmp_path / "bare.onnx.data").rename(tmp_path / "elsewhere.data")  # the .onnx copied without its weights
+    with pytest.raises(FileNotFoundError, match=r"keeps its weights in bare.onnx.data, which is not beside it"):
+        build_engine(bare, tmp_path / "other.plan", profiles=[profile_shapes(result.spec)], compute_capabilities=[86],
+                     toolkit_name="tensorrt-rtx")
     assert built.spec is None and read_plan_spec(plan) is None and not plan_spec_path(plan).exists()
     assert "another architecture" not in " ".join(TensorRTBackend.unsupported(other, engine=plan))
 
