@@ -19,11 +19,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
 
     The temporary file keeps ``path``'s suffix so writers that pick a format by suffix still work.
     """
-    path = Path(path)
-    if path.is_dir():
-        raise IsADirectoryError(f"cannot write {str(path)!r}: it is a directory; give a file path")
-    if not path.parent.is_dir():
-        raise FileNotFoundError(f"cannot write {str(path)!r}: directory {str(path.parent)!r} does not exist")
+    path = _writable(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=f".tmp{path.suffix}", dir=path.parent)
     os.close(fd)
     tmp = Path(tmp)
@@ -50,10 +46,7 @@ def atomic_files(*paths: str | os.PathLike) -> Iterator[Path]:
     if any(p.parent != folder for p in paths):
         raise ValueError(f"atomic_files: {[str(p) for p in paths]} are not in one folder")
     for p in paths:
-        if p.is_dir():
-            raise IsADirectoryError(f"cannot write {str(p)!r}: it is a directory; give a file path")
-    if not folder.is_dir():
-        raise FileNotFoundError(f"cannot write {str(paths[-1])!r}: directory {str(folder)!r} does not exist")
+        _writable(p)
     tmp = Path(tempfile.mkdtemp(prefix=f".{paths[-1].name}.", dir=folder))
     try:
         yield tmp
@@ -63,6 +56,16 @@ def atomic_files(*paths: str | os.PathLike) -> Iterator[Path]:
             os.replace(tmp / p.name, p)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _writable(path: str | os.PathLike) -> Path:
+    """``path`` as a Path, if a file can be written there (raises naming what is in the way)."""
+    path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(f"cannot write {str(path)!r}: it is a directory; give a file path")
+    if not path.parent.is_dir():
+        raise FileNotFoundError(f"cannot write {str(path)!r}: directory {str(path.parent)!r} does not exist")
+    return path
 
 
 def _umask() -> int:

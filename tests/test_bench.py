@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from utils import current_umask
 
 BENCH = Path(__file__).resolve().parent.parent / "bench"
 
@@ -86,9 +87,7 @@ def test_every_result_records_the_roofline_it_measured(tmp_path):
         assert r["pct_roofline"] == pytest.approx(100 * ideal_ms / r["ms"], rel=1e-9)
     header = (tmp_path / "runtime.md").read_text().splitlines()[2]
     assert "roofline measured in this run" in header and "FP32 matmul" in header
-    umask = os.umask(0)
-    os.umask(umask)
-    assert {(tmp_path / f).stat().st_mode & 0o777 for f in ("runtime.json", "runtime.md")} == {0o666 & ~umask}
+    assert {(tmp_path / f).stat().st_mode & 0o777 for f in ("runtime.json", "runtime.md")} == {0o666 & ~current_umask()}
 
 
 def test_fidelity_bench_compares_every_backend_with_the_fp32_reference(tmp_path):

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from utils import tiny_model
+from utils import current_umask, tiny_model
 
 import stunet
 from stunet.cli import main
@@ -140,7 +140,6 @@ def test_a_model_past_protobufs_limit_keeps_its_weights_beside_the_file(tmp_path
     """A model past 2 GB does not fit one protobuf message: its weights go to one external-data file beside the
     .onnx, the pair is written atomically and runs in onnxruntime. The limit is lowered to the tiny model here;
     lumiere-base in fp16 (3.0 GB of weights) exports the same way."""
-    import os
     import stat
 
     import stunet.export.onnx as onnx_export
@@ -158,9 +157,7 @@ def test_a_model_past_protobufs_limit_keeps_its_weights_beside_the_file(tmp_path
     external = [t for t in proto.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL]
     assert external and all(dict((e.key, e.value) for e in t.external_data)["location"] == data.name
                             for t in external)
-    umask = os.umask(0)
-    os.umask(umask)
-    assert {stat.S_IMODE(p.stat().st_mode) for p in (out, data)} == {0o666 & ~umask}
+    assert {stat.S_IMODE(p.stat().st_mode) for p in (out, data)} == {0o666 & ~current_umask()}
 
     # A write that fails leaves the pair as it was, and nothing beside it.
     before = {p: p.read_bytes() for p in (out, data)}

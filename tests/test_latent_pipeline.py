@@ -4,7 +4,6 @@ or from the same seed (video-to-video, against diffusers' video-to-video pipelin
 against diffusers' schedulers; the CLI path from a folder to a video."""
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 
@@ -13,6 +12,7 @@ import numpy as np
 import PIL.Image
 import pytest
 import torch
+from utils import current_umask
 
 import stunet
 from stunet.convert import convert_folder
@@ -40,12 +40,6 @@ def t2v_folder(tmp_path_factory):
 def animatediff_folder(tmp_path_factory):
     """A saved AnimateDiffPipeline (an SD U-Net + a MotionAdapter) with AnimateDiff's linear DDIM schedule."""
     return _saved(tmp_path_factory, tiny.animatediff_pipeline)
-
-
-def _umask() -> int:
-    umask = os.umask(0)
-    os.umask(umask)
-    return umask
 
 
 def _latents(frames: int, seed: int = 0) -> torch.Tensor:
@@ -78,7 +72,8 @@ def test_convert_folder_writes_the_engine_format_and_the_pipeline_parts(t2v_fold
     out = tmp_path / "out"
     assert {p.name for p in out.iterdir()} == {"config.json", "model.safetensors", "vae", "text_encoder",
                                                "tokenizer", "scheduler"}
-    new_mode = 0o777 & ~_umask()  # a new folder's, and (less x) a new file's: never the staging's or the source's
+    # a new folder's mode, and (less x) a new file's: never the staging's or the source's
+    new_mode = 0o777 & ~current_umask()
     assert [p for p in [out, *out.rglob("*")] if p.stat().st_mode & 0o777 != (new_mode if p.is_dir() else
                                                                              new_mode & 0o666)] == []
     loaded = stunet.STUNet.from_pretrained(out)

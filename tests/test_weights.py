@@ -8,7 +8,7 @@ import struct
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from utils import make_inputs, randomize_temporal
+from utils import current_umask, make_inputs, randomize_temporal
 
 import stunet
 from stunet import WeightsError, interpolate_spatial
@@ -139,7 +139,7 @@ def test_files_written_together_replace_their_paths_in_order_or_not_at_all(tmp_p
         (folder / data.name).write_text("weights")
         (folder / model.name).write_text("graph")
     assert (data.read_text(), model.read_text()) == ("weights", "graph")
-    assert (model.stat().st_mode & 0o777, data.stat().st_mode & 0o777) == (0o640, 0o666 & ~_umask())
+    assert (model.stat().st_mode & 0o777, data.stat().st_mode & 0o777) == (0o640, 0o666 & ~current_umask())
     with pytest.raises(OSError, match="disk full"):
         with atomic_files(data, model) as folder:
             (folder / data.name).write_text("partial")
@@ -155,12 +155,6 @@ def test_files_written_together_replace_their_paths_in_order_or_not_at_all(tmp_p
     with pytest.raises(IsADirectoryError, match="it is a directory"):
         with atomic_files(tmp_path):
             pass
-
-
-def _umask() -> int:
-    umask = os.umask(0)
-    os.umask(umask)
-    return umask
 
 
 def test_a_bad_config_file_is_named(tmp_path):

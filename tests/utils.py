@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import os
 from unittest import mock
 
 import pytest
@@ -72,6 +73,13 @@ def save_png(array, path):
     from PIL import Image
 
     Image.fromarray(array).save(path)
+
+
+def current_umask() -> int:
+    """The process umask (reading it means setting it: restored at once)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return umask
 
 
 def tiny_model(**overrides) -> stunet.STUNet:

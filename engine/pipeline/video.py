@@ -60,14 +60,10 @@ def _write_mp4(frames: np.ndarray, path: Path, fps: int) -> None:
         import av
     except ImportError:
         raise ImportError("writing mp4 needs PyAV: pip install 'stunet[video]'") from None
-    h, w = frames.shape[1:3]
-    # yuv420p needs even sides: pad by one pixel (edge) rather than fail (save_video says so).
-    ph, pw = h % 2, w % 2
-    if ph or pw:
-        frames = np.pad(frames, ((0, 0), (0, ph), (0, pw), (0, 0)), mode="edge")
+    h, w = frames.shape[1:3]  # even: save_video pads odd sides
     with av.open(str(path), mode="w", format="mp4") as container:
         stream = container.add_stream("libx264", rate=fps)
-        stream.width, stream.height, stream.pix_fmt = w + pw, h + ph, "yuv420p"
+        stream.width, stream.height, stream.pix_fmt = w, h, "yuv420p"
         stream.options = {"crf": "18"}
         for frame in frames:
             for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
@@ -102,9 +98,10 @@ def save_video(frames, path: str | os.PathLike, fps: int = 16) -> Path:
     data = to_float32(frames) if suffix == ".npy" else to_uint8(frames)
     writer = {".mp4": _write_mp4, ".gif": _write_gif, ".npy": _write_npy}[suffix]
     h, w = data.shape[1:3]
-    if suffix == ".mp4" and (h % 2 or w % 2):
+    if suffix == ".mp4" and (h % 2 or w % 2):  # yuv420p needs even sides: pad by one pixel (edge), and say so
         log.warning("%s: H.264 (yuv420p) takes even sides only, so the %dx%d frames are padded to %dx%d (edge "
                     "pixels repeated); save a .gif or .npy for the exact size", path.name, w, h, w + w % 2, h + h % 2)
+        data = np.pad(data, ((0, 0), (0, h % 2), (0, w % 2), (0, 0)), mode="edge")
     with atomic_path(path) as tmp:
         writer(data, tmp, fps)
     return path
