@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import copy
 import logging
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
@@ -158,6 +161,50 @@ def test_fast_backend_max_batch_runs_slices_with_the_same_result(monkeypatch):
     with pytest.raises(ValueError, match="max_batch must be a positive integer"):
         FastBackend(model, max_batch=0)
 
+
+
+@pytest.mark.parametrize("name", ["reference", "fast"])
+def test_a_backend_shared_among_threads_runs_their_calls_in_turn(name, monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    backend = make_backend(_model(), name)
+    inside, most = [], []
+
+    def enter(module, args):
+        inside.append(1)
+        most.append(len(inside))
+        time.sleep(0.05)  # lets the other threads in, were nothing to stop them
+
+    def leave(module, args, out):
+        inside.pop()
+
+    backend.model.register_forward_pre_hook(enter)
+    backend.model.register_forward_hook(leave)
+    x, t, text = make_inputs(backend.config, batch=1, frames=8, size=16)
+    with ThreadPoolExecutor(4) as pool:
+        outs = list(pool.map(lambda i: backend(x, t, text), range(4)))
+    assert max(most) == 1 and not inside
+    for out in outs[1:]:
+        assert torch.equal(out, outs[0])
+
+
+def test_a_pipeline_shared_among_threads_gives_each_prompt_its_own_video(monkeypatch):
+    """Each thread's video is the one a serial call makes: the fast backend keeps each text's keys/values across
+    calls, and threads interleaving on it without its lock would read each other's text."""
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    model = _model()
+    pipe = Pipeline(model, stunet.text.tiny_random_t5(model.config.text_dim), backend="fast", progress=False)
+    prompts = ["a teddy bear surfing", "a red ball", "waves at night", "a cat"]
+    kw = dict(num_frames=8, height=16, width=16, num_inference_steps=2, seed=3)
+    serial = {p: pipe(p, **kw).frames for p in prompts}
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # switch threads as often as the interpreter can
+    try:
+        with ThreadPoolExecutor(len(prompts)) as pool:
+            shared = dict(zip(prompts, pool.map(lambda p: pipe(p, **kw).frames, prompts)))
+    finally:
+        sys.setswitchinterval(interval)
+    for p in prompts:
+        assert np.array_equal(shared[p], serial[p]), p
 
 # Ops whose result the host must read (a device synchronisation): inside a CUDA graph capture they fail.
 HOST_READS = {"aten::_local_scalar_dense", "aten::is_nonzero", "aten::equal", "aten::allclose", "aten::nonzero",

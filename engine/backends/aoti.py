@@ -54,7 +54,7 @@ class AOTIBackend(Backend):
     def describe(self) -> str:
         return f"aoti: AOTInductor package {self.package.name}, {self.model.dtype} on {self.model.device}"
 
-    def __call__(self, x, timesteps, text, text_mask=None, *, noise_level=None):
+    def forward(self, x, timesteps, text, text_mask=None, *, noise_level=None):
         x, t, text, mask, level = check_forward_inputs(self.model, x, timesteps, text, text_mask, noise_level, False)
         if mask is None:
             mask = torch.ones(text.shape[:2], dtype=torch.bool, device=text.device)

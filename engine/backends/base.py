@@ -5,11 +5,16 @@ the model's prediction. It never modifies the model it is given: it runs that mo
 :class:`~stunet.model.ExecutionPolicy`, or a converted copy of it (other dtype, layout) that shares storage
 with the caller's parameters wherever nothing needs converting. Each backend class declares what it cannot
 run (``unsupported``), and :func:`~stunet.backends.make_backend` refuses with every reason at once.
+
+A backend may be shared among threads (a server's workers on one pipeline): it runs their calls one at a time.
+Backends keep state across calls (the fast backend's text keys/values and CUDA graphs with their static
+buffers, a TensorRT execution context), and two calls interleaved on it would read each other's.
 """
 from __future__ import annotations
 
 import abc
 import copy
+import threading
 
 import torch
 from torch import nn
@@ -26,6 +31,7 @@ class Backend(abc.ABC):
         self.model = model
         """The module this backend executes: the caller's model, or the backend's own converted copy."""
         self.policy: ExecutionPolicy = REFERENCE
+        self._lock = threading.RLock()  # one call at a time (re-entrant: a forward may call its own backend)
 
     @classmethod
     def unsupported(cls, model: STUNet, **options) -> list[str]:
@@ -55,10 +61,16 @@ class Backend(abc.ABC):
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.config.in_channels}-channel STUNet, {self.model.dtype})"
 
-    @abc.abstractmethod
     def __call__(self, x: torch.Tensor, timesteps, text: torch.Tensor, text_mask: torch.Tensor | None = None,
                  *, noise_level=None) -> torch.Tensor:
-        """The model's prediction (B, out_channels, T, H, W)."""
+        """The model's prediction (B, out_channels, T, H, W); calls from several threads run in turn."""
+        with self._lock:
+            return self.forward(x, timesteps, text, text_mask, noise_level=noise_level)
+
+    @abc.abstractmethod
+    def forward(self, x: torch.Tensor, timesteps, text: torch.Tensor, text_mask: torch.Tensor | None = None,
+                *, noise_level=None) -> torch.Tensor:
+        """One call's prediction; the backend's own work, run under its lock by ``__call__``."""
 
 
 class ReferenceBackend(Backend):
@@ -69,7 +81,7 @@ class ReferenceBackend(Backend):
     def describe(self) -> str:
         return f"reference: eager PyTorch, {self.model.dtype} on {self.model.device}"
 
-    def __call__(self, x, timesteps, text, text_mask=None, *, noise_level=None):
+    def forward(self, x, timesteps, text, text_mask=None, *, noise_level=None):
         return self.model(x, timesteps, text, text_mask, noise_level=noise_level, policy=self.policy)
 
 

@@ -29,6 +29,6 @@ class CompileBackend(Backend):
         return (f"compile: torch.compile(mode={self.mode!r}) of the reference, {self.model.dtype} on "
                 f"{self.model.device}")
 
-    def __call__(self, x, timesteps, text, text_mask=None, *, noise_level=None):
+    def forward(self, x, timesteps, text, text_mask=None, *, noise_level=None):
         args = check_forward_inputs(self.model, x, timesteps, text, text_mask, noise_level, False)
         return self._compiled(*args)

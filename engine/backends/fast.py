@@ -88,7 +88,7 @@ class FastBackend(Backend):
         return (f"fast: {ops}, channels-last trunk, text K/V once per text{graphs}{slices}; "
                 f"{self.model.dtype} on {self.model.device}")
 
-    def __call__(self, x, timesteps, text, text_mask=None, *, noise_level=None):
+    def forward(self, x, timesteps, text, text_mask=None, *, noise_level=None):
         B = x.shape[0]
         if self.max_batch is None or B <= self.max_batch:
             return self._run((0, B), x, timesteps, text, text_mask, noise_level)

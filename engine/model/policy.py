@@ -21,7 +21,9 @@ class TextKVStore:
 
     Valid while the caller passes the *same* tensor object; it holds a reference, so the address cannot be
     reused by another tensor. When that tensor was written in place (its version changed), the values are
-    recomputed into the existing buffers, so CUDA graphs that read them stay valid.
+    recomputed into the existing buffers, so CUDA graphs that read them stay valid. It serves one forward at a
+    time: two forwards with different texts interleaved on one store would read each other's keys and values
+    (the backends that keep stores run their calls in turn).
     """
 
     def __init__(self):
