@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 import sys
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
@@ -126,3 +127,24 @@ def test_text_encoders_load_from_a_local_directory(tmp_path):
     assert isinstance(clip, HFTextEncoder) and clip.dim == 32 and tokens.shape[::2] == (2, 32)
     with pytest.raises(FileNotFoundError, match="has no config.json"):
         load_text_encoder(tmp_path / "none")
+
+
+def test_encoders_sharing_a_rust_tokenizer_encode_from_threads_as_alone(tmp_path):
+    """Two encoders with different padding over one Rust-backed tokenizer, called from eight threads at once:
+    each call gives what it gives alone (the tokenizer's settings change from call to call)."""
+    transformers = pytest.importorskip("transformers")
+    from diffusers_models import clip
+
+    slow, model = clip(tmp_path / "clip", max_length=16)
+    slow.save_pretrained(tmp_path / "tokenizer")
+    tokenizer = transformers.AutoTokenizer.from_pretrained(tmp_path / "tokenizer")
+    assert tokenizer.is_fast
+    encoders = [HFTextEncoder(model, tokenizer, 16), HFTextEncoder(model, tokenizer, 16, pad_to_max_length=True,
+                                                                    attend_padding=True)]
+    prompts = ["a cat", "a teddy bear surfing on a wave", "x", "two dogs in the snow"]
+    calls = [(e, p) for e in range(2) for p in range(4)] * 8
+    alone = {(e, p): encoders[e].encode([prompts[p]]) for e in range(2) for p in range(4)}
+    with ThreadPoolExecutor(8) as pool:
+        shared = list(pool.map(lambda call: encoders[call[0]].encode([prompts[call[1]]]), calls))
+    for call, (tokens, mask) in zip(calls, shared):
+        assert torch.equal(tokens, alone[call][0]) and torch.equal(mask, alone[call][1]), call

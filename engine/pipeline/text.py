@@ -9,6 +9,7 @@ elsewhere can be given to the pipeline directly (``prompt_embeds=``).
 from __future__ import annotations
 
 import os
+import threading
 from pathlib import Path
 from typing import Protocol
 
@@ -21,6 +22,12 @@ class TextEncoder(Protocol):
 
     def encode(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """(tokens (B, L, dim) float, mask (B, L) bool) for a list of prompts, all padded to one length L."""
+
+
+_TOKENIZING = threading.Lock()
+"""Held while a tokenizer runs. A Rust-backed tokenizer sets its padding and truncation on the (possibly shared)
+object at a call, which a call in flight on another thread can refuse ("RuntimeError: Already borrowed", with
+tokenizers before 0.23.1). Tokenizing takes microseconds: one lock for every encoder costs nothing."""
 
 
 def _require_transformers():
@@ -55,8 +62,9 @@ class HFTextEncoder:
     def encode(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         if isinstance(prompts, str) or not all(isinstance(p, str) for p in prompts):
             raise TypeError("prompts must be a list of strings")
-        batch = self.tokenizer(list(prompts), padding="max_length" if self.pad_to_max_length else True,
-                               truncation=True, max_length=self.max_length, return_tensors="pt")
+        with _TOKENIZING:
+            batch = self.tokenizer(list(prompts), padding="max_length" if self.pad_to_max_length else True,
+                                   truncation=True, max_length=self.max_length, return_tensors="pt")
         ids = batch["input_ids"].to(self.device)
         mask = batch["attention_mask"].to(self.device)
         if self.attend_padding:
