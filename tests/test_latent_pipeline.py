@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 
 import diffusers_models as tiny
 import numpy as np
@@ -183,6 +184,23 @@ def test_an_fp16_vae_that_asks_for_it_encodes_in_fp32_and_stays_fp16(t2v_folder)
     plain = VideoVAE(half).encode(video, torch.Generator().manual_seed(0))  # FP16 all the way
     assert not torch.equal(plain, want) and torch.allclose(plain, want, atol=0.05)
 
+
+def test_a_converted_pipeline_shared_among_threads_gives_each_prompt_its_own_video(t2v_folder, tmp_path,
+                                                                                   monkeypatch):
+    """CLIP's Rust-backed tokenizer, the fast backend's text keys/values (every prompt padded to one length, so
+    another prompt's would fit) and the VAE, shared by four threads: each video is the one made alone."""
+    monkeypatch.setenv("TRITON_INTERPRET", "0")  # the kernel ops' reference math: this tests the sharing
+    _, folder = t2v_folder
+    convert_folder(folder, tmp_path / "stunet", dtype="fp32")
+    pipe = stunet.Pipeline.from_pretrained(tmp_path / "stunet", device="cpu", backend="fast", progress=False)
+    assert pipe.text_encoder.tokenizer.is_fast
+    prompts = ["a red fox", "a blue whale in the deep sea", "snow", "a cat on a sofa"]
+    kw = dict(num_frames=4, height=16, width=16, num_inference_steps=2, seed=7)
+    alone = {p: pipe(p, **kw).frames for p in prompts}
+    with ThreadPoolExecutor(len(prompts)) as pool:
+        shared = dict(zip(prompts, pool.map(lambda p: pipe(p, **kw).frames, prompts)))
+    for p in prompts:
+        assert np.array_equal(shared[p], alone[p]), p
 
 def test_video_to_video_of_a_latent_model_checks_the_video_in_pixels(t2v_folder, tmp_path):
     _, folder = t2v_folder
