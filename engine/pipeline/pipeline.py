@@ -112,6 +112,10 @@ class Pipeline:
             ``init_process_group`` with more than one rank; "auto" also initialises the group from torchrun's
             environment; False never; or a :class:`stunet.distributed.Parallel`. Every rank must make the
             same calls; the video is the same on any number of ranks, and rank 0 gets the frames.
+
+    One pipeline may serve several threads (a server's workers): each call keeps its own sampler, generator
+    and guidance rows, and the backends and text encoder run one call at a time, so a call gets the video it
+    makes alone. A distributed pipeline is the exception: its ranks must call it in the same order.
     """
 
     def __init__(self, base_model: STUNet, text_encoder: TextEncoder | None = None, ssr_model: STUNet | None = None,
