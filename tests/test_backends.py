@@ -381,3 +381,30 @@ def test_gpu_cuda_graphs_of_batch_slices_keep_their_own_text_kv():
     for step in range(1, 4):
         assert torch.equal(graphed(x, t - step, text), eager(x, t - step, text))
     assert len(graphed._graphs) == 2 and refreshes == []
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("graphs", [True, False], ids=["graphs", "eager"])
+def test_gpu_threads_on_streams_of_their_own_share_a_fast_backend(graphs):
+    """Four threads, each on its own CUDA stream with its own text, calling one fast backend: every output is
+    the one a call alone makes. The calls share the graph's static inputs (or the stored text keys/values), so
+    each must wait on the GPU for the last call's work, not only on the host for its turn."""
+    model = _model("small").cuda().half()
+    fast = FastBackend(model, graphs=graphs)
+    x, t, _ = make_inputs(model.config, batch=2, frames=16, size=64)
+    x, t = x.cuda().half(), t.cuda()
+    texts = [torch.randn(2, 7, model.config.text_dim, device="cuda", dtype=torch.float16) for _ in range(4)]
+    alone = [fast(x, t, text) for text in texts]
+    torch.cuda.synchronize()
+
+    def work(i: int) -> list[torch.Tensor]:
+        stream = torch.cuda.Stream()
+        with torch.cuda.stream(stream):
+            outs = [fast(x, t, texts[i]) for _ in range(10)]
+        stream.synchronize()
+        return outs
+
+    with ThreadPoolExecutor(len(texts)) as pool:
+        shared = list(pool.map(work, range(len(texts))))
+    for i, outs in enumerate(shared):
+        assert all(torch.equal(out, alone[i]) for out in outs), i

@@ -32,6 +32,7 @@ class Backend(abc.ABC):
         """The module this backend executes: the caller's model, or the backend's own converted copy."""
         self.policy: ExecutionPolicy = REFERENCE
         self._lock = threading.RLock()  # one call at a time (re-entrant: a forward may call its own backend)
+        self._last_stream = None  # the CUDA stream the last call ran on
 
     @classmethod
     def unsupported(cls, model: STUNet, **options) -> list[str]:
@@ -65,7 +66,20 @@ class Backend(abc.ABC):
                  *, noise_level=None) -> torch.Tensor:
         """The model's prediction (B, out_channels, T, H, W); calls from several threads run in turn."""
         with self._lock:
+            self._after_the_last_call()
             return self.forward(x, timesteps, text, text_mask, noise_level=noise_level)
+
+    def _after_the_last_call(self) -> None:
+        """On CUDA, in turn on the GPU too: a call on another stream than the last call's (threads with streams
+        of their own) waits for the work the last call queued, which used the same buffers (static graph
+        inputs, stored text keys/values, a TensorRT context's activations)."""
+        device = self.device
+        if device.type != "cuda":
+            return
+        stream = torch.cuda.current_stream(device)
+        if self._last_stream is not None and self._last_stream != stream:
+            stream.wait_stream(self._last_stream)
+        self._last_stream = stream
 
     @abc.abstractmethod
     def forward(self, x: torch.Tensor, timesteps, text: torch.Tensor, text_mask: torch.Tensor | None = None,
