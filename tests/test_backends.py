@@ -163,6 +163,40 @@ def test_fast_backend_max_batch_runs_slices_with_the_same_result(monkeypatch):
 
 
 
+
+@pytest.mark.parametrize("name", ["reference", "fast"])
+def test_a_pipeline_runs_the_same_under_torch_inference_mode(name, monkeypatch):
+    """Serving code often runs under torch.inference_mode, whose tensors count no in-place writes. The same
+    pipeline, called in and out of it in turn, makes the same video every time."""
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    model = _model()
+    pipe = Pipeline(model, stunet.text.tiny_random_t5(model.config.text_dim), backend=name, progress=False)
+    kw = dict(num_frames=8, height=16, width=16, num_inference_steps=2, seed=4)
+    want = pipe("a teddy bear surfing", **kw).frames
+    for inference in (True, False, True):
+        with torch.inference_mode(inference):
+            assert np.array_equal(pipe("a teddy bear surfing", **kw).frames, want), inference
+
+
+def test_fast_backend_follows_an_inference_tensor_written_in_place(monkeypatch):
+    """An inference tensor's writes are not counted, so the stored text keys/values are recomputed at every
+    call with one: an edit in place is never missed."""
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    model = _model()
+    reference, fast = copy.deepcopy(model), FastBackend(model)
+    x, t, text = make_inputs(model.config, batch=2, frames=8, size=16)
+    with torch.inference_mode():
+        text = text.clone()
+        assert_close(fast(x, t, text), reference(x, t, text), atol=2e-5, rtol=2e-5, what="an inference text")
+        text.mul_(-0.5)
+        assert_close(fast(x, t, text), reference(x, t, text), atol=2e-5, rtol=2e-5, what="after an edit")
+    sliced = FastBackend(model, max_batch=1)
+    with torch.inference_mode():
+        first = sliced(x, t, text)
+        text.add_(1.0)
+        assert_close(sliced(x, t, text), reference(x, t, text), atol=2e-5, rtol=2e-5, what="sliced, after an edit")
+        assert not torch.equal(first, sliced(x, t, text))
+
 @pytest.mark.parametrize("name", ["reference", "fast"])
 def test_a_backend_shared_among_threads_runs_their_calls_in_turn(name, monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
@@ -408,3 +442,24 @@ def test_gpu_threads_on_streams_of_their_own_share_a_fast_backend(graphs):
         shared = list(pool.map(work, range(len(texts))))
     for i, outs in enumerate(shared):
         assert all(torch.equal(out, alone[i]) for out in outs), i
+
+
+
+@pytest.mark.gpu
+def test_gpu_cuda_graphs_in_and_out_of_inference_mode():
+    """A graph captured under torch.inference_mode replays outside it and back (its static inputs are ordinary
+    tensors, written in place at every call), and follows an inference text edited in place."""
+    model = _model("small").cuda().half()
+    graphed, eager = FastBackend(model), FastBackend(model, graphs=False)
+    x, t, text = make_inputs(model.config, batch=2, frames=16, size=64)
+    x, t, text = x.cuda().half(), t.cuda(), text.cuda().half()
+    want = eager(x, t, text)
+    for inference in (True, False, True):
+        with torch.inference_mode(inference):
+            assert torch.equal(graphed(x, t, text), want), inference
+    with torch.inference_mode():
+        edited = text.clone()
+        graphed(x, t, edited)
+        edited.mul_(-0.5)
+        assert torch.equal(graphed(x, t, edited), eager(x, t, edited))
+    assert len(graphed._graphs) == 1

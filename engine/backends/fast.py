@@ -17,6 +17,7 @@ import torch
 
 from .. import kernels
 from ..model import FAST, ExecutionPolicy, STUNet, TextKVStore
+from ..model.policy import tensor_version
 from ..model.validate import _as_batch_vector, check_forward_inputs
 from .base import Backend, converted_copy
 
@@ -34,7 +35,7 @@ class _Graph:
     out: torch.Tensor
     policy: ExecutionPolicy  # with this graph's own text K/V store: the graph reads its buffers
     source_text: torch.Tensor | None = None  # the caller's text and mask last copied in (identity, version)
-    source_version: int = -1
+    source_version: int | None = -1
     source_mask: torch.Tensor | None = None
 
 
@@ -89,6 +90,12 @@ class FastBackend(Backend):
                 f"{self.model.dtype} on {self.model.device}")
 
     def forward(self, x, timesteps, text, text_mask=None, *, noise_level=None):
+        # Outside inference mode whatever the caller's: the buffers kept across calls (graph inputs, stored text
+        # keys/values) are written in place, which an inference tensor refuses outside torch.inference_mode.
+        with torch.inference_mode(False), torch.no_grad():
+            return self._forward(x, timesteps, text, text_mask, noise_level)
+
+    def _forward(self, x, timesteps, text, text_mask, noise_level):
         B = x.shape[0]
         if self.max_batch is None or B <= self.max_batch:
             return self._run((0, B), x, timesteps, text, text_mask, noise_level)
@@ -103,11 +110,13 @@ class FastBackend(Backend):
 
     def _slice(self, what: str, t: torch.Tensor, rows: slice) -> torch.Tensor:
         """The same slice object for the same (unchanged) text at every call: the text K/V store keys on
-        tensor identity. One entry per slice position, replaced when the text changes."""
+        tensor identity. One entry per slice position, replaced when the text changes (at every call for an
+        inference tensor, whose changes are not counted)."""
         key = (what, rows.start, rows.stop)
         cached = self._slices.get(key)
-        if cached is None or cached[0] is not t or cached[1] != t._version:
-            cached = self._slices[key] = (t, t._version, t[rows])
+        version = tensor_version(t)
+        if cached is None or cached[0] is not t or version is None or cached[1] != version:
+            cached = self._slices[key] = (t, version, t[rows])
         return cached[2]
 
     def _run(self, slot: tuple[int, int], x, timesteps, text, text_mask, noise_level):
@@ -140,11 +149,13 @@ class FastBackend(Backend):
         g.t.copy_(t, non_blocking=True)
         if nl is not None:
             g.noise_level.copy_(nl, non_blocking=True)
-        if text is not g.source_text or text._version != g.source_version or text_mask is not g.source_mask:
+        version = tensor_version(text)
+        if (text is not g.source_text or version is None or version != g.source_version
+                or text_mask is not g.source_mask):
             g.text.copy_(text)  # a new text: the store recomputes its keys/values into the graph's buffers
             if text_mask is not None:
                 g.mask.copy_(text_mask.bool())
-            g.source_text, g.source_version, g.source_mask = text, text._version, text_mask
+            g.source_text, g.source_version, g.source_mask = text, version, text_mask
             g.policy.text_kv.for_text(g.text)
         g.graph.replay()
         return g.out.clone()
@@ -169,7 +180,7 @@ class FastBackend(Backend):
         with torch.cuda.graph(graph, pool=self._pool):
             out = m.forward_checked(*args)
         log.info("stunet fast backend: captured a CUDA graph for x %s", tuple(x.shape))
-        return _Graph(graph=graph, out=out, policy=policy, source_text=text, source_version=text._version,
+        return _Graph(graph=graph, out=out, policy=policy, source_text=text, source_version=tensor_version(text),
                       source_mask=text_mask, **static)
 
 

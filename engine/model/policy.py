@@ -16,31 +16,39 @@ import torch
 from torch import nn
 
 
+def tensor_version(t: torch.Tensor) -> int | None:
+    """How many in-place writes ``t`` has had, or None for an inference tensor (made under
+    ``torch.inference_mode``), which counts none: its values can never be known unchanged."""
+    return None if t.is_inference() else t._version
+
+
 class TextKVStore:
     """Cross-attention keys and values of one text tensor, kept across calls (a generation's steps).
 
     Valid while the caller passes the *same* tensor object; it holds a reference, so the address cannot be
     reused by another tensor. When that tensor was written in place (its version changed), the values are
-    recomputed into the existing buffers, so CUDA graphs that read them stay valid. It serves one forward at a
-    time: two forwards with different texts interleaved on one store would read each other's keys and values
-    (the backends that keep stores run their calls in turn).
+    recomputed into the existing buffers, so CUDA graphs that read them stay valid; an inference tensor, whose
+    writes are not counted, has them recomputed so at every call. It serves one forward at a time: two
+    forwards with different texts interleaved on one store would read each other's keys and values (the
+    backends that keep stores run their calls in turn).
     """
 
     def __init__(self):
         self.text: torch.Tensor | None = None
-        self.version = -1
+        self.version: int | None = -1
         self.kv: dict[nn.Linear, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def for_text(self, text: torch.Tensor) -> dict:
         """The per-layer (k, v) dict for ``text`` (empty on a new text; refreshed in place after an edit)."""
+        version = tensor_version(text)
         if text is not self.text:
-            self.text, self.version, self.kv = text, text._version, {}
-        elif text._version != self.version:
+            self.text, self.version, self.kv = text, version, {}
+        elif version is None or version != self.version:
             for layer, (k, v) in self.kv.items():
                 new_k, new_v = layer(text).chunk(2, dim=-1)
                 k.copy_(new_k)
                 v.copy_(new_v)
-            self.version = text._version
+            self.version = version
         return self.kv
 
     def clear(self) -> None:
@@ -84,4 +92,4 @@ FAST = ExecutionPolicy(kernels=True, channels_last=True)
 PER_FRAME = ExecutionPolicy(temporal=False)
 """The reference without its temporal modules: the inflated text-to-image U-Net on every frame."""
 
-__all__ = ["ExecutionPolicy", "TextKVStore", "REFERENCE", "FAST", "PER_FRAME"]
+__all__ = ["ExecutionPolicy", "TextKVStore", "tensor_version", "REFERENCE", "FAST", "PER_FRAME"]
