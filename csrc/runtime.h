@@ -156,6 +156,7 @@ void blend_cpu(const BlendArgs& args);
 
 #ifdef STUNET_WITH_CUDA
 // Asynchronous on `stream` (a cudaStream_t); no host synchronisation, so both can be captured in a CUDA graph.
+// They launch on the current device (cudaSetDevice): the buffers and `stream` must belong to it.
 void fused_step_cuda(const StepArgs& args, void* stream);
 void blend_cuda(const BlendArgs& args, void* stream);
 #endif

@@ -463,3 +463,18 @@ def test_gpu_cuda_graphs_in_and_out_of_inference_mode():
         edited.mul_(-0.5)
         assert torch.equal(graphed(x, t, edited), eager(x, t, edited))
     assert len(graphed._graphs) == 1
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+def test_gpu_a_pipeline_on_the_second_device_runs_from_the_first():
+    """Triton kernels, CUDA-graph capture and the C++ runtime's CUDA passes launch on the current device: a
+    pipeline on cuda:1 called while cuda:0 is current makes the video it makes on cuda:0."""
+    model = _model("small")
+    kw = dict(prompt_embeds=torch.randn(1, 7, model.config.text_dim), num_frames=16, height=64, width=64,
+              num_inference_steps=4, seed=0)
+    frames = {}
+    for device in ("cuda:0", "cuda:1"):
+        torch.cuda.set_device(0)
+        frames[device] = Pipeline(copy.deepcopy(model).to(device), None, backend="fast", progress=False)(**kw).frames
+    assert np.array_equal(frames["cuda:0"], frames["cuda:1"])

@@ -13,6 +13,7 @@ buffers, a TensorRT execution context), and two calls interleaved on it would re
 from __future__ import annotations
 
 import abc
+import contextlib
 import copy
 import threading
 
@@ -20,6 +21,13 @@ import torch
 from torch import nn
 
 from ..model import REFERENCE, ExecutionPolicy, STUNet
+
+
+def on_device(device: torch.device):
+    """A context making ``device`` the current CUDA device (nothing for other devices): Triton kernels, CUDA
+    graph capture and TensorRT run on the current device, which need not be the model's (a pipeline on
+    ``cuda:1`` called from a thread whose current device is 0)."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
 class Backend(abc.ABC):
@@ -65,7 +73,7 @@ class Backend(abc.ABC):
     def __call__(self, x: torch.Tensor, timesteps, text: torch.Tensor, text_mask: torch.Tensor | None = None,
                  *, noise_level=None) -> torch.Tensor:
         """The model's prediction (B, out_channels, T, H, W); calls from several threads run in turn."""
-        with self._lock:
+        with self._lock, on_device(self.device):
             self._after_the_last_call()
             return self.forward(x, timesteps, text, text_mask, noise_level=noise_level)
 

@@ -15,7 +15,7 @@ import torch
 
 from ..model import STUNet
 from ..model.validate import check_forward_inputs
-from .base import Backend
+from .base import Backend, on_device
 
 log = logging.getLogger(__name__)
 
@@ -43,19 +43,20 @@ class TensorRTBackend(Backend):
             log.warning("stunet tensorrt backend: %s has no export spec beside it (%s): the model's architecture "
                         "is not checked against the engine's", engine, plan_spec_path(engine).name)
         plan = self.engine_path.read_bytes()
-        for name in TOOLKITS:  # a plan only deserialises in the toolkit that built it
-            try:
-                self.toolkit, trt = toolkit(name)
-            except ImportError:
-                continue
-            self._logger = trt.Logger(trt.Logger.WARNING)
-            self._runtime = trt.Runtime(self._logger)
-            self._engine = self._runtime.deserialize_cuda_engine(plan)
-            if self._engine is not None:
-                break
-        else:
-            raise ValueError(f"engine: no installed TensorRT toolkit can load {str(engine)!r}")
-        self._context = self._engine.create_execution_context()
+        with on_device(model.device):  # an engine and its context live on the device current at their making
+            for name in TOOLKITS:  # a plan only deserialises in the toolkit that built it
+                try:
+                    self.toolkit, trt = toolkit(name)
+                except ImportError:
+                    continue
+                self._logger = trt.Logger(trt.Logger.WARNING)
+                self._runtime = trt.Runtime(self._logger)
+                self._engine = self._runtime.deserialize_cuda_engine(plan)
+                if self._engine is not None:
+                    break
+            else:
+                raise ValueError(f"engine: no installed TensorRT toolkit can load {str(engine)!r}")
+            self._context = self._engine.create_execution_context()
         self._names = [self._engine.get_tensor_name(i) for i in range(self._engine.num_io_tensors)]
         self._dtypes = {n: _TORCH_DTYPES[self._engine.get_tensor_dtype(n).name] for n in self._names}
 

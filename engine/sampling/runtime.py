@@ -23,6 +23,7 @@ import logging
 
 import torch
 
+from ..backends.base import on_device
 from .samplers import SAMPLERS, Sampler
 
 log = logging.getLogger(__name__)
@@ -213,9 +214,10 @@ class FusedSampler:
             stats = self._stats
         history = self._history if coefs.writes_history or coefs.second_order else None
         _device(x)
-        _C.fused_step(coefs, x.shape[0], _buffer(cond), _buffer(uncond), float(guidance_scale),
-                      float(guidance_rescale), _buffer(x), _buffer(out), _buffer(history), _buffer(noise),
-                      _buffer(stats), _stream(x))
+        with on_device(x.device):  # a CUDA pass launches on the current device, with the stream of x's
+            _C.fused_step(coefs, x.shape[0], _buffer(cond), _buffer(uncond), float(guidance_scale),
+                          float(guidance_rescale), _buffer(x), _buffer(out), _buffer(history), _buffer(noise),
+                          _buffer(stats), _stream(x))
 
     def step_coefs(self, t):
         """The runtime's coefficients of the step at ``t`` (advances the multistep history, as a step does)."""
@@ -257,6 +259,7 @@ def blend_windows(outputs: torch.Tensor | list[torch.Tensor], num_frames: int, w
         raise ValueError(f"outputs hold {n} windows of {length} frames, but the plan for {num_frames} frames "
                          f"(window {window}, overlap {overlap}) has {table.num_windows} of {table.window_len}")
     out = torch.empty(b, c, num_frames, h, w, dtype=dtype, device=outputs.device)
-    _C.blend(_buffer(win), _buffer(local), _buffer(weight), table.cover, table.num_windows, b * c,
-             table.window_len, num_frames, h * w, _buffer(outputs), _buffer(out), _stream(outputs))
+    with on_device(outputs.device):
+        _C.blend(_buffer(win), _buffer(local), _buffer(weight), table.cover, table.num_windows, b * c,
+                 table.window_len, num_frames, h * w, _buffer(outputs), _buffer(out), _stream(outputs))
     return out
