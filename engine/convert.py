@@ -449,8 +449,6 @@ def from_diffusers(model: nn.Module, **overrides: Any) -> STUNet:
     return ours
 
 
-
-
 # -- folders on disk -------------------------------------------------------------------------------------------
 PIPELINE_PARTS = ("vae", "text_encoder", "tokenizer", "scheduler")
 """The parts of a diffusers pipeline folder that ``convert_folder`` copies next to the converted model."""
