@@ -27,23 +27,27 @@ class TextKVStore:
 
     Valid while the caller passes the *same* tensor object; it holds a reference, so the address cannot be
     reused by another tensor. When that tensor was written in place (its version changed), the values are
-    recomputed into the existing buffers, so CUDA graphs that read them stay valid; an inference tensor, whose
-    writes are not counted, has them recomputed so at every call. It serves one forward at a time: two
-    forwards with different texts interleaved on one store would read each other's keys and values (the
-    backends that keep stores run their calls in turn).
+    recomputed into the existing buffers, so CUDA graphs that read them stay valid. Nothing is kept of an
+    inference tensor, whose writes are not counted: its keys and values are computed in every forward, as
+    without a store. It serves one forward at a time: two forwards with different texts interleaved on one
+    store would read each other's keys and values (the backends that keep stores run their calls in turn).
     """
 
     def __init__(self):
         self.text: torch.Tensor | None = None
-        self.version: int | None = -1
+        self.version = -1
         self.kv: dict[nn.Linear, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def for_text(self, text: torch.Tensor) -> dict:
-        """The per-layer (k, v) dict for ``text`` (empty on a new text; refreshed in place after an edit)."""
+        """The per-layer (k, v) dict for ``text`` (empty on a new text; refreshed in place after an edit; a
+        new empty one at every call for an inference tensor)."""
         version = tensor_version(text)
+        if version is None:
+            self.clear()
+            return {}
         if text is not self.text:
             self.text, self.version, self.kv = text, version, {}
-        elif version is None or version != self.version:
+        elif version != self.version:
             for layer, (k, v) in self.kv.items():
                 new_k, new_v = layer(text).chunk(2, dim=-1)
                 k.copy_(new_k)
