@@ -162,8 +162,6 @@ def test_fast_backend_max_batch_runs_slices_with_the_same_result(monkeypatch):
         FastBackend(model, max_batch=0)
 
 
-
-
 @pytest.mark.parametrize("name", ["reference", "fast"])
 def test_a_pipeline_runs_the_same_under_torch_inference_mode(name, monkeypatch):
     """Serving code often runs under torch.inference_mode, whose tensors count no in-place writes. The same
@@ -202,6 +200,7 @@ def test_fast_backend_follows_an_inference_tensor_written_in_place(monkeypatch):
         text.add_(1.0)
         assert_close(sliced(x, t, text), reference(x, t, text), atol=2e-5, rtol=2e-5, what="sliced, after an edit")
         assert not torch.equal(first, sliced(x, t, text))
+
 
 @pytest.mark.parametrize("name", ["reference", "fast"])
 def test_a_backend_shared_among_threads_runs_their_calls_in_turn(name, monkeypatch):
@@ -245,6 +244,7 @@ def test_a_pipeline_shared_among_threads_gives_each_prompt_its_own_video(monkeyp
         sys.setswitchinterval(interval)
     for p in prompts:
         assert np.array_equal(shared[p], serial[p]), p
+
 
 # Ops whose result the host must read (a device synchronisation): inside a CUDA graph capture they fail.
 HOST_READS = {"aten::_local_scalar_dense", "aten::is_nonzero", "aten::equal", "aten::allclose", "aten::nonzero",
@@ -448,7 +448,6 @@ def test_gpu_threads_on_streams_of_their_own_share_a_fast_backend(graphs):
         shared = list(pool.map(work, range(len(texts))))
     for i, outs in enumerate(shared):
         assert all(torch.equal(out, alone[i]) for out in outs), i
-
 
 
 @pytest.mark.gpu

@@ -202,6 +202,7 @@ def test_a_converted_pipeline_shared_among_threads_gives_each_prompt_its_own_vid
     for p in prompts:
         assert np.array_equal(shared[p], alone[p]), p
 
+
 def test_video_to_video_of_a_latent_model_checks_the_video_in_pixels(t2v_folder, tmp_path):
     _, folder = t2v_folder
     convert_folder(folder, tmp_path / "m", dtype="fp32")
