@@ -202,6 +202,27 @@ def test_fast_backend_follows_an_inference_tensor_written_in_place(monkeypatch):
         assert not torch.equal(first, sliced(x, t, text))
 
 
+
+@pytest.mark.parametrize("name", ["reference", "fast"])
+def test_an_ambient_autocast_does_not_apply_and_says_so_once(name, monkeypatch, caplog):
+    """Code carried over from image pipelines often wraps a call in torch.autocast. The engine computes in its
+    models' own dtypes, the precision its fast paths are checked in: the pipeline and a backend called alone
+    give what they give without the autocast, and one warning says so."""
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    monkeypatch.setattr(stunet.backends.base, "_AUTOCAST_WARNED", set())
+    model = _model()
+    pipe = Pipeline(model, stunet.text.tiny_random_t5(model.config.text_dim), backend=name, progress=False)
+    kw = dict(num_frames=8, height=16, width=16, num_inference_steps=2, seed=4)
+    want = pipe("a teddy bear surfing", **kw).frames
+    x, t, text = make_inputs(model.config, batch=2, frames=8, size=16)
+    backend = pipe.base_stage.backend
+    want_out = backend(x, t, text)
+    with caplog.at_level(logging.WARNING, logger="stunet.backends.base"), torch.autocast("cpu", torch.bfloat16):
+        assert np.array_equal(pipe("a teddy bear surfing", **kw).frames, want)
+        assert torch.equal(backend(x, t, text), want_out)
+    warnings = [r.getMessage() for r in caplog.records if "autocast" in r.getMessage()]
+    assert len(warnings) == 1 and "torch.autocast('cpu') is on and does not apply" in warnings[0]
+
 @pytest.mark.parametrize("name", ["reference", "fast"])
 def test_a_backend_shared_among_threads_runs_their_calls_in_turn(name, monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")

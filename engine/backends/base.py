@@ -15,6 +15,7 @@ from __future__ import annotations
 import abc
 import contextlib
 import copy
+import logging
 import threading
 
 import torch
@@ -22,12 +23,32 @@ from torch import nn
 
 from ..model import REFERENCE, ExecutionPolicy, STUNet
 
+log = logging.getLogger(__name__)
+
 
 def on_device(device: torch.device):
     """A context making ``device`` the current CUDA device (nothing for other devices): Triton kernels, CUDA
     graph capture and TensorRT run on the current device, which need not be the model's (a pipeline on
     ``cuda:1`` called from a thread whose current device is 0)."""
     return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
+_AUTOCAST_WARNED: set[str] = set()
+
+
+def own_precision(device: torch.device):
+    """A context turning off an ambient ``torch.autocast`` on ``device``'s type (nothing when none is on). The
+    engine computes in its models' own precision, the one each fast path is checked in against the reference
+    (convert the model for another: ``model.half()``); an autocast would recast the ops and change every
+    output. It is said once per device type."""
+    kind = device.type
+    if kind not in ("cpu", "cuda") or not torch.is_autocast_enabled(kind):
+        return contextlib.nullcontext()
+    if kind not in _AUTOCAST_WARNED:
+        _AUTOCAST_WARNED.add(kind)
+        log.warning("stunet: torch.autocast(%r) is on and does not apply here: the models compute in their own "
+                    "dtype (convert a model, e.g. model.half(), for another)", kind)
+    return torch.autocast(kind, enabled=False)
 
 
 class Backend(abc.ABC):
@@ -73,7 +94,7 @@ class Backend(abc.ABC):
     def __call__(self, x: torch.Tensor, timesteps, text: torch.Tensor, text_mask: torch.Tensor | None = None,
                  *, noise_level=None) -> torch.Tensor:
         """The model's prediction (B, out_channels, T, H, W); calls from several threads run in turn."""
-        with self._lock, on_device(self.device):
+        with self._lock, on_device(self.device), own_precision(self.device):
             self._after_the_last_call()
             return self.forward(x, timesteps, text, text_mask, noise_level=noise_level)
 

@@ -24,6 +24,7 @@ stay in pixels:
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -39,6 +40,7 @@ import torch
 
 from .. import distributed
 from ..backends import BACKENDS, make_backend
+from ..backends.base import own_precision
 from ..model import STUNet
 from ..sampling import runtime as cpp_runtime
 from ..sampling.samplers import Sampler, sampler_class
@@ -88,6 +90,16 @@ def to_frames(video: torch.Tensor) -> torch.Tensor:
     return ((video.float().clamp(-1, 1) + 1) / 2).permute(0, 2, 3, 4, 1).cpu().contiguous()
 
 
+def _in_own_precision(method: Callable) -> Callable:
+    """A pipeline method run with an ambient ``torch.autocast`` turned off on the pipeline's device: text encoder,
+    models and VAE compute in their own dtypes (see :func:`~stunet.backends.base.own_precision`)."""
+    @functools.wraps(method)
+    def run(self, *args, **kwargs):
+        with own_precision(self.device):
+            return method(self, *args, **kwargs)
+    return run
+
+
 class Pipeline:
     """Text-to-video cascade: a base STUNet, an optional SSR STUNet, a text encoder.
 
@@ -115,7 +127,9 @@ class Pipeline:
 
     One pipeline may serve several threads (a server's workers): each call keeps its own sampler, generator
     and guidance rows, and the backends and text encoder run one call at a time, so a call gets the video it
-    makes alone. A distributed pipeline is the exception: its ranks must call it in the same order.
+    makes alone. A distributed pipeline is the exception: its ranks must call it in the same order. A call gives
+    the same video under ``torch.inference_mode`` or not; an ambient ``torch.autocast`` is turned off for the
+    call, with a warning: the models compute in their own dtypes (convert them for another).
     """
 
     def __init__(self, base_model: STUNet, text_encoder: TextEncoder | None = None, ssr_model: STUNet | None = None,
@@ -303,6 +317,7 @@ class Pipeline:
         return Prompts(tokens, mask, len(prompts))
 
     # -- the call ---------------------------------------------------------------------------------------------
+    @_in_own_precision
     @torch.no_grad()
     def __call__(self, prompt: str | list[str] | None = None, negative_prompt: str | list[str] | None = None, *,
                  num_frames: int | None = None, height: int | None = None, width: int | None = None,
