@@ -120,16 +120,23 @@ def test_fast_backend_on_a_cpu_says_once_what_it_runs(monkeypatch, caplog):
     assert "reference math for the kernel ops" in fast.describe() and "tensors on cpu" in fast.describe()
 
 
+def _projections(backend) -> tuple[list[int], int]:
+    """(a list given the batch of every text key/value projection ``backend`` computes from now on, the number of
+    projections in one forward)."""
+    calls, layers = [], 0
+    for name, m in backend.model.named_modules():
+        if name.endswith("cross_kv"):
+            m.register_forward_hook(lambda mod, i, o: calls.append(i[0].shape[0]))
+            layers += 1
+    return calls, layers
+
+
 def test_text_keys_and_values_are_computed_once_per_text(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")  # the ops' reference paths: this tests the caching, not kernels
     model = _model()
     reference = copy.deepcopy(model)
     fast = FastBackend(model)
-    calls = []
-    for name, m in fast.model.named_modules():
-        if name.endswith("cross_kv"):
-            m.register_forward_hook(lambda mod, i, o: calls.append(mod))
-    layers = sum(1 for n, _ in model.named_modules() if n.endswith("cross_kv"))
+    calls, layers = _projections(fast)
     x, t, text = make_inputs(model.config, batch=1, frames=8, size=16)
     for step in range(3):  # a generation: same text tensor at every step
         fast(x, t - step, text)
@@ -149,14 +156,10 @@ def test_fast_backend_max_batch_runs_slices_with_the_same_result(monkeypatch):
     x, t, text = make_inputs(model.config, batch=3, frames=8, size=16)
     whole = FastBackend(copy.deepcopy(model))(x, t, text)
     sliced = FastBackend(model, max_batch=2)
-    calls = []
-    for name, m in sliced.model.named_modules():
-        if name.endswith("cross_kv"):
-            m.register_forward_hook(lambda mod, i, o: calls.append(i[0].shape[0]))
+    calls, layers = _projections(sliced)
     for _ in range(2):
         got = sliced(x, t, text)
         assert_close(got, whole, atol=1e-5, rtol=1e-5, what="max_batch=2 over 3 clips")
-    layers = sum(1 for n, _ in model.named_modules() if n.endswith("cross_kv"))
     assert sorted(calls) == sorted([2, 1] * layers)  # each slice's text K/V once, reused on the second call
     with pytest.raises(ValueError, match="max_batch must be a positive integer"):
         FastBackend(model, max_batch=0)
@@ -182,11 +185,7 @@ def test_fast_backend_follows_an_inference_tensor_written_in_place(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     model = _model()
     reference, fast = copy.deepcopy(model), FastBackend(model)
-    calls = []
-    for name, m in fast.model.named_modules():
-        if name.endswith("cross_kv"):
-            m.register_forward_hook(lambda mod, i, o: calls.append(mod))
-    layers = sum(1 for n, _ in model.named_modules() if n.endswith("cross_kv"))
+    calls, layers = _projections(fast)
     x, t, text = make_inputs(model.config, batch=2, frames=8, size=16)
     with torch.inference_mode():
         text = text.clone()
@@ -200,7 +199,6 @@ def test_fast_backend_follows_an_inference_tensor_written_in_place(monkeypatch):
         text.add_(1.0)
         assert_close(sliced(x, t, text), reference(x, t, text), atol=2e-5, rtol=2e-5, what="sliced, after an edit")
         assert not torch.equal(first, sliced(x, t, text))
-
 
 
 @pytest.mark.parametrize("name", ["reference", "fast"])
@@ -222,6 +220,7 @@ def test_an_ambient_autocast_does_not_apply_and_says_so_once(name, monkeypatch, 
         assert torch.equal(backend(x, t, text), want_out)
     warnings = [r.getMessage() for r in caplog.records if "autocast" in r.getMessage()]
     assert len(warnings) == 1 and "torch.autocast('cpu') is on and does not apply" in warnings[0]
+
 
 @pytest.mark.parametrize("name", ["reference", "fast"])
 def test_a_backend_shared_among_threads_runs_their_calls_in_turn(name, monkeypatch):
@@ -435,10 +434,7 @@ def test_gpu_cuda_graphs_of_batch_slices_keep_their_own_text_kv():
     x, t, text = make_inputs(model.config, batch=2, frames=16, size=64)
     x, t, text = x.cuda().half(), t.cuda(), text.cuda().half()
     assert torch.equal(graphed(x, t, text), eager(x, t, text))  # captures both slices' graphs
-    refreshes = []
-    for name, m in graphed.model.named_modules():
-        if name.endswith("cross_kv"):
-            m.register_forward_hook(lambda mod, i, o: refreshes.append(mod))
+    refreshes, _ = _projections(graphed)
     for step in range(1, 4):
         assert torch.equal(graphed(x, t - step, text), eager(x, t - step, text))
     assert len(graphed._graphs) == 2 and refreshes == []
