@@ -11,7 +11,8 @@ a generation of ``--steps`` DDIM steps with guidance 7.5 from the same seed and 
 frames against the FP32 reference's frames. The stock row is the reference in FP16 ("reference fp16", eager):
 the error a user gets from ``model.half()`` alone, which every backend is held to (the GPU tests: per step at
 most twice its error plus 1e-3, PSNR within 3 dB of it or at least 40 dB). Weights are random, with the
-temporal modules perturbed (a fresh inflation is the identity in time) so that every block contributes.
+temporal modules perturbed (a fresh inflation is the identity in time) so that every block contributes. The FP32
+reference is computed in IEEE FP32 (``ieee_fp32``: cuDNN's FP32 convolutions default to TF32 on a GPU).
 On the CPU the low-precision rows run in FP16 too, where the backend allows (fast and the aoti package keep FP32
 there). The aoti row's package is compiled for the run's geometry (static: batch 2, the frames and size, 77
 tokens) from the same weights, as ``bench/step.py`` builds its own.
@@ -32,6 +33,7 @@ from step import build_package  # noqa: E402
 
 from stunet import Pipeline, STUNet, STUNetConfig  # noqa: E402
 from stunet.backends import converted_copy, make_backend  # noqa: E402
+from stunet.backends.base import ieee_fp32  # noqa: E402
 
 TIMESTEPS = (999, 500, 20)
 
@@ -83,11 +85,11 @@ def measure(preset: str, backends: list[str], device, frames: int, size: int, st
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(2, cfg.in_channels, frames, size, size, generator=gen).to(device)
     text = torch.randn(2, 77, cfg.text_dim, generator=gen).to(device)
-    with torch.no_grad():
-        want = {t: model32(x, torch.full((2,), t, device=device), text) for t in TIMESTEPS}
     video_kw = dict(prompt_embeds=text[:1], num_frames=frames, height=size, width=size, num_inference_steps=steps,
                     guidance_scale=7.5, seed=0)
-    frames32 = Pipeline(model32, None, progress=False)(**video_kw).frames
+    with torch.no_grad(), ieee_fp32():  # not cuDNN's default TF32 convolutions
+        want = {t: model32(x, torch.full((2,), t, device=device), text) for t in TIMESTEPS}
+        frames32 = Pipeline(model32, None, progress=False)(**video_kw).frames
     rows = []
     with tempfile.TemporaryDirectory(prefix="stunet-fidelity-") as folder:  # an aoti package lives here
         for label, (model, backend, options) in executors(model32, backends, compile_mode, folder, frames,

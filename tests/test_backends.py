@@ -15,6 +15,7 @@ from utils import assert_close, make_inputs, randomize_temporal
 
 import stunet
 from stunet.backends import BACKENDS, CompileBackend, FastBackend, make_backend
+from stunet.backends.base import ieee_fp32
 from stunet.kernels import _triton
 from stunet.pipeline import Pipeline, SSROptions
 
@@ -222,6 +223,21 @@ def test_an_ambient_autocast_does_not_apply_and_says_so_once(name, monkeypatch, 
     assert len(warnings) == 1 and "torch.autocast('cpu') is on and does not apply" in warnings[0]
 
 
+def test_ieee_fp32_turns_tf32_off_while_held_and_restores_the_flags():
+    cudnn, matmul = torch.backends.cudnn, torch.backends.cuda.matmul
+    before = (cudnn.enabled, cudnn.benchmark, cudnn.deterministic, cudnn.allow_tf32, matmul.allow_tf32)
+    matmul.allow_tf32 = True
+    try:
+        with pytest.raises(RuntimeError, match="inside"), ieee_fp32():
+            assert not cudnn.allow_tf32 and not matmul.allow_tf32
+            assert (cudnn.enabled, cudnn.benchmark, cudnn.deterministic) == before[:3]
+            raise RuntimeError("inside")
+        assert (cudnn.enabled, cudnn.benchmark, cudnn.deterministic, cudnn.allow_tf32) == before[:4]
+        assert matmul.allow_tf32
+    finally:
+        matmul.allow_tf32 = before[4]
+
+
 @pytest.mark.parametrize("name", ["reference", "fast"])
 def test_a_backend_shared_among_threads_runs_their_calls_in_turn(name, monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
@@ -395,7 +411,8 @@ def test_gpu_fast_step_error_within_twice_fp16_reference_error():
     x, t, text = x.cuda(), t.cuda(), text.cuda()
     for step_t in (999, 500, 20):
         tt = torch.full_like(t, step_t)
-        want = model32(x, tt, text)
+        with ieee_fp32():
+            want = model32(x, tt, text)
         err16 = _rel_l2(ref16(x.half(), tt, text.half()).float(), want)
         err_fast = _rel_l2(fast(x.half(), tt, text.half()).float(), want)
         assert err_fast <= 2 * err16 + 1e-3, (step_t, err_fast, err16)
@@ -406,7 +423,8 @@ def test_gpu_fast_video_psnr_against_fp32_reference():
     base32 = _model("small").cuda()
     text = torch.randn(1, 7, base32.config.text_dim, device="cuda")
     kw = dict(prompt_embeds=text, num_frames=16, height=64, width=64, num_inference_steps=8, seed=0)
-    ref32 = Pipeline(copy.deepcopy(base32), None, progress=False)(**kw).frames
+    with ieee_fp32():
+        ref32 = Pipeline(copy.deepcopy(base32), None, progress=False)(**kw).frames
     ref16 = Pipeline(copy.deepcopy(base32).half(), None, progress=False)(**kw).frames
     fast = Pipeline(base32, None, backend="fast", progress=False)(**kw).frames
     assert _psnr(fast, ref32) >= min(40.0, _psnr(ref16, ref32) - 3.0)

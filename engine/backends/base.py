@@ -51,6 +51,23 @@ def own_precision(device: torch.device):
     return torch.autocast(kind, enabled=False)
 
 
+@contextlib.contextmanager
+def ieee_fp32():
+    """FP32 computed in FP32 on CUDA while it is held: PyTorch lets cuDNN's FP32 convolutions use TF32 by
+    default, whose 10-bit mantissa is FP16's, which would make an "FP32 reference" on a GPU as coarse as the
+    FP16 paths checked against it. For measuring: it sets process-wide flags (restored on exit), so no other
+    thread should set them meanwhile."""
+    matmul = torch.backends.cuda.matmul.allow_tf32
+    cudnn = torch.backends.cudnn
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        with cudnn.flags(enabled=cudnn.enabled, benchmark=cudnn.benchmark, deterministic=cudnn.deterministic,
+                         allow_tf32=False):
+            yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = matmul
+
+
 class Backend(abc.ABC):
     name = "abstract"
 
