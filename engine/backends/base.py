@@ -8,7 +8,9 @@ run (``unsupported``), and :func:`~stunet.backends.make_backend` refuses with ev
 
 A backend may be shared among threads (a server's workers on one pipeline): it runs their calls one at a time.
 Backends keep state across calls (the fast backend's text keys/values and CUDA graphs with their static
-buffers, a TensorRT execution context), and two calls interleaved on it would read each other's.
+buffers, a TensorRT execution context), and two calls interleaved on it would read each other's. A call runs
+on the model's device (``on_device``), in the model's own precision whatever autocast the caller has on
+(``own_precision``).
 """
 from __future__ import annotations
 
