@@ -148,3 +148,15 @@ def test_encoders_sharing_a_rust_tokenizer_encode_from_threads_as_alone(tmp_path
         shared = list(pool.map(lambda call: encoders[call[0]].encode([prompts[call[1]]]), calls))
     for call, (tokens, mask) in zip(calls, shared):
         assert torch.equal(tokens, alone[call][0]) and torch.equal(mask, alone[call][1]), call
+
+
+def test_a_prompt_longer_than_the_encoder_reads_is_cut_with_a_warning(caplog):
+    encoder = tiny_random_t5(24, seed=0)  # ByT5: a token per byte, 64 read (63 and the end-of-text token)
+    long = "a teddy bear surfing a huge blue wave at sunset, seen from the beach"
+    assert len(long) + 1 > 64
+    with caplog.at_level(logging.WARNING, logger="stunet.pipeline.text"):
+        tokens, mask = encoder.encode(["a cat", long])
+        assert torch.equal(tokens[1], encoder.encode([long[:63]])[0][0])  # what the model reads: the first 63
+    warnings = [r.getMessage() for r in caplog.records]
+    assert warnings == [f"stunet: the text encoder reads 64 tokens and the prompt {long[:37] + '...'!r} has "
+                        f"{len(long) + 1}: its end {long[63:]!r} is left out"]

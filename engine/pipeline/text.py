@@ -8,12 +8,15 @@ elsewhere can be given to the pipeline directly (``prompt_embeds=``).
 """
 from __future__ import annotations
 
+import logging
 import os
 import threading
 from pathlib import Path
 from typing import Protocol
 
 import torch
+
+log = logging.getLogger(__name__)
 
 
 class TextEncoder(Protocol):
@@ -65,6 +68,12 @@ class HFTextEncoder:
         with _TOKENIZING:
             batch = self.tokenizer(list(prompts), padding="max_length" if self.pad_to_max_length else True,
                                    truncation=True, max_length=self.max_length, return_tensors="pt")
+            whole = self.tokenizer(list(prompts), truncation=False, verbose=False)["input_ids"]
+        for prompt, ids in zip(prompts, whole):
+            if len(ids) > self.max_length:  # what the truncated row leaves out, before its end-of-text token
+                dropped = self.tokenizer.decode(ids[self.max_length - 1:], skip_special_tokens=True)
+                log.warning("stunet: the text encoder reads %d tokens and the prompt %r has %d: its end %r is left "
+                            "out", self.max_length, _shortened(prompt), len(ids), dropped)
         ids = batch["input_ids"].to(self.device)
         mask = batch["attention_mask"].to(self.device)
         if self.attend_padding:
@@ -72,6 +81,10 @@ class HFTextEncoder:
             return hidden.float(), torch.ones_like(mask, dtype=torch.bool)
         hidden = self.model(input_ids=ids, attention_mask=mask).last_hidden_state
         return hidden.float(), mask.bool()
+
+
+def _shortened(text: str, width: int = 40) -> str:
+    return text if len(text) <= width else text[:width - 3] + "..."
 
 
 def load_text_encoder(path: str | os.PathLike, device: str | torch.device = "cpu",
