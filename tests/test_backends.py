@@ -216,9 +216,11 @@ def test_an_ambient_autocast_does_not_apply_and_says_so_once(name, monkeypatch, 
     x, t, text = make_inputs(model.config, batch=2, frames=8, size=16)
     backend = pipe.base_stage.backend
     want_out = backend(x, t, text)
+    want_tokens = pipe.encode_prompt(["a cat"], [""])[0]
     with caplog.at_level(logging.WARNING, logger="stunet.backends.base"), torch.autocast("cpu", torch.bfloat16):
         assert np.array_equal(pipe("a teddy bear surfing", **kw).frames, want)
         assert torch.equal(backend(x, t, text), want_out)
+        assert torch.equal(pipe.encode_prompt(["a cat"], [""])[0], want_tokens)
     warnings = [r.getMessage() for r in caplog.records if "autocast" in r.getMessage()]
     assert len(warnings) == 1 and "torch.autocast('cpu') is on and does not apply" in warnings[0]
 

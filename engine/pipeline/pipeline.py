@@ -264,6 +264,7 @@ class Pipeline:
         return "; ".join(stages) + f"; sampler {self.sampler!r} stepped by the {self.runtime} runtime{split}"
 
     # -- text -----------------------------------------------------------------------------------------------
+    @_in_own_precision
     def encode_prompt(self, prompts: list[str], negative: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """Tokens and mask of [prompts; negative prompts], padded to one length, on the model's device."""
         if self.text_encoder is None:
