@@ -113,15 +113,15 @@ class Backend(abc.ABC):
     def __call__(self, x: torch.Tensor, timesteps, text: torch.Tensor, text_mask: torch.Tensor | None = None,
                  *, noise_level=None) -> torch.Tensor:
         """The model's prediction (B, out_channels, T, H, W); calls from several threads run in turn."""
-        with self._lock, on_device(self.device), own_precision(self.device):
-            self._after_the_last_call()
+        device = self.device
+        with self._lock, on_device(device), own_precision(device):
+            self._after_the_last_call(device)
             return self.forward(x, timesteps, text, text_mask, noise_level=noise_level)
 
-    def _after_the_last_call(self) -> None:
+    def _after_the_last_call(self, device: torch.device) -> None:
         """On CUDA, in turn on the GPU too: a call on another stream than the last call's (threads with streams
         of their own) waits for the work the last call queued, which used the same buffers (static graph
         inputs, stored text keys/values, a TensorRT context's activations)."""
-        device = self.device
         if device.type != "cuda":
             return
         stream = torch.cuda.current_stream(device)

@@ -68,8 +68,9 @@ class HFTextEncoder:
         with _TOKENIZING:
             batch = self.tokenizer(list(prompts), padding="max_length" if self.pad_to_max_length else True,
                                    truncation=True, max_length=self.max_length, return_tensors="pt")
-            whole = self.tokenizer(list(prompts), truncation=False, verbose=False)["input_ids"]
-        for prompt, ids in zip(prompts, whole):
+            full = [p for p, n in zip(prompts, batch["attention_mask"].sum(1).tolist()) if n == self.max_length]
+            whole = self.tokenizer(full, truncation=False, verbose=False)["input_ids"] if full else []
+        for prompt, ids in zip(full, whole):  # rows that fill the encoder: were they cut?
             if len(ids) > self.max_length:  # what the truncated row leaves out, before its end-of-text token
                 dropped = self.tokenizer.decode(ids[self.max_length - 1:], skip_special_tokens=True)
                 log.warning("stunet: the text encoder reads %d tokens and the prompt %r has %d: its end %r is left "
