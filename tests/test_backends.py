@@ -27,6 +27,11 @@ def _model(preset="tiny", seed=0, **overrides):
     return randomize_temporal(stunet.STUNet(stunet.STUNetConfig.from_preset(preset, **overrides)), scale=0.2).eval()
 
 
+def _captured(fast: FastBackend) -> int:
+    """How many CUDA graphs a fast backend holds (of every call shape and batch slice)."""
+    return sum(len(slices) for slices in fast._graphs.values())
+
+
 def _rel_l2(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.double() - b.double()).norm() / b.double().norm())
 
@@ -164,6 +169,54 @@ def test_fast_backend_max_batch_runs_slices_with_the_same_result(monkeypatch):
     assert sorted(calls) == sorted([2, 1] * layers)  # each slice's text K/V once, reused on the second call
     with pytest.raises(ValueError, match="max_batch must be a positive integer"):
         FastBackend(model, max_batch=0)
+
+
+class _Rerun:
+    """Stands in for a CUDA graph on the CPU: a replay runs the recorded call again into the same output."""
+
+    def __init__(self, run):
+        self.run, self.out = run, run()
+
+    def replay(self):
+        self.out.copy_(self.run())
+
+
+def test_fast_backend_keeps_the_graphs_of_the_last_shapes_used(monkeypatch, caplog):
+    """The graph bookkeeping, on the CPU with replays standing in for CUDA graphs (the real capture is
+    test_gpu_cuda_graph_replay_equals_eager_fast_and_follows_text_changes): a graph per batch slice and call
+    shape, replays equal to the eager backend's calls and following text changes, and at most
+    ``max_graph_shapes`` shapes kept, the least recently used dropped first with a warning."""
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    caplog.set_level(logging.INFO, logger="stunet.backends.fast")
+    model = _model()
+    eager = FastBackend(copy.deepcopy(model), graphs=False, max_batch=2)
+    graphed = FastBackend(model, max_batch=2, max_graph_shapes=2)
+    graphed.graphs = True
+    recorded = []
+
+    def record(run, device):
+        graph = _Rerun(run)
+        recorded.append(graph)
+        return graph, graph.out
+
+    monkeypatch.setattr(graphed, "_record", record)
+    inputs = {size: make_inputs(model.config, batch=3, frames=8, size=size) for size in (8, 16, 24)}
+    for step, size in enumerate([8, 16, 8, 8, 24, 16]):
+        x, t, text = inputs[size]
+        assert torch.equal(graphed(x, t - step, text), eager(x, t - step, text)), (step, size)
+    # 8 and 16 captured (two slices each), 8 replayed, 24 captured dropping 16, then 16 captured again.
+    assert len(recorded) == 8
+    assert [shape[-1] for shape, *_ in graphed._graphs] == [24, 16]
+    assert all(len(slices) == 2 for slices in graphed._graphs.values())
+    dropped = [r for r in caplog.records if "dropped the CUDA graphs" in r.getMessage()]
+    assert [r.levelno for r in dropped] == [logging.WARNING, logging.INFO]
+    x, t, text = inputs[16]
+    other = torch.randn_like(text)
+    assert torch.equal(graphed(x, t, other), eager(x, t, other))
+    assert len(recorded) == 8
+    for bad in (0, None, 1.5, True):
+        with pytest.raises(ValueError, match="max_graph_shapes must be a positive integer"):
+            FastBackend(model, max_graph_shapes=bad)
 
 
 @pytest.mark.parametrize("name", ["reference", "fast"])
@@ -442,7 +495,20 @@ def test_gpu_cuda_graph_replay_equals_eager_fast_and_follows_text_changes():
         assert torch.equal(graphed(x, t - step, text), eager(x, t - step, text))
     other = torch.randn_like(text)
     assert torch.equal(graphed(x, t, other), eager(x, t, other))
-    assert len(graphed._graphs) == 1
+    assert _captured(graphed) == 1
+
+
+@pytest.mark.gpu
+def test_gpu_cuda_graphs_of_a_dropped_shape_are_captured_again():
+    """max_graph_shapes=1 and two shapes in turn: each call drops the other shape's graph and captures its own
+    in the same memory pool, and every replay equals the eager call."""
+    model = _model("small").cuda().half()
+    graphed, eager = FastBackend(model, max_graph_shapes=1), FastBackend(model, graphs=False)
+    for step in range(4):
+        x, t, text = make_inputs(model.config, batch=2, frames=16, size=64 if step % 2 else 32)
+        x, t, text = x.cuda().half(), t.cuda(), text.cuda().half()
+        assert torch.equal(graphed(x, t, text), eager(x, t, text)), step
+        assert _captured(graphed) == 1
 
 
 @pytest.mark.gpu
@@ -457,7 +523,7 @@ def test_gpu_cuda_graphs_of_batch_slices_keep_their_own_text_kv():
     refreshes, _ = _projections(graphed)
     for step in range(1, 4):
         assert torch.equal(graphed(x, t - step, text), eager(x, t - step, text))
-    assert len(graphed._graphs) == 2 and refreshes == []
+    assert _captured(graphed) == 2 and refreshes == []
 
 
 @pytest.mark.gpu
@@ -504,7 +570,7 @@ def test_gpu_cuda_graphs_in_and_out_of_inference_mode():
         graphed(x, t, edited)
         edited.mul_(-0.5)
         assert torch.equal(graphed(x, t, edited), eager(x, t, edited))
-    assert len(graphed._graphs) == 1
+    assert _captured(graphed) == 1
 
 
 @pytest.mark.gpu

@@ -5,12 +5,13 @@ copy shares the caller's storage) under the policy ``ExecutionPolicy(kernels=Tru
 text_kv=store)``: the ops of ``stunet.kernels`` (GroupNorm+SiLU with the timestep embedding fused in,
 temporal attention, TemporalUp's folded conv) in the same module tree as the reference. On CUDA each input
 shape's forward is captured once as a CUDA graph and replayed (static buffers; inputs are copied in, the
-output is copied out).
+output is copied out); the graphs of the ``max_graph_shapes`` input shapes used last are kept.
 """
 from __future__ import annotations
 
 import dataclasses
 import logging
+from collections import OrderedDict
 from dataclasses import dataclass
 
 import torch
@@ -45,19 +46,28 @@ class FastBackend(Backend):
     ``max_batch``: run larger batches (a CFG pair, batched SSR windows) as sequential slices of at most this
     many clips. Activation memory (skips and working set) scales with the batch, weights do not: a CFG step of
     lumiere-base in halves holds about half the activations, at a small cost in speed.
+
+    ``max_graph_shapes``: the CUDA graphs of at most this many call shapes (input shape, dtype, text shape) are
+    kept, with their static inputs and outputs; a new shape beyond them drops the least recently used one's, with
+    a warning (a shape used again is captured again: three forwards). A pipeline's stage calls its backend with
+    one or two shapes (the SSR stage's last window batch may be smaller), so the default holds a few
+    resolutions or prompt batch sizes in turn; a server with more raises it.
     """
 
     name = "fast"
 
-    def __init__(self, model: STUNet, *, graphs: bool | None = None, max_batch: int | None = None):
+    def __init__(self, model: STUNet, *, graphs: bool | None = None, max_batch: int | None = None,
+                 max_graph_shapes: int = 4):
         super().__init__(model)
-        if max_batch is not None and (isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1):
+        if max_batch is not None and not _positive(max_batch):
             raise ValueError(f"max_batch must be a positive integer or None, got {max_batch!r}")
+        if not _positive(max_graph_shapes):
+            raise ValueError(f"max_graph_shapes must be a positive integer, got {max_graph_shapes!r}")
         reasons = self.unsupported(model, graphs=graphs)
         if reasons:
             raise ValueError("the fast backend cannot run this model: " + "; ".join(reasons))
         device = model.device
-        self.max_batch = max_batch
+        self.max_batch, self.max_graph_shapes = max_batch, max_graph_shapes
         self.graphs = device.type == "cuda" if graphs is None else bool(graphs)
         dtype = torch.float16 if device.type == "cuda" else model.dtype
         self.model = converted_copy(model, dtype, channels_last_weights=device.type == "cuda")
@@ -69,7 +79,9 @@ class FastBackend(Backend):
         # Eager calls' text K/V, one store per batch slice so that slices do not evict each other.
         self._stores: dict[tuple[int, int], TextKVStore] = {}
         self._slices: dict[tuple, tuple[torch.Tensor, int, torch.Tensor]] = {}
-        self._graphs: dict[tuple, _Graph] = {}
+        # Graphs by call shape (least recently used first), then by batch slice.
+        self._graphs: OrderedDict[tuple, dict[tuple[int, int], _Graph]] = OrderedDict()
+        self._evicted = False
         self._pool = None
 
     @classmethod
@@ -97,12 +109,13 @@ class FastBackend(Backend):
 
     def _forward(self, x, timesteps, text, text_mask, noise_level):
         B = x.shape[0]
+        graphs = self._graphs_of(x, text, text_mask) if self.graphs else None
         if self.max_batch is None or B <= self.max_batch:
-            return self._run((0, B), x, timesteps, text, text_mask, noise_level)
+            return self._run(graphs, (0, B), x, timesteps, text, text_mask, noise_level)
         parts = []
         for i in range(0, B, self.max_batch):
             rows = slice(i, min(i + self.max_batch, B))
-            parts.append(self._run((rows.start, rows.stop), x[rows], _rows(timesteps, rows, B),
+            parts.append(self._run(graphs, (rows.start, rows.stop), x[rows], _rows(timesteps, rows, B),
                                    self._slice("text", text, rows),
                                    None if text_mask is None else self._slice("mask", text_mask, rows),
                                    _rows(noise_level, rows, B)))
@@ -119,32 +132,49 @@ class FastBackend(Backend):
             cached = self._slices[key] = (t, version, t[rows])
         return cached[2]
 
-    def _run(self, slot: tuple[int, int], x, timesteps, text, text_mask, noise_level):
-        if not self.graphs:
+    def _run(self, graphs: dict | None, slot: tuple[int, int], x, timesteps, text, text_mask, noise_level):
+        if graphs is None:
             policy = dataclasses.replace(self.policy, text_kv=self._stores.setdefault(slot, TextKVStore()))
             return self.model(x, timesteps, text, text_mask, noise_level=noise_level, policy=policy)
-        return self._replay(slot, x, timesteps, text, text_mask, noise_level)
+        return self._replay(graphs, slot, x, timesteps, text, text_mask, noise_level)
 
     # -- CUDA graphs -----------------------------------------------------------------------------------------
+    def _graphs_of(self, x: torch.Tensor, text: torch.Tensor, text_mask) -> dict[tuple[int, int], _Graph]:
+        """The graphs of this call's shape, by batch slice (empty for a new shape), now the most recently used;
+        a new shape past ``max_graph_shapes`` drops the least recently used shape's graphs."""
+        key = (tuple(x.shape), x.dtype, x.device, tuple(text.shape), text.dtype, text_mask is not None)
+        graphs = self._graphs.get(key)
+        if graphs is not None:
+            self._graphs.move_to_end(key)
+            return graphs
+        while len(self._graphs) >= self.max_graph_shapes:
+            (shape, *_), dropped = self._graphs.popitem(last=False)
+            (log.info if self._evicted else log.warning)(
+                "stunet fast backend: dropped the CUDA graphs of x %s (%d slice(s)) to keep those of %d input "
+                "shapes (max_graph_shapes); a shape used again is captured again", shape, len(dropped),
+                self.max_graph_shapes)
+            self._evicted = True
+        graphs = self._graphs[key] = {}
+        return graphs
+
     def _host_vector(self, name: str, value, batch: int) -> torch.Tensor:
         """A (B,) fp32 timestep vector on the host, range-checked there (no device synchronisation)."""
         if isinstance(value, torch.Tensor) and value.device.type != "cpu":
             value = value.detach().cpu()
         return _as_batch_vector(name, value, batch, torch.device("cpu"), self.config.num_train_timesteps)
 
-    def _replay(self, slot: tuple[int, int], x, timesteps, text, text_mask, noise_level) -> torch.Tensor:
-        """One graph per batch slice and input shape: like the eager stores, each slice's graph keeps its own
-        text K/V (the halves of a CFG pair in slices of one would otherwise refresh a shared graph's every call);
-        the graphs share one memory pool, so their activations take the room of one."""
+    def _replay(self, graphs: dict[tuple[int, int], _Graph], slot: tuple[int, int], x, timesteps, text, text_mask,
+                noise_level) -> torch.Tensor:
+        """One graph per batch slice of a call shape (``graphs``): like the eager stores, each slice's graph keeps
+        its own text K/V (the halves of a CFG pair in slices of one would otherwise refresh a shared graph's
+        every call); the graphs share one memory pool, so their activations take the room of one."""
         B = x.shape[0]
         t = self._host_vector("timesteps", timesteps, B)
         nl = self._host_vector("noise_level", 0 if noise_level is None else noise_level, B) \
             if self.config.noise_aug else None
-        key = (slot, tuple(x.shape), x.dtype, x.device, tuple(text.shape), text.dtype, text_mask is not None)
-        g = self._graphs.get(key)
+        g = graphs.get(slot)
         if g is None:
-            g = self._capture(x, t, text, text_mask, nl)
-            self._graphs[key] = g
+            g = graphs[slot] = self._capture(x, t, text, text_mask, nl)
         g.x.copy_(x, non_blocking=True)
         g.t.copy_(t, non_blocking=True)
         if nl is not None:
@@ -168,20 +198,30 @@ class FastBackend(Backend):
                       noise_level=None if nl_dev is None else nl_dev.clone())
         policy = dataclasses.replace(self.policy, text_kv=TextKVStore())
         args = (static["x"], static["t"], static["text"], static["mask"], static["noise_level"], policy)
-        stream = torch.cuda.Stream(device=x.device)
-        stream.wait_stream(torch.cuda.current_stream(x.device))
-        with torch.cuda.stream(stream):  # warm-up: kernel compilation, autotuning, text K/V
+        graph, out = self._record(lambda: m.forward_checked(*args), x.device)
+        log.info("stunet fast backend: captured a CUDA graph for x %s", tuple(x.shape))
+        return _Graph(graph=graph, out=out, policy=policy, source_text=text, source_version=tensor_version(text),
+                      source_mask=text_mask, **static)
+
+    def _record(self, run, device: torch.device):
+        """``run()`` captured as a CUDA graph in the backend's memory pool, after two warm-up runs on a side
+        stream (kernel compilation, autotuning, the text K/V): (the graph, its output)."""
+        stream = torch.cuda.Stream(device=device)
+        stream.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(stream):
             for _ in range(2):
-                m.forward_checked(*args)
-        torch.cuda.current_stream(x.device).wait_stream(stream)
+                run()
+        torch.cuda.current_stream(device).wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
         if self._pool is None:
             self._pool = torch.cuda.graph_pool_handle()
         with torch.cuda.graph(graph, pool=self._pool):
-            out = m.forward_checked(*args)
-        log.info("stunet fast backend: captured a CUDA graph for x %s", tuple(x.shape))
-        return _Graph(graph=graph, out=out, policy=policy, source_text=text, source_version=tensor_version(text),
-                      source_mask=text_mask, **static)
+            out = run()
+        return graph, out
+
+
+def _positive(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
 
 
 def _rows(value, rows: slice, batch: int):
