@@ -243,8 +243,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
             parser.error(f"argument --{option}: one artifact runs one model; run the SSR stage with another "
                          "backend, or from Python")
     demo = args.model is None and args.preset is None and command not in CONDITIONAL  # the shipped cascade
-    if args.ssr_steps and not (args.ssr or demo):
-        parser.error("argument --ssr-steps: needs an SSR model (--ssr DIR)")
+    for flag in ("ssr_steps", "ssr_batch"):
+        if getattr(args, flag) and not (args.ssr or demo):
+            parser.error(f"argument --{flag.replace('_', '-')}: needs an SSR model (--ssr DIR)")
     if command == "upscale" and not (args.ssr or demo):
         parser.error("argument --ssr: upscale runs an SSR model: give --ssr DIR (and the --model whose videos it "
                      "raises), or neither for the demo cascade")
@@ -306,12 +307,16 @@ def cmd_generate(args: argparse.Namespace) -> int:
     call = dict(negative_prompt=args.negative_prompt, num_frames=args.frames, height=args.height, width=args.width,
                 num_inference_steps=args.steps, guidance_scale=args.guidance, seed=args.seed,
                 progress=not args.quiet)
-    if args.ssr_steps:
-        call["ssr"] = SSROptions(num_inference_steps=args.ssr_steps)
+    ssr = {k: v for k, v in (("num_inference_steps", args.ssr_steps), ("batch_size", args.ssr_batch)) if v}
+    if ssr:
+        call["ssr"] = SSROptions(**ssr)
     try:
         res = _run_mode(pipe, args, inputs, call)
     except ValueError as e:
         _library_error(parser, e)
+    except torch.OutOfMemoryError as e:  # the message ends with where it happened and the ways to need less
+        print(f"stunet: {e}", file=sys.stderr)
+        return 1
     if res.frames is None:  # another rank writes the video
         return 0
     save_video(res.frames[0], out, fps=args.fps)
@@ -629,6 +634,8 @@ def _add_generation_args(p: argparse.ArgumentParser, edits: str | None = None) -
     p.add_argument("--width", type=_positive, help=f"width in pixels ({size})")
     p.add_argument("--steps", type=_positive, default=32, help="denoising steps (default 32)")
     p.add_argument("--ssr-steps", type=_positive, help="SSR denoising steps (default: --steps)")
+    p.add_argument("--ssr-batch", type=_positive, metavar="N",
+                   help="SSR windows per model call (default 4; fewer need less memory)")
     p.add_argument("--guidance", type=_number(0.0), default=7.5,
                    help="classifier-free guidance scale, >= 0 (default 7.5; 1 turns guidance off)")
     p.add_argument("--sampler", choices=sorted(SAMPLERS),

@@ -165,6 +165,9 @@ def test_bf16_runs_through_the_cpp_runtime(tmp_path, capsys):
      "argument --region: a box x0,y0,x1,y1 needs x1 > x0"),
     (["generate", "x", "-o", "{tmp}/o.mp4", "--preset", "tiny", "--ssr-steps", "3"],
      "argument --ssr-steps: needs an SSR model"),
+    (["generate", "x", "-o", "{tmp}/o.mp4", "--preset", "tiny", "--ssr-batch", "1"],
+     "argument --ssr-batch: needs an SSR model"),
+    (["generate", "x", "-o", "{tmp}/o.mp4", "--ssr-batch", "0"], "argument --ssr-batch: must be a positive integer"),
     (["video-to-video", "x", "-o", "{tmp}/o.mp4", "--video", "{tmp}/i.png", "--frames", "4"],
      "argument --frames: video-to-video keeps the input video's frame count; drop --frames"),
     (["inpaint", "x", "-o", "{tmp}/o.mp4", "--video", "{tmp}/i.png", "--region", "1,1,2,2", "--frames", "8"],
@@ -187,6 +190,21 @@ def test_bad_arguments_exit_2_with_the_subcommands_usage(argv, message, tmp_path
     assert message.replace("{tmp}", str(tmp_path)) in err
     assert f"usage: stunet {argv[0]}" in err  # the subcommand's usage, not the top level's
     assert (tmp_path / "exists.mp4").read_bytes() == b"keep"
+
+
+def test_out_of_memory_exits_1_saying_where_and_how_to_need_less(tmp_path, capsys, monkeypatch):
+    """The demo cascade with --ssr-batch 1 running out of memory in its SSR stage: one message, no traceback,
+    status 1, no file; the advice leaves out fewer windows per call, which --ssr-batch 1 already asks for."""
+    def out_of_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr("stunet.pipeline.stages.multidiffusion_predict", out_of_memory)
+    code, err = _cli(["generate", "a red circle", "-o", "{tmp}/o.mp4", "--steps", "2", "--ssr-batch", "1", "-q"],
+                     tmp_path, capsys)
+    assert code == 1, err
+    assert "stunet: CUDA out of memory. Tried to allocate 2.00 GiB\nstunet: out of memory in the SSR stage" in err
+    assert "1 window(s) of" in err and "--backend fast --max-batch 1" in err and "--ssr-batch" not in err
+    assert "Traceback" not in err and not (tmp_path / "o.mp4").exists()
 
 
 @needs_av

@@ -398,3 +398,49 @@ def test_video_to_video_resizes_the_video_to_the_size_asked_for(encoder):
         pipe.video_to_video(video, "x", width=30)
     with pytest.raises(ValueError, match="strength 0.1 leaves no denoising step of 8"):  # int(0.8) = 0 steps
         pipe.video_to_video(video, "x", strength=0.1, num_inference_steps=8)
+
+
+def _out_of_memory(*args, **kwargs):
+    raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+
+@pytest.mark.parametrize("backend,options,stage,says,not_says", [
+    ("reference", {}, "base", ["the base stage (1 video(s) of 8 frames of 8x8, reference backend)",
+                               "--backend fast --max-batch 1", "fewer frames or a smaller size"], []),
+    ("fast", {}, "base", ["fast backend", "backend_options={'max_batch': 1} (--max-batch 1)"], ["--backend fast"]),
+    ("fast", {"max_batch": 1}, "base", ["fewer frames or a smaller size"], ["max_batch"]),
+    ("reference", {}, "ssr", ["the SSR stage (1 video(s) of 8 frames of 16x16, 4 window(s) of 4 frames per call",
+                              "ssr=SSROptions(batch_size=1) (--ssr-batch 1)", "--backend fast --max-batch 1"], []),
+], ids=["reference-base", "fast-base", "fast-sliced-base", "reference-ssr"])
+def test_out_of_memory_in_a_stage_says_where_and_how_to_need_less(encoder, monkeypatch, backend, options, stage,
+                                                                  says, not_says):
+    """The error keeps its type and the allocator's message, and ends with the stage it happened in and the
+    ways to need less memory that the pipeline's settings leave."""
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    base, ssr = _models()
+    pipe = Pipeline(base, encoder, ssr, backend=backend, backend_options=options, progress=False)
+    target = pipe.base_stage if stage == "base" else pipe.ssr_stage
+    monkeypatch.setattr(target.backend, "forward", _out_of_memory)
+    with pytest.raises(torch.OutOfMemoryError) as raised:
+        pipe("a teddy bear surfing", seed=0, **SMALL)
+    message = str(raised.value)
+    assert message.startswith("CUDA out of memory. Tried to allocate 2.00 GiB\nstunet: out of memory in ")
+    assert all(s in message for s in says), message
+    assert not any(s in message for s in not_says), message
+
+
+def test_text_rows_are_ordinary_tensors_under_inference_mode(encoder, monkeypatch):
+    """Under torch.inference_mode the pipeline's guidance rows are still ordinary tensors, whose writes are
+    counted: the fast backend computes the text keys/values once per generation, not at every step."""
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    base, _ = _models()
+    pipe = Pipeline(base, encoder, backend="fast", progress=False)
+    calls = []
+    layers = [m.register_forward_hook(lambda *_: calls.append(1))
+              for name, m in pipe.base_stage.backend.model.named_modules() if name.endswith("cross_kv")]
+    kw = dict(num_frames=8, height=8, width=8, num_inference_steps=3, seed=0)
+    want = pipe("a teddy bear surfing", **kw).frames
+    assert len(calls) == len(layers)
+    with torch.inference_mode():
+        assert np.array_equal(pipe("a teddy bear surfing", **kw).frames, want)
+    assert len(calls) == 2 * len(layers)

@@ -45,7 +45,7 @@ from ..model import STUNet
 from ..sampling import runtime as cpp_runtime
 from ..sampling.samplers import Sampler, sampler_class
 from .conditioning import Conditioning, resize_frames, video_frames
-from .stages import BaseStage, Prompts, SSROptions, SSRStage, StageOptions, _number
+from .stages import BaseStage, Prompts, SSROptions, SSRStage, StageOptions, _number, advice_on_out_of_memory
 from .latent import VideoVAE
 from .text import TextEncoder
 
@@ -446,7 +446,8 @@ class Pipeline:
         frames = low_frames = None
         if self.parallel is None or self.parallel.gets_frames:
             if self.vae is not None:
-                x = self.vae.decode(x, progress=show)
+                with self._vae_advice("decode"):
+                    x = self.vae.decode(x, progress=show)
             frames = self._output(x, output_type)
             low_frames = self._output(low, output_type) if self.ssr_stage is not None else None
         timings["decode"] = self._elapsed(t0)
@@ -457,11 +458,22 @@ class Pipeline:
         """A latent model's SDEdit start: the video's latents (a posterior sample) and the noise to noise them
         with, both drawn from ``generator`` in the order and the frame-major layout of diffusers' video-to-video
         pipelines, so a seed gives their video."""
-        latents = self.vae.encode(video, generator, progress=progress and self._rank0)
+        with self._vae_advice("encode"):
+            latents = self.vae.encode(video, generator, progress=progress and self._rank0)
         if noise is None:
             B, C, T, h, w = latents.shape
             noise = Sampler.draw_noise(torch.empty(B, T, C, h, w), generator).transpose(1, 2)
         return latents, noise
+
+    def _vae_advice(self, what: str):
+        """Advice for an out-of-memory error in the VAE's ``what`` ("encode" or "decode")."""
+        vae, ways = self.vae, []
+        if vae.chunk_frames > 1:
+            ways.append(f"fewer frames per VAE call: pipe.vae.chunk_frames = {vae.chunk_frames // 2}")
+        if vae.device.type == "cuda" and vae.dtype == torch.float32:
+            ways.append("an FP16 VAE: Pipeline.from_pretrained(..., dtype=torch.float16) (--dtype fp16)")
+        ways.append("a smaller size (height, width)")
+        return advice_on_out_of_memory(f"the VAE's {what} ({vae.chunk_frames} frame(s) per call)", ways)
 
     @staticmethod
     def _check_tensor(value, name: str, shape, layout: str = "B, 3, T, H, W") -> torch.Tensor:

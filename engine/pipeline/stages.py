@@ -16,6 +16,7 @@ generator (one global draw per step for the clip, as exact MultiDiffusion with s
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 from dataclasses import dataclass
@@ -158,8 +159,11 @@ class Guided:
         if groups not in self._rows:
             B, text, mask = self.prompts.batch, self.prompts.text, self.prompts.mask
             rows = 2 * B if self.guided else B
-            self._rows[groups] = (text[:rows].repeat(groups, 1, 1),
-                                  None if mask is None else mask[:rows].repeat(groups, 1))
+            # Ordinary tensors under torch.inference_mode too: an inference tensor counts no writes, so a backend
+            # could not know its keys/values unchanged from one step to the next.
+            with torch.inference_mode(False):
+                self._rows[groups] = (text[:rows].repeat(groups, 1, 1),
+                                      None if mask is None else mask[:rows].repeat(groups, 1))
         return self._rows[groups]
 
     def __call__(self, x: torch.Tensor, t: int, noise_level: float | None = None) -> torch.Tensor:
@@ -209,6 +213,18 @@ def make_stage_sampler(config: STUNetConfig, choice: str | Sampler, runtime: str
     return cpp_runtime.FusedSampler(sampler) if runtime == "cpp" else sampler
 
 
+@contextlib.contextmanager
+def advice_on_out_of_memory(where: str, ways: list[str]):
+    """Adds to a ``torch.OutOfMemoryError`` raised inside where it happened and the ways to need less memory; the
+    error keeps its type, so callers that catch it still do."""
+    try:
+        yield
+    except torch.OutOfMemoryError as e:
+        advice = f"stunet: out of memory in {where}; to need less: {'; or '.join(ways)}"
+        e.args = (f"{e.args[0]}\n{advice}" if e.args else advice, *e.args[1:])
+        raise
+
+
 class _Stage:
     name = "stage"
 
@@ -240,6 +256,18 @@ class _Stage:
     def _callback(callback: StepCallback | None, stage: str, i: int, t: int, x: torch.Tensor) -> torch.Tensor:
         return x if callback is None else callback(stage, i, t, x)
 
+    def _ways_to_need_less(self) -> list[str]:
+        """What lowers this stage's memory on its backend (a stage adds its own ways)."""
+        backend, ways = self.backend, []
+        if backend.name != "fast":
+            ways.append("the fast backend in slices of one clip: backend='fast', backend_options={'max_batch': 1} "
+                        "(--backend fast --max-batch 1)")
+        elif backend.max_batch != 1:
+            ways.append("slices of one clip: backend_options={'max_batch': 1} (--max-batch 1)")
+        if backend.device.type == "cuda" and backend.dtype == torch.float32:
+            ways.append("FP16 weights: model.half() (--dtype fp16)")
+        return ways
+
 
 class BaseStage(_Stage):
     """Text (+ conditioning) -> the base model's video (B, C_out, T, H, W) in model space (pixels in [-1, 1],
@@ -267,11 +295,14 @@ class BaseStage(_Stage):
         if conditioning is not None:
             conditioning = conditioning.to(device, dtype)
         model = Guided(self.backend, prompts, options.guided, self._mapper())  # one call per row
-        for i, t in enumerate(tqdm(timesteps, desc=self.name, disable=not self._shows_progress(progress))):
-            x_in = x if conditioning is None else torch.cat([x, conditioning.video, conditioning.mask], dim=1)
-            cond, uncond = model.split(model(x_in, int(t)))
-            x = s.guided_step(cond, uncond, t, x, options.guidance_scale, model.rescale(options), generator)
-            x = self._callback(callback, self.name, i, int(t), x)
+        where = f"the base stage ({B} video(s) of {T} frames of {H}x{W}, {self.backend.name} backend)"
+        ways = [*self._ways_to_need_less(), "fewer frames or a smaller size (num_frames, height, width)"]
+        with advice_on_out_of_memory(where, ways):
+            for i, t in enumerate(tqdm(timesteps, desc=self.name, disable=not self._shows_progress(progress))):
+                x_in = x if conditioning is None else torch.cat([x, conditioning.video, conditioning.mask], dim=1)
+                cond, uncond = model.split(model(x_in, int(t)))
+                x = s.guided_step(cond, uncond, t, x, options.guidance_scale, model.rescale(options), generator)
+                x = self._callback(callback, self.name, i, int(t), x)
         return x
 
 
@@ -312,14 +343,20 @@ class SSRStage(_Stage):
         model = Guided(self.backend, prompts, options.guided)
         blender = cpp_runtime.blend_windows if self.runtime == "cpp" else None
         mapper = self._mapper()  # whole window calls per rank
-        for i, t in enumerate(tqdm(s.timesteps, desc=self.name, disable=not self._shows_progress(progress))):
-            def predict(windows: torch.Tensor, t: int = int(t)) -> torch.Tensor:
-                return model(windows, t, noise_level=options.noise_level)
+        where = (f"the SSR stage ({B} video(s) of {T} frames of {H}x{W}, {options.batch_size} window(s) of {window} "
+                 f"frames per call, {self.backend.name} backend)")
+        ways = self._ways_to_need_less()
+        if options.batch_size > 1:
+            ways.append("fewer windows per call: ssr=SSROptions(batch_size=1) (--ssr-batch 1)")
+        with advice_on_out_of_memory(where, ways):
+            for i, t in enumerate(tqdm(s.timesteps, desc=self.name, disable=not self._shows_progress(progress))):
+                def predict(windows: torch.Tensor, t: int = int(t)) -> torch.Tensor:
+                    return model(windows, t, noise_level=options.noise_level)
 
-            # Blend [cond; uncond] rows of every window into the clip, then guide the whole clip.
-            pred = multidiffusion_predict(predict, torch.cat([x, up], dim=1), window, overlap, options.batch_size,
-                                          options.weighting, blender, mapper)
-            cond, uncond = model.split(pred)
-            x = s.guided_step(cond, uncond, t, x, options.guidance_scale, model.rescale(options), generator)
-            x = self._callback(callback, self.name, i, int(t), x)
+                # Blend [cond; uncond] rows of every window into the clip, then guide the whole clip.
+                pred = multidiffusion_predict(predict, torch.cat([x, up], dim=1), window, overlap,
+                                              options.batch_size, options.weighting, blender, mapper)
+                cond, uncond = model.split(pred)
+                x = s.guided_step(cond, uncond, t, x, options.guidance_scale, model.rescale(options), generator)
+                x = self._callback(callback, self.name, i, int(t), x)
         return x
