@@ -7,6 +7,7 @@ import logging
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
+from unittest import mock
 
 import numpy as np
 import pytest
@@ -17,6 +18,7 @@ import stunet
 from stunet.backends import BACKENDS, CompileBackend, FastBackend, make_backend
 from stunet.backends.base import ieee_fp32
 from stunet.kernels import _triton
+from stunet.model import TextKVStore
 from stunet.pipeline import Pipeline, SSROptions
 
 needs_triton = pytest.mark.skipif(_triton.triton is None, reason="Triton is not installed")
@@ -172,13 +174,32 @@ def test_fast_backend_max_batch_runs_slices_with_the_same_result(monkeypatch):
 
 
 class _Rerun:
-    """Stands in for a CUDA graph on the CPU: a replay runs the recorded call again into the same output."""
+    """Stands in for a CUDA graph on the CPU: a replay runs the recorded call again into the same output. As a
+    graph replays kernels and no Python, a replay reads the stored text keys/values as they are, refreshing
+    none."""
 
     def __init__(self, run):
         self.run, self.out = run, run()
 
     def replay(self):
-        self.out.copy_(self.run())
+        with mock.patch.object(TextKVStore, "for_text", lambda store, text: store.kv):
+            self.out.copy_(self.run())
+
+
+def _graphed_on_cpu(model, monkeypatch, **options) -> tuple[FastBackend, list[_Rerun]]:
+    """A fast backend on the CPU taking the CUDA-graph path, its captures stood in for by reruns; and the list
+    of what it records."""
+    graphed = FastBackend(model, **options)
+    graphed.graphs = True
+    recorded = []
+
+    def record(run, device):
+        graph = _Rerun(run)
+        recorded.append(graph)
+        return graph, graph.out
+
+    monkeypatch.setattr(graphed, "_record", record)
+    return graphed, recorded
 
 
 def test_fast_backend_keeps_the_graphs_of_the_last_shapes_used(monkeypatch, caplog):
@@ -190,16 +211,7 @@ def test_fast_backend_keeps_the_graphs_of_the_last_shapes_used(monkeypatch, capl
     caplog.set_level(logging.INFO, logger="stunet.backends.fast")
     model = _model()
     eager = FastBackend(copy.deepcopy(model), graphs=False, max_batch=2)
-    graphed = FastBackend(model, max_batch=2, max_graph_shapes=2)
-    graphed.graphs = True
-    recorded = []
-
-    def record(run, device):
-        graph = _Rerun(run)
-        recorded.append(graph)
-        return graph, graph.out
-
-    monkeypatch.setattr(graphed, "_record", record)
+    graphed, recorded = _graphed_on_cpu(model, monkeypatch, max_batch=2, max_graph_shapes=2)
     inputs = {size: make_inputs(model.config, batch=3, frames=8, size=size) for size in (8, 16, 24)}
     for step, size in enumerate([8, 16, 8, 8, 24, 16]):
         x, t, text = inputs[size]
@@ -217,6 +229,28 @@ def test_fast_backend_keeps_the_graphs_of_the_last_shapes_used(monkeypatch, capl
     for bad in (0, None, 1.5, True):
         with pytest.raises(ValueError, match="max_graph_shapes must be a positive integer"):
             FastBackend(model, max_graph_shapes=bad)
+
+
+def test_a_graphs_text_refresh_cut_short_is_done_again(monkeypatch):
+    """Ctrl-C while a graph's text keys/values are being recomputed for a new text: the next call with that text
+    recomputes them all, instead of replaying with some layers' keys/values of the old text."""
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    model = _model()
+    eager = FastBackend(copy.deepcopy(model), graphs=False)
+    graphed, _ = _graphed_on_cpu(model, monkeypatch)
+    x, t, text = make_inputs(model.config, batch=2, frames=8, size=16)
+    graphed(x, t, text)
+    layer = [m for name, m in graphed.model.named_modules() if name.endswith("cross_kv")][-1]
+
+    def interrupted(module, inputs):
+        raise KeyboardInterrupt
+
+    hook = layer.register_forward_pre_hook(interrupted)
+    other = torch.randn_like(text)
+    with pytest.raises(KeyboardInterrupt):
+        graphed(x, t, other)
+    hook.remove()
+    assert torch.equal(graphed(x, t, other), eager(x, t, other))
 
 
 @pytest.mark.parametrize("name", ["reference", "fast"])

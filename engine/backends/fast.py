@@ -185,8 +185,9 @@ class FastBackend(Backend):
             g.text.copy_(text)  # a new text: the store recomputes its keys/values into the graph's buffers
             if text_mask is not None:
                 g.mask.copy_(text_mask.bool())
-            g.source_text, g.source_version, g.source_mask = text, version, text_mask
             g.policy.text_kv.for_text(g.text)
+            # Only now: a refresh cut short (an exception, Ctrl-C) is done again by the next call.
+            g.source_text, g.source_version, g.source_mask = text, version, text_mask
         g.graph.replay()
         return g.out.clone()
 
