@@ -93,6 +93,21 @@ def test_output_types_and_callback(pipe):
     np.testing.assert_allclose(np.asarray(pil[0][0]) / 255.0, pt[0, 0].numpy(), atol=1 / 255 + 1e-6)
 
 
+def test_a_callback_may_return_nothing_a_dict_or_new_latents_and_nothing_else(pipe):
+    """None, a dict without latents and a dict with the same latents in another memory layout (or dtype) all
+    leave the video as it is; anything else is refused naming what the callback must return."""
+    want = pipe("x", seed=0, **SMALL).frames
+    for result in (lambda x: None, lambda x: {}, lambda x: {"latents": None},
+                   lambda x: {"latents": x.double().transpose(3, 4).contiguous().transpose(3, 4)}):
+        got = pipe("x", seed=0, callback_on_step_end=lambda p, i, t, kw: result(kw["latents"]), **SMALL).frames
+        assert np.array_equal(got, want)
+    for result, error, message in [(5, TypeError, "must return None or a dict"),
+                                   ({"latents": 5}, ValueError, "returned latents int; they must be a tensor"),
+                                   ({"latents": torch.zeros(1)}, ValueError, r"returned latents \(1,\)")]:
+        with pytest.raises(error, match=message):
+            pipe("x", seed=0, callback_on_step_end=lambda p, i, t, kw: result, **SMALL)
+
+
 def test_base_only_pipeline_and_default_geometry(encoder):
     base, _ = _models()
     res = Pipeline(base, encoder, progress=False)("x", num_inference_steps=2, seed=0)

@@ -33,7 +33,7 @@ import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import numpy as np
 import torch
@@ -353,7 +353,7 @@ class Pipeline:
             prompt_embeds, negative_prompt_embeds: precomputed text tokens (B, L, text_dim) instead of prompts.
             output_type: "np" (numpy), "pt" (torch) or "pil" (lists of PIL images).
             callback_on_step_end: ``f(pipe, step, timestep, {"latents": x, "stage": "base"|"ssr"})`` after each
-                step; returning ``{"latents": x2}`` replaces the sample.
+                step; it returns None or a dict, and ``{"latents": x2}`` (same shape) replaces the sample.
             progress: show progress bars (default: the pipeline's setting).
             latents: the initial noise (B, C_out, T, H, W) of the base stage (latent-space H and W for a latent
                 model) instead of a draw from the seed; with ``init_video``, the noise it is noised with.
@@ -501,13 +501,19 @@ class Pipeline:
 
         def run(stage: str, i: int, t: int, x: torch.Tensor) -> torch.Tensor:
             result = callback(self, i, t, {"latents": x, "stage": stage})
-            if result and "latents" in result:
-                new = result["latents"]
-                if new.shape != x.shape:
-                    raise ValueError(f"callback_on_step_end returned latents of shape {tuple(new.shape)}, "
-                                     f"expected {tuple(x.shape)}")
-                x = new.to(x.device, x.dtype)
-            return x
+            if result is None:
+                return x
+            if not isinstance(result, Mapping):
+                raise TypeError(f"callback_on_step_end must return None or a dict (such as {{'latents': x}}), got "
+                                f"{type(result).__name__}")
+            new = result.get("latents")
+            if new is None:
+                return x
+            if not isinstance(new, torch.Tensor) or new.shape != x.shape:
+                got = tuple(new.shape) if isinstance(new, torch.Tensor) else type(new).__name__
+                raise ValueError(f"callback_on_step_end returned latents {got}; they must be a tensor of the "
+                                 f"shape it was given, {tuple(x.shape)}")
+            return new.to(x.device, x.dtype).contiguous()
 
         return run
 
