@@ -17,10 +17,10 @@ from . import demo, distributed, export
 from .config import PRESETS, STUNetConfig
 from .model import ExecutionPolicy, STUNet
 from .model.weights import WeightsError, interpolate_spatial
-from .pipeline import Conditioning, Pipeline, PipelineOutput, SSROptions, StageOptions, save_video, text
+from .pipeline import Conditioning, Pipeline, PipelineOutput, SSROptions, StageOptions, read_frames, save_video, text
 from .sampling import samplers
 
 __version__ = "0.1.0"
 __all__ = ["STUNetConfig", "PRESETS", "STUNet", "ExecutionPolicy", "Pipeline", "PipelineOutput", "StageOptions",
            "SSROptions", "Conditioning", "samplers", "text", "export", "distributed", "demo", "save_video",
-           "WeightsError", "interpolate_spatial", "__version__"]
+           "read_frames", "WeightsError", "interpolate_spatial", "__version__"]

@@ -84,33 +84,15 @@ def _region(text: str):
 
 
 # -- inputs ----------------------------------------------------------------------------------------------------
-VIDEO_SUFFIXES = (".mp4", ".gif", ".mov", ".webm")
-
-
 def _load_frames(path: str, parser: argparse.ArgumentParser, arg: str):
     """An image (png/jpg) -> (H, W, 3) or a video (mp4/gif/..., or npy frames) -> (F, H, W, 3), floats in
-    [0, 1]."""
-    import numpy as np
+    [0, 1]; or exit 2 naming ``arg``."""
+    from .pipeline.video import read_frames
 
-    p = Path(path)
-    if not p.is_file():
-        parser.error(f"argument {arg}: no file at {path!r}")
     try:
-        if p.suffix.lower() == ".npy":  # frames as stunet writes them (-o out.npy): no codec in between
-            from .pipeline.video import load_npy
-
-            return load_npy(p)
-        if p.suffix.lower() in VIDEO_SUFFIXES:
-            import av
-
-            with av.open(str(p)) as container:
-                frames = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
-            return np.stack(frames).astype(np.float32) / 255.0
-        from PIL import Image
-
-        return np.asarray(Image.open(p).convert("RGB"), dtype=np.float32) / 255.0
-    except Exception as e:  # a decoder error is a bad argument, not a crash
-        parser.error(f"argument {arg}: cannot read {path!r} ({e})")
+        return read_frames(path)
+    except (FileNotFoundError, ValueError, ImportError) as e:  # a file that cannot be read is a bad argument
+        parser.error(f"argument {arg}: {e}")
 
 
 def _load_image(path: str, parser, arg: str):

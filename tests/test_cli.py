@@ -133,7 +133,9 @@ def test_bf16_runs_through_the_cpp_runtime(tmp_path, capsys):
     (["upscale", "x", "-o", "{tmp}/o.mp4", "--video", "{tmp}/i.png", "--low-res-output", "{tmp}/l.mp4"],
      "argument --low-res-output: upscale's low-resolution video is its --video"),
     (["upscale", "x", "-o", "{tmp}/o.mp4", "--video", "{tmp}/frames.npy"],
-     "argument --video: cannot read '{tmp}/frames.npy' ('{tmp}/frames.npy' holds values outside [0, 1]"),
+     "argument --video: '{tmp}/frames.npy' holds values outside [0, 1]"),
+    (["upscale", "x", "-o", "{tmp}/o.mp4", "--video", "{tmp}/broken.mp4"],
+     "argument --video: cannot read '{tmp}/broken.mp4' ("),
     (["video-to-video", "x", "-o", "{tmp}/o.mp4", "--video", "{tmp}/flat.npy"],
      "holds an array of shape (4, 3), not frames (F, H, W, 3)"),
     (["generate", "x", "-o", "{tmp}"], "argument -o/--output: '{tmp}' is a directory"),
@@ -182,6 +184,7 @@ def test_bad_arguments_exit_2_with_the_subcommands_usage(argv, message, tmp_path
     np.save(tmp_path / "frames.npy", np.full((2, 8, 8, 3), 2.0, dtype=np.float32))
     np.save(tmp_path / "flat.npy", np.zeros((4, 3), dtype=np.float32))
     (tmp_path / "exists.mp4").write_bytes(b"keep")
+    (tmp_path / "broken.mp4").write_bytes(b"not a video")
     (tmp_path / "bad").mkdir()
     (tmp_path / "d.mp4").mkdir()
     (tmp_path / "bad" / "config.json").write_text('{"model_channels": -3}')

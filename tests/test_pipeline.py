@@ -207,6 +207,31 @@ def test_bad_construction(encoder):
         Pipeline(base, encoder, backend="turbo")
     with pytest.raises(ValueError, match="no text encoder"):
         Pipeline(base, None, progress=False)("x", **SMALL)
+    with pytest.raises(TypeError, match="backend_options must be a dict of the backend's keyword options"):
+        Pipeline(base, encoder, backend_options="max_batch=1")
+    with pytest.raises(ValueError, match=r"the fast backend takes no option 'max_batc' \(its options: graphs, "
+                                         r"max_batch, max_graph_shapes\)"):
+        Pipeline(base, encoder, backend="fast", backend_options={"max_batc": 1})
+    with pytest.raises(ValueError, match=r"the reference backend takes no option 'max_batch' \(its options: none"):
+        Pipeline(base, encoder, backend_options={"max_batch": 1})
+
+
+def test_text_and_embeddings_are_not_mixed(pipe, encoder):
+    """A negative prompt goes with prompts, negative embeddings with prompt_embeds: the other pairs are refused,
+    not ignored."""
+    tokens = torch.randn(1, 4, encoder.dim)
+    with pytest.raises(ValueError, match="negative_prompt is text, which prompt_embeds= skips encoding"):
+        pipe(prompt_embeds=tokens, negative_prompt="blurry", **SMALL)
+    with pytest.raises(ValueError, match="negative_prompt_embeds goes with prompt_embeds="):
+        pipe("x", negative_prompt_embeds=tokens, **SMALL)
+
+
+def test_video_arguments_are_arrays_and_a_path_names_the_reader(pipe):
+    with pytest.raises(TypeError, match=r"video must be an array \(numpy or torch\), got the path 'low.mp4': read "
+                                        r"the file first with stunet.read_frames"):
+        pipe.upscale("low.mp4", "x", num_inference_steps=1)
+    with pytest.raises(TypeError, match="image must be an array of numbers, got list of dtype <U1"):
+        Conditioning.image_to_video(["a", "b"], 8)
 
 
 def test_from_pretrained_and_style(tmp_path, encoder):

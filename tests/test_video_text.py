@@ -11,7 +11,7 @@ import torch
 from utils import needs_av, needs_pil, read_mp4
 
 from stunet.pipeline.text import HFTextEncoder, load_text_encoder, tiny_random_t5
-from stunet.pipeline.video import load_npy, save_video
+from stunet.pipeline.video import load_npy, read_frames, save_video
 
 
 @pytest.mark.parametrize("shape", [(5, 16, 24, 3), (3, 15, 9, 3), (1, 8, 8, 3)], ids=["even", "odd", "single"])
@@ -68,6 +68,31 @@ def test_npy_keeps_the_frames_exactly(tmp_path):
     for name in ("text", "empty"):
         with pytest.raises(ValueError, match="is not a numpy array file"):
             load_npy(tmp_path / f"{name}.npy")
+
+
+@needs_av
+@needs_pil
+def test_read_frames_reads_what_save_video_writes_and_images(tmp_path):
+    """Videos (F, H, W, 3) and images (H, W, 3) as floats in [0, 1]: npy exactly, gif and png to the 8-bit value,
+    mp4 through its lossy codec; no file and a file that is not what its name says are refused by name."""
+    from PIL import Image
+
+    frames = np.random.default_rng(0).random((4, 16, 24, 3), dtype=np.float32)
+    quantised = np.round(frames * 255) / np.float32(255)
+    for suffix in (".npy", ".gif", ".mp4"):
+        save_video(frames if suffix == ".npy" else quantised, tmp_path / f"a{suffix}", fps=8)
+        back = read_frames(tmp_path / f"a{suffix}")
+        assert back.shape == frames.shape and back.dtype == np.float32 and 0 <= back.min() <= back.max() <= 1
+    assert np.array_equal(read_frames(tmp_path / "a.npy"), frames)
+    Image.fromarray((quantised[0] * 255).round().astype(np.uint8)).save(tmp_path / "a.png")
+    assert np.array_equal(read_frames(str(tmp_path / "a.png")), quantised[0])
+    assert np.abs(read_frames(tmp_path / "a.mp4") - frames).mean() < 0.2  # H.264 of noise: coarse, but these
+    with pytest.raises(FileNotFoundError, match="no file at"):
+        read_frames(tmp_path / "missing.mp4")
+    for name in ("broken.mp4", "broken.png"):
+        (tmp_path / name).write_bytes(b"not an image")
+        with pytest.raises(ValueError, match=f"cannot read '.*{name}'"):
+            read_frames(tmp_path / name)
 
 
 @needs_pil

@@ -12,6 +12,8 @@ given (see ``base``); ``make_backend`` refuses a model a backend cannot run, lis
 """
 from __future__ import annotations
 
+import inspect
+
 from ..model import STUNet
 from .aoti import AOTIBackend
 from .base import Backend, ReferenceBackend, converted_copy
@@ -32,6 +34,10 @@ def make_backend(model: STUNet, name: str = "reference", **options) -> Backend:
     if not isinstance(model, STUNet):
         raise TypeError(f"model must be a STUNet, got {type(model).__name__}")
     cls = BACKEND_CLASSES[name]
+    takes = list(inspect.signature(cls.__init__).parameters)[2:]  # after (self, model)
+    if unknown := sorted(set(options) - set(takes)):
+        raise ValueError(f"the {name} backend takes no option {', '.join(map(repr, unknown))} (its options: "
+                         f"{', '.join(takes) or 'none'})")
     reasons = cls.unsupported(model, **options)
     if reasons:
         raise ValueError(f"the {name} backend cannot run this model: " + "; ".join(reasons))

@@ -11,7 +11,7 @@ from .conditioning import Conditioning
 from .pipeline import Pipeline, PipelineOutput
 from .stages import SSROptions, StageOptions
 from .text import TextEncoder, load_text_encoder, tiny_random_t5
-from .video import save_video
+from .video import read_frames, save_video
 
 __all__ = ["text", "Pipeline", "PipelineOutput", "StageOptions", "SSROptions", "Conditioning", "TextEncoder",
-           "load_text_encoder", "tiny_random_t5", "save_video"]
+           "load_text_encoder", "tiny_random_t5", "save_video", "read_frames"]

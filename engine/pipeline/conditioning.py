@@ -14,6 +14,7 @@ C is in model space [-1, 1] and exactly zero wherever M is zero.
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import numpy as np
@@ -24,7 +25,15 @@ MODES = ("text_to_video", "image_to_video", "inpaint", "cinemagraph")
 
 
 def _tensor(value, name: str) -> torch.Tensor:
-    t = value if isinstance(value, torch.Tensor) else torch.as_tensor(np.asarray(value))
+    if isinstance(value, (str, os.PathLike)):
+        raise TypeError(f"{name} must be an array (numpy or torch), got the path {str(value)!r}: read the file "
+                        "first with stunet.read_frames")
+    if not isinstance(value, torch.Tensor):
+        array = np.asarray(value)
+        if not (np.issubdtype(array.dtype, np.number) or array.dtype == bool):
+            raise TypeError(f"{name} must be an array of numbers, got {type(value).__name__} of dtype {array.dtype}")
+        value = torch.as_tensor(array)
+    t = value
     if not (t.is_floating_point() or t.dtype in (torch.uint8, torch.bool)):
         raise TypeError(f"{name} must be floats in [0, 1] (or uint8 / bool), got dtype {t.dtype}")
     t = t.float() / 255.0 if t.dtype == torch.uint8 else t.float()

@@ -178,6 +178,9 @@ class Pipeline:
             self.ssr.eval()
         self.backend, self.sampler, self.runtime, self.progress = backend, sampler, runtime, progress
         self.vae, self.schedule = vae, schedule
+        if backend_options is not None and not isinstance(backend_options, Mapping):
+            raise TypeError(f"backend_options must be a dict of the backend's keyword options (such as "
+                            f"{{'max_batch': 1}}), got {type(backend_options).__name__}")
         self.backend_options = dict(backend_options or {})
         self.parallel = distributed.resolve(parallel)
         self.base_stage = BaseStage(make_backend(self.base, backend, **self.backend_options), runtime, sampler,
@@ -279,6 +282,9 @@ class Pipeline:
         if prompt_embeds is not None:
             if prompt is not None:
                 raise ValueError("pass either prompt or prompt_embeds, not both")
+            if negative_prompt is not None:
+                raise ValueError("negative_prompt is text, which prompt_embeds= skips encoding: pass "
+                                 "negative_prompt_embeds= instead")
             if not isinstance(prompt_embeds, torch.Tensor) or prompt_embeds.dim() != 3 \
                     or prompt_embeds.shape[2] != self.base.config.text_dim:
                 raise ValueError(f"prompt_embeds must be a (B, L, {self.base.config.text_dim}) tensor, got "
@@ -291,6 +297,8 @@ class Pipeline:
                 if t is not None and not torch.isfinite(t).all():
                     raise ValueError(f"{name} contains NaN or inf")
             return None, None
+        if negative_prompt_embeds is not None:
+            raise ValueError("negative_prompt_embeds goes with prompt_embeds=; with prompts, pass negative_prompt")
         if isinstance(prompt, str):
             prompt = [prompt]
         if not prompt or not isinstance(prompt, (list, tuple)) or not all(isinstance(p, str) for p in prompt):

@@ -1,6 +1,7 @@
 """Video files: ``save_video(frames, path, fps)`` writes mp4 (PyAV), gif (Pillow)
 or npy (the frames themselves, float32 in [0, 1]: lossless), atomically (a temporary file beside the target,
-renamed on success). ``load_npy`` reads an npy file back, checked."""
+renamed on success). ``read_frames`` reads a video, an image or npy frames back as floats in [0, 1] (what the
+pipeline's video and image arguments take); ``load_npy`` reads an npy file, checked."""
 from __future__ import annotations
 
 import logging
@@ -13,6 +14,7 @@ from ..io import atomic_path
 
 log = logging.getLogger(__name__)
 SUFFIXES = (".mp4", ".gif", ".npy")
+VIDEO_SUFFIXES = (".mp4", ".gif", ".mov", ".webm")  # read with PyAV; any other suffix but .npy is an image
 
 
 def to_uint8(frames) -> np.ndarray:
@@ -124,3 +126,31 @@ def load_npy(path: str | os.PathLike) -> np.ndarray:
     if not np.isfinite(data).all() or data.min() < 0 or data.max() > 1:
         raise ValueError(f"{str(path)!r} holds values outside [0, 1] (or NaN); frames are floats in [0, 1]")
     return data.astype(np.float32)
+
+
+def read_frames(path: str | os.PathLike) -> np.ndarray:
+    """A video (mp4, gif, mov, webm: PyAV) -> (F, H, W, 3), an image (png, jpg, ...: Pillow) -> (H, W, 3), or the
+    frames of an npy file (:func:`load_npy`); float32 in [0, 1]. Raises FileNotFoundError for no file and
+    ValueError naming the file for one that cannot be read."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no file at {str(path)!r}")
+    if path.suffix.lower() == ".npy":  # frames as stunet writes them: no codec in between
+        return load_npy(path)
+    try:
+        if path.suffix.lower() in VIDEO_SUFFIXES:
+            import av
+
+            with av.open(str(path)) as container:
+                frames = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
+            if not frames:
+                raise ValueError("no video frames")
+            return np.stack(frames).astype(np.float32) / 255.0
+        from PIL import Image
+
+        with Image.open(path) as image:
+            return np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0
+    except ImportError as e:
+        raise ImportError(f"reading {path.suffix} files needs {e.name}: pip install 'stunet[video]'") from None
+    except Exception as e:  # a decoder's own error: the file is not what its name says
+        raise ValueError(f"cannot read {str(path)!r} ({e})") from None
