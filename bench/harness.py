@@ -115,15 +115,21 @@ def timeit(fn: Callable[[], object], device: torch.device, warmup: int = 3, iter
 def timed_step(bench: str, shape: str, impl: str, step: Callable[[], object], device: torch.device, iters: int,
              flops: float) -> Row:
     """A Row timing a whole denoising step: on CUDA a first call (compile, capture, autotune) runs before the
-    peak-memory window; out of memory gives a failed row that says so."""
-    if device.type == "cuda":
-        step()
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
+    peak-memory window; out of memory, in the first call or later, gives a failed row that says so, and the
+    memory it held goes back to the device for the next rows."""
+    error = None
     try:
+        if device.type == "cuda":
+            step()
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
         ms = timeit(step, device, warmup=2, iters=iters)
     except torch.OutOfMemoryError as e:
-        return Row(bench, shape, impl, 0.0, flops=flops, extra={"error": f"out of memory ({e})"[:200]})
+        error = f"out of memory ({e})"[:200]
+    if error is not None:  # out of the except block: the error's traceback, and the tensors it holds, are gone
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        return Row(bench, shape, impl, 0.0, flops=flops, extra={"error": error})
     extra = {"tflop_per_step": flops / 1e12}
     if device.type == "cuda":
         extra["peak_memory_gb"] = torch.cuda.max_memory_allocated() / 1e9

@@ -77,6 +77,25 @@ def test_step_bench_refuses_bad_aoti_requests(tmp_path, capsys, monkeypatch):
     assert not (tmp_path / "step.json").exists()
 
 
+def test_a_step_out_of_memory_is_a_failed_row_and_the_rows_after_it_run(monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCH))
+    from harness import finish, markdown, timed_step
+
+    def out_of_memory():
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 9.00 GiB")
+
+    device = torch.device("cpu")
+    rows = [timed_step("step (CFG)", "s", "reference", out_of_memory, device, 2, 1e9),
+            timed_step("step (CFG)", "s", "fast", lambda: None, device, 2, 1e9)]
+    assert rows[0].ms == 0 and rows[0].extra == {"error": "out of memory (CUDA out of memory. Tried to allocate "
+                                                          "9.00 GiB)"}
+    assert rows[1].ms > 0
+    finish(rows, 1.0, 1.0, stock="reference")
+    table = markdown(rows, {"device": "cpu", "copy_gbps": 1.0, "gemm_dtype": "float32", "gemm_tflops": 1.0,
+                            "gemm_n": 256, "peak_gbps": 0.0, "torch": torch.__version__})
+    assert "| step (CFG) | s | reference | out of memory (CUDA out of memory." in table
+
+
 def test_every_result_records_the_roofline_it_measured(tmp_path):
     """The % of roofline divides by a copy and a matmul measured in the same run, and the file says so."""
     doc = json.loads(_run_script("runtime.py", tmp_path, "--iters", "1").read_text())
