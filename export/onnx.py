@@ -18,6 +18,8 @@ ops computing that semantics in fp32. A runtime without plugins (onnxruntime) ru
 
 A model with 1.75 GB of weights or more (protobuf holds at most 2 GB in one file) keeps them in one external-data
 file beside the ``.onnx`` file, ``<name>.onnx.data`` (``ExportResult.external_data``; keep the two together).
+A smaller model written over such a file holds its weights inline and removes the ``.data`` file of the one it
+replaces.
 """
 from __future__ import annotations
 
@@ -206,6 +208,11 @@ def export_onnx(model: STUNet, path: str | os.PathLike, *, batch: int = 2, frame
             else:
                 with atomic_path(path) as tmp:
                     ir.save(onnx_model, tmp)
+                stale = path.with_name(path.name + ".data")
+                if stale.is_file():  # the weights of the file just replaced, which held them outside
+                    stale.unlink()
+                    log.info("stunet export: removed %s, the external weights of the file %s replaced", stale,
+                             path.name)
         if check:
             with stages.stage("check"):
                 result.max_abs_error = check_onnx(path, model, spec)

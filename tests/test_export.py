@@ -179,6 +179,11 @@ def test_a_model_past_protobufs_limit_keeps_its_weights_beside_the_file(tmp_path
     assert {p: p.read_bytes() for p in (out, data)} == before
     assert sorted(p.name for p in out.parent.iterdir()) == ["big.onnx", "big.onnx.data"]
 
+    # A model under the limit written over the pair holds its weights inline, and the stale weights file goes.
+    monkeypatch.undo()
+    export_onnx(other, out, batch=1, frames=4, height=16, width=16, text_len=3, dynamic=False, check=True)
+    assert sorted(p.name for p in out.parent.iterdir()) == ["big.onnx"]
+
 
 def test_export_arguments_are_checked(tmp_path, monkeypatch, capsys):
     import onnxscript
