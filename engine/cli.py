@@ -283,6 +283,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
                                             backend_options=options, parallel=parallel, **chosen)
         else:
             pipe = _pixel_pipeline(args, demo, device, dtype, options, parallel)
+    except torch.OutOfMemoryError as e:
+        print(f"stunet: the models do not fit on {device}: {e}", file=sys.stderr)
+        return 1
     except (FileNotFoundError, ValueError, TypeError, RuntimeError, ImportError) as e:
         _library_error(parser, e)
 

@@ -209,6 +209,11 @@ def test_out_of_memory_exits_1_saying_where_and_how_to_need_less(tmp_path, capsy
     assert "1 window(s) of" in err and "--backend fast --max-batch 1" in err and "--ssr-batch" not in err
     assert "Traceback" not in err and not (tmp_path / "o.mp4").exists()
 
+    monkeypatch.setattr("stunet.cli._pixel_pipeline", out_of_memory)  # the weights themselves do not fit
+    code, err = _cli(["generate", "x", "-o", "{tmp}/o.mp4", *QUICK], tmp_path, capsys)
+    assert code == 1 and "stunet: the models do not fit on cpu: CUDA out of memory." in err
+    assert "Traceback" not in err and not (tmp_path / "o.mp4").exists()
+
 
 @needs_av
 def test_overwrite_replaces_an_existing_output(tmp_path, capsys):

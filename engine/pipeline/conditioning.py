@@ -28,12 +28,13 @@ def _tensor(value, name: str) -> torch.Tensor:
     if isinstance(value, (str, os.PathLike)):
         raise TypeError(f"{name} must be an array (numpy or torch), got the path {str(value)!r}: read the file "
                         "first with stunet.read_frames")
-    if not isinstance(value, torch.Tensor):
+    if isinstance(value, torch.Tensor):
+        t = value
+    else:
         array = np.asarray(value)
         if not (np.issubdtype(array.dtype, np.number) or array.dtype == bool):
             raise TypeError(f"{name} must be an array of numbers, got {type(value).__name__} of dtype {array.dtype}")
-        value = torch.as_tensor(array)
-    t = value
+        t = torch.as_tensor(array)
     if not (t.is_floating_point() or t.dtype in (torch.uint8, torch.bool)):
         raise TypeError(f"{name} must be floats in [0, 1] (or uint8 / bool), got dtype {t.dtype}")
     t = t.float() / 255.0 if t.dtype == torch.uint8 else t.float()
