@@ -158,6 +158,20 @@ def test_text_keys_and_values_are_computed_once_per_text(monkeypatch):
     assert len(calls) == 3 * layers
 
 
+def test_the_kernels_missing_is_said_once_per_reason(monkeypatch, caplog):
+    """A cascade makes a fast backend per model: where the kernels cannot run, the first says why as a warning,
+    the others at info level (describe() still says it)."""
+    import stunet.backends.fast as fast_module
+
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    monkeypatch.setattr(fast_module, "_KERNEL_NOTES_SAID", set())
+    caplog.set_level(logging.INFO, logger="stunet.backends.fast")
+    backends = [FastBackend(_model()) for _ in range(3)]
+    said = [r.levelno for r in caplog.records if "the Triton kernels cannot run here" in r.getMessage()]
+    assert said == [logging.WARNING, logging.INFO, logging.INFO]
+    assert all("reference math for the kernel ops" in b.describe() for b in backends)
+
+
 def test_fast_backend_max_batch_runs_slices_with_the_same_result(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")  # the ops' reference paths: this tests the slicing
     model = _model()

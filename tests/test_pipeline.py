@@ -1,6 +1,8 @@
 """The pipeline end to end on CPU (tiny presets): text -> base -> SSR with MultiDiffusion -> frames -> mp4."""
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -195,6 +197,12 @@ def test_help_documents_every_argument():
         missing = [n for n in names if n not in doc]
         assert not missing, f"{method.__qualname__} does not document {missing}"
     assert "from_pretrained" in text and Pipeline.from_pretrained.__doc__
+
+
+def test_a_pipeline_shows_its_models_in_one_line(pipe):
+    assert re.fullmatch(r"Pipeline\(base=<3-channel STUNet, \d+\.\d M parameters, torch\.float32>, "
+                        r"ssr=<6-channel STUNet, \d+\.\d M parameters, torch\.float32>, backend='reference', "
+                        r"device='cpu'\)", repr(pipe)), repr(pipe)
 
 
 def test_bad_construction(encoder):

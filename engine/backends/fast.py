@@ -25,6 +25,9 @@ from .base import Backend, converted_copy
 log = logging.getLogger(__name__)
 
 
+_KERNEL_NOTES_SAID: set[str] = set()
+
+
 @dataclass
 class _Graph:
     graph: "torch.cuda.CUDAGraph"
@@ -73,9 +76,11 @@ class FastBackend(Backend):
         self.model = converted_copy(model, dtype, channels_last_weights=device.type == "cuda")
         self.policy = FAST
         self.kernel_note = kernels.unavailable_on(device)
-        if self.kernel_note:
-            log.warning("stunet fast backend: the Triton kernels cannot run here (%s); its ops run their "
-                        "reference math (the channels-last trunk and text K/V store still apply)", self.kernel_note)
+        if self.kernel_note:  # said once per reason (a cascade makes a backend per model), then in describe()
+            (log.info if self.kernel_note in _KERNEL_NOTES_SAID else log.warning)(
+                "stunet fast backend: the Triton kernels cannot run here (%s); its ops run their reference math "
+                "(the channels-last trunk and text K/V store still apply)", self.kernel_note)
+            _KERNEL_NOTES_SAID.add(self.kernel_note)
         # Eager calls' text K/V, one store per batch slice so that slices do not evict each other.
         self._stores: dict[tuple[int, int], TextKVStore] = {}
         self._slices: dict[tuple, tuple[torch.Tensor, int, torch.Tensor]] = {}

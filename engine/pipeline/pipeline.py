@@ -259,6 +259,14 @@ class Pipeline:
     def device(self) -> torch.device:
         return self.base.device
 
+    def __repr__(self) -> str:
+        def model(m: STUNet) -> str:
+            params = sum(p.numel() for p in m.parameters()) / 1e6
+            return f"<{m.config.in_channels}-channel STUNet, {params:.1f} M parameters, {m.dtype}>"
+
+        models = [f"base={model(self.base)}", *([f"ssr={model(self.ssr)}"] if self.ssr is not None else [])]
+        return f"Pipeline({', '.join(models)}, backend={self.backend!r}, device={str(self.device)!r})"
+
     def describe(self) -> str:
         """What runs: each stage's backend, the sampler and the runtime."""
         stages = [f"base {self.base_stage.backend.describe()}"]
