@@ -22,6 +22,7 @@ from typing import NoReturn
 from .backends import BACKENDS
 from .config import PRESETS
 from .io import atomic_path
+from .pipeline.stages import SSROptions
 from .sampling.samplers import SAMPLERS
 
 DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
@@ -204,7 +205,7 @@ def _note(message: str) -> None:
 def cmd_generate(args: argparse.Namespace) -> int:
     import torch
 
-    from .pipeline import Pipeline, SSROptions
+    from .pipeline import Pipeline
     from .pipeline.video import save_video
 
     parser, command = args.parser, args.command
@@ -620,7 +621,7 @@ def _add_generation_args(p: argparse.ArgumentParser, edits: str | None = None) -
     p.add_argument("--steps", type=_positive, default=32, help="denoising steps (default 32)")
     p.add_argument("--ssr-steps", type=_positive, help="SSR denoising steps (default: --steps)")
     p.add_argument("--ssr-batch", type=_positive, metavar="N",
-                   help="SSR windows per model call (default 4; fewer need less memory)")
+                   help=f"SSR windows per model call (default {SSROptions.batch_size}; fewer need less memory)")
     p.add_argument("--guidance", type=_number(0.0), default=7.5,
                    help="classifier-free guidance scale, >= 0 (default 7.5; 1 turns guidance off)")
     p.add_argument("--sampler", choices=sorted(SAMPLERS),
