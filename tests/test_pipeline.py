@@ -95,6 +95,32 @@ def test_output_types_and_callback(pipe):
     np.testing.assert_allclose(np.asarray(pil[0][0]) / 255.0, pt[0, 0].numpy(), atol=1 / 255 + 1e-6)
 
 
+class _Cancelled(Exception):
+    pass
+
+
+@pytest.mark.parametrize("backend", ["reference", "fast"])
+@pytest.mark.parametrize("stage", ["base", "ssr"])
+def test_a_generation_cancelled_from_its_callback_leaves_the_pipeline_as_it_was(encoder, monkeypatch, backend,
+                                                                                stage):
+    """An exception raised by callback_on_step_end (a server cancelling a request) ends the call with it; the
+    pipeline's next call makes the video a pipeline that never ran makes."""
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    base, ssr = _models()
+
+    def cancel(p, i, t, kw):
+        if kw["stage"] == stage and i == 1:
+            raise _Cancelled
+
+    pipe = Pipeline(base, encoder, ssr, backend=backend, progress=False)
+    with pytest.raises(_Cancelled):
+        pipe("a cat", seed=0, callback_on_step_end=cancel, **SMALL)
+    again = pipe("a dog", seed=1, **SMALL).frames
+    fresh_base, fresh_ssr = _models()
+    fresh = Pipeline(fresh_base, encoder, fresh_ssr, backend=backend, progress=False)
+    assert np.array_equal(again, fresh("a dog", seed=1, **SMALL).frames)
+
+
 def test_a_callback_may_return_nothing_a_dict_or_new_latents_and_nothing_else(pipe):
     """None, a dict without latents and a dict with the same latents in another memory layout (or dtype) all
     leave the video as it is; anything else is refused naming what the callback must return."""

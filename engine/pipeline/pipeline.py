@@ -370,7 +370,8 @@ class Pipeline:
             prompt_embeds, negative_prompt_embeds: precomputed text tokens (B, L, text_dim) instead of prompts.
             output_type: "np" (numpy), "pt" (torch) or "pil" (lists of PIL images).
             callback_on_step_end: ``f(pipe, step, timestep, {"latents": x, "stage": "base"|"ssr"})`` after each
-                step; it returns None or a dict, and ``{"latents": x2}`` (same shape) replaces the sample.
+                step; it returns None or a dict, and ``{"latents": x2}`` (same shape) replaces the sample. An
+                exception it raises ends the call (a cancelled request); the pipeline stays as it was.
             progress: show progress bars (default: the pipeline's setting).
             latents: the initial noise (B, C_out, T, H, W) of the base stage (latent-space H and W for a latent
                 model) instead of a draw from the seed; with ``init_video``, the noise it is noised with.
