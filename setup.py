@@ -102,7 +102,8 @@ setup(
         "stunet.kernels": "kernels",
         "stunet.export": "export",
     },
-    package_data={"stunet.demo": ["weights/*/*.json", "weights/*/*.safetensors", "weights/*.json"]},
+    package_data={"stunet": ["py.typed"],  # PEP 561: type checkers read the package's annotations
+                  "stunet.demo": ["weights/*/*.json", "weights/*/*.safetensors", "weights/*.json"]},
     install_requires=[
         "torch>=2.11",  # the oldest release the suite is run on
         "numpy",

@@ -225,6 +225,20 @@ def test_help_documents_every_argument():
     assert "from_pretrained" in text and Pipeline.from_pretrained.__doc__
 
 
+def test_the_package_is_typed_and_the_calls_keep_their_signatures():
+    """PEP 561: the package ships py.typed, so a product's type checker reads its annotations; the decorated
+    calls keep theirs (their decorator is typed to return the method's own type, for static checkers)."""
+    import importlib.resources
+    import typing
+
+    from stunet.pipeline import PipelineOutput
+
+    assert importlib.resources.files("stunet").joinpath("py.typed").is_file()
+    for method, returns in ((Pipeline.__call__, PipelineOutput), (Pipeline.encode_prompt, tuple[torch.Tensor,
+                                                                                                  torch.Tensor])):
+        assert typing.get_type_hints(method)["return"] == returns
+
+
 def test_a_pipeline_shows_its_models_in_one_line(pipe):
     assert re.fullmatch(r"Pipeline\(base=<3-channel STUNet, \d+\.\d M parameters, torch\.float32>, "
                         r"ssr=<6-channel STUNet, \d+\.\d M parameters, torch\.float32>, backend='reference', "

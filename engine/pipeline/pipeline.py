@@ -34,7 +34,7 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, TypeVar, cast
 
 import numpy as np
 import torch
@@ -91,14 +91,18 @@ def to_frames(video: torch.Tensor) -> torch.Tensor:
     return ((video.float().clamp(-1, 1) + 1) / 2).permute(0, 2, 3, 4, 1).cpu().contiguous()
 
 
-def _in_own_precision(method: Callable) -> Callable:
+_Method = TypeVar("_Method", bound=Callable[..., Any])
+
+
+def _in_own_precision(method: _Method) -> _Method:
     """A pipeline method run with an ambient ``torch.autocast`` turned off on the pipeline's device: text encoder,
-    models and VAE compute in their own dtypes (see :func:`~stunet.backends.base.own_precision`)."""
+    models and VAE compute in their own dtypes (see :func:`~stunet.backends.base.own_precision`). The method
+    keeps its signature, for type checkers too."""
     @functools.wraps(method)
     def run(self, *args, **kwargs):
         with own_precision(self.device):
             return method(self, *args, **kwargs)
-    return run
+    return cast(_Method, run)
 
 
 class Pipeline:
