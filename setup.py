@@ -20,7 +20,8 @@ import subprocess
 from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
 
-CXX_FLAGS = ["-std=c++17", "-O3", "-ffp-contract=off", "-fno-trapping-math", "-fvisibility=hidden"]
+# -g0 overrides the -g that Python's own build flags may carry: a 1.4 MB extension instead of 13 MB of debug info.
+CXX_FLAGS = ["-std=c++17", "-O3", "-g0", "-ffp-contract=off", "-fno-trapping-math", "-fvisibility=hidden"]
 CPU_SOURCES = ["csrc/schedule.cpp", "csrc/multidiffusion.cpp", "csrc/runtime_cpu.cpp", "csrc/bindings.cpp"]
 CUDA_SOURCES = ["csrc/runtime_cuda.cu"]
 
