@@ -243,6 +243,12 @@ def test_fast_backend_keeps_the_graphs_of_the_last_shapes_used(monkeypatch, capl
     for bad in (0, None, 1.5, True):
         with pytest.raises(ValueError, match="max_graph_shapes must be a positive integer"):
             FastBackend(model, max_graph_shapes=bad)
+    for args, error, message in (((None, t, text), TypeError, "x must be a torch.Tensor"),
+                                 ((x[0, 0, 0, 0, 0], t, text), ValueError, "x must be 5-D"),
+                                 ((x, t, None), TypeError, "text_embeds must be a torch.Tensor")):
+        for backend in (graphed, eager):
+            with pytest.raises(error, match=message):
+                backend(*args)
 
 
 def test_a_graphs_text_refresh_cut_short_is_done_again(monkeypatch):

@@ -113,6 +113,8 @@ class FastBackend(Backend):
             return self._forward(x, timesteps, text, text_mask, noise_level)
 
     def _forward(self, x, timesteps, text, text_mask, noise_level):
+        if not (isinstance(x, torch.Tensor) and x.dim() and isinstance(text, torch.Tensor)):
+            check_forward_inputs(self.model, x, timesteps, text, text_mask, noise_level, False)  # raises, by name
         B = x.shape[0]
         graphs = self._graphs_of(x, text, text_mask) if self.graphs else None
         if self.max_batch is None or B <= self.max_batch:
