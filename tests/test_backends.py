@@ -121,11 +121,18 @@ def test_backends_refuse_with_every_reason():
 
 
 def test_fast_backend_on_a_cpu_says_once_what_it_runs(monkeypatch, caplog):
+    """Where the kernels cannot run, the first fast backend of the process says why as a warning, the others
+    (a cascade makes one per model) at info level; describe() says it for each."""
+    import stunet.backends.fast as fast_module
+
     monkeypatch.setenv("TRITON_INTERPRET", "0")
-    with caplog.at_level(logging.WARNING, logger="stunet.backends.fast"):
-        fast = FastBackend(_model())
-    assert [r.getMessage() for r in caplog.records if "reference math" in r.getMessage()]
-    assert "reference math for the kernel ops" in fast.describe() and "tensors on cpu" in fast.describe()
+    monkeypatch.setattr(fast_module, "_KERNEL_NOTES_SAID", set())  # as in a fresh process
+    with caplog.at_level(logging.INFO, logger="stunet.backends.fast"):
+        backends = [FastBackend(_model()) for _ in range(3)]
+    said = [r.levelno for r in caplog.records if "reference math" in r.getMessage()]
+    assert said == [logging.WARNING, logging.INFO, logging.INFO]
+    for fast in backends:
+        assert "reference math for the kernel ops" in fast.describe() and "tensors on cpu" in fast.describe()
 
 
 def _projections(backend) -> tuple[list[int], int]:
@@ -156,20 +163,6 @@ def test_text_keys_and_values_are_computed_once_per_text(monkeypatch):
     text.mul_(0.5)  # written in place: refreshed into the same buffers
     assert_close(fast(x, t, text), reference(x, t, text), atol=2e-5, rtol=2e-5, what="after an in-place change")
     assert len(calls) == 3 * layers
-
-
-def test_the_kernels_missing_is_said_once_per_reason(monkeypatch, caplog):
-    """A cascade makes a fast backend per model: where the kernels cannot run, the first says why as a warning,
-    the others at info level (describe() still says it)."""
-    import stunet.backends.fast as fast_module
-
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
-    monkeypatch.setattr(fast_module, "_KERNEL_NOTES_SAID", set())
-    caplog.set_level(logging.INFO, logger="stunet.backends.fast")
-    backends = [FastBackend(_model()) for _ in range(3)]
-    said = [r.levelno for r in caplog.records if "the Triton kernels cannot run here" in r.getMessage()]
-    assert said == [logging.WARNING, logging.INFO, logging.INFO]
-    assert all("reference math for the kernel ops" in b.describe() for b in backends)
 
 
 def test_fast_backend_max_batch_runs_slices_with_the_same_result(monkeypatch):

@@ -337,11 +337,16 @@ def test_empty_prompt_warns(tmp_path, caplog, capsys):
 
 
 def test_fast_backend_on_a_cpu_says_what_it_runs(tmp_path, caplog, capsys, monkeypatch):
+    """Once, for the demo cascade's two models."""
     import logging
 
+    import stunet.backends.fast as fast_module
+
     monkeypatch.setenv("TRITON_INTERPRET", "0")
+    monkeypatch.setattr(fast_module, "_KERNEL_NOTES_SAID", set())  # as in a fresh process
     with caplog.at_level(logging.WARNING):
-        code, _ = _cli(["generate", "x", "-o", "{tmp}/o.gif", *QUICK, "--backend", "fast"], tmp_path, capsys)
+        code, _ = _cli(["generate", "a red circle", "-o", "{tmp}/o.gif", "--steps", "2", "-q", "--backend", "fast"],
+                       tmp_path, capsys)
     notes = [r.getMessage() for r in caplog.records if "fast backend" in r.getMessage()]
     assert code == 0 and len(notes) == 1 and "reference math" in notes[0], notes
 
