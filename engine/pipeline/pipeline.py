@@ -13,7 +13,8 @@ the call began (``stage_generator``): its noise depends on the seed alone, not o
 
 Conditional modes (7-channel models; see ``conditioning``): ``image_to_video``, ``inpaint``, ``cinemagraph``;
 ``video_to_video`` (SDEdit) works with any base model; ``upscale`` runs the SSR stage alone on a given video;
-``with_style`` gives stylized generation.
+``with_style`` gives stylized generation. Their images and videos are arrays (numpy or torch) of frames in
+[0, 1] (or uint8), as ``stunet.read_frames(path)`` reads them from image, video and npy files.
 
 Latent models (``in_channels=4``, converted from diffusers checkpoints by ``stunet convert``) denoise VAE latents
 and decode them with the folder's VAE (which also encodes ``video_to_video``'s input); ``height`` and ``width``
