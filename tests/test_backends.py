@@ -244,6 +244,22 @@ def test_fast_backend_keeps_the_graphs_of_the_last_shapes_used(monkeypatch, capl
                 backend(*args)
 
 
+def test_a_new_text_length_says_once_how_to_keep_one_graph(monkeypatch, caplog):
+    """Prompts of another token length are another input shape: the first such capture says so, naming the
+    padding that gives every request one shape; other shape changes (the video's size) say nothing of it."""
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    model = _model()
+    graphed, recorded = _graphed_on_cpu(model, monkeypatch)
+    x, t, text = make_inputs(model.config, batch=2, frames=8, size=16)
+    small, _, _ = make_inputs(model.config, batch=2, frames=8, size=8)
+    with caplog.at_level(logging.WARNING, logger="stunet.backends.fast"):
+        for x_, text_ in ((x, text), (small, text), (x, text[:, :3]), (x, torch.cat([text, text], 1)),
+                          (x, text[:, :3])):
+            graphed(x_, t, text_)
+    told = [r.getMessage() for r in caplog.records if "pad_to_max_length=True" in r.getMessage()]
+    assert len(recorded) == 4 and len(told) == 1 and "a text of 3 tokens is a new input shape" in told[0]
+
+
 def test_a_graphs_text_refresh_cut_short_is_done_again(monkeypatch):
     """Ctrl-C while a graph's text keys/values are being recomputed for a new text: the next call with that text
     recomputes them all, instead of replaying with some layers' keys/values of the old text."""

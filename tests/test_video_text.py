@@ -140,6 +140,11 @@ def test_text_encoders_load_from_a_local_directory(tmp_path):
     enc.tokenizer.save_pretrained(tmp_path / "t5")
     loaded = load_text_encoder(tmp_path / "t5")
     assert torch.equal(loaded.encode(["abc"])[0], enc.encode(["abc"])[0])
+    padded = load_text_encoder(tmp_path / "t5", max_length=16, pad_to_max_length=True)  # one shape per request
+    for prompts in (["abc"], ["a longer prompt", ""]):
+        tokens, mask = padded.encode(prompts)
+        assert tokens.shape == (len(prompts), 16, 24) and mask.shape == (len(prompts), 16)
+        assert mask[0].sum() == len(prompts[0].encode()) + 1  # bytes and the end-of-text token
 
     clip_cfg = transformers.CLIPTextConfig(vocab_size=384, hidden_size=32, intermediate_size=64,
                                            num_hidden_layers=1, num_attention_heads=2, max_position_embeddings=77,

@@ -86,7 +86,7 @@ class FastBackend(Backend):
         self._slices: dict[tuple, tuple[torch.Tensor, int, torch.Tensor]] = {}
         # Graphs by call shape (least recently used first), then by batch slice.
         self._graphs: OrderedDict[tuple, dict[tuple[int, int], _Graph]] = OrderedDict()
-        self._evicted = False
+        self._evicted = self._told_text_lengths = False
         self._pool = None
 
     @classmethod
@@ -154,6 +154,11 @@ class FastBackend(Backend):
         if graphs is not None:
             self._graphs.move_to_end(key)
             return graphs
+        if not self._told_text_lengths and any(_another_text_length(key, k) for k in self._graphs):
+            self._told_text_lengths = True
+            log.warning("stunet fast backend: a text of %d tokens is a new input shape for the CUDA graphs, captured "
+                        "anew (three forwards); pad prompts to one length, e.g. load_text_encoder(..., "
+                        "pad_to_max_length=True), for every request to reuse the same graphs", key[3][1])
         while len(self._graphs) >= self.max_graph_shapes:
             (shape, *_), dropped = self._graphs.popitem(last=False)
             (log.info if self._evicted else log.warning)(
@@ -226,6 +231,13 @@ class FastBackend(Backend):
         with torch.cuda.graph(graph, pool=self._pool):
             out = run()
         return graph, out
+
+
+def _another_text_length(a: tuple, b: tuple) -> bool:
+    """Whether graph keys ``a`` and ``b`` differ in the text's length alone (x, dtypes, device, text batch)."""
+    (x_a, dtype_a, device_a, text_a, text_dtype_a, _), (x_b, dtype_b, device_b, text_b, text_dtype_b, _) = a, b
+    return ((x_a, dtype_a, device_a, text_dtype_a, text_a[0]) == (x_b, dtype_b, device_b, text_dtype_b, text_b[0])
+            and text_a[1] != text_b[1])
 
 
 def _positive(value) -> bool:

@@ -90,10 +90,14 @@ def _shortened(text: str, width: int = 40) -> str:
 
 def load_text_encoder(path: str | os.PathLike, device: str | torch.device = "cpu",
                       max_length: int | None = None, *, tokenizer: str | os.PathLike | None = None,
-                      sd_style: bool = False) -> HFTextEncoder:
+                      sd_style: bool = False, pad_to_max_length: bool | None = None) -> HFTextEncoder:
     """A T5 encoder or CLIP text model saved with ``save_pretrained`` in ``path``, with its tokenizer (in
     ``path``, or the ``tokenizer`` folder of a diffusers pipeline). ``sd_style``: as the Stable Diffusion
-    family's pipelines use CLIP (padded to the tokenizer's length, padding attended; see HFTextEncoder)."""
+    family's pipelines use CLIP (padded to the tokenizer's length, padding attended; see HFTextEncoder).
+
+    ``pad_to_max_length``: True pads every prompt to ``max_length`` tokens (masked), so every request has one
+    text shape, which the fast backend's CUDA graphs and torch.compile then reuse; the default (None) pads T5
+    prompts to the longest of a call and CLIP ones as ``sd_style`` says."""
     transformers = _require_transformers()
     path = Path(path)
     if not (path / "config.json").is_file():
@@ -103,12 +107,13 @@ def load_text_encoder(path: str | os.PathLike, device: str | torch.device = "cpu
     tokenizer = transformers.AutoTokenizer.from_pretrained(tokenizer or path, local_files_only=True)
     if kind in ("t5", "mt5", "umt5"):
         model = transformers.T5EncoderModel.from_pretrained(path, local_files_only=True)
-        return HFTextEncoder(model, tokenizer, max_length or 128, device)
+        return HFTextEncoder(model, tokenizer, max_length or 128, device, pad_to_max_length=bool(pad_to_max_length))
     if kind in ("clip", "clip_text_model"):
         model = transformers.CLIPTextModel.from_pretrained(path, local_files_only=True)
         own = tokenizer.model_max_length  # what diffusers pads to; "unset" is a huge sentinel
         length = max_length or (own if sd_style and own < 10 ** 6 else 77)
-        return HFTextEncoder(model, tokenizer, length, device, pad_to_max_length=sd_style, attend_padding=sd_style)
+        pad = sd_style if pad_to_max_length is None else pad_to_max_length
+        return HFTextEncoder(model, tokenizer, length, device, pad_to_max_length=pad, attend_padding=sd_style)
     raise ValueError(f"text encoder in {str(path)!r} has model_type {kind!r}; supported: t5 and clip")
 
 
