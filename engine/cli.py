@@ -489,7 +489,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
     overrides = {"prediction": args.prediction} if args.prediction else {}
     try:
         model = convert_folder(src, dst, dtype=args.dtype, motion_adapter=args.motion_adapter,
-                               overwrite=args.overwrite, **overrides)
+                               overwrite=args.overwrite, progress=not args.quiet, **overrides)
     except (ConversionError, ImportError, FileNotFoundError, FileExistsError) as e:
         parser.error(str(e))
     parts = [p.name for p in sorted(dst.iterdir()) if p.is_dir()]
@@ -700,6 +700,7 @@ def build_parser() -> argparse.ArgumentParser:
                               "motion_adapter/ when there is one)")
     convert.add_argument("--prediction", choices=["eps", "v"],
                          help="what the U-Net predicts (default: the folder's scheduler's prediction_type, else eps)")
+    convert.add_argument("-q", "--quiet", action="store_true", help="no progress line")
 
     command("env", "what this install can run (torch, CUDA, C++ runtime, Triton)",
             "Report the versions, the devices, and what runs where (and why not).", cmd_env)

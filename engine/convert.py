@@ -487,7 +487,7 @@ def _load_unet(src, motion_adapter):
 
 
 def convert_folder(src, dst, *, dtype: str = "fp16", motion_adapter=None, overwrite: bool = False,
-                   **overrides: Any) -> STUNet:
+                   progress: bool = False, **overrides: Any) -> STUNet:
     """``stunet convert``: a diffusers folder on disk -> the engine's own folder.
 
     ``src`` is a diffusers ``unet`` folder, or a pipeline folder (``model_index.json``, ``unet``, and for the
@@ -497,13 +497,15 @@ def convert_folder(src, dst, *, dtype: str = "fp16", motion_adapter=None, overwr
     :meth:`stunet.Pipeline.from_pretrained` reads. The scheduler's prediction type and beta schedule go into
     the model's config. The folder is built aside and moved into place (``io.atomic_dir``), so a failure leaves
     nothing behind;
-    an existing non-empty ``dst`` is refused unless ``overwrite``. Returns the converted model (fp32).
+    an existing non-empty ``dst`` is refused unless ``overwrite``. ``progress`` shows a line naming the stage
+    that runs (loading a large checkpoint takes a while). Returns the converted model (fp32).
     """
     import json
     import shutil
     from pathlib import Path
 
     from .io import atomic_dir
+    from .progress import Stages
     from .sampling.samplers import scheduler_options
 
     src, dst = Path(src), Path(dst)
@@ -525,14 +527,22 @@ def convert_folder(src, dst, *, dtype: str = "fp16", motion_adapter=None, overwr
         _, options = scheduler_options(json.loads(scheduler.read_text()))
         for key in ("prediction", "schedule", "num_train_timesteps"):
             overrides.setdefault(key, options[key])
-    model = from_diffusers(_load_unet(unet_dir, motion_adapter), **overrides)
-
-    with atomic_dir(dst) as staging:
-        model.to(_DTYPES[dtype]).save_pretrained(staging)
-        model.float()
-        for part in PIPELINE_PARTS if pipeline else ():
-            if (src / part).is_dir():  # fresh files (the umask's mode), not the source's permission bits
-                shutil.copytree(src / part, staging / part, copy_function=shutil.copyfile)
+    parts = [part for part in PIPELINE_PARTS if pipeline and (src / part).is_dir()]
+    names = ["load the diffusers U-Net", "convert", "write", *(["copy " + ", ".join(parts)] if parts else [])]
+    with Stages(f"convert {src.name}", names, progress) as stages:
+        with stages.stage(names[0]):
+            unet = _load_unet(unet_dir, motion_adapter)
+        with stages.stage(names[1]):
+            model = from_diffusers(unet, **overrides)
+            del unet
+        with atomic_dir(dst) as staging:
+            with stages.stage(names[2]):
+                model.to(_DTYPES[dtype]).save_pretrained(staging)
+                model.float()
+            if parts:
+                with stages.stage(names[3]):
+                    for part in parts:  # fresh files (the umask's mode), not the source's permission bits
+                        shutil.copytree(src / part, staging / part, copy_function=shutil.copyfile)
     log.info("wrote %s (%s weights%s)", dst, dtype,
              ", with " + ", ".join(p for p in PIPELINE_PARTS if (dst / p).is_dir()) if pipeline else "")
     return model

@@ -19,8 +19,9 @@ import torch
 
 from ..io import atomic_path
 from ..model import STUNet
-from .spec import (SPEC_KEY, TRACE_STEPS, ExportResult, ExportSpec, Stages, compare, exporter_chatter_silenced,
-                   prepare, shapes_tuple)
+from ..progress import Stages
+from .spec import (SPEC_KEY, TRACE_STEPS, ExportResult, ExportSpec, compare, exporter_chatter_silenced, prepare,
+                   shapes_tuple)
 
 log = logging.getLogger("stunet.export")
 

@@ -31,8 +31,8 @@ import torch
 
 from ..io import atomic_files, atomic_path
 from ..model import STUNet
-from .spec import (SPEC_KEY, ExportResult, ExportSpec, Stages, compare, exporter_chatter_silenced, prepare,
-                   shapes_tuple)
+from ..progress import Stages
+from .spec import SPEC_KEY, ExportResult, ExportSpec, compare, exporter_chatter_silenced, prepare, shapes_tuple
 
 log = logging.getLogger(__name__)
 

@@ -32,7 +32,8 @@ from pathlib import Path
 import torch
 
 from ..io import atomic_path
-from .spec import SPEC_KEY, ExportSpec, Stages
+from ..progress import Stages
+from .spec import SPEC_KEY, ExportSpec
 
 log = logging.getLogger(__name__)
 

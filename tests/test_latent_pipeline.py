@@ -302,12 +302,16 @@ def _cli(*args: str) -> subprocess.CompletedProcess:
 def test_cli_convert_says_what_it_wrote_and_refuses_bad_folders(t2v_folder, tmp_path):
     """(The README test runs `stunet convert` and `stunet generate` from the converted folder as written.)"""
     _, folder = t2v_folder
-    res = _cli("convert", str(folder), "-o", str(tmp_path / "m"))
+    res = _cli("convert", str(folder), "-o", str(tmp_path / "m"), "-q")
     assert res.returncode == 0, res.stderr
     assert "in_channels 4, prediction eps" in res.stderr and "vae" in res.stderr
     # stunet's lines only: without accelerate, diffusers' loaders would warn on every load unless told not to
     # ask for low_cpu_mem_usage
     assert all(line.startswith("stunet: ") for line in res.stderr.splitlines() if line.strip()), res.stderr
+    shown = _cli("convert", str(folder), "-o", str(tmp_path / "shown"))  # a progress line names each stage
+    stages = shown.stderr.replace("\r", "\n")
+    assert shown.returncode == 0 and "load the diffusers U-Net (1/4)" in stages and "copy vae, text_encoder" in stages
+    assert f"convert {folder.name}: done" in stages, shown.stderr
     again = _cli("convert", str(folder), "-o", str(tmp_path / "m"))
     assert again.returncode == 2 and "pass --overwrite" in again.stderr
     missing = _cli("convert", str(tmp_path / "nowhere"), "-o", str(tmp_path / "n"))

@@ -55,9 +55,11 @@ def test_stunet_commands_run_as_written(tmp_path):
         assert run.returncode == 0, f"{command}\n{run.stderr[-2000:]}"
         output = argv[argv.index("-o") + 1]
         assert (tmp_path / output).exists(), command
-        # what a user reads: stunet's lines, its progress bars and export stages; no library's chatter
+        # what a user reads: stunet's lines, its progress bars and the stages of exports, builds and conversions;
+        # no library's chatter
         foreign = [line for line in re.split(r"[\r\n]", run.stderr) if line.strip()
-                   and not line.startswith(("stunet", "export ", "build ")) and not re.search(r"\d+%\|", line)]
+                   and not line.startswith(("stunet", "export ", "build ", "convert "))
+                   and not re.search(r"\d+%\|", line)]
         assert not foreign, f"{command}\n" + "\n".join(foreign[:10])
 
 
