@@ -567,7 +567,7 @@ def cmd_env(args: argparse.Namespace) -> int:
     import torch
 
     from . import __version__
-    from .kernels import _triton
+    from .kernels import _triton, unavailable_on
     from .sampling import runtime
 
     cuda = torch.cuda.is_available()
@@ -579,7 +579,10 @@ def cmd_env(args: argparse.Namespace) -> int:
         kernels = (f"unavailable ({_triton.IMPORT_ERROR}); the ops run their reference math "
                    "(`pip install -e .[triton]`)")
     elif cuda:
-        kernels = f"triton {_triton.triton.__version__}: the kernels run on the CUDA device"
+        why = unavailable_on("cuda")
+        runs = (f"the ops (and --backend fast) run their reference math on this device: {why}" if why
+                else "the kernels run on the CUDA device")
+        kernels = f"triton {_triton.triton.__version__}: {runs}"
     else:
         kernels = (f"triton {_triton.triton.__version__} installed, but no CUDA device is visible: the ops (and "
                    "--backend fast) run their reference math here; TRITON_INTERPRET=1 runs the kernels on the "

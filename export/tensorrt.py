@@ -12,7 +12,8 @@ Two toolkits build engines, and they differ in how the ``stunet`` nodes become k
 - **TensorRT** (module ``tensorrt``, 10.9 or newer): each ``stunet`` node becomes an ahead-of-time Python plugin
   (``tensorrt.plugin``: ``register`` + ``aot_impl``) whose implementation is the Triton kernel of
   ``stunet.kernels.plugin`` compiled to PTX for the GPU the engine is built on. The plan then needs neither
-  Python nor Triton at run time.
+  Python nor Triton at run time. Where the Triton kernels cannot run (a GPU older than compute capability 8.0,
+  or no Triton), the nodes are inlined as for TensorRT-RTX, with a warning that says why.
 - **TensorRT-RTX** (module ``tensorrt_rtx_bindings``; wheels ``tensorrt-rtx-cu13-bindings`` and
   ``tensorrt-rtx-cu13-libs``, ``pip install 'stunet[tensorrt-rtx]'``): it has no plugins, so the ``stunet``
   nodes are replaced by their ONNX local functions (standard ops) before parsing. It builds without a GPU for
@@ -32,6 +33,7 @@ from pathlib import Path
 import torch
 
 from ..io import atomic_path
+from ..kernels import unavailable_on
 from ..progress import Stages
 from .spec import SPEC_KEY, ExportSpec
 
@@ -177,13 +179,19 @@ def build_engine(onnx_path: str | os.PathLike, plan_path: str | os.PathLike, *, 
         if compute_capabilities:
             raise ValueError("compute_capabilities: TensorRT builds for the GPU it runs on; name SMs only with "
                              "toolkit_name='tensorrt-rtx'")
-        from . import tensorrt_plugins
+        obstacle = unavailable_on("cuda")  # the plugins' kernels are the Triton kernels, built for this GPU
+        if obstacle:
+            log.warning("stunet export: the stunet plugins cannot be built here (%s); the engine computes the "
+                        "stunet nodes from their standard-op bodies instead", obstacle)
+            proto = _inline_stunet_functions(proto)
+        else:
+            from . import tensorrt_plugins
 
-        tensorrt_plugins.register()
-        proto = tensorrt_plugins.route_to_plugins(proto)
-        override = getattr(getattr(trt, "OnnxParserFlag", None), "ENABLE_PLUGIN_OVERRIDE", None)
-        if override is not None:
-            parser.set_flag(override)
+            tensorrt_plugins.register()
+            proto = tensorrt_plugins.route_to_plugins(proto)
+            override = getattr(getattr(trt, "OnnxParserFlag", None), "ENABLE_PLUGIN_OVERRIDE", None)
+            if override is not None:
+                parser.set_flag(override)
     with Stages(f"build {plan_path.name}", ["parse", f"{name} build"], progress) as stages:
         with stages.stage("parse"):
             _parse(parser, proto, onnx_path)

@@ -25,11 +25,36 @@ log = logging.getLogger("stunet.kernels")
 _warned: set[tuple[str, str]] = set()
 
 
+# The kernels are built and checked (tests/test_kernels_compile.py) for compute capability 8.0 and newer:
+# Ampere, Ada, Hopper and Blackwell. Below it Triton compiles their dots without tensor cores, the product
+# path spills kilobytes of registers per thread and the widest tiles need more shared memory than a Turing
+# block has (64 KB), so a launch would be slow or refused: the ops run their reference math there instead.
+MIN_COMPUTE_CAPABILITY = (8, 0)
+_capabilities: dict[int, tuple[int, int]] = {}
+
+
+def _capability(device: torch.device) -> tuple[int, int]:
+    """``device``'s compute capability, asked once per device (ops consult it on every call)."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _capabilities:
+        _capabilities[index] = tuple(torch.cuda.get_device_capability(index))
+    return _capabilities[index]
+
+
 def device_reason(device: torch.device) -> str | None:
     """Why no Triton kernel runs on ``device`` (None: they can)."""
     if _triton.triton is None:
         return f"Triton is unavailable ({_triton.IMPORT_ERROR})"
-    if device.type == "cuda" or (device.type == "cpu" and _triton.interpreting()):
+    if device.type == "cuda":
+        if not torch.cuda.is_available():  # fake CUDA tensors being traced: the kernels are what traces
+            return None
+        major, minor = _capability(device)
+        if (major, minor) < MIN_COMPUTE_CAPABILITY:
+            need = "%d.%d" % MIN_COMPUTE_CAPABILITY
+            return (f"compute capability {major}.{minor} (the kernels need {need} or newer: below it Triton "
+                    "builds their dots without tensor cores)")
+        return None
+    if device.type == "cpu" and _triton.interpreting():
         return None
     return f"tensors on {device.type} (the kernels run on CUDA, or on CPU under TRITON_INTERPRET=1)"
 

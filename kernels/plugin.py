@@ -9,7 +9,8 @@ so the entry points here take exactly that order, read the plugin's linear (cont
 workspace (one launch; nothing in global scratch). Everything else is a constexpr fixed when the engine is
 built (the op's attributes, the tile shape). The math is the op's (``group_norm_ref``,
 ``temporal_attention_ref``); ``tests/test_tensorrt.py`` runs these entry points in Triton's interpreter in
-that parameter order against the references, and compiles them to PTX for sm_90 and sm_86.
+that parameter order against the references, and compiles them to PTX for sm_86, sm_90, sm_100 and
+sm_120.
 
 | plugin | inputs | int32 scalars | outputs | grid |
 |---|---|---|---|---|

@@ -133,11 +133,12 @@ def unsupported(qkv: torch.Tensor, heads: int, bias: torch.Tensor | None) -> lis
 
 
 # Shared memory a block may use (the opt-in maximum), by the architecture a kernel is compiled for: sm_80 and
-# sm_87 (A100, Jetson Orin) 163 KB, sm_86 and sm_89 (Ampere and Ada workstation and consumer cards) 99 KB, sm_90
-# (H100, H200) 227 KB. Triton compiles a kernel for the device it runs on, and the same tiles take more shared
-# memory on Hopper (wgmma reads its operands there); a tile over the device's limit does not fall back: Triton
-# refuses the launch (OutOfResources).
-SHARED_MEMORY_PER_BLOCK = {80: 163 * 1024, 86: 99 * 1024, 87: 163 * 1024, 89: 99 * 1024, 90: 227 * 1024}
+# sm_87 (A100, Jetson Orin) 163 KB, sm_86, sm_89 and sm_120 (Ampere, Ada and Blackwell workstation and consumer
+# cards) 99 KB, sm_90 and sm_100 (H100, H200, B200) 227 KB. Triton compiles a kernel for the device it runs on,
+# and the same tiles take more shared memory on Hopper (wgmma reads its operands there); a tile over the device's
+# limit does not fall back: Triton refuses the launch (OutOfResources).
+SHARED_MEMORY_PER_BLOCK = {80: 163 * 1024, 86: 99 * 1024, 87: 163 * 1024, 89: 99 * 1024, 90: 227 * 1024,
+                           100: 227 * 1024, 120: 99 * 1024}
 
 
 @dataclass(frozen=True)
@@ -175,8 +176,9 @@ def tiles(T: int | None, head_dim: int, dtype: torch.dtype) -> Tiles:
     32 x 32 tiles, packed up to 32 frames and streamed beyond, in two stages (one for heads wider than 128); 64-row
     tiles spill kilobytes of registers per thread.
 
-    Each configuration compiles for sm_80, sm_86 and sm_90 within SHARED_MEMORY_PER_BLOCK and, in fp16 and bf16,
-    without register spills (tests/test_kernels_compile.py compiles the launches the launcher makes)."""
+    Each configuration compiles for sm_80, sm_86, sm_90, sm_100 and sm_120 within SHARED_MEMORY_PER_BLOCK and, in
+    fp16 and bf16, without register spills (tests/test_kernels_compile.py compiles the launches the launcher
+    makes)."""
     block_d = max(16, triton.next_power_of_2(head_dim))
     if dtype == torch.float32:
         packed = T is not None and T <= 32

@@ -360,6 +360,25 @@ def test_env_says_what_runs_where(capsys, monkeypatch):
     assert re.search(r"^\[export\] +onnx [0-9.]+, onnxscript [0-9.]+, onnxruntime [0-9.]+: ONNX export", out, re.M), out
 
 
+@pytest.mark.parametrize("capability", [(7, 5), (9, 0)])
+def test_env_says_whether_the_kernels_run_on_the_gpu(capability, capsys, monkeypatch):
+    from stunet.kernels import _triton, ops
+
+    if _triton.triton is None:
+        pytest.skip("Triton is not installed")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "a GPU")
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: capability)
+    monkeypatch.setattr(ops, "_capabilities", {})
+    assert main(["env"]) == 0
+    line = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("triton kernels"))
+    if capability < (8, 0):
+        assert "run their reference math on this device: compute capability 7.5" in line, line
+    else:
+        assert line.endswith("the kernels run on the CUDA device"), line
+
+
 def test_env_names_every_extra_and_what_a_missing_one_takes(capsys, monkeypatch):
     """One line per extra of the installed package (every extra but test's and triton's, which has its own line),
     from the package's metadata: a missing requirement is named with the command that installs it."""

@@ -279,6 +279,30 @@ def test_kernel_reasons_name_every_obstacle(monkeypatch, caplog):
     assert not caplog.records  # CPU tensors outside the interpreter: the reference path is the CPU path, no warning
 
 
+def test_gpus_older_than_ampere_run_the_reference_math(monkeypatch):
+    """Below compute capability 8.0 Triton compiles the attention dots without tensor cores (and the wide-head
+    tiles overflow Turing's 64 KB of shared memory per block), so the ops name the capability and run their
+    reference math; each device's capability is asked once."""
+    from stunet.kernels import ops
+
+    capabilities = {0: (7, 5), 1: (8, 6), 2: (12, 0), 3: (7, 0)}
+    asked = []
+
+    def capability(index):
+        asked.append(index)
+        return capabilities[index]
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", capability)
+    monkeypatch.setattr(ops, "_capabilities", {})
+    assert "compute capability 7.5 (the kernels need 8.0 or newer" in kernels.unavailable_on("cuda:0")
+    assert "compute capability 7.0" in kernels.unavailable_on("cuda:3")
+    assert kernels.unavailable_on("cuda") is None  # the current device, an sm_86
+    assert kernels.unavailable_on("cuda:2") is None  # Blackwell consumer cards
+    assert kernels.unavailable_on("cuda:0") and asked == [0, 3, 1, 2]
+
+
 # -- offsets past 2^31 elements ----------------------------------------------------------------------------------------
 def _far_apart(shape, strides, tmp_path, device):
     """An fp16 view whose element offsets pass 2^31 while every stride fits in int32: what a video of more

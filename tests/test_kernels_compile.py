@@ -5,8 +5,9 @@ data in vectors.
 Triton's interpreter (tests/test_kernels.py) executes kernels with numpy and accepts code the compiler
 rejects (non-constexpr globals, type mismatches across branches, unsupported dot shapes), and it has no shared
 memory to run out of and no registers to spill. Ahead-of-time compilation for sm_90 (H100/H200: fp16, bf16 and
-fp32), sm_80 (A100, the Ampere family of Jetson Orin) and sm_86 (Ampere and Ada workstation and consumer cards,
-99 KB of shared memory per block) needs no GPU: ptxas and cuobjdump ship with Triton, and the compiled kernel
+fp32), sm_80 (A100, the Ampere family of Jetson Orin), sm_86 (Ampere and Ada workstation and consumer cards,
+99 KB of shared memory per block), sm_100 (B200, whose tensor cores take tcgen05 instructions) and sm_120
+(Blackwell workstation and consumer cards) needs no GPU: ptxas and cuobjdump ship with Triton, and the compiled kernel
 states its shared and local memory. What is compiled is what runs: the launchers themselves are called on meta
 tensors in the model's layouts, their launches recorded instead of run, and each launch specialised as Triton's
 JIT specialises it (unit strides as constants, 16-divisible integers and aligned pointers marked), which
@@ -29,8 +30,8 @@ pytestmark = pytest.mark.skipif(_triton.triton is None, reason="Triton is not in
 
 _TORCH_DTYPES = {"fp16": "float16", "bf16": "bfloat16", "fp32": "float32"}
 # fp16 is the product path everywhere; bf16 (whose tl.dot Triton's interpreter cannot run) and the exact fp32
-# path on Hopper; fp32 also on sm_86, whose 99 KB of shared memory per block is the tightest budget.
-ARCH_DTYPES = {80: ("fp16",), 86: ("fp16", "fp32"), 90: ("fp16", "bf16", "fp32")}
+# path on Hopper; fp32 also on sm_86, whose 99 KB of shared memory per block is the tightest budget (sm_120's too).
+ARCH_DTYPES = {80: ("fp16",), 86: ("fp16", "fp32"), 90: ("fp16", "bf16", "fp32"), 100: ("fp16",), 120: ("fp16",)}
 # (frames, heads, head dim, bias): one sequence length per branch of temporal_attn.tiles (packed 64-row tiles,
 # 128-row tiles, streamed), each with the largest head dim the branch takes (the most shared memory), with and
 # without the bias; a head dim that is not a power of two; the wide heads (129 to 256), packed and streamed;
@@ -44,8 +45,8 @@ ATTENTION_CASES = [(17, 4, 128, False), (17, 4, 128, True), (17, 8, 48, False), 
 # odd frame, height and width counts.
 GROUP_NORM_CASES = [(256, 80, 128, 128, 32), (64, 3, 5, 7, 8)]
 # Programs the GroupNorm statistics aim for: 4 per SM of each architecture's data-centre part (A100, RTX 3090's
-# 82 on sm_86, H100 SXM), as the launcher computes on the device.
-STATS_PROGRAMS = {80: 4 * 108, 86: 4 * 82, 90: 4 * 132}
+# 82 on sm_86, H100 SXM, B200, RTX 5090's 170 on sm_120), as the launcher computes on the device.
+STATS_PROGRAMS = {80: 4 * 108, 86: 4 * 82, 90: 4 * 132, 100: 4 * 148, 120: 4 * 170}
 # The trunk's two memory formats (ExecutionPolicy.channels_last): the fast backend's, and the reference's.
 LAYOUTS = ("channels-last", "folded NCHW")
 
@@ -127,9 +128,9 @@ SCALAR_HALF_ACCESS = re.compile(r"\b(?:ld|st)\.global(?:\.(?!v\d)[\w:]+)*?\.[bfu
 should be: on the channels-last trunk every fp16 / bf16 tensor a kernel reads or writes is channel-contiguous."""
 
 
-TENSOR_CORE_MMA = re.compile(r"\b(?:wgmma\.mma_async|mma\.sync)\b")
-"""A tensor-core matrix instruction in PTX (Hopper's wgmma, Ampere's mma.sync): fp16 and bf16 attention's dots
-must compile to them (fp32's exact "ieee" dots run on FMAs)."""
+TENSOR_CORE_MMA = re.compile(r"\b(?:tcgen05\.mma|wgmma\.mma_async|mma\.sync)\b")
+"""A tensor-core matrix instruction in PTX (Blackwell's tcgen05.mma, Hopper's wgmma, Ampere's mma.sync): fp16 and
+bf16 attention's dots must compile to them (fp32's exact "ieee" dots run on FMAs)."""
 
 
 def local_memory(cubin: bytes) -> int:
@@ -193,7 +194,7 @@ def compile_all(arch: int) -> dict:
     return dict(failures=failures, usage=usage)
 
 
-@pytest.mark.parametrize("arch", [80, 86, 90])
+@pytest.mark.parametrize("arch", sorted(ARCH_DTYPES))
 def test_every_kernel_compiles_ahead_of_time(arch):
     # Also without TRITON_DEFAULT_FP_FUSION: stunet.kernels pins FP contraction on (Triton 3.9 warns that its
     # default changes), so the compile is the one the kernels were checked with, and says nothing about it.

@@ -2,9 +2,8 @@
 
 - The plugin kernels (``stunet.kernels.plugin``) run in Triton's interpreter, launched in TensorRT's AOT
   parameter order (inputs, int32 scalars, outputs) over the plugin's own grid, and match the ops' references.
-- They compile to PTX for sm_90 and sm_86 whose entry has exactly that parameter list (no scratch pointers)
-  and whose shared memory fits every targeted GPU,
-  and the PTX assembles with ptxas.
+- They compile to PTX for sm_86, sm_90, sm_100 and sm_120 whose entry has exactly that parameter list (no
+  scratch pointers) and whose shared memory fits every targeted GPU, and the PTX assembles with ptxas.
 - With TensorRT-RTX installed, an engine of the tiny model builds from its exported ONNX without a GPU, with
   the export spec beside it that the tensorrt backend checks a model against.
 """
@@ -115,7 +114,7 @@ def compile_all(arch: int) -> list[dict]:
 
 
 @needs_triton
-@pytest.mark.parametrize("arch", [90, 86])
+@pytest.mark.parametrize("arch", [86, 90, 100, 120])
 def test_plugin_kernels_compile_to_ptx_in_the_plugin_parameter_order(arch):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     code = (f"import sys, json; sys.path.insert(0, {str(Path(__file__).parent)!r}); "
