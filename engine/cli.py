@@ -255,6 +255,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
         if index >= torch.cuda.device_count():
             parser.error(f"argument --device: {device} does not exist ({torch.cuda.device_count()} CUDA device(s))")
     dtype = getattr(torch, DTYPES[args.dtype or ("fp16" if device.startswith("cuda") else "fp32")])
+    if args.runtime == "cpp":
+        from .sampling import runtime
+
+        if why := runtime.unavailable_on(device):
+            parser.error(f"argument --runtime: {why}; or use --runtime python")
     inputs = _mode_inputs(args, parser)
     ranked = _ranked()
     if args.nproc and args.nproc > 1 and not ranked:
@@ -643,7 +648,8 @@ def _add_generation_args(p: argparse.ArgumentParser, edits: str | None = None) -
                    help="fast backend: run model batches (the CFG pair, SSR windows) in slices of at most N clips "
                         "to bound activation memory")
     p.add_argument("--runtime", choices=["cpp", "python"],
-                   help="sampler step: the C++ runtime (default when built) or the Python reference")
+                   help="sampler step: the C++ runtime (default where it is built for the device) or the Python "
+                        "reference")
     p.add_argument("--seed", type=_seed, default=0, help="noise seed, an integer in [0, 2**63) (default 0)")
     p.add_argument("--fps", type=_positive, default=16, help="frames per second of the file (default 16)")
     p.add_argument("--device", type=_device, help="cpu, cuda or cuda:N (default: cuda when available)")

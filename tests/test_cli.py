@@ -119,6 +119,16 @@ def test_bf16_runs_through_the_cpp_runtime(tmp_path, capsys):
     assert code == 0, err
 
 
+def test_runtime_cpp_is_refused_before_any_model_where_it_cannot_step(tmp_path, capsys, monkeypatch):
+    from stunet.sampling import runtime
+
+    monkeypatch.setattr(runtime, "_C", None)
+    code, err = _cli(["generate", "x", "-o", "{tmp}/o.npy", "--runtime", "cpp", "--preset", "tiny"],
+                     tmp_path, capsys)
+    assert code == 2 and "argument --runtime: the C++ runtime stunet._C is not available" in err, err
+    assert "or use --runtime python" in err and not (tmp_path / "o.npy").exists()
+
+
 @needs_pil
 @pytest.mark.parametrize("argv,message", [
     (["generate", "x", "-o", "out.avi"], "argument -o/--output: must end in .mp4, .gif or .npy"),

@@ -6,6 +6,7 @@ On the CPU the runtime repeats the reference's operation order, so results are c
 """
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import subprocess
@@ -379,6 +380,41 @@ def test_pipeline_runtime_argument_is_checked():
 
     with pytest.raises(ValueError, match="runtime must be one of"):
         Pipeline(stunet.STUNet(stunet.STUNetConfig.from_preset("tiny")), runtime="rust")
+
+
+class _CPUOnlyBuild:
+    """stunet._C as `pip install -e .` builds it without STUNET_CUDA=1."""
+
+    def has_cuda(self) -> bool:
+        return False
+
+
+def test_runtime_says_where_it_cannot_step(monkeypatch, caplog):
+    """A CUDA model with a runtime built without its CUDA passes (the default install) samples with the Python
+    reference, saying why; asked for explicitly, the C++ runtime is refused before any compute."""
+    import stunet
+    from stunet.pipeline import Pipeline
+    from stunet.pipeline.pipeline import default_runtime
+
+    assert runtime.unavailable_on("cpu") is None and default_runtime("cpu") == "cpp"
+    assert "steps CPU and CUDA tensors, not meta ones" in runtime.unavailable_on("meta")
+    with pytest.raises(ValueError, match="not meta ones"):
+        runtime.blend_windows(torch.zeros(1, 1, 1, 2, 1, 1, device="meta"), 2, 2, 0)
+    monkeypatch.setattr(runtime, "_C", _CPUOnlyBuild())
+    assert runtime.unavailable_on("cpu") is None
+    assert "built without its CUDA passes; reinstall with STUNET_CUDA=1" in runtime.unavailable_on("cuda:0")
+    with caplog.at_level(logging.WARNING, logger="stunet"):
+        assert default_runtime(torch.device("cuda", 0)) == "python"
+    assert "sampling with the Python reference runtime: stunet._C was built without" in caplog.text
+
+    monkeypatch.setattr(runtime, "_C", None)
+    model = stunet.STUNet(stunet.STUNetConfig.from_preset("tiny"))
+    with pytest.raises(RuntimeError, match="runtime='cpp' but the C\\+\\+ runtime stunet._C is not available"):
+        Pipeline(model, runtime="cpp")
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="stunet"):
+        assert Pipeline(model, progress=False).runtime == "python"
+    assert "sampling with the Python reference runtime" in caplog.text
 
 
 # -- GPU ---------------------------------------------------------------------------------------------------------

@@ -57,12 +57,12 @@ RUNTIMES = ("cpp", "python")
 OUTPUT_TYPES = ("np", "pt", "pil")
 
 
-def default_runtime() -> str:
-    """"cpp" (the C++ runtime) when stunet._C imported, else "python", saying why."""
-    if cpp_runtime.available():
+def default_runtime(device: torch.device | str = "cpu") -> str:
+    """"cpp" (the C++ runtime) when stunet._C can step tensors on ``device``, else "python", saying why."""
+    why = cpp_runtime.unavailable_on(device)
+    if why is None:
         return "cpp"
-    log.warning("stunet: the C++ runtime is unavailable, sampling with the Python reference: %s",
-                cpp_runtime.status())
+    log.warning("stunet: sampling with the Python reference runtime: %s", why)
     return "python"
 
 
@@ -118,7 +118,8 @@ class Pipeline:
             channels-last, CUDA graphs) or "compile" (torch.compile of the reference).
         sampler: the default sampler of both stages: a name ("ddim", "ddpm", "dpmpp2m") or a configured
             :class:`~stunet.samplers.Sampler` (e.g. ``DDIM(eta=0.5, spacing="trailing")``).
-        runtime: the sampler step: "cpp" (the C++ runtime's fused pass; the default when built) or "python".
+        runtime: the sampler step: "cpp" (the C++ runtime's fused pass; the default where stunet._C can step the
+            model's tensors: CUDA ones need an install with STUNET_CUDA=1) or "python".
         backend_options: keyword options of the backend (e.g. ``{"max_batch": 1}`` for "fast").
         progress: show progress bars (the call's ``progress=`` overrides it).
         vae: a latent base model's VAE (:class:`~stunet.pipeline.latent.VideoVAE`, or a diffusers
@@ -174,11 +175,11 @@ class Pipeline:
         StageOptions(sampler=sampler)  # validates the type
         if isinstance(sampler, str):
             sampler_class(sampler)  # and the name, early
-        runtime = default_runtime() if runtime is None else runtime
+        runtime = default_runtime(base_model.device) if runtime is None else runtime
         if runtime not in RUNTIMES:
             raise ValueError(f"runtime must be one of {RUNTIMES}, got {runtime!r}")
-        if runtime == "cpp" and not cpp_runtime.available():
-            raise RuntimeError(f"runtime='cpp' but {cpp_runtime.status()}")
+        if runtime == "cpp" and (why := cpp_runtime.unavailable_on(base_model.device)):
+            raise RuntimeError(f"runtime='cpp' but {why}; or use runtime='python'")
         self.base, self.ssr, self.text_encoder = base_model.eval(), ssr_model, text_encoder
         if self.ssr is not None:
             self.ssr.eval()

@@ -57,21 +57,31 @@ def status() -> str:
     return _C.build_info() + note
 
 
+def unavailable_on(device: torch.device | str) -> str | None:
+    """Why the runtime cannot step tensors on ``device`` (None: it can)."""
+    device = torch.device(device)
+    if _C is None:
+        return f"the C++ runtime stunet._C is not available ({_IMPORT_ERROR}); reinstall with `pip install -e .`"
+    if device.type == "cuda" and not _C.has_cuda():
+        return ("stunet._C was built without its CUDA passes; reinstall with STUNET_CUDA=1 "
+                "(`STUNET_CUDA=1 pip install --no-build-isolation -e .`) to step CUDA tensors")
+    if device.type not in ("cpu", "cuda"):
+        return f"the C++ runtime steps CPU and CUDA tensors, not {device.type} ones"
+    return None
+
+
 def _require() -> None:
     if _C is None:
-        raise RuntimeError(f"the C++ runtime stunet._C is not available: {_IMPORT_ERROR}. Reinstall the package "
-                           "(`pip install -e .`) to build it, or use runtime='python'")
+        raise RuntimeError(f"{unavailable_on('cpu')}, or use runtime='python'")
 
 
 def _device(t: torch.Tensor) -> str:
-    if t.device.type == "cpu":
-        return "cpu"
+    why = unavailable_on(t.device)
+    if why is None:
+        return t.device.type
     if t.device.type == "cuda":
-        if not _C.has_cuda():
-            raise RuntimeError("stunet._C was built without CUDA; reinstall with STUNET_CUDA=1 to step CUDA tensors, "
-                               "or use runtime='python'")
-        return "cuda"
-    raise ValueError(f"the C++ runtime runs on CPU and CUDA tensors, got a {t.device.type} tensor")
+        raise RuntimeError(f"{why}, or use runtime='python'")
+    raise ValueError(why)
 
 
 def _buffer(t: torch.Tensor | None) -> tuple[int, int, str, str] | None:
