@@ -51,8 +51,8 @@ def device_reason(device: torch.device) -> str | None:
         major, minor = _capability(device)
         if (major, minor) < MIN_COMPUTE_CAPABILITY:
             need = "%d.%d" % MIN_COMPUTE_CAPABILITY
-            return (f"compute capability {major}.{minor} (the kernels need {need} or newer: below it Triton "
-                    "builds their dots without tensor cores)")
+            return (f"compute capability {major}.{minor}: the kernels need {need} or newer, below which Triton "
+                    "builds their dots without tensor cores")
         return None
     if device.type == "cpu" and _triton.interpreting():
         return None

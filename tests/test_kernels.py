@@ -296,7 +296,7 @@ def test_gpus_older_than_ampere_run_the_reference_math(monkeypatch):
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
     monkeypatch.setattr(torch.cuda, "get_device_capability", capability)
     monkeypatch.setattr(ops, "_capabilities", {})
-    assert "compute capability 7.5 (the kernels need 8.0 or newer" in kernels.unavailable_on("cuda:0")
+    assert "compute capability 7.5: the kernels need 8.0 or newer" in kernels.unavailable_on("cuda:0")
     assert "compute capability 7.0" in kernels.unavailable_on("cuda:3")
     assert kernels.unavailable_on("cuda") is None  # the current device, an sm_86
     assert kernels.unavailable_on("cuda:2") is None  # Blackwell consumer cards
