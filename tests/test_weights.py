@@ -46,6 +46,32 @@ def test_from_pretrained_casts(trained, tmp_path):
     assert half.dtype == torch.float16 and half.device.type == "cpu"
 
 
+@pytest.mark.parametrize("device,dtype,error,message", [
+    ("gpu", None, ValueError, "device must be a device such as 'cpu', 'cuda' or 'cuda:1', got 'gpu'"),
+    ("cuda", None, ValueError, "device='cuda' but torch sees no CUDA device .*; use device='cpu'"),
+    ("cpu", "float16", TypeError, "dtype must be a floating-point torch.dtype such as torch.float16, got 'float16'"),
+    (None, torch.int8, TypeError, "dtype must be a floating-point torch.dtype"),
+])
+def test_every_loader_checks_where_it_puts_the_model_before_reading(device, dtype, error, message, tmp_path,
+                                                                   monkeypatch):
+    """Named by argument, before any file is read: the folders here do not even exist."""
+    from stunet.pipeline.latent import load_vae
+    from stunet.pipeline.text import WordEncoder, load_text_encoder
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.version, "cuda", "13.0")  # a CUDA build of torch on a machine without a GPU
+    missing = tmp_path / "missing"
+    loaders = [lambda: stunet.STUNet.from_pretrained(missing, device=device, dtype=dtype),
+               lambda: stunet.Pipeline.from_pretrained(missing, device=device, dtype=dtype),
+               lambda: load_vae(missing, device=device, dtype=dtype),
+               lambda: stunet.demo.pipeline(device=device, dtype=dtype)]
+    if dtype is None:  # the text encoders keep their own dtype
+        loaders += [lambda: load_text_encoder(missing, device=device), lambda: WordEncoder.load(missing, device)]
+    for load in loaders:
+        with pytest.raises(error, match=message):
+            load()
+
+
 def test_mismatched_weights_list_every_problem_at_once(trained, tmp_path):
     trained.save_pretrained(tmp_path)
     state = load_file(str(tmp_path / "model.safetensors"))

@@ -1,4 +1,5 @@
-"""Input validation for ``STUNet.forward``: every error names the argument, what was given and the fix.
+"""Input validation for ``STUNet.forward``, and for where models are loaded (``checked_placement``): every error
+names the argument, what was given and the fix.
 
 Validation runs before any computation, so a bad input never crashes deep inside a convolution.
 """
@@ -10,6 +11,25 @@ import torch
 
 if TYPE_CHECKING:
     from .unet import STUNet
+
+
+def checked_placement(device, dtype=None) -> tuple[torch.device | None, torch.dtype | None]:
+    """``device`` and ``dtype`` of a model to load (None: keep the file's), checked before any file is read: a
+    device torch cannot parse or does not have, a dtype that is not a floating-point ``torch.dtype``."""
+    if device is not None:
+        try:
+            device = torch.device(device)
+        except (RuntimeError, TypeError):
+            raise ValueError(f"device must be a device such as 'cpu', 'cuda' or 'cuda:1', got {device!r}") from None
+        if device.type == "cuda" and not torch.cuda.is_available():
+            why = "this torch is a CPU-only build" if torch.version.cuda is None else "torch sees no CUDA device"
+            raise ValueError(f"device={str(device)!r} but {why} (torch {torch.__version__}); use device='cpu'")
+        if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(f"device={str(device)!r} does not exist: torch sees {torch.cuda.device_count()} CUDA "
+                             "device(s), numbered from 0")
+    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise TypeError(f"dtype must be a floating-point torch.dtype such as torch.float16, got {dtype!r}")
+    return device, dtype
 
 
 def _as_batch_vector(name: str, value, batch: int, device: torch.device, upper: float) -> torch.Tensor:

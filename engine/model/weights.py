@@ -18,6 +18,7 @@ import torch
 
 from ..config import STUNetConfig
 from ..io import atomic_path
+from .validate import checked_placement
 
 if TYPE_CHECKING:
     from .unet import STUNet
@@ -78,6 +79,7 @@ def check_state_dict(expected: Mapping[str, torch.Tensor], given: Mapping[str, t
 
 
 def from_pretrained(cls: type["STUNet"], directory: str | os.PathLike, *, device=None, dtype=None) -> "STUNet":
+    device, dtype = checked_placement(device, dtype)
     directory = Path(directory)
     if not directory.is_dir():
         raise FileNotFoundError(f"from_pretrained: {str(directory)!r} is not a directory holding "

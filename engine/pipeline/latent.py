@@ -19,6 +19,8 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from ..model.validate import checked_placement
+
 log = logging.getLogger(__name__)
 
 
@@ -123,6 +125,7 @@ class VideoVAE:
 def load_vae(path: str | os.PathLike, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
              chunk_frames: int = 8) -> VideoVAE:
     """The ``AutoencoderKL`` saved in ``path`` (a diffusers ``vae`` folder), as a :class:`VideoVAE`."""
+    checked_placement(device, dtype)
     path = Path(path)
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"VAE directory {str(path)!r} has no config.json (a diffusers AutoencoderKL folder)")

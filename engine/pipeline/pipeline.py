@@ -44,6 +44,7 @@ from .. import distributed
 from ..backends import BACKENDS, make_backend
 from ..backends.base import own_precision
 from ..model import STUNet
+from ..model.validate import checked_placement
 from ..sampling import runtime as cpp_runtime
 from ..sampling.samplers import Sampler, sampler_class
 from .conditioning import Conditioning, resize_frames, video_frames
@@ -222,11 +223,11 @@ class Pipeline:
         from .latent import load_vae
         from .text import load_text_encoder
 
+        device, dtype = checked_placement(device or ("cuda" if torch.cuda.is_available() else "cpu"), dtype)
         base = Path(base)
         if not base.is_dir():
             raise FileNotFoundError(f"no model folder at {str(base)!r}: give the folder written by "
                                     "STUNet.save_pretrained or `stunet convert`")
-        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         base_model = STUNet.from_pretrained(base, device=device, dtype=dtype)
         ssr_model = STUNet.from_pretrained(ssr, device=device, dtype=dtype) if ssr is not None else None
         if text_encoder is None and (base / "text_encoder").is_dir():

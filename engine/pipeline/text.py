@@ -16,6 +16,8 @@ from typing import Protocol
 
 import torch
 
+from ..model.validate import checked_placement
+
 log = logging.getLogger(__name__)
 
 
@@ -98,6 +100,7 @@ def load_text_encoder(path: str | os.PathLike, device: str | torch.device = "cpu
     ``pad_to_max_length``: True pads every prompt to ``max_length`` tokens (masked), so every request has one
     text shape, which the fast backend's CUDA graphs and torch.compile then reuse; the default (None) pads T5
     prompts to the longest of a call and CLIP ones as ``sd_style`` says."""
+    checked_placement(device)
     transformers = _require_transformers()
     path = Path(path)
     if not (path / "config.json").is_file():
@@ -204,6 +207,7 @@ class WordEncoder(torch.nn.Module):
 
         from safetensors.torch import load_file
 
+        checked_placement(device)
         directory = Path(directory)
         for name in ("vocab.json", "embedding.safetensors"):
             if not (directory / name).is_file():
