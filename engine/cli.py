@@ -350,7 +350,7 @@ def _pixel_pipeline(args, demo: bool, device: str, dtype, options: dict, paralle
         base = STUNet.from_pretrained(args.model, device=device, dtype=dtype)
     ssr = STUNet.from_pretrained(args.ssr, device=device, dtype=dtype) if args.ssr else demo_ssr
     if args.text_encoder:
-        encoder = load_text_encoder(args.text_encoder, device=device)
+        encoder = load_text_encoder(args.text_encoder, device=device, dtype=dtype)
     elif demo_text is not None:
         encoder = demo_text
     else:
@@ -653,7 +653,9 @@ def _add_generation_args(p: argparse.ArgumentParser, edits: str | None = None) -
     p.add_argument("--seed", type=_seed, default=0, help="noise seed, an integer in [0, 2**63) (default 0)")
     p.add_argument("--fps", type=_positive, default=16, help="frames per second of the file (default 16)")
     p.add_argument("--device", type=_device, help="cpu, cuda or cuda:N (default: cuda when available)")
-    p.add_argument("--dtype", choices=list(DTYPES), help="weights and activations (default fp16 on cuda, fp32 on cpu)")
+    p.add_argument("--dtype", choices=list(DTYPES),
+                   help="weights and activations of the models, the VAE and a --text-encoder (default fp16 on cuda, "
+                        "fp32 on cpu)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
 
 

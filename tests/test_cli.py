@@ -119,6 +119,29 @@ def test_bf16_runs_through_the_cpp_runtime(tmp_path, capsys):
     assert code == 0, err
 
 
+def test_a_text_encoder_folder_loads_in_the_runs_dtype(tmp_path, capsys, monkeypatch):
+    pytest.importorskip("transformers")
+    import stunet
+    from stunet.pipeline import text
+
+    loaded = []
+
+    def load_text_encoder(*args, **kwargs):
+        loaded.append(real(*args, **kwargs))
+        return loaded[-1]
+
+    real = text.load_text_encoder
+    monkeypatch.setattr(text, "load_text_encoder", load_text_encoder)
+    encoder = text.tiny_random_t5(24)
+    encoder.model.save_pretrained(tmp_path / "t5")
+    encoder.tokenizer.save_pretrained(tmp_path / "t5")
+    stunet.STUNet(stunet.STUNetConfig.from_preset("tiny", text_dim=24)).save_pretrained(tmp_path / "m")
+    code, err = _cli(["generate", "a cat", "-o", "{tmp}/o.npy", "--model", "{tmp}/m", "--text-encoder", "{tmp}/t5",
+                      "--dtype", "bf16", "--steps", "1", "--frames", "4", "-q"], tmp_path, capsys)
+    assert code == 0, err
+    assert [e.model.dtype for e in loaded] == [torch.bfloat16] and np.isfinite(np.load(tmp_path / "o.npy")).all()
+
+
 def test_runtime_cpp_is_refused_before_any_model_where_it_cannot_step(tmp_path, capsys, monkeypatch):
     from stunet.sampling import runtime
 

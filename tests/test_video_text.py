@@ -159,6 +159,29 @@ def test_text_encoders_load_from_a_local_directory(tmp_path):
         load_text_encoder(tmp_path / "none")
 
 
+def test_text_encoders_load_in_the_dtype_asked(tmp_path):
+    """``dtype=`` loads a text encoder's weights in it (a T5-XXL is 19 GB in fp32), and a pipeline loaded with a
+    dtype gives it to the text encoder it loads from a folder, as to its models; its tokens are the model's."""
+    import stunet
+    from stunet.pipeline.text import _version
+
+    pytest.importorskip("transformers")
+    enc = tiny_random_t5(24, seed=0)
+    enc.model.save_pretrained(tmp_path / "t5")
+    enc.tokenizer.save_pretrained(tmp_path / "t5")
+    assert load_text_encoder(tmp_path / "t5").model.dtype == torch.float32  # the file's
+    half = load_text_encoder(tmp_path / "t5", dtype=torch.float16)
+    assert half.model.dtype == torch.float16
+    tokens, _ = half.encode(["abc"])
+    assert tokens.dtype == torch.float32 and torch.isfinite(tokens).all()
+    model = stunet.STUNet(stunet.STUNetConfig.from_preset("tiny", text_dim=24))
+    model.save_pretrained(tmp_path / "m")
+    pipe = stunet.Pipeline.from_pretrained(tmp_path / "m", text_encoder=tmp_path / "t5", device="cpu",
+                                           dtype=torch.bfloat16, progress=False)
+    assert pipe.text_encoder.model.dtype == pipe.base.dtype == torch.bfloat16
+    assert _version("4.56.0.dev0") == (4, 56, 0) and _version("5.24.0+local") == (5, 24, 0)
+
+
 def test_encoders_sharing_a_rust_tokenizer_encode_from_threads_as_alone(tmp_path):
     """Two encoders with different padding over one Rust-backed tokenizer, called from eight threads at once:
     each call gives what it gives alone (the tokenizer's settings change from call to call)."""

@@ -214,6 +214,7 @@ class Pipeline:
         """Load the models saved by ``STUNet.save_pretrained`` (``base``, optional ``ssr``) and a text encoder:
         a folder in the transformers format (T5 or CLIP, with its tokenizer), an encoder object, or None (the
         ``text_encoder`` folder inside ``base`` when there is one). ``device`` defaults to CUDA when available;
+        ``dtype`` (None: each file's own) applies to the models, the VAE and a text encoder loaded from a folder;
         other keywords go to :class:`Pipeline`.
 
         A folder written by ``stunet convert`` from a diffusers pipeline also holds ``vae``, ``tokenizer`` and
@@ -235,7 +236,8 @@ class Pipeline:
         if isinstance(text_encoder, (str, os.PathLike)):
             tokenizer = base / "tokenizer"
             sd_style = Path(text_encoder) == base / "text_encoder" and tokenizer.is_dir()
-            text_encoder = load_text_encoder(text_encoder, device=device, tokenizer=tokenizer if sd_style else None,
+            text_encoder = load_text_encoder(text_encoder, device=device, dtype=dtype,
+                                             tokenizer=tokenizer if sd_style else None,
                                              sd_style=sd_style)
         if (base / "vae").is_dir() and "vae" not in kwargs:
             kwargs["vae"] = load_vae(base / "vae", device=device, dtype=dtype)
