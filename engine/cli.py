@@ -809,6 +809,18 @@ def _without_nproc(argv: list[str]) -> list[str]:
     return out
 
 
+def _hush_library_progress() -> None:
+    """-q: no progress bars from the libraries that load weights either (transformers, diffusers, huggingface_hub):
+    said in the variable huggingface_hub reads when it is imported, and to those already imported."""
+    os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
+    for name, off in (("huggingface_hub.utils", "disable_progress_bars"),
+                      ("transformers.utils.logging", "disable_progress_bar"),
+                      ("diffusers.utils.logging", "disable_progress_bar")):
+        module = sys.modules.get(name)
+        if module is not None:
+            getattr(module, off)()
+
+
 INTERRUPTED = 130  # main()'s status for Ctrl-C, the one a shell shows for a process that SIGINT ended
 
 
@@ -819,6 +831,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     args.argv = argv
     logging.basicConfig(format="%(message)s", level=logging.WARNING)
+    if getattr(args, "quiet", False):
+        _hush_library_progress()
     try:
         return args.func(args)
     except KeyboardInterrupt:

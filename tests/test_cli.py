@@ -119,7 +119,7 @@ def test_bf16_runs_through_the_cpp_runtime(tmp_path, capsys):
     assert code == 0, err
 
 
-def test_a_text_encoder_folder_loads_in_the_runs_dtype(tmp_path, capsys, monkeypatch):
+def test_a_text_encoder_folder_loads_in_the_runs_dtype_quietly(tmp_path, capsys, monkeypatch):
     pytest.importorskip("transformers")
     import stunet
     from stunet.pipeline import text
@@ -132,14 +132,25 @@ def test_a_text_encoder_folder_loads_in_the_runs_dtype(tmp_path, capsys, monkeyp
 
     real = text.load_text_encoder
     monkeypatch.setattr(text, "load_text_encoder", load_text_encoder)
+    # -q turns the loaders' progress bars off for the process: this test's changes are undone after it
+    import importlib
+
+    hub_tqdm = importlib.import_module("huggingface_hub.utils.tqdm")  # the module, not its tqdm class
+    transformers_logging = importlib.import_module("transformers.utils.logging")
+
+    monkeypatch.delenv("HF_HUB_DISABLE_PROGRESS_BARS", raising=False)
+    monkeypatch.setattr(hub_tqdm, "progress_bar_states", dict(hub_tqdm.progress_bar_states))
+    monkeypatch.setattr(transformers_logging, "_tqdm_active", transformers_logging._tqdm_active)
     encoder = text.tiny_random_t5(24)
     encoder.model.save_pretrained(tmp_path / "t5")
     encoder.tokenizer.save_pretrained(tmp_path / "t5")
     stunet.STUNet(stunet.STUNetConfig.from_preset("tiny", text_dim=24)).save_pretrained(tmp_path / "m")
+    capsys.readouterr()  # what saving the folders printed
     code, err = _cli(["generate", "a cat", "-o", "{tmp}/o.npy", "--model", "{tmp}/m", "--text-encoder", "{tmp}/t5",
                       "--dtype", "bf16", "--steps", "1", "--frames", "4", "-q"], tmp_path, capsys)
     assert code == 0, err
     assert [e.model.dtype for e in loaded] == [torch.bfloat16] and np.isfinite(np.load(tmp_path / "o.npy")).all()
+    assert "Loading weights" not in err and err.startswith("stunet: wrote"), err  # -q: transformers' bars too
 
 
 def test_runtime_cpp_is_refused_before_any_model_where_it_cannot_step(tmp_path, capsys, monkeypatch):
