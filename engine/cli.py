@@ -576,9 +576,14 @@ def cmd_env(args: argparse.Namespace) -> int:
     from .sampling import runtime
 
     cuda = torch.cuda.is_available()
-    lines = {"stunet": __version__, "python": platform.python_version(), "torch": torch.__version__,
-             "cuda": (f"{torch.cuda.get_device_name()} (CUDA {torch.version.cuda})" if cuda
-                      else "no CUDA device visible to torch"),
+    if cuda:
+        gpu = torch.cuda.get_device_properties(torch.cuda.current_device())
+        gpus = f" (and {torch.cuda.device_count() - 1} more)" if torch.cuda.device_count() > 1 else ""
+        device = (f"{gpu.name}{gpus}: compute capability {gpu.major}.{gpu.minor}, {gpu.total_memory / 2**30:.0f} GiB "
+                  f"(CUDA {torch.version.cuda})")
+    else:
+        device = "no CUDA device visible to torch"
+    lines = {"stunet": __version__, "python": platform.python_version(), "torch": torch.__version__, "cuda": device,
              "runtime (stunet._C)": runtime.status()}
     if _triton.triton is None:
         kernels = (f"unavailable ({_triton.IMPORT_ERROR}); the ops run their reference math "

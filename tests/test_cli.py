@@ -410,13 +410,19 @@ def test_env_says_whether_the_kernels_run_on_the_gpu(capability, capsys, monkeyp
 
     if _triton.triton is None:
         pytest.skip("Triton is not installed")
+    from types import SimpleNamespace
+
+    gpu = SimpleNamespace(name="a GPU", major=capability[0], minor=capability[1], total_memory=16 * 2**30)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "a GPU")
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda *a: gpu)
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: capability)
     monkeypatch.setattr(ops, "_capabilities", {})
     assert main(["env"]) == 0
-    line = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("triton kernels"))
+    out = capsys.readouterr().out.splitlines()
+    assert f"a GPU (and 1 more): compute capability {capability[0]}.{capability[1]}, 16 GiB (CUDA" in out[3], out
+    line = next(line for line in out if line.startswith("triton kernels"))
     if capability < (8, 0):
         assert "run their reference math on this device: compute capability 7.5" in line, line
     else:
