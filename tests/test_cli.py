@@ -153,6 +153,14 @@ def test_a_text_encoder_folder_loads_in_the_runs_dtype_quietly(tmp_path, capsys,
     assert "Loading weights" not in err and err.startswith("stunet: wrote"), err  # -q: transformers' bars too
 
 
+def test_fp16_on_the_cpu_says_what_it_costs(tmp_path, capsys):
+    code, err = _cli(["generate", "x", "-o", "{tmp}/o.npy", "--dtype", "fp16", "--device", "cpu", *QUICK],
+                     tmp_path, capsys)
+    assert code == 0 and "--dtype fp16 on the CPU: PyTorch's CPU kernels emulate fp16" in err, err
+    code, err = _cli(["generate", "x", "-o", "{tmp}/o32.npy", *QUICK], tmp_path, capsys)
+    assert code == 0 and "emulate fp16" not in err, err
+
+
 def test_runtime_cpp_is_refused_before_any_model_where_it_cannot_step(tmp_path, capsys, monkeypatch):
     from stunet.sampling import runtime
 
