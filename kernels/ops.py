@@ -37,7 +37,8 @@ def _capability(device: torch.device) -> tuple[int, int]:
     """``device``'s compute capability, asked once per device (ops consult it on every call)."""
     index = device.index if device.index is not None else torch.cuda.current_device()
     if index not in _capabilities:
-        _capabilities[index] = tuple(torch.cuda.get_device_capability(index))
+        major, minor = torch.cuda.get_device_capability(index)
+        _capabilities[index] = (major, minor)
     return _capabilities[index]
 
 

@@ -224,7 +224,8 @@ class Pipeline:
         from .latent import load_vae
         from .text import load_text_encoder
 
-        device, dtype = checked_placement(device or ("cuda" if torch.cuda.is_available() else "cpu"), dtype)
+        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        checked_placement(device, dtype)
         base = Path(base)
         if not base.is_dir():
             raise FileNotFoundError(f"no model folder at {str(base)!r}: give the folder written by "

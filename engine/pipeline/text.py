@@ -110,7 +110,7 @@ def load_text_encoder(path: str | os.PathLike, device: str | torch.device = "cpu
     config = transformers.AutoConfig.from_pretrained(path, local_files_only=True)
     kind = getattr(config, "model_type", "")
     tokenizer = transformers.AutoTokenizer.from_pretrained(tokenizer or path, local_files_only=True)
-    options = {"local_files_only": True}
+    options: dict[str, object] = {"local_files_only": True}
     if dtype is not None:  # the keyword's name since transformers 4.56; torch_dtype before
         options["dtype" if _version(transformers.__version__) >= (4, 56) else "torch_dtype"] = dtype
     if kind in ("t5", "mt5", "umt5"):
