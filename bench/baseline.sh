@@ -53,6 +53,8 @@ stage() {  # stage NAME CAP_SECONDS COMMAND...
 
 stage install 300 env STUNET_CUDA=1 STUNET_CUDA_ARCH="${STUNET_CUDA_ARCH:-90}" \
     python -m pip install -q --no-build-isolation --no-deps -e .
+# What runs where (the GPU, its compute capability, the runtime's CUDA passes, the kernels), beside the results.
+stage env 60 python -m stunet.cli env
 # Every file with a gpu test, the quick ones first (the AOTInductor package build takes minutes), one line per
 # test as it ends: a stage stopped at its cap still says what passed.
 gpu_files=(tests/test_model.py tests/test_kernels.py tests/test_runtime.py tests/test_backends.py)

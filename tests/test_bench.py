@@ -1,6 +1,7 @@
 """The benchmark scripts run end to end (on the CPU, at smoke size) and write their JSON and markdown."""
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import re
@@ -166,9 +167,11 @@ def test_baseline_script_parses_and_refuses_a_machine_without_cuda(tmp_path):
     run = subprocess.run(["bash", str(script), str(tmp_path / "out"), "ten"], capture_output=True, text=True)
     assert run.returncode == 2 and "BUDGET_SECONDS must be a positive whole number" in run.stderr, run.stderr
     assert not (tmp_path / "out").exists()
-    # Every script the baseline runs exists.
+    # Every script and module the baseline runs exists.
     named = set(re.findall(r"python (bench/\w+\.py)", script.read_text()))
     assert named and all((BENCH.parent / m).is_file() for m in named), named
+    modules = set(re.findall(r"python -m ([\w.]+)", script.read_text()))
+    assert "stunet.cli" in modules and all(importlib.util.find_spec(m) for m in modules), modules
 
 
 def test_fidelity_bench_refuses_bad_requests_before_building_a_model(tmp_path, capsys, monkeypatch):
