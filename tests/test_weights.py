@@ -64,9 +64,10 @@ def test_every_loader_checks_where_it_puts_the_model_before_reading(device, dtyp
     loaders = [lambda: stunet.STUNet.from_pretrained(missing, device=device, dtype=dtype),
                lambda: stunet.Pipeline.from_pretrained(missing, device=device, dtype=dtype),
                lambda: load_vae(missing, device=device, dtype=dtype),
+               lambda: load_text_encoder(missing, device=device, dtype=dtype),
                lambda: stunet.demo.pipeline(device=device, dtype=dtype)]
-    if dtype is None:  # the text encoders keep their own dtype
-        loaders += [lambda: load_text_encoder(missing, device=device), lambda: WordEncoder.load(missing, device)]
+    if dtype is None:  # a WordEncoder keeps its own dtype
+        loaders.append(lambda: WordEncoder.load(missing, device))
     for load in loaders:
         with pytest.raises(error, match=message):
             load()
