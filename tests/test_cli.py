@@ -121,6 +121,8 @@ def test_bf16_runs_through_the_cpp_runtime(tmp_path, capsys):
 
 def test_a_text_encoder_folder_loads_in_the_runs_dtype_quietly(tmp_path, capsys, monkeypatch):
     pytest.importorskip("transformers")
+    import importlib
+
     import stunet
     from stunet.pipeline import text
 
@@ -133,11 +135,8 @@ def test_a_text_encoder_folder_loads_in_the_runs_dtype_quietly(tmp_path, capsys,
     real = text.load_text_encoder
     monkeypatch.setattr(text, "load_text_encoder", load_text_encoder)
     # -q turns the loaders' progress bars off for the process: this test's changes are undone after it
-    import importlib
-
     hub_tqdm = importlib.import_module("huggingface_hub.utils.tqdm")  # the module, not its tqdm class
     transformers_logging = importlib.import_module("transformers.utils.logging")
-
     monkeypatch.delenv("HF_HUB_DISABLE_PROGRESS_BARS", raising=False)
     monkeypatch.setattr(hub_tqdm, "progress_bar_states", dict(hub_tqdm.progress_bar_states))
     monkeypatch.setattr(transformers_logging, "_tqdm_active", transformers_logging._tqdm_active)
