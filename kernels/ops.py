@@ -33,9 +33,15 @@ MIN_COMPUTE_CAPABILITY = (8, 0)
 _capabilities: dict[int, tuple[int, int]] = {}
 
 
-def _capability(device: torch.device) -> tuple[int, int]:
-    """``device``'s compute capability, asked once per device (ops consult it on every call)."""
-    index = device.index if device.index is not None else torch.cuda.current_device()
+def _capability(device: torch.device) -> tuple[int, int] | None:
+    """``device``'s compute capability, asked once per device (ops consult it on every call: a tensor's device
+    has its index, found in the cache at once); None where torch has no CUDA device (fake CUDA tensors being
+    traced: the kernels are what traces)."""
+    if device.index in _capabilities:
+        return _capabilities[device.index]
+    if not torch.cuda.is_available():
+        return None
+    index = torch.cuda.current_device() if device.index is None else device.index
     if index not in _capabilities:
         major, minor = torch.cuda.get_device_capability(index)
         _capabilities[index] = (major, minor)
@@ -47,13 +53,11 @@ def device_reason(device: torch.device) -> str | None:
     if _triton.triton is None:
         return f"Triton is unavailable ({_triton.IMPORT_ERROR})"
     if device.type == "cuda":
-        if not torch.cuda.is_available():  # fake CUDA tensors being traced: the kernels are what traces
-            return None
-        major, minor = _capability(device)
-        if (major, minor) < MIN_COMPUTE_CAPABILITY:
+        capability = _capability(device)
+        if capability is not None and capability < MIN_COMPUTE_CAPABILITY:
             need = "%d.%d" % MIN_COMPUTE_CAPABILITY
-            return (f"compute capability {major}.{minor}: the kernels need {need} or newer, below which Triton "
-                    "builds their dots without tensor cores")
+            return (f"compute capability {capability[0]}.{capability[1]}: the kernels need {need} or newer, below "
+                    "which Triton builds their dots without tensor cores")
         return None
     if device.type == "cpu" and _triton.interpreting():
         return None

@@ -163,7 +163,6 @@ def test_text_encoders_load_in_the_dtype_asked(tmp_path):
     """``dtype=`` loads a text encoder's weights in it (a T5-XXL is 19 GB in fp32), and a pipeline loaded with a
     dtype gives it to the text encoder it loads from a folder, as to its models; its tokens are the model's."""
     import stunet
-    from stunet.pipeline.text import _version
 
     pytest.importorskip("transformers")
     enc = tiny_random_t5(24, seed=0)
@@ -179,7 +178,6 @@ def test_text_encoders_load_in_the_dtype_asked(tmp_path):
     pipe = stunet.Pipeline.from_pretrained(tmp_path / "m", text_encoder=tmp_path / "t5", device="cpu",
                                            dtype=torch.bfloat16, progress=False)
     assert pipe.text_encoder.model.dtype == pipe.base.dtype == torch.bfloat16
-    assert _version("4.56.0.dev0") == (4, 56, 0) and _version("5.24.0+local") == (5, 24, 0)
 
 
 def test_encoders_sharing_a_rust_tokenizer_encode_from_threads_as_alone(tmp_path):

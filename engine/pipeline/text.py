@@ -112,7 +112,9 @@ def load_text_encoder(path: str | os.PathLike, device: str | torch.device = "cpu
     tokenizer = transformers.AutoTokenizer.from_pretrained(tokenizer or path, local_files_only=True)
     options: dict[str, object] = {"local_files_only": True}
     if dtype is not None:  # the keyword's name since transformers 4.56; torch_dtype before
-        options["dtype" if _version(transformers.__version__) >= (4, 56) else "torch_dtype"] = dtype
+        from packaging.version import Version  # a transformers dependency
+
+        options["dtype" if Version(transformers.__version__) >= Version("4.56") else "torch_dtype"] = dtype
     if kind in ("t5", "mt5", "umt5"):
         model = transformers.T5EncoderModel.from_pretrained(path, **options)
         return HFTextEncoder(model, tokenizer, max_length or 128, device, pad_to_max_length=bool(pad_to_max_length))
@@ -123,13 +125,6 @@ def load_text_encoder(path: str | os.PathLike, device: str | torch.device = "cpu
         pad = sd_style if pad_to_max_length is None else pad_to_max_length
         return HFTextEncoder(model, tokenizer, length, device, pad_to_max_length=pad, attend_padding=sd_style)
     raise ValueError(f"text encoder in {str(path)!r} has model_type {kind!r}; supported: t5 and clip")
-
-
-def _version(text: str) -> tuple[int, ...]:
-    """The leading numbers of a version string: "4.56.0.dev0" -> (4, 56, 0)."""
-    import re
-
-    return tuple(int(n) for n in re.findall(r"\d+", text.split("+")[0])[:3])
 
 
 def tiny_random_t5(dim: int, seed: int = 0, layers: int = 2, heads: int = 2) -> HFTextEncoder:
