@@ -131,7 +131,9 @@ def test_profile_bench_splits_a_step_into_classes_of_work(tmp_path, monkeypatch)
     assert doc["backend"] == "fast" and doc["preset"] == "tiny" and doc["step_ms"] > 0
     shares = {name: c["share"] for name, c in doc["classes"].items()}
     assert sum(shares.values()) == pytest.approx(1.0)
-    assert shares["GEMM/conv"] > 0.2, shares  # convolutions dominate a U-Net step, even a tiny one
+    # the step's own work lands in its classes (how large each share is depends on the machine's load: no timing
+    # assertion here)
+    assert all(shares[name] > 0 for name in ("GEMM/conv", "attention", "norms")), shares
     assert all(doc["top"][i]["ms"] >= doc["top"][i + 1]["ms"] for i in range(len(doc["top"]) - 1))
     table = (tmp_path / "profile_step.md").read_text()
     assert table.count("| `") == 5 and "GEMM/conv" in table
