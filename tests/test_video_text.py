@@ -104,6 +104,9 @@ def test_save_video_errors_and_atomicity(tmp_path, monkeypatch):
         save_video(frames[None], tmp_path / "a.mp4")
     with pytest.raises(ValueError, match="NaN"):
         save_video(np.full((2, 8, 8, 3), np.nan, dtype=np.float32), tmp_path / "a.mp4")
+    for suffix in (".mp4", ".gif", ".npy"):
+        with pytest.raises(ValueError, match=r"frames is empty: shape \(2, 0, 8, 3\)"):
+            save_video(np.zeros((2, 0, 8, 3), dtype=np.float32), tmp_path / f"a{suffix}")
     with pytest.raises(ValueError, match="fps must be a positive integer"):
         save_video(frames, tmp_path / "a.mp4", fps=0)
     with pytest.raises(FileNotFoundError, match="does not exist"):
@@ -120,6 +123,18 @@ def test_save_video_errors_and_atomicity(tmp_path, monkeypatch):
         save_video(frames + 1, tmp_path / "keep.gif")
     assert (tmp_path / "keep.gif").read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["keep.gif"]
+
+
+def test_frames_outside_0_1_are_clipped_with_a_warning(tmp_path, caplog):
+    """Floats in [0, 255] or [-1, 1] are the usual slips: clipped, they would make a white or a dark video in
+    silence. Overshoots that rounding to 8 bits hides pass quietly."""
+    frames = np.random.default_rng(0).random((2, 8, 8, 3), dtype=np.float32)
+    with caplog.at_level("WARNING", logger="stunet"):
+        save_video(frames * (1 + 1 / 512), tmp_path / "quiet.gif")
+        assert not caplog.records
+        save_video(frames * 255, tmp_path / "loud.npy")
+    assert "which are clipped to [0, 1]" in caplog.text and "divide [0, 255] values by 255" in caplog.text
+    assert np.load(tmp_path / "loud.npy").max() == 1.0
 
 
 def test_tiny_t5_is_deterministic_and_masks_padding():

@@ -46,14 +46,18 @@ def _checked(frames) -> np.ndarray:
     if frames.ndim != 4 or frames.shape[-1] != 3:
         raise ValueError(f"frames must be (F, H, W, 3), got shape {frames.shape}; pass res.frames[0] for the first "
                          "video of a batch")
-    if frames.shape[0] == 0:
-        raise ValueError("frames is empty (F = 0)")
+    if 0 in frames.shape:
+        raise ValueError(f"frames is empty: shape {frames.shape} (F, H, W, 3)")
     if frames.dtype == np.uint8:
         return frames
     if not np.issubdtype(frames.dtype, np.floating):
         raise TypeError(f"frames must be floats in [0, 1] or uint8, got dtype {frames.dtype}")
     if not np.isfinite(frames).all():
         raise ValueError("frames contain NaN or inf")
+    lo, hi = float(frames.min()), float(frames.max())
+    if lo < -1 / 255 or hi > 1 + 1 / 255:  # past what rounding to 8 bits hides
+        log.warning("stunet: the frames hold values in [%.3g, %.3g], which are clipped to [0, 1]; frames are "
+                    "floats in [0, 1] (divide [0, 255] values by 255, map [-1, 1] ones by (x + 1) / 2)", lo, hi)
     return frames
 
 
