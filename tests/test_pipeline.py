@@ -325,6 +325,66 @@ def test_conditioning_tensors_of_each_mode():
     assert not c.video.any() and not c.mask.any()
 
 
+@pytest.mark.parametrize("kwargs,error,message", [
+    ({"prompt_embeds": torch.zeros(0, 7, 24)}, ValueError, r"prompt_embeds \(0, 7, 24\) is empty"),
+    ({"prompt_embeds": torch.zeros(1, 7, 24, dtype=torch.long)}, TypeError,
+     "prompt_embeds must be a floating-point tensor, got torch.int64"),
+    ({"prompt_embeds": torch.zeros(1, 7, 24), "negative_prompt_embeds": torch.zeros(1, 7, 24, device="meta")},
+     ValueError, "negative_prompt_embeds is a meta tensor, which holds no values"),
+    ({"prompt": "x", "latents": torch.zeros(1, 3, 8, 8, 8, dtype=torch.long)}, TypeError,
+     "latents must be a floating-point tensor"),
+    ({"prompt": "x", "init_video": torch.zeros(1, 3, 8, 8, 8, dtype=torch.bool)}, TypeError,
+     "init_video must be a floating-point tensor"),
+    ({"prompt": "x", "negative_prompt": True}, ValueError, "negative_prompt must be a string or a list of 1"),
+    ({"prompt": ["x", "y"], "negative_prompt": ("a", "b")}, None, None),  # a valid control: a tuple of two
+])
+def test_bad_tensors_and_prompts_fail_before_any_compute(pipe, kwargs, error, message):
+    calls = []
+    hook = pipe.base_stage.backend.model.register_forward_pre_hook(lambda *a: calls.append(1))
+    try:
+        if error is None:
+            assert pipe(**{**SMALL, **kwargs}).frames.shape[0] == 2 and calls
+            return
+        with pytest.raises(error, match=message):
+            pipe(**{**SMALL, **kwargs})
+        assert not calls
+    finally:
+        hook.remove()
+
+
+ODD = [None, True, -1, 0, 7, 2.5, float("nan"), "", "8", [], ["x"], ("x", "y"), 10 ** 30, torch.tensor(2)]
+
+
+@settings(max_examples=40, deadline=None)
+@given(data=st.data())
+def test_any_call_runs_or_is_refused_naming_its_argument(pipe, data):
+    """Whatever mix of values the call's arguments get: a video, or a TypeError / ValueError naming one of them,
+    raised before any compute; never an error from deep inside."""
+    kwargs = {}
+    for name, valid in [("prompt", st.sampled_from(["x", ["x", "y"], ""])),
+                        ("negative_prompt", st.sampled_from(["no", ["a", "b"]])),
+                        ("num_frames", st.sampled_from([4, 8])), ("height", st.just(8)), ("width", st.just(8)),
+                        ("num_inference_steps", st.sampled_from([1, 2])), ("guidance_scale", st.sampled_from([1, 3.5])),
+                        ("guidance_rescale", st.sampled_from([0.0, 0.7])),
+                        ("sampler", st.sampled_from(["ddim", "ddpm", "dpmpp2m"])), ("seed", st.sampled_from([0, 2])),
+                        ("output_type", st.sampled_from(["np", "pt", "pil"])), ("progress", st.just(False))]:
+        kind = data.draw(st.sampled_from(["absent", "valid", "valid", "valid", "valid", "odd"]), label=name)
+        if kind != "absent":
+            kwargs[name] = data.draw(valid if kind == "valid" else st.sampled_from(ODD), label=name)
+    for name, size in (("num_frames", 8), ("height", 8), ("width", 8), ("num_inference_steps", 2)):
+        kwargs.setdefault(name, size)
+    calls = []
+    hook = pipe.base_stage.backend.model.register_forward_pre_hook(lambda *a: calls.append(1))
+    try:
+        res = pipe(**kwargs, ssr=SSROptions(window=4, overlap=1, num_inference_steps=1))
+    except (TypeError, ValueError) as e:
+        assert not calls and any(name in str(e) for name in [*kwargs, "prompt"]), (e, kwargs)
+        return
+    finally:
+        hook.remove()
+    assert len(res.frames) == (len(kwargs["prompt"]) if isinstance(kwargs.get("prompt"), (list, tuple)) else 1)
+
+
 def test_conditioning_input_errors():
     with pytest.raises(ValueError, match=r"image must be \(H, W, 3\)"):
         Conditioning.image_to_video(np.zeros((8, 8)), 4)
@@ -334,6 +394,12 @@ def test_conditioning_input_errors():
         Conditioning.cinemagraph(np.zeros((8, 8, 3)), np.full((8, 8), 0.5), 4)
     with pytest.raises(ValueError, match=r"region must be \(H, W\)"):
         Conditioning.inpaint(np.zeros((4, 8, 8, 3)), np.zeros((7, 7)))
+    nan_image = torch.zeros(8, 8, 3)
+    nan_image[0, 0, 0] = float("nan")  # min() and max() are NaN: only a finiteness check sees it
+    with pytest.raises(ValueError, match="image contains NaN or inf"):
+        Conditioning.image_to_video(nan_image, 4)
+    with pytest.raises(ValueError, match="video contains NaN or inf"):
+        Conditioning.inpaint(nan_image[None].expand(4, 8, 8, 3), np.zeros((8, 8)))
 
 
 def test_conditional_modes_run_on_a_7_channel_model(encoder):
@@ -348,6 +414,11 @@ def test_conditional_modes_run_on_a_7_channel_model(encoder):
     video = np.random.default_rng(1).random((4, 16, 16, 3), dtype=np.float32)
     assert pipe.inpaint(video, region, "x", **kw).frames.shape == (1, 4, 16, 16, 3)
     assert pipe("x", num_frames=4, **kw).frames.shape == (1, 4, 16, 16, 3)  # text-to-video: C = 0, M = 0
+    for frames in (-1, 0, 3):  # the frames an image is animated into are checked like a call's num_frames
+        with pytest.raises(ValueError, match=f"num_frames must be a positive multiple of 2 .* got {frames}"):
+            pipe.image_to_video(image, "x", num_frames=frames, **kw)
+        with pytest.raises(ValueError, match=f"num_frames must be a positive multiple of 2 .* got {frames}"):
+            pipe.cinemagraph(image, region, "x", num_frames=frames, **kw)
 
 
 def test_3_channel_model_refuses_conditional_modes(encoder):
@@ -515,6 +586,31 @@ def test_out_of_memory_in_a_stage_says_where_and_how_to_need_less(encoder, monke
     assert message.startswith("CUDA out of memory. Tried to allocate 2.00 GiB\nstunet: out of memory in ")
     assert all(s in message for s in says), message
     assert not any(s in message for s in not_says), message
+
+
+def test_the_cpu_allocators_refusal_is_an_out_of_memory_error_too(pipe, monkeypatch):
+    """PyTorch's CPU allocator refuses with a plain RuntimeError; in a stage it becomes the OutOfMemoryError (still a
+    RuntimeError) that says how much, where and how to need less, as on a GPU. Other RuntimeErrors pass as they
+    are, and a size no tensor could have is refused before any allocation."""
+    def refused(*args, **kwargs):
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate "
+                           "memory: you tried to allocate 412316860416 bytes. Error code 12 (Cannot allocate memory)")
+
+    monkeypatch.setattr("stunet.pipeline.stages.Sampler.draw_noise", refused)  # the stage's first allocation
+    with pytest.raises(torch.OutOfMemoryError) as raised:
+        pipe("x", seed=0, **SMALL)
+    assert str(raised.value).startswith("the CPU could not allocate 384 GiB\nstunet: out of memory in the base stage")
+    assert isinstance(raised.value.__cause__, RuntimeError)
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("something else")
+
+    monkeypatch.setattr("stunet.pipeline.stages.Sampler.draw_noise", broken)
+    with pytest.raises(RuntimeError, match="^something else$") as raised:
+        pipe("x", seed=0, **SMALL)
+    assert type(raised.value) is RuntimeError
+    with pytest.raises(ValueError, match=r"num_frames x height x width = 8 x 8 x 8796093022208 is past any device"):
+        pipe("x", **{**SMALL, "width": 2 ** 43})
 
 
 def test_text_rows_are_ordinary_tensors_under_inference_mode(encoder, monkeypatch):

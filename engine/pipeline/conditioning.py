@@ -38,6 +38,8 @@ def _tensor(value, name: str) -> torch.Tensor:
     if not (t.is_floating_point() or t.dtype in (torch.uint8, torch.bool)):
         raise TypeError(f"{name} must be floats in [0, 1] (or uint8 / bool), got dtype {t.dtype}")
     t = t.float() / 255.0 if t.dtype == torch.uint8 else t.float()
+    if not torch.isfinite(t).all():
+        raise ValueError(f"{name} contains NaN or inf")
     if t.numel() and (t.min() < 0 or t.max() > 1):
         raise ValueError(f"{name} must hold values in [0, 1], got [{t.min().item():.3g}, {t.max().item():.3g}]")
     return t

@@ -67,6 +67,25 @@ def default_runtime(device: torch.device | str = "cpu") -> str:
     return "python"
 
 
+MAX_PIXELS = 2 ** 40
+
+
+def _check_multiple(name: str, value, divisor: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1 or value % divisor:
+        raise ValueError(f"{name} must be a positive multiple of {divisor} for this base model, got {value!r}")
+
+
+def _check_values(value: torch.Tensor, name: str) -> torch.Tensor:
+    """``value`` if it holds finite floating-point numbers; raises naming ``name`` otherwise."""
+    if not value.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got {value.dtype}; convert it with .float()")
+    if value.is_meta:
+        raise ValueError(f"{name} is a meta tensor, which holds no values; pass one on the CPU or a GPU")
+    if not torch.isfinite(value).all():
+        raise ValueError(f"{name} contains NaN or inf")
+    return value
+
+
 @dataclass
 class PipelineOutput:
     frames: Any
@@ -308,13 +327,17 @@ class Pipeline:
                     or prompt_embeds.shape[2] != self.base.config.text_dim:
                 raise ValueError(f"prompt_embeds must be a (B, L, {self.base.config.text_dim}) tensor, got "
                                  f"{tuple(getattr(prompt_embeds, 'shape', ())) or type(prompt_embeds).__name__}")
+            if prompt_embeds.shape[0] == 0 or prompt_embeds.shape[1] == 0:
+                raise ValueError(f"prompt_embeds {tuple(prompt_embeds.shape)} is empty: it needs at least one prompt "
+                                 f"(B) of at least one token (L; an empty prompt still gives the end-of-sequence "
+                                 f"token)")
             if negative_prompt_embeds is not None and (not isinstance(negative_prompt_embeds, torch.Tensor)
                                                        or negative_prompt_embeds.shape != prompt_embeds.shape):
                 raise ValueError(f"negative_prompt_embeds must match prompt_embeds {tuple(prompt_embeds.shape)}, "
                                  f"got {tuple(getattr(negative_prompt_embeds, 'shape', ()))}")
             for name, t in (("prompt_embeds", prompt_embeds), ("negative_prompt_embeds", negative_prompt_embeds)):
-                if t is not None and not torch.isfinite(t).all():
-                    raise ValueError(f"{name} contains NaN or inf")
+                if t is not None:
+                    _check_values(t, name)
             return None, None
         if negative_prompt_embeds is not None:
             raise ValueError("negative_prompt_embeds goes with prompt_embeds=; with prompts, pass negative_prompt")
@@ -324,15 +347,16 @@ class Pipeline:
             raise ValueError("prompt must be a string or a non-empty list of strings (or pass prompt_embeds=)")
         B = len(prompt)
         negative = negative_prompt if negative_prompt is not None else ""
-        negative = [negative] * B if isinstance(negative, str) else list(negative)
-        if len(negative) != B or not all(isinstance(n, str) for n in negative):
+        negative = [negative] * B if isinstance(negative, str) else negative
+        if not (isinstance(negative, (list, tuple)) and len(negative) == B
+                and all(isinstance(n, str) for n in negative)):
             raise ValueError(f"negative_prompt must be a string or a list of {B} strings (one per prompt), "
                              f"got {negative_prompt!r}")
         if self.text_encoder is None:
             self.encode_prompt([], [])  # raises, naming the ways out
         if any(not p.strip() for p in prompt):
             log.warning("stunet: an empty prompt: that video is generated unconditionally")
-        return list(prompt), negative
+        return list(prompt), list(negative)
 
     def _encode(self, prompts, negatives, prompt_embeds, negative_prompt_embeds) -> Prompts:
         if prompts is None:
@@ -508,9 +532,7 @@ class Pipeline:
         if not isinstance(value, torch.Tensor) or tuple(value.shape) != shape:
             raise ValueError(f"{name} must be a tensor of shape {shape} ({layout}), got "
                              f"{tuple(getattr(value, 'shape', ())) or type(value).__name__}")
-        if not torch.isfinite(value).all():
-            raise ValueError(f"{name} contains NaN or inf")
-        return value
+        return _check_values(value, name)
 
     def _check_low_res(self, video, shape, conditioning, init_video, latents) -> torch.Tensor:
         if self.ssr_stage is None:
@@ -552,12 +574,17 @@ class Pipeline:
         return time.perf_counter() - t0
 
     def _check_geometry(self, T: int, H: int, W: int) -> None:
+        self._check_frames(T)
+        spatial = self.base.config.spatial_divisor * self.pixels_per_latent
+        for name, value in (("height", H), ("width", W)):
+            _check_multiple(name, value, spatial)
+        if T * H * W >= MAX_PIXELS:  # torch could not even size its tensors
+            raise ValueError(f"num_frames x height x width = {T} x {H} x {W} is past any device's memory (at most "
+                             f"2**40 pixels a video)")
+
+    def _check_frames(self, T: int) -> None:
         cfg = self.base.config
-        spatial = cfg.spatial_divisor * self.pixels_per_latent
-        for name, value, div in (("num_frames", T, cfg.frame_divisor), ("height", H, spatial),
-                                 ("width", W, spatial)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1 or value % div:
-                raise ValueError(f"{name} must be a positive multiple of {div} for this base model, got {value!r}")
+        _check_multiple("num_frames", T, cfg.frame_divisor)
         if cfg.temporal_max_frames and T > cfg.temporal_max_frames:
             raise ValueError(f"num_frames must be at most {cfg.temporal_max_frames} for this base model (its "
                              f"temporal positional encoding's length), got {T}")
@@ -653,7 +680,12 @@ class Pipeline:
         return h, w
 
     def _frames(self, kwargs) -> int:
-        return kwargs.get("num_frames") or self.base.config.sample_frames
+        """The frames of a mode that animates one image: ``num_frames``, by default the base model's clip."""
+        frames = kwargs.get("num_frames")
+        if frames is None:
+            return self.base.config.sample_frames
+        self._check_frames(frames)
+        return frames
 
     def _sized(self, kwargs: dict, cond: Conditioning) -> dict:
         """The call of a conditional mode (see ``_input_sized``), its conditioning resized to the base size."""

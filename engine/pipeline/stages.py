@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
+import re
 from dataclasses import dataclass
 from typing import Callable
 
@@ -213,16 +214,27 @@ def make_stage_sampler(config: STUNetConfig, choice: str | Sampler, runtime: str
     return cpp_runtime.FusedSampler(sampler) if runtime == "cpp" else sampler
 
 
+CPU_OUT_OF_MEMORY = "DefaultCPUAllocator: can't allocate memory"
+"""What PyTorch's CPU allocator says, in a plain RuntimeError, when the system refuses an allocation."""
+
+
 @contextlib.contextmanager
 def advice_on_out_of_memory(where: str, ways: list[str]):
     """Adds to a ``torch.OutOfMemoryError`` raised inside where it happened and the ways to need less memory; the
-    error keeps its type, so callers that catch it still do."""
+    error keeps its type, so callers that catch it still do. The CPU allocator's refusal becomes the same error
+    (a RuntimeError still)."""
+    advice = f"stunet: out of memory in {where}; to need less: {'; or '.join(ways)}"
     try:
         yield
     except torch.OutOfMemoryError as e:
-        advice = f"stunet: out of memory in {where}; to need less: {'; or '.join(ways)}"
         e.args = (f"{e.args[0]}\n{advice}" if e.args else advice, *e.args[1:])
         raise
+    except RuntimeError as e:
+        if CPU_OUT_OF_MEMORY not in str(e):
+            raise
+        size = re.search(r"allocate (\d+) bytes", str(e))
+        what = f"the CPU could not allocate {int(size[1]) / 2 ** 30:.3g} GiB" if size else str(e)
+        raise torch.OutOfMemoryError(f"{what}\n{advice}") from e
 
 
 class _Stage:
@@ -284,20 +296,20 @@ class BaseStage(_Stage):
         dtype, device = self.backend.dtype, self.backend.device
         s = self.sampler(options, options.num_inference_steps)
         timesteps = s.timesteps
-        if latents is None:
-            x = Sampler.draw_noise(torch.empty(B, self.config.out_channels, T, H, W), generator).to(device, dtype)
-        else:
-            x = latents.to(device, dtype).contiguous()
-        if init is not None:  # SDEdit: start from the input noised to `strength`
-            skip = len(timesteps) - min(int(len(timesteps) * strength), len(timesteps))
-            timesteps = timesteps[skip:]
-            x = s.add_noise(init.to(device, torch.float32), x.float(), int(timesteps[0])).to(dtype).contiguous()
-        if conditioning is not None:
-            conditioning = conditioning.to(device, dtype)
-        model = Guided(self.backend, prompts, options.guided, self._mapper())  # one call per row
         where = f"the base stage ({B} video(s) of {T} frames of {H}x{W}, {self.backend.name} backend)"
         ways = [*self._ways_to_need_less(), "fewer frames or a smaller size (num_frames, height, width)"]
         with advice_on_out_of_memory(where, ways):
+            if latents is None:
+                x = Sampler.draw_noise(torch.empty(B, self.config.out_channels, T, H, W), generator).to(device, dtype)
+            else:
+                x = latents.to(device, dtype).contiguous()
+            if init is not None:  # SDEdit: start from the input noised to `strength`
+                skip = len(timesteps) - min(int(len(timesteps) * strength), len(timesteps))
+                timesteps = timesteps[skip:]
+                x = s.add_noise(init.to(device, torch.float32), x.float(), int(timesteps[0])).to(dtype).contiguous()
+            if conditioning is not None:
+                conditioning = conditioning.to(device, dtype)
+            model = Guided(self.backend, prompts, options.guided, self._mapper())  # one call per row
             for i, t in enumerate(tqdm(timesteps, desc=self.name, disable=not self._shows_progress(progress))):
                 x_in = x if conditioning is None else torch.cat([x, conditioning.video, conditioning.mask], dim=1)
                 cond, uncond = model.split(model(x_in, int(t)))
@@ -334,12 +346,7 @@ class SSRStage(_Stage):
         H, W = self.output_size(h, w)
         window, overlap = options.geometry(self.config, T)
         dtype, device = self.backend.dtype, self.backend.device
-        up = upsample_video(low.clamp(-1, 1), H, W)  # the video the user sees: frames in [-1, 1]
         s = self.sampler(options, steps)
-        if options.noise_level:
-            up = s.add_noise(up, Sampler.draw_noise(up, generator), options.noise_level)
-        up = up.to(dtype)
-        x = Sampler.draw_noise(torch.empty(B, 3, T, H, W), generator).to(device, dtype)
         model = Guided(self.backend, prompts, options.guided)
         blender = cpp_runtime.blend_windows if self.runtime == "cpp" else None
         mapper = self._mapper()  # whole window calls per rank
@@ -349,6 +356,11 @@ class SSRStage(_Stage):
         if options.batch_size > 1:
             ways.append("fewer windows per call: ssr=SSROptions(batch_size=1) (--ssr-batch 1)")
         with advice_on_out_of_memory(where, ways):
+            up = upsample_video(low.clamp(-1, 1), H, W)  # the video the user sees: frames in [-1, 1]
+            if options.noise_level:
+                up = s.add_noise(up, Sampler.draw_noise(up, generator), options.noise_level)
+            up = up.to(dtype)
+            x = Sampler.draw_noise(torch.empty(B, 3, T, H, W), generator).to(device, dtype)
             for i, t in enumerate(tqdm(s.timesteps, desc=self.name, disable=not self._shows_progress(progress))):
                 def predict(windows: torch.Tensor, t: int = int(t)) -> torch.Tensor:
                     return model(windows, t, noise_level=options.noise_level)
