@@ -134,6 +134,8 @@ def test_video_to_video_reproduces_diffusers_from_a_seed(which, sampler, request
     convert_folder(tmp_path / "pipe", tmp_path / "stunet", dtype="fp32")
     ours = stunet.Pipeline.from_pretrained(tmp_path / "stunet", device="cpu", progress=False)
     assert type(ours.sampler).__name__ == {"ddim": "DDIM", "dpmpp2m": "DPMSolverPP2M"}[sampler]
+    assert repr(stunet.Pipeline.from_pretrained(tmp_path / "stunet", device="cpu", sampler=None).sampler) == repr(
+        ours.sampler)  # None: the folder's scheduler, as when sampler= is not given
     steps = []
     res = ours.video_to_video(frames, ["a red fox"] * B, seed=3,
                               callback_on_step_end=lambda p, i, t, kw: steps.append(t), **call)

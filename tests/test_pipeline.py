@@ -262,6 +262,14 @@ def test_bad_construction(encoder):
         Pipeline(base, encoder, backend="fast", backend_options={"max_batc": 1})
     with pytest.raises(ValueError, match=r"the reference backend takes no option 'max_batch' \(its options: none"):
         Pipeline(base, encoder, backend_options={"max_batch": 1})
+    with pytest.raises(TypeError, match=r"text_encoder must be a text encoder \(.encode\(prompts\) and .dim"):
+        Pipeline(base, "t5_dir")  # a folder is for from_pretrained
+    with pytest.raises(TypeError, match="schedule must be a dict of sampler settings"):
+        Pipeline(base, encoder, schedule="linear")
+    with pytest.raises(ValueError, match=r"schedule \{'beta_schedule': 'linear'\} is not a sampler's settings"):
+        Pipeline(base, encoder, schedule={"beta_schedule": "linear"})  # diffusers' name: scheduler_options maps it
+    default, ddim = (Pipeline(base, encoder, sampler=s, progress=False) for s in (None, "ddim"))
+    assert np.array_equal(default("x", seed=0, **SMALL).frames, ddim("x", seed=0, **SMALL).frames)
 
 
 def test_text_and_embeddings_are_not_mixed(pipe, encoder):

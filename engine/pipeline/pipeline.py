@@ -46,7 +46,7 @@ from ..backends.base import own_precision
 from ..model import STUNet
 from ..model.validate import checked_placement
 from ..sampling import runtime as cpp_runtime
-from ..sampling.samplers import Sampler, sampler_class
+from ..sampling.samplers import Sampler, make_sampler, sampler_class
 from .conditioning import Conditioning, resize_frames, video_frames
 from .stages import BaseStage, Prompts, SSROptions, SSRStage, StageOptions, _number, advice_on_out_of_memory
 from .latent import VideoVAE
@@ -137,7 +137,8 @@ class Pipeline:
         backend: how the models run: "reference" (eager PyTorch, the source of truth), "fast" (Triton kernels,
             channels-last, CUDA graphs) or "compile" (torch.compile of the reference).
         sampler: the default sampler of both stages: a name ("ddim", "ddpm", "dpmpp2m") or a configured
-            :class:`~stunet.samplers.Sampler` (e.g. ``DDIM(eta=0.5, spacing="trailing")``).
+            :class:`~stunet.samplers.Sampler` (e.g. ``DDIM(eta=0.5, spacing="trailing")``); None: "ddim" (in
+            :meth:`from_pretrained`, a converted folder's scheduler).
         runtime: the sampler step: "cpp" (the C++ runtime's fused pass; the default where stunet._C can step the
             model's tensors: CUDA ones need an install with STUNET_CUDA=1) or "python".
         backend_options: keyword options of the backend (e.g. ``{"max_batch": 1}`` for "fast").
@@ -160,7 +161,7 @@ class Pipeline:
     """
 
     def __init__(self, base_model: STUNet, text_encoder: TextEncoder | None = None, ssr_model: STUNet | None = None,
-                 *, backend: str = "reference", sampler: str | Sampler = "ddim", runtime: str | None = None,
+                 *, backend: str = "reference", sampler: str | Sampler | None = "ddim", runtime: str | None = None,
                  backend_options: dict | None = None, progress: bool = True, parallel=None,
                  vae: VideoVAE | None = None, schedule: dict | None = None):
         if not isinstance(base_model, STUNet):
@@ -187,14 +188,27 @@ class Pipeline:
             if ssr_model.config.text_dim != base_model.config.text_dim:
                 raise ValueError(f"ssr_model takes text_dim={ssr_model.config.text_dim} but base_model takes "
                                  f"{base_model.config.text_dim}; both must read the same text encoder")
+        if text_encoder is not None and not (callable(getattr(text_encoder, "encode", None))
+                                             and isinstance(getattr(text_encoder, "dim", None), int)):
+            raise TypeError(f"text_encoder must be a text encoder (.encode(prompts) and .dim, as "
+                            f"stunet.text.load_text_encoder(path) gives), got {type(text_encoder).__name__}")
         if text_encoder is not None and text_encoder.dim != base_model.config.text_dim:
             raise ValueError(f"text_encoder gives {text_encoder.dim}-wide tokens but the model takes "
                              f"text_dim={base_model.config.text_dim}; use the encoder the model was trained with")
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        sampler = "ddim" if sampler is None else sampler
         StageOptions(sampler=sampler)  # validates the type
         if isinstance(sampler, str):
             sampler_class(sampler)  # and the name, early
+        if schedule is not None:
+            if not isinstance(schedule, Mapping):
+                raise TypeError(f"schedule must be a dict of sampler settings (Sampler.schedule_options()), got "
+                                f"{type(schedule).__name__}")
+            try:
+                make_sampler("ddim", **schedule)
+            except (TypeError, ValueError) as e:
+                raise ValueError(f"schedule {dict(schedule)!r} is not a sampler's settings: {e}") from None
         runtime = default_runtime(base_model.device) if runtime is None else runtime
         if runtime not in RUNTIMES:
             raise ValueError(f"runtime must be one of {RUNTIMES}, got {runtime!r}")
@@ -239,7 +253,7 @@ class Pipeline:
         A folder written by ``stunet convert`` from a diffusers pipeline also holds ``vae``, ``tokenizer`` and
         ``scheduler``: the VAE decodes the latents, CLIP encodes prompts as the diffusers pipeline does, and the
         scheduler's settings become the default sampler (unless ``sampler=`` is given)."""
-        from ..sampling.samplers import make_sampler, scheduler_options
+        from ..sampling.samplers import scheduler_options
         from .latent import load_vae
         from .text import load_text_encoder
 
@@ -267,7 +281,7 @@ class Pipeline:
             name, options = scheduler_options(scheduler_config)
             kwargs["schedule"] = {k: v for k, v in options.items()  # what another named sampler runs on
                                   if k not in ("clip_sample", "clip_range", "fixed_stride")}
-            if "sampler" not in kwargs:
+            if kwargs.get("sampler") is None:
                 if name is None:
                     log.warning("stunet: %s's scheduler %s has no stunet counterpart; sampling with DDIM on its "
                                 "schedule (pass sampler= to choose)", base, scheduler_config.get("_class_name"))
