@@ -204,8 +204,17 @@ def test_sampler_errors():
         s.step(torch.zeros(2), int(s.timesteps[0]), torch.zeros(1))
     with pytest.raises(ValueError, match=r"num_inference_steps must be an integer in \[1, 1000\]"):
         s.set_timesteps(0)
-    with pytest.raises(ValueError, match="eta must be in"):
+    with pytest.raises(ValueError, match=r"eta must be a number in \[0, 1\], got 2.0"):
         DDIM(eta=2.0)
+    for kwargs, message in [(dict(eta=None), "eta must be a number in"),
+                            (dict(clip_range=None), "clip_range must be a positive number, got None"),
+                            (dict(clip_range=float("inf")), "clip_range must be a positive number, got inf"),
+                            (dict(clip_sample=1), "clip_sample must be a bool, got 1"),
+                            (dict(schedule="linear", beta_start=""), "beta_start must be a number, got ''")]:
+        with pytest.raises(ValueError, match=message):
+            DDIM(**kwargs)
+    numpy_scalars = DDIM(eta=np.float32(0.5), clip_range=np.float64(2))  # numbers too, kept as Python floats
+    assert (numpy_scalars.eta, numpy_scalars.clip_range) == (0.5, 2.0) and type(numpy_scalars.eta) is float
     with pytest.raises(ValueError, match="prediction must be one of"):
         DDPM(prediction="x0")
     with pytest.raises(ValueError, match="spacing must be one of"):

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import abc
 import math
+import numbers
 
 import torch
 
@@ -43,6 +44,9 @@ def make_betas(schedule: str, num_train_timesteps: int = 1000, beta_start: float
     Every table is plain double arithmetic in a fixed order; csrc/schedule.cpp repeats it exactly.
     """
     n = num_train_timesteps
+    for name, value in (("beta_start", beta_start), ("beta_end", beta_end)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Real)):
+            raise ValueError(f"{name} must be a number, got {value!r}")
     if schedule in BETA_RANGES:
         lo, hi = BETA_RANGES[schedule]
         lo, hi = (lo if beta_start is None else float(beta_start)), (hi if beta_end is None else float(beta_end))
@@ -116,16 +120,17 @@ class Sampler(abc.ABC):
             raise ValueError(f"spacing must be one of {SPACINGS}, got {spacing!r}")
         if not isinstance(num_train_timesteps, int) or num_train_timesteps < 2:
             raise ValueError(f"num_train_timesteps must be an integer >= 2, got {num_train_timesteps!r}")
-        if clip_range <= 0:
-            raise ValueError(f"clip_range must be positive, got {clip_range}")
+        if isinstance(clip_range, bool) or not isinstance(clip_range, numbers.Real) or not 0 < clip_range < math.inf:
+            raise ValueError(f"clip_range must be a positive number, got {clip_range!r}")
         if isinstance(steps_offset, bool) or not isinstance(steps_offset, int) or steps_offset < 0:
             raise ValueError(f"steps_offset must be a non-negative integer, got {steps_offset!r}")
-        for name, flag in (("set_alpha_to_one", set_alpha_to_one), ("fixed_stride", fixed_stride)):
+        for name, flag in (("clip_sample", clip_sample), ("set_alpha_to_one", set_alpha_to_one),
+                           ("fixed_stride", fixed_stride)):
             if not isinstance(flag, bool):
                 raise ValueError(f"{name} must be a bool, got {flag!r}")
         self.schedule, self.prediction, self.spacing = schedule, prediction, spacing
         self.num_train_timesteps = num_train_timesteps
-        self.clip_sample, self.clip_range = clip_sample, clip_range
+        self.clip_sample, self.clip_range = clip_sample, float(clip_range)
         self.beta_start, self.beta_end = beta_start, beta_end
         self.steps_offset, self.set_alpha_to_one = steps_offset, set_alpha_to_one
         self.fixed_stride = fixed_stride
@@ -264,9 +269,9 @@ class DDIM(Sampler):
 
     def __init__(self, *args, eta: float = 0.0, **kwargs):
         super().__init__(*args, **kwargs)
-        if not 0.0 <= eta <= 1.0:
-            raise ValueError(f"eta must be in [0, 1], got {eta}")
-        self.eta = eta
+        if isinstance(eta, bool) or not isinstance(eta, numbers.Real) or not 0.0 <= eta <= 1.0:
+            raise ValueError(f"eta must be a number in [0, 1], got {eta!r}")
+        self.eta = float(eta)
         self.stochastic = eta > 0
 
     def _update(self, out, t, t_prev, i, x, generator):
