@@ -102,9 +102,11 @@ class ExportSpec:
                   height: int | None = None, width: int | None = None, text_len: int = 77,
                   dtype: torch.dtype = torch.float32, dynamic: bool = True) -> "ExportSpec":
         """The spec at the model's own geometry unless told otherwise (an SSR model: one window)."""
-        frames = frames or (config.window_frames or config.sample_frames)
-        return cls(config, batch, frames, height or config.sample_size, width or config.sample_size, text_len,
-                   dtype, dynamic)
+        if frames is None:
+            frames = config.window_frames or config.sample_frames
+        height = config.sample_size if height is None else height
+        width = config.sample_size if width is None else width
+        return cls(config, batch, frames, height, width, text_len, dtype, dynamic)
 
     def to_json(self) -> str:
         """The spec as JSON (what ``export_onnx`` records in the file's metadata under ``SPEC_KEY``)."""
@@ -195,8 +197,9 @@ class ExportSpec:
                       width: int | None = None, text_len: int | None = None, seed: int = 0) -> dict[str, torch.Tensor]:
         """Seeded inputs (on the CPU, in the export dtype) at the spec's geometry or another one."""
         cfg = self.config
-        B, T = batch or self.batch, frames or self.frames
-        H, W, L = height or self.height, width or self.width, text_len or self.text_len
+        B, T = self.batch if batch is None else batch, self.frames if frames is None else frames
+        H, W = self.height if height is None else height, self.width if width is None else width
+        L = self.text_len if text_len is None else text_len
         g = torch.Generator().manual_seed(seed)
         inputs = {
             "x": torch.randn(B, cfg.in_channels, T, H, W, generator=g).to(self.dtype),

@@ -202,6 +202,9 @@ def test_export_arguments_are_checked(tmp_path, monkeypatch, capsys):
         export_onnx(model, tmp_path / "m.pt")
     with pytest.raises(ValueError, match="frames must be a positive multiple of 2"):
         export_onnx(model, tmp_path / "m.onnx", frames=3)
+    for axis, divisor in (("frames", 2), ("height", 4), ("width", 4)):  # 0 is a size, not "the default" (None)
+        with pytest.raises(ValueError, match=f"{axis} must be a positive multiple of {divisor} for this model, got 0"):
+            ExportSpec.for_model(model.config, **{axis: 0})
     with pytest.raises(ValueError, match="dtype must be float32, float16 or bfloat16"):
         ExportSpec.for_model(model.config, dtype=torch.float64)
 
