@@ -319,6 +319,11 @@ class STUNetConfig:
         return 2 ** (self.num_levels - 1)
 
     @property
+    def call_frames(self) -> int:
+        """The frames of one model call at the model's own geometry: an SSR model's window, else its clip."""
+        return self.window_frames or self.sample_frames
+
+    @property
     def time_embed_dim(self) -> int:
         return 4 * self.model_channels
 

@@ -78,13 +78,13 @@ def analyse(config: STUNetConfig, name: str = "custom", *, batch: int = 1, frame
             dtype: str = "fp16") -> ModelInfo:
     if dtype not in BYTES_PER_ELEMENT:
         raise ValueError(f"dtype must be one of {sorted(BYTES_PER_ELEMENT)}, got {dtype!r}")
-    frames = frames or (config.window_frames or config.sample_frames)
-    height = height or config.sample_size
-    width = width or config.sample_size
+    frames = config.call_frames if frames is None else frames
+    height = config.sample_size if height is None else height
+    width = config.sample_size if width is None else width
     for arg, value, div in (("frames", frames, config.frame_divisor), ("height", height, config.spatial_divisor),
                             ("width", width, config.spatial_divisor)):
-        if value < 1 or value % div:
-            raise ValueError(f"{arg} must be a positive multiple of {div} for this model, got {value}")
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1 or value % div:
+            raise ValueError(f"{arg} must be a positive multiple of {div} for this model, got {value!r}")
     if config.temporal_max_frames and frames > config.temporal_max_frames:
         raise ValueError(f"frames must be at most {config.temporal_max_frames} for this model (its temporal "
                          f"positional encoding's temporal_max_frames), got {frames}")

@@ -102,8 +102,7 @@ class ExportSpec:
                   height: int | None = None, width: int | None = None, text_len: int = 77,
                   dtype: torch.dtype = torch.float32, dynamic: bool = True) -> "ExportSpec":
         """The spec at the model's own geometry unless told otherwise (an SSR model: one window)."""
-        if frames is None:
-            frames = config.window_frames or config.sample_frames
+        frames = config.call_frames if frames is None else frames
         height = config.sample_size if height is None else height
         width = config.sample_size if width is None else width
         return cls(config, batch, frames, height, width, text_len, dtype, dynamic)
