@@ -282,6 +282,16 @@ def test_text_and_embeddings_are_not_mixed(pipe, encoder):
         pipe("x", negative_prompt_embeds=tokens, **SMALL)
 
 
+def test_encode_prompt_takes_one_negative_per_prompt(pipe):
+    tokens, mask = pipe.encode_prompt(["a cat", "a dog"], ("", "blurry"))
+    assert tokens.shape[0] == mask.shape[0] == 4  # [prompts; negatives]
+    for prompts, negative, error, message in [("a cat", [""], TypeError, "prompts must be a list of strings"),
+                                              (["a cat"], None, TypeError, "negative must be a list of strings"),
+                                              (["a cat"], ["", ""], ValueError, "one prompt for each of the 1")]:
+        with pytest.raises(error, match=message):
+            pipe.encode_prompt(prompts, negative)
+
+
 def test_video_arguments_are_arrays_and_a_path_names_the_reader(pipe):
     with pytest.raises(TypeError, match=r"video must be an array \(numpy or torch\), got the path 'low.mp4': read "
                                         r"the file first with stunet.read_frames"):

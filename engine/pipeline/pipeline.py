@@ -326,7 +326,13 @@ class Pipeline:
             raise ValueError("this pipeline has no text encoder: pass text_encoder= when building it (a T5 or "
                              "CLIP folder, or stunet.text.tiny_random_t5(dim) as an offline random stand-in), "
                              "or give prompt_embeds= (and negative_prompt_embeds=) to the call")
-        tokens, mask = self.text_encoder.encode(prompts + negative)
+        for name, texts in (("prompts", prompts), ("negative", negative)):
+            if not isinstance(texts, (list, tuple)) or not all(isinstance(text, str) for text in texts):
+                raise TypeError(f"{name} must be a list of strings, got {texts!r}")
+        if len(negative) != len(prompts):
+            raise ValueError(f"negative must hold one prompt for each of the {len(prompts)} prompts, got "
+                             f"{len(negative)}")
+        tokens, mask = self.text_encoder.encode([*prompts, *negative])
         return tokens.to(self.device, self.base.dtype), mask.to(self.device)
 
     def _check_prompts(self, prompt, negative_prompt, prompt_embeds, negative_prompt_embeds):
