@@ -44,6 +44,13 @@ SLOTS = ("conv", "attn", "none")
 MID_MODULES = ("res", "attn", "temporal_conv", "temporal_attn")
 
 
+def check_size(name: str, value: Any, divisor: int, whose: str = "this model") -> None:
+    """A size along a model's axis (frames, height, width, ...) must be a positive integer multiple of
+    ``divisor``; raises naming ``name``."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1 or value % divisor:
+        raise ValueError(f"{name} must be a positive multiple of {divisor} for {whose}, got {value!r}")
+
+
 def _fail(name: str, value: Any, rule: str) -> None:
     raise ValueError(f"STUNetConfig.{name} {rule}, got {value!r}")
 
@@ -322,6 +329,14 @@ class STUNetConfig:
     def call_frames(self) -> int:
         """The frames of one model call at the model's own geometry: an SSR model's window, else its clip."""
         return self.window_frames or self.sample_frames
+
+    def check_frames(self, frames: int, name: str = "frames", whose: str = "this model") -> None:
+        """``frames`` must be a size this model takes: a multiple of its frame divisor, no longer than the clip its
+        temporal positional encoding was trained for."""
+        check_size(name, frames, self.frame_divisor, whose)
+        if self.temporal_max_frames and frames > self.temporal_max_frames:
+            raise ValueError(f"{name} must be at most {self.temporal_max_frames} for {whose} (the clip length its "
+                             f"temporal positional encoding was trained for), got {frames}")
 
     @property
     def time_embed_dim(self) -> int:

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .config import STUNetConfig
+from .config import STUNetConfig, check_size
 from .model import FAST, REFERENCE, STUNet, forward_peak_bytes
 
 BYTES_PER_ELEMENT = {"fp16": 2, "bf16": 2, "fp32": 4}
@@ -81,13 +81,9 @@ def analyse(config: STUNetConfig, name: str = "custom", *, batch: int = 1, frame
     frames = config.call_frames if frames is None else frames
     height = config.sample_size if height is None else height
     width = config.sample_size if width is None else width
-    for arg, value, div in (("frames", frames, config.frame_divisor), ("height", height, config.spatial_divisor),
-                            ("width", width, config.spatial_divisor)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1 or value % div:
-            raise ValueError(f"{arg} must be a positive multiple of {div} for this model, got {value!r}")
-    if config.temporal_max_frames and frames > config.temporal_max_frames:
-        raise ValueError(f"frames must be at most {config.temporal_max_frames} for this model (its temporal "
-                         f"positional encoding's temporal_max_frames), got {frames}")
+    config.check_frames(frames)
+    check_size("height", height, config.spatial_divisor)
+    check_size("width", width, config.spatial_divisor)
     if batch < 1 or text_len < 1:
         raise ValueError(f"batch and text_len must be positive, got batch={batch}, text_len={text_len}")
     with torch.device("meta"):

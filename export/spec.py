@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..config import STUNetConfig
+from ..config import STUNetConfig, check_size
 from ..model import ExecutionPolicy, STUNet
 
 
@@ -89,11 +89,8 @@ class ExportSpec:
         for name, value, div in (("batch", self.batch, 1), ("frames", self.frames, cfg.frame_divisor),
                                  ("height", self.height, cfg.spatial_divisor),
                                  ("width", self.width, cfg.spatial_divisor), ("text_len", self.text_len, 1)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1 or value % div:
-                raise ValueError(f"{name} must be a positive multiple of {div} for this model, got {value!r}")
-        if cfg.temporal_max_frames and self.frames > cfg.temporal_max_frames:
-            raise ValueError(f"frames must be at most {cfg.temporal_max_frames} for this model (the clip length its "
-                             f"temporal positional encoding was trained for), got {self.frames}")
+            check_size(name, value, div)
+        cfg.check_frames(self.frames)
         if self.dtype not in (torch.float32, torch.float16, torch.bfloat16):
             raise ValueError(f"dtype must be float32, float16 or bfloat16, got {self.dtype}")
 

@@ -43,6 +43,7 @@ import torch
 from .. import distributed
 from ..backends import BACKENDS, make_backend
 from ..backends.base import own_precision
+from ..config import check_size
 from ..model import STUNet
 from ..model.validate import checked_placement
 from ..sampling import runtime as cpp_runtime
@@ -68,11 +69,6 @@ def default_runtime(device: torch.device | str = "cpu") -> str:
 
 
 MAX_PIXELS = 2 ** 40
-
-
-def _check_multiple(name: str, value, divisor: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1 or value % divisor:
-        raise ValueError(f"{name} must be a positive multiple of {divisor} for this base model, got {value!r}")
 
 
 def _check_values(value: torch.Tensor, name: str) -> torch.Tensor:
@@ -597,17 +593,13 @@ class Pipeline:
         self._check_frames(T)
         spatial = self.base.config.spatial_divisor * self.pixels_per_latent
         for name, value in (("height", H), ("width", W)):
-            _check_multiple(name, value, spatial)
+            check_size(name, value, spatial, "this base model")
         if T * H * W >= MAX_PIXELS:  # torch could not even size its tensors
             raise ValueError(f"num_frames x height x width = {T} x {H} x {W} is past any device's memory (at most "
                              f"2**40 pixels a video)")
 
     def _check_frames(self, T: int) -> None:
-        cfg = self.base.config
-        _check_multiple("num_frames", T, cfg.frame_divisor)
-        if cfg.temporal_max_frames and T > cfg.temporal_max_frames:
-            raise ValueError(f"num_frames must be at most {cfg.temporal_max_frames} for this base model (its "
-                             f"temporal positional encoding's length), got {T}")
+        self.base.config.check_frames(T, "num_frames", "this base model")
 
     @staticmethod
     def _output(video: torch.Tensor, output_type: str):
