@@ -35,6 +35,11 @@ BETA_RANGES = {"linear": (1e-4, 2e-2), "scaled_linear": (0.00085, 0.012)}
 """The default (beta_start, beta_end) of the schedules that take them."""
 
 
+def _is_number(value) -> bool:
+    """A real number (numpy scalars included), not a bool."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
 def make_betas(schedule: str, num_train_timesteps: int = 1000, beta_start: float | None = None,
                beta_end: float | None = None) -> torch.Tensor:
     """Betas (float64) of a named schedule: "linear" ``beta_start..beta_end`` (default 1e-4..2e-2),
@@ -45,7 +50,7 @@ def make_betas(schedule: str, num_train_timesteps: int = 1000, beta_start: float
     """
     n = num_train_timesteps
     for name, value in (("beta_start", beta_start), ("beta_end", beta_end)):
-        if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Real)):
+        if value is not None and not _is_number(value):
             raise ValueError(f"{name} must be a number, got {value!r}")
     if schedule in BETA_RANGES:
         lo, hi = BETA_RANGES[schedule]
@@ -120,7 +125,7 @@ class Sampler(abc.ABC):
             raise ValueError(f"spacing must be one of {SPACINGS}, got {spacing!r}")
         if not isinstance(num_train_timesteps, int) or num_train_timesteps < 2:
             raise ValueError(f"num_train_timesteps must be an integer >= 2, got {num_train_timesteps!r}")
-        if isinstance(clip_range, bool) or not isinstance(clip_range, numbers.Real) or not 0 < clip_range < math.inf:
+        if not (_is_number(clip_range) and 0 < clip_range < math.inf):
             raise ValueError(f"clip_range must be a positive number, got {clip_range!r}")
         if isinstance(steps_offset, bool) or not isinstance(steps_offset, int) or steps_offset < 0:
             raise ValueError(f"steps_offset must be a non-negative integer, got {steps_offset!r}")
@@ -269,7 +274,7 @@ class DDIM(Sampler):
 
     def __init__(self, *args, eta: float = 0.0, **kwargs):
         super().__init__(*args, **kwargs)
-        if isinstance(eta, bool) or not isinstance(eta, numbers.Real) or not 0.0 <= eta <= 1.0:
+        if not (_is_number(eta) and 0.0 <= eta <= 1.0):
             raise ValueError(f"eta must be a number in [0, 1], got {eta!r}")
         self.eta = float(eta)
         self.stochastic = eta > 0
