@@ -48,11 +48,21 @@ _INSTALL = {"tensorrt": "install TensorRT 10.9 or newer from NVIDIA (pip install
 # -- the export spec, carried by the ONNX file -----------------------------------------------------------------
 def read_spec(onnx_path: str | os.PathLike) -> ExportSpec | None:
     """The ExportSpec recorded in an ONNX file by ``export_onnx`` (None for a file from elsewhere)."""
-    import onnx
-
-    proto = onnx.load(str(onnx_path), load_external_data=False)
+    proto = _load_onnx(Path(onnx_path))
     text = next((p.value for p in proto.metadata_props if p.key == SPEC_KEY), None)
     return None if text is None else ExportSpec.from_json(text)
+
+
+def _load_onnx(onnx_path: Path):
+    """The ModelProto of ``onnx_path`` without its external weights; a file that is not ONNX is refused by name."""
+    import onnx
+    from google.protobuf.message import DecodeError
+
+    try:
+        return onnx.load(str(onnx_path), load_external_data=False)
+    except DecodeError as e:
+        raise ValueError(f"onnx_path: {str(onnx_path)!r} is not an ONNX model ({e}); make one with "
+                         "`stunet export onnx`") from None
 
 
 def plan_spec_path(plan_path: str | os.PathLike) -> Path:
@@ -145,15 +155,13 @@ def build_engine(onnx_path: str | os.PathLike, plan_path: str | os.PathLike, *, 
     backend refuses a model of another architecture with it. ``progress`` shows the stage that runs (a build
     takes minutes).
     """
-    import onnx
-
     onnx_path, plan_path = Path(onnx_path), Path(plan_path)
     if not onnx_path.is_file():
         raise FileNotFoundError(f"onnx_path: no ONNX file at {str(onnx_path)!r} (make one with `stunet export onnx`)")
     if plan_path.suffix not in (".plan", ".engine"):
         raise ValueError(f"plan_path must end in .plan or .engine, got {str(plan_path)!r}")
     name, trt = toolkit(toolkit_name)
-    proto = onnx.load(str(onnx_path), load_external_data=False)
+    proto = _load_onnx(onnx_path)
     _check_external_data(proto, onnx_path)
     _check_precision(proto, fp16, onnx_path)
     spec = next((ExportSpec.from_json(p.value) for p in proto.metadata_props if p.key == SPEC_KEY), None)

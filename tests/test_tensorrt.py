@@ -253,6 +253,9 @@ def test_build_engine_refuses_bad_requests(fp16_export, tmp_path):
     model, result = fp16_export
     with pytest.raises(FileNotFoundError, match="onnx_path: no ONNX file"):
         build_engine(tmp_path / "missing.onnx", tmp_path / "a.plan")
+    (tmp_path / "junk.onnx").write_bytes(b"not a protobuf")
+    with pytest.raises(ValueError, match="onnx_path: .*junk.onnx' is not an ONNX model"):
+        build_engine(tmp_path / "junk.onnx", tmp_path / "a.plan")
     with pytest.raises(ValueError, match="must end in .plan or .engine"):
         build_engine(result.path, tmp_path / "a.bin")
     with pytest.raises(ValueError, match="builds for .*got \\[90\\]"):
