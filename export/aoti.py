@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
+import zipfile
 from pathlib import Path
 
 import torch
@@ -69,7 +70,15 @@ def load_aoti(path: str | os.PathLike):
     if not path.is_file():
         raise FileNotFoundError(f"no AOTInductor package at {str(path)!r} (make one with stunet.export.export_aoti "
                                 "or `stunet export aoti`)")
-    return torch._inductor.aoti_load_package(str(path))
+    if not zipfile.is_zipfile(path):
+        raise ValueError(f"package: {str(path)!r} is not an AOTInductor package (a .pt2 is a zip archive); make one "
+                         "with `stunet export aoti`")
+    try:
+        return torch._inductor.aoti_load_package(str(path))
+    except RuntimeError as e:  # a zip without a compiled model in it, or one compiled for another platform
+        reason = str(e).strip().splitlines()[0]
+        raise ValueError(f"package: {str(path)!r} cannot be loaded as an AOTInductor package ({reason}); rebuild "
+                         "it here with `stunet export aoti`") from e
 
 
 def package_spec(runner) -> ExportSpec | None:

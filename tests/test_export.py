@@ -437,6 +437,20 @@ def test_aoti_export_refuses_a_wrong_path(tmp_path):
         export_aoti(model, tmp_path / "m.onnx")
 
 
+def test_aoti_backend_refuses_a_file_that_is_not_a_package(tmp_path):
+    import zipfile
+
+    from stunet.backends import make_backend
+
+    (tmp_path / "junk.pt2").write_bytes(b"not a zip")
+    with zipfile.ZipFile(tmp_path / "other.pt2", "w") as archive:
+        archive.writestr("notes.txt", "a zip without a compiled model")
+    with pytest.raises(ValueError, match=r"junk.pt2' is not an AOTInductor package \(a .pt2 is a zip archive\)"):
+        make_backend(tiny_model(), "aoti", package=tmp_path / "junk.pt2")
+    with pytest.raises(ValueError, match=r"other.pt2' cannot be loaded as an AOTInductor package \(.+\); rebuild"):
+        make_backend(tiny_model(), "aoti", package=tmp_path / "other.pt2")
+
+
 @pytest.mark.gpu
 def test_gpu_aoti_cuda_package_holds_the_kernels_and_matches_the_reference(tmp_path):
     """Built on CUDA, the package holds the Triton kernels (temporal attention, GroupNorm) and runs like the
