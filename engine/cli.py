@@ -498,7 +498,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
     try:
         model = convert_folder(src, dst, dtype=args.dtype, motion_adapter=args.motion_adapter,
                                overwrite=args.overwrite, progress=not args.quiet, **overrides)
-    except (ConversionError, ImportError, FileNotFoundError, FileExistsError) as e:
+    except (ConversionError, ValueError, ImportError, FileNotFoundError, FileExistsError) as e:
         parser.error(str(e))
     parts = [p.name for p in sorted(dst.iterdir()) if p.is_dir()]
     cfg = model.config

@@ -456,8 +456,7 @@ _DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def _load_unet(src, motion_adapter):
-    import json
-
+    from .io import read_json
     from .pipeline.latent import _require_diffusers, diffusers_load_options
 
     diffusers = _require_diffusers()
@@ -465,10 +464,13 @@ def _load_unet(src, motion_adapter):
     if not config.is_file():
         raise FileNotFoundError(f"{str(src)!r} has no config.json: give a diffusers `unet` folder or a pipeline "
                                 "folder holding one")
-    kind = json.loads(config.read_text()).get("_class_name")
+    kind = read_json(config, "give the folder a diffusers config.json").get("_class_name")
     if kind not in SUPPORTED:
         _fail(f"model type {kind!r} (in {str(config)!r})", f"convert one of {', '.join(SUPPORTED)}")
-    model = getattr(diffusers, kind).from_pretrained(src, torch_dtype=torch.float32, **diffusers_load_options())
+    try:
+        model = getattr(diffusers, kind).from_pretrained(src, torch_dtype=torch.float32, **diffusers_load_options())
+    except OSError as e:  # diffusers' word for missing or unreadable weights
+        raise FileNotFoundError(f"diffusers could not load the {kind} in {str(src)!r}: {e}") from None
     if kind == "UNet2DConditionModel" and motion_adapter is not None:
         adapter = diffusers.MotionAdapter.from_pretrained(motion_adapter, torch_dtype=torch.float32,
                                                           **diffusers_load_options())
@@ -500,11 +502,10 @@ def convert_folder(src, dst, *, dtype: str = "fp16", motion_adapter=None, overwr
     an existing non-empty ``dst`` is refused unless ``overwrite``. ``progress`` shows a line naming the stage
     that runs (loading a large checkpoint takes a while). Returns the converted model (fp32).
     """
-    import json
     import shutil
     from pathlib import Path
 
-    from .io import atomic_dir
+    from .io import atomic_dir, read_json
     from .progress import Stages
     from .sampling.samplers import scheduler_options
 
@@ -524,7 +525,7 @@ def convert_folder(src, dst, *, dtype: str = "fp16", motion_adapter=None, overwr
         raise FileNotFoundError(f"no motion adapter folder at {str(motion_adapter)!r}")
     scheduler = src / "scheduler" / "scheduler_config.json"
     if scheduler.is_file():
-        _, options = scheduler_options(json.loads(scheduler.read_text()))
+        _, options = scheduler_options(read_json(scheduler, "fix or remove the scheduler folder"))
         for key in ("prediction", "schedule", "num_train_timesteps"):
             overrides.setdefault(key, options[key])
     parts = [part for part in PIPELINE_PARTS if pipeline and (src / part).is_dir()]

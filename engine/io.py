@@ -1,4 +1,4 @@
-"""Atomic file writes: a reader never sees a half-written file, and a failed write leaves the old one intact.
+"""File I/O. Atomic writes: a reader never sees a half-written file, and a failed write leaves the old one intact.
 
 Written files get the mode any new file would get (0o666 minus the umask: 0644 under the usual 0022), or the
 mode of the file they replace; the temporary file's private 0600 never reaches the result. Folders built aside
@@ -7,10 +7,11 @@ mode of the file they replace; the temporary file's private 0600 never reaches t
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 
 @contextlib.contextmanager
@@ -110,3 +111,13 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     with atomic_path(path) as tmp:
         tmp.write_bytes(data)
+
+
+def read_json(path: str | os.PathLike, fix: str = "") -> Any:
+    """The JSON value in the file at ``path``; a file that is not JSON is a ValueError naming it (then ``fix``,
+    what to do about it)."""
+    path = Path(path)
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{str(path)!r} is not valid JSON ({e})" + (f"; {fix}" if fix else "")) from None

@@ -112,9 +112,13 @@ class ExportSpec:
 
     @classmethod
     def from_json(cls, text: str) -> "ExportSpec":
-        data = json.loads(text)
-        data.update(config=STUNetConfig.from_dict(data["config"]), dtype=getattr(torch, data["dtype"]))
-        return cls(**data)
+        try:
+            data = json.loads(text)
+            data.update(config=STUNetConfig.from_dict(data["config"]), dtype=getattr(torch, data["dtype"]))
+            return cls(**data)
+        except (ValueError, KeyError, TypeError, AttributeError) as e:  # JSONDecodeError is a ValueError
+            raise ValueError(f"ExportSpec.from_json: not an export spec ({type(e).__name__}: {e}); export the "
+                             "model again") from None
 
     @property
     def input_names(self) -> list[str]:

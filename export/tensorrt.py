@@ -76,7 +76,13 @@ def read_plan_spec(plan_path: str | os.PathLike) -> ExportSpec | None:
     """The ExportSpec of the ONNX file a plan was built from (``plan_spec_path``), or None when the plan has
     none beside it (built elsewhere, or copied without it)."""
     path = plan_spec_path(plan_path)
-    return ExportSpec.from_json(path.read_text()) if path.is_file() else None
+    if not path.is_file():
+        return None
+    try:
+        return ExportSpec.from_json(path.read_text())
+    except ValueError as e:
+        raise ValueError(f"engine: the export spec beside it, {str(path)!r}, is unreadable ({e}); build the plan "
+                         "again with `stunet export tensorrt`, or remove the file") from None
 
 
 def profile_shapes(spec: ExportSpec) -> dict[str, tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]]:

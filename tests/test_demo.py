@@ -88,6 +88,11 @@ def test_the_word_encoder_refuses_unknown_words_and_round_trips(tmp_path):
     assert torch.equal(again.encode(["a red circle"])[0], text.encode(["a red circle"])[0])
     with pytest.raises(FileNotFoundError, match="vocab.json"):
         WordEncoder.load(tmp_path / "missing")
+    for broken, message in (("{not json", r"vocab.json' is not valid JSON \(.+\); save the encoder again"),
+                            ('{"vocab": "a b", "dim": 4}', r"vocab.json' must hold \{\"vocab\": \[words\]")):
+        (tmp_path / "vocab.json").write_text(broken)
+        with pytest.raises(ValueError, match=message):
+            WordEncoder.load(tmp_path)
     with pytest.raises(ValueError, match="distinct lower-case words"):
         WordEncoder(["a", "a"], 4)
 

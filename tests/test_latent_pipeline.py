@@ -4,9 +4,11 @@ or from the same seed (video-to-video, against diffusers' video-to-video pipelin
 against diffusers' schedulers; the CLI path from a folder to a video."""
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import diffusers_models as tiny
 import numpy as np
@@ -294,6 +296,38 @@ def test_scheduler_options_refuse_what_they_cannot_reproduce():
         scheduler_options({"_class_name": "DDIMScheduler", "prediction_type": "sample"})
     name, options = scheduler_options({"_class_name": "EulerDiscreteScheduler", "beta_schedule": "scaled_linear"})
     assert name is None and options["schedule"] == "scaled_linear"
+
+
+def test_an_unreadable_file_in_a_folder_is_named(t2v_folder, tmp_path):
+    """A config that is not JSON, weights that are not there: an error naming the file, never a decoder's or
+    diffusers' traceback, and nothing written."""
+    from stunet.cli import main
+
+    _, folder = t2v_folder
+
+    def broken(name: str, change) -> Path:
+        copy = tmp_path / name
+        shutil.copytree(folder, copy)
+        change(copy)
+        return copy
+
+    bad_config = broken("bad_config", lambda d: (d / "unet" / "config.json").write_text("{not json"))
+    with pytest.raises(ValueError, match=r"unet/config.json' is not valid JSON \(.+\); give the folder a diffusers"):
+        convert_folder(bad_config, tmp_path / "out")
+    with pytest.raises(SystemExit) as exit_:
+        main(["convert", str(bad_config), "-o", str(tmp_path / "out"), "-q"])
+    assert exit_.value.code == 2
+    no_weights = broken("no_weights", lambda d: [p.unlink() for p in (d / "unet").glob("diffusion_pytorch_model*")])
+    with pytest.raises(FileNotFoundError, match=r"diffusers could not load the UNet3DConditionModel in .*no_weights"):
+        convert_folder(no_weights, tmp_path / "out")
+    bad_scheduler = broken("bad_scheduler", lambda d: (d / "scheduler" / "scheduler_config.json").write_bytes(b"\xff"))
+    with pytest.raises(ValueError, match="scheduler_config.json' is not valid JSON"):
+        convert_folder(bad_scheduler, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    convert_folder(folder, tmp_path / "out", dtype="fp32")
+    (tmp_path / "out" / "scheduler" / "scheduler_config.json").write_text("")
+    with pytest.raises(ValueError, match="scheduler_config.json' is not valid JSON .*or pass schedule="):
+        stunet.Pipeline.from_pretrained(tmp_path / "out", device="cpu", progress=False)
 
 
 # -- the command line ------------------------------------------------------------------------------------------

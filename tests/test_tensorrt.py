@@ -246,6 +246,18 @@ def test_a_plan_records_its_spec_and_the_backend_refuses_another_architecture(fp
     assert "another architecture" not in " ".join(TensorRTBackend.unsupported(other, engine=plan))
 
 
+def test_an_unreadable_export_spec_is_named(tmp_path):
+    from stunet.export import ExportSpec, read_plan_spec
+
+    for text in ("{not json", "[]", '{"config": {}}'):
+        with pytest.raises(ValueError, match=r"ExportSpec.from_json: not an export spec \(\w+: .*\); export the model"):
+            ExportSpec.from_json(text)
+    (tmp_path / "m.plan").write_bytes(b"plan")
+    (tmp_path / "m.plan.json").write_text("{not json")
+    with pytest.raises(ValueError, match=r"engine: the export spec beside it, '.*m.plan.json', is unreadable"):
+        read_plan_spec(tmp_path / "m.plan")
+
+
 def test_build_engine_refuses_bad_requests(fp16_export, tmp_path):
     pytest.importorskip("tensorrt_rtx_bindings")
     from stunet.export import build_engine, export_onnx

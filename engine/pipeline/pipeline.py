@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import json
 import logging
 import os
 import random
@@ -44,6 +43,7 @@ from .. import distributed
 from ..backends import BACKENDS, make_backend
 from ..backends.base import own_precision
 from ..config import check_size
+from ..io import read_json
 from ..model import STUNet
 from ..model.validate import checked_placement
 from ..sampling import runtime as cpp_runtime
@@ -273,7 +273,7 @@ class Pipeline:
             kwargs["vae"] = load_vae(base / "vae", device=device, dtype=dtype)
         scheduler = base / "scheduler" / "scheduler_config.json"
         if scheduler.is_file() and "schedule" not in kwargs:
-            scheduler_config = json.loads(scheduler.read_text())
+            scheduler_config = read_json(scheduler, "fix or remove the scheduler folder, or pass schedule=")
             name, options = scheduler_options(scheduler_config)
             kwargs["schedule"] = {k: v for k, v in options.items()  # what another named sampler runs on
                                   if k not in ("clip_sample", "clip_range", "fixed_stride")}

@@ -210,17 +210,20 @@ class WordEncoder(torch.nn.Module):
 
     @classmethod
     def load(cls, directory: str | os.PathLike, device: str | torch.device = "cpu") -> "WordEncoder":
-        import json
-
         from safetensors.torch import load_file
+
+        from ..io import read_json
 
         checked_placement(device)
         directory = Path(directory)
         for name in ("vocab.json", "embedding.safetensors"):
             if not (directory / name).is_file():
                 raise FileNotFoundError(f"word encoder directory {str(directory)!r} has no {name}")
-        meta = json.loads((directory / "vocab.json").read_text())
-        encoder = cls(meta["vocab"], int(meta["dim"]))
+        meta = read_json(directory / "vocab.json", "save the encoder again with WordEncoder.save")
+        if not (isinstance(meta, dict) and isinstance(meta.get("vocab"), list) and isinstance(meta.get("dim"), int)):
+            raise ValueError(f"{str(directory / 'vocab.json')!r} must hold {{\"vocab\": [words], \"dim\": int}}, as "
+                             "WordEncoder.save writes it")
+        encoder = cls(meta["vocab"], meta["dim"])
         weight = load_file(str(directory / "embedding.safetensors"))["embedding"]
         if weight.shape != encoder.embedding.weight.shape:
             raise ValueError(f"{str(directory)!r}: embedding.safetensors holds {tuple(weight.shape)}, vocab.json "
