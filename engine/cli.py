@@ -352,8 +352,10 @@ def _pixel_pipeline(args, demo: bool, device: str, dtype, options: dict, paralle
     else:
         base = STUNet.from_pretrained(args.model, device=device, dtype=dtype)
     ssr = STUNet.from_pretrained(args.ssr, device=device, dtype=dtype) if args.ssr else demo_ssr
-    if args.text_encoder:
-        encoder = load_text_encoder(args.text_encoder, device=device, dtype=dtype)
+    own = Path(args.model) / "text_encoder" if args.model is not None else None
+    folder = args.text_encoder or (own if own is not None and own.is_dir() else None)  # as Pipeline.from_pretrained
+    if folder is not None:
+        encoder = load_text_encoder(folder, device=device, dtype=dtype)
     elif demo_text is not None:
         encoder = demo_text
     else:
@@ -621,7 +623,8 @@ def _add_generation_args(p: argparse.ArgumentParser, edits: str | None = None) -
     p.add_argument("--model", metavar="DIR", help="base model folder (config.json + model.safetensors)")
     p.add_argument("--ssr", metavar="DIR", help="SSR model folder; omit to stay at the base resolution")
     p.add_argument("--text-encoder", metavar="DIR",
-                   help="T5 / CLIP text encoder folder (transformers format, with its tokenizer)")
+                   help="T5 / CLIP text encoder folder (transformers format, with its tokenizer; default: "
+                        "the --model folder's text_encoder/ when it has one)")
     p.add_argument("--preset", choices=list(PRESETS),
                    help="preset for random weights when --model is not given (default: the built-in demo "
                         "cascade, trained; tiny-cond with random weights for the conditional modes)")

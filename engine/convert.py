@@ -456,7 +456,7 @@ _DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def _load_unet(src, motion_adapter):
-    from .io import read_json
+    from .io import folder_load_errors, read_json
     from .pipeline.latent import _require_diffusers, diffusers_load_options
 
     diffusers = _require_diffusers()
@@ -467,13 +467,12 @@ def _load_unet(src, motion_adapter):
     kind = read_json(config, "give the folder a diffusers config.json").get("_class_name")
     if kind not in SUPPORTED:
         _fail(f"model type {kind!r} (in {str(config)!r})", f"convert one of {', '.join(SUPPORTED)}")
-    try:
+    with folder_load_errors(kind, src):
         model = getattr(diffusers, kind).from_pretrained(src, torch_dtype=torch.float32, **diffusers_load_options())
-    except OSError as e:  # diffusers' word for missing or unreadable weights
-        raise FileNotFoundError(f"diffusers could not load the {kind} in {str(src)!r}: {e}") from None
     if kind == "UNet2DConditionModel" and motion_adapter is not None:
-        adapter = diffusers.MotionAdapter.from_pretrained(motion_adapter, torch_dtype=torch.float32,
-                                                          **diffusers_load_options())
+        with folder_load_errors("MotionAdapter", motion_adapter):
+            adapter = diffusers.MotionAdapter.from_pretrained(motion_adapter, torch_dtype=torch.float32,
+                                                              **diffusers_load_options())
         # from_unet2d casts the model it builds with .to(dtype), on which diffusers warns that the modules "that
         # should be kept in float32: []" may be cast inconsistently: a note about an empty list, dropped here
         def note(record: logging.LogRecord) -> bool:

@@ -121,3 +121,20 @@ def read_json(path: str | os.PathLike, fix: str = "") -> Any:
         return json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"{str(path)!r} is not valid JSON ({e})" + (f"; {fix}" if fix else "")) from None
+
+
+class folder_load_errors:
+    """``with folder_load_errors(what, path):`` the OSError that transformers and diffusers raise for a folder
+    they cannot load (no weights file, an unreadable config) comes out as a FileNotFoundError naming ``what`` and
+    the folder, which callers report as bad input. (A class whose ``__exit__`` returns None: type checkers then
+    know that it suppresses nothing.)"""
+
+    def __init__(self, what: str, path: str | os.PathLike):
+        self.what, self.path = what, path
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, kind, error, traceback) -> None:
+        if isinstance(error, OSError):
+            raise FileNotFoundError(f"could not load the {self.what} in {str(self.path)!r}: {error}") from None

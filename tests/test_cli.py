@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -150,6 +151,14 @@ def test_a_text_encoder_folder_loads_in_the_runs_dtype_quietly(tmp_path, capsys,
     assert code == 0, err
     assert [e.model.dtype for e in loaded] == [torch.bfloat16] and np.isfinite(np.load(tmp_path / "o.npy")).all()
     assert "Loading weights" not in err and err.startswith("stunet: wrote"), err  # -q: transformers' bars too
+    # a model folder's own text_encoder/ is the default, as for Pipeline.from_pretrained
+    shutil.copytree(tmp_path / "t5", tmp_path / "m" / "text_encoder")
+    code, err = _cli(["generate", "a cat", "-o", "{tmp}/own.npy", "--model", "{tmp}/m", "--steps", "1", "--frames",
+                      "4", "--seed", "3"], tmp_path, capsys)
+    assert code == 0 and len(loaded) == 2 and "random tiny text encoder" not in err, err
+    (tmp_path / "m" / "text_encoder" / "model.safetensors").unlink()
+    code, err = _cli(["generate", "a cat", "-o", "{tmp}/none.npy", "--model", "{tmp}/m", "-q"], tmp_path, capsys)
+    assert code == 2 and re.search(r"error: could not load the T5 encoder in '.*text_encoder': .*no file named", err)
 
 
 def test_fp16_on_the_cpu_says_what_it_costs(tmp_path, capsys):

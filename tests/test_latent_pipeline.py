@@ -318,7 +318,7 @@ def test_an_unreadable_file_in_a_folder_is_named(t2v_folder, tmp_path):
         main(["convert", str(bad_config), "-o", str(tmp_path / "out"), "-q"])
     assert exit_.value.code == 2
     no_weights = broken("no_weights", lambda d: [p.unlink() for p in (d / "unet").glob("diffusion_pytorch_model*")])
-    with pytest.raises(FileNotFoundError, match=r"diffusers could not load the UNet3DConditionModel in .*no_weights"):
+    with pytest.raises(FileNotFoundError, match=r"could not load the UNet3DConditionModel in .*no_weights.*: "):
         convert_folder(no_weights, tmp_path / "out")
     bad_scheduler = broken("bad_scheduler", lambda d: (d / "scheduler" / "scheduler_config.json").write_bytes(b"\xff"))
     with pytest.raises(ValueError, match="scheduler_config.json' is not valid JSON"):
@@ -328,6 +328,11 @@ def test_an_unreadable_file_in_a_folder_is_named(t2v_folder, tmp_path):
     (tmp_path / "out" / "scheduler" / "scheduler_config.json").write_text("")
     with pytest.raises(ValueError, match="scheduler_config.json' is not valid JSON .*or pass schedule="):
         stunet.Pipeline.from_pretrained(tmp_path / "out", device="cpu", progress=False)
+    for part, named in (("vae", "VAE"), ("text_encoder", "CLIP text model")):
+        for weights in (tmp_path / "out" / part).glob("*.safetensors"):
+            weights.unlink()
+        with pytest.raises(FileNotFoundError, match=rf"could not load the {named} in '.*{part}': "):
+            stunet.Pipeline.from_pretrained(tmp_path / "out", device="cpu", progress=False, schedule={})
 
 
 # -- the command line ------------------------------------------------------------------------------------------

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from ..io import folder_load_errors
 from ..model.validate import checked_placement
 
 log = logging.getLogger(__name__)
@@ -130,7 +131,8 @@ def load_vae(path: str | os.PathLike, device: str | torch.device = "cpu", dtype:
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"VAE directory {str(path)!r} has no config.json (a diffusers AutoencoderKL folder)")
     diffusers = _require_diffusers()
-    vae = diffusers.AutoencoderKL.from_pretrained(path, torch_dtype=dtype, **diffusers_load_options())
+    with folder_load_errors("VAE", path):
+        vae = diffusers.AutoencoderKL.from_pretrained(path, torch_dtype=dtype, **diffusers_load_options())
     return VideoVAE(vae.to(device), chunk_frames)
 
 

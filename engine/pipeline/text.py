@@ -16,6 +16,7 @@ from typing import Protocol
 
 import torch
 
+from ..io import folder_load_errors
 from ..model.validate import checked_placement
 
 log = logging.getLogger(__name__)
@@ -107,19 +108,23 @@ def load_text_encoder(path: str | os.PathLike, device: str | torch.device = "cpu
     path = Path(path)
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"text encoder directory {str(path)!r} has no config.json")
-    config = transformers.AutoConfig.from_pretrained(path, local_files_only=True)
+    with folder_load_errors("text encoder's config", path):
+        config = transformers.AutoConfig.from_pretrained(path, local_files_only=True)
     kind = getattr(config, "model_type", "")
-    tokenizer = transformers.AutoTokenizer.from_pretrained(tokenizer or path, local_files_only=True)
+    with folder_load_errors("tokenizer", tokenizer or path):
+        tokenizer = transformers.AutoTokenizer.from_pretrained(tokenizer or path, local_files_only=True)
     options: dict[str, object] = {"local_files_only": True}
     if dtype is not None:  # the keyword's name since transformers 4.56; torch_dtype before
         from packaging.version import Version  # a transformers dependency
 
         options["dtype" if Version(transformers.__version__) >= Version("4.56") else "torch_dtype"] = dtype
     if kind in ("t5", "mt5", "umt5"):
-        model = transformers.T5EncoderModel.from_pretrained(path, **options)
+        with folder_load_errors("T5 encoder", path):
+            model = transformers.T5EncoderModel.from_pretrained(path, **options)
         return HFTextEncoder(model, tokenizer, max_length or 128, device, pad_to_max_length=bool(pad_to_max_length))
     if kind in ("clip", "clip_text_model"):
-        model = transformers.CLIPTextModel.from_pretrained(path, **options)
+        with folder_load_errors("CLIP text model", path):
+            model = transformers.CLIPTextModel.from_pretrained(path, **options)
         own = tokenizer.model_max_length  # what diffusers pads to; "unset" is a huge sentinel
         length = max_length or (own if sd_style and own < 10 ** 6 else 77)
         pad = sd_style if pad_to_max_length is None else pad_to_max_length
