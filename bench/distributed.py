@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from harness import Row, command, parser, report  # noqa: E402
 
 import stunet  # noqa: E402
-from stunet import Pipeline, SSROptions, STUNet, STUNetConfig  # noqa: E402
+from stunet import Pipeline, SSROptions, STUNet, STUNetConfig, arguments  # noqa: E402
 
 TINY_SSR = dict(in_channels=6, noise_aug=True, low_res_size=8, temporal_downsample=(False, False),
                 temporal_attn_depth=0, sample_size=16)
@@ -74,10 +74,12 @@ def launch(nproc: int, args, argv) -> dict:
 
 def main(argv=None) -> dict:
     p = parser("distributed", __doc__, iters=None)
-    p.add_argument("--nproc", type=int, action="append", help="rank counts (repeatable; default 1, 2 and every GPU)")
-    p.add_argument("--steps", type=int, default=8)
-    p.add_argument("--ssr-steps", type=int, default=4)
-    p.add_argument("--ssr-batch", type=int, default=1, help="SSR windows per model call (default 1: one per rank)")
+    p.add_argument("--nproc", type=arguments.positive, action="append",
+                   help="rank counts (repeatable; default 1, 2 and every GPU)")
+    p.add_argument("--steps", type=arguments.positive, default=8)
+    p.add_argument("--ssr-steps", type=arguments.positive, default=4)
+    p.add_argument("--ssr-batch", type=arguments.positive, default=1,
+                   help="SSR windows per model call (default 1: one per rank)")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     argv = list(sys.argv[1:] if argv is None else argv)
     args = p.parse_args(argv)

@@ -28,10 +28,10 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from harness import command, device_info, parser, write_results  # noqa: E402
+from harness import command, compile_mode_option, device_info, parser, preset_name, write_results  # noqa: E402
 from step import build_package  # noqa: E402
 
-from stunet import Pipeline, STUNet, STUNetConfig  # noqa: E402
+from stunet import Pipeline, STUNet, STUNetConfig, arguments  # noqa: E402
 from stunet.backends import converted_copy, make_backend  # noqa: E402
 from stunet.backends.base import ieee_fp32  # noqa: E402
 
@@ -133,31 +133,26 @@ def markdown(rows: list[dict], info: dict, label: str) -> str:
 
 def main(argv=None) -> dict:
     p = parser("fidelity", __doc__, iters=None)
-    p.add_argument("--preset", default="small", help="a base preset (default small; tiny with --quick)")
+    p.add_argument("--preset", type=preset_name, default="small",
+                   help="a base preset (default small; tiny with --quick)")
     p.add_argument("--backend", action="append", choices=["compile", "fast", "aoti"],
                    help="repeatable; default compile and fast (fast on the CPU); aoti builds a package for the "
                         "geometry first; the FP16 reference row always runs")
-    p.add_argument("--frames", type=int, default=16)
-    p.add_argument("--size", type=int, default=64)
-    p.add_argument("--steps", type=int, default=8, help="DDIM steps of the video (default 8)")
-    p.add_argument("--compile-mode", default="default", help="torch.compile mode of the compile row (default "
-                                                             "'default': fidelity does not need autotuning)")
+    p.add_argument("--frames", type=arguments.positive, default=16)
+    p.add_argument("--size", type=arguments.positive, default=64)
+    p.add_argument("--steps", type=arguments.positive, default=8, help="DDIM steps of the video (default 8)")
+    compile_mode_option(p, "default", "of the compile row (fidelity does not need autotuning)")
     args = p.parse_args(argv)
     device = torch.device(args.device)
     preset = "tiny" if args.quick else args.preset
     frames, size, steps = (8, 16, 2) if args.quick else (args.frames, args.size, args.steps)
-    try:
-        cfg = STUNetConfig.from_preset(preset)
-    except (KeyError, ValueError) as e:
-        p.error(f"argument --preset: {e}")
+    cfg = STUNetConfig.from_preset(preset)
     if cfg.is_ssr or cfg.in_channels != 3:
         p.error(f"argument --preset: {preset!r} is not a pixel base model (in_channels=3); use small, edge or "
                 "lumiere-base")
-    if frames < 1 or frames % cfg.frame_divisor or size < 1 or size % cfg.spatial_divisor:
+    if frames % cfg.frame_divisor or size % cfg.spatial_divisor:
         p.error(f"arguments --frames/--size: {preset} takes frames in multiples of {cfg.frame_divisor} and sizes "
                 f"in multiples of {cfg.spatial_divisor}, got {frames} and {size}")
-    if steps < 1:
-        p.error(f"argument --steps: must be at least 1, got {steps}")
     backends = args.backend or (["compile", "fast"] if device.type == "cuda" else ["fast"])
     label = f"{preset}, 2x{cfg.in_channels}x{frames}x{size}x{size}, video of {steps} steps"
     try:

@@ -24,7 +24,11 @@ from typing import Callable
 
 import torch
 
+from stunet import arguments
+from stunet.backends.compile import compile_modes
+from stunet.config import PRESETS
 from stunet.io import atomic_path
+from stunet.model.validate import checked_placement
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -58,15 +62,40 @@ class Row:
 
 
 def parser(name: str, doc: str, iters: int | None = 20) -> argparse.ArgumentParser:
-    """The options every script shares: --device, --quick (a smoke run), --iters, --out."""
+    """The options every script shares: --device, --quick (a smoke run), --iters, --out. Values are checked as
+    they are parsed (``stunet.arguments``): a bad one exits with status 2 naming the argument."""
     p = argparse.ArgumentParser(prog=f"bench/{name}.py", description=doc.split("\n")[0])
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", type=device_here, default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="cpu, cuda or cuda:N (default: cuda when available)")
     p.add_argument("--quick", action="store_true", help="small shapes (a smoke run; the test suite runs it)")
     if iters is not None:
-        p.add_argument("--iters", type=int, default=iters, help=f"timed calls per row (default {iters})")
+        p.add_argument("--iters", type=arguments.positive, default=iters, help=f"timed calls per row (default {iters})")
     p.add_argument("--out", type=Path, default=None,
                    help=f"folder for {name}.json/.md (default bench/results/<gpu>)")
     return p
+
+
+def device_here(text: str) -> str:
+    """An argument type: 'cpu', 'cuda' or 'cuda:N', and present on this machine."""
+    text = arguments.device(text)
+    try:
+        checked_placement(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return text
+
+
+def compile_mode_option(p: argparse.ArgumentParser, default: str, what: str) -> None:
+    """--compile-mode: one of this torch's torch.compile modes."""
+    p.add_argument("--compile-mode", default=default, choices=compile_modes(),
+                   help=f"torch.compile mode {what} (default {default!r})")
+
+
+def preset_name(text: str) -> str:
+    """An argument type: a preset name (``stunet.config.PRESETS``)."""
+    if text not in PRESETS:
+        raise argparse.ArgumentTypeError(f"must be a preset, one of {', '.join(PRESETS)}; got {text!r}")
+    return text
 
 
 def command(name: str, argv: list[str] | None) -> str:

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from harness import Row, command, parser, report, timed_step  # noqa: E402
+from harness import Row, command, compile_mode_option, parser, report, timed_step  # noqa: E402
 
 from stunet.backends import make_backend  # noqa: E402
 from stunet.convert import from_diffusers  # noqa: E402
@@ -121,9 +121,9 @@ def main(argv=None) -> dict:
     p = parser("peers", __doc__, iters=10)
     p.add_argument("--model", action="append", choices=sorted(MODELS), help="zeroscope, animatediff (repeatable; "
                                                                            "default both)")
-    p.add_argument("--backend", action="append", help="stunet backends: reference, compile, fast (repeatable; "
-                                                      "default all on CUDA, reference and fast on a CPU)")
-    p.add_argument("--compile-mode", default="max-autotune", help="torch.compile mode of the compile rows")
+    p.add_argument("--backend", action="append", choices=["reference", "compile", "fast"],
+                   help="stunet backends (repeatable; default all on CUDA, reference and fast on a CPU)")
+    compile_mode_option(p, "max-autotune", "of the compile rows")
     args = p.parse_args(argv)
     device = torch.device(args.device)
     dtype = torch.float16 if device.type == "cuda" else torch.float32

@@ -21,7 +21,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from harness import Row, command, parser, report  # noqa: E402
 
-from stunet import Pipeline, SSROptions, STUNet, STUNetConfig  # noqa: E402
+from stunet import Pipeline, SSROptions, STUNet, STUNetConfig, arguments  # noqa: E402
 
 TINY_SSR = dict(in_channels=6, noise_aug=True, low_res_size=8, temporal_downsample=(False, False),
                 temporal_attn_depth=0, sample_size=16)
@@ -76,10 +76,11 @@ def run(backend: str, runtime: str, args, device, dtype) -> Row:
 
 def main(argv=None) -> dict:
     p = parser("pipeline", __doc__, iters=None)
-    p.add_argument("--backend", action="append", help="reference, compile, fast (repeatable; default reference, fast)")
-    p.add_argument("--steps", type=int, default=32)
-    p.add_argument("--ssr-steps", type=int, default=32)
-    p.add_argument("--ssr-batch", type=int, default=1,
+    p.add_argument("--backend", action="append", choices=["reference", "compile", "fast"],
+                   help="repeatable; default reference, fast")
+    p.add_argument("--steps", type=arguments.positive, default=32)
+    p.add_argument("--ssr-steps", type=arguments.positive, default=32)
+    p.add_argument("--ssr-batch", type=arguments.positive, default=1,
                    help="SSR windows per model call (default 1: the CFG pair of one lumiere-ssr window holds 39 GB "
                         "of activations on the fast backend and 86 GB on the reference, as simulated; 6 windows "
                         "cover 80 frames)")

@@ -23,10 +23,10 @@ import torch
 from torch.profiler import DeviceType, ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from harness import command, device_info, parser, write_results  # noqa: E402
+from harness import command, compile_mode_option, device_info, parser, preset_name, write_results  # noqa: E402
 from step import cfg_step, geometry  # noqa: E402
 
-from stunet import STUNet, STUNetConfig  # noqa: E402
+from stunet import STUNet, STUNetConfig, arguments  # noqa: E402
 from stunet.backends import make_backend  # noqa: E402
 
 # First match wins: attention before GEMM (flash kernels are GEMMs too), copies before elementwise (a copy is an
@@ -120,21 +120,16 @@ def markdown(result: dict, info: dict, top_n: int) -> str:
 
 def main(argv=None) -> dict:
     p = parser("profile_step", __doc__, iters=3)
-    p.add_argument("--preset", default="lumiere-base", help="small, lumiere-base, lumiere-ssr, edge (default "
-                                                            "lumiere-base; tiny with --quick)")
+    p.add_argument("--preset", type=preset_name, default="lumiere-base",
+                   help="small, lumiere-base, lumiere-ssr, edge (default lumiere-base; tiny with --quick)")
     p.add_argument("--backend", default="fast", choices=["reference", "compile", "fast"])
-    p.add_argument("--top", type=int, default=25, help="ops in the table (default 25; the JSON holds all)")
-    p.add_argument("--compile-mode", default="max-autotune", help="torch.compile mode for the compile backend")
+    p.add_argument("--top", type=arguments.positive, default=25, help="ops in the table (default 25; the JSON holds "
+                                                                      "all)")
+    compile_mode_option(p, "max-autotune", "for the compile backend")
     args = p.parse_args(argv)
-    if args.iters < 1 or args.top < 1:
-        p.error(f"arguments --iters and --top: must be at least 1, got {args.iters} and {args.top}")
     device = torch.device(args.device)
     dtype = torch.float16 if device.type == "cuda" else torch.float32
     preset = "tiny" if args.quick else args.preset
-    try:
-        STUNetConfig.from_preset(preset)
-    except (KeyError, ValueError) as e:
-        p.error(f"argument --preset: {e}")
     result = profile_step(preset, args.backend, device, dtype, args.iters, args.quick, args.compile_mode)
     info = device_info(device)
     table = markdown(result, info, args.top)

@@ -27,9 +27,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from harness import Row, command, parser, report, timed_step  # noqa: E402
+from harness import Row, command, compile_mode_option, parser, preset_name, report, timed_step  # noqa: E402
 
-from stunet import STUNet, STUNetConfig  # noqa: E402
+from stunet import STUNet, STUNetConfig, arguments  # noqa: E402
 from stunet.model import FAST, REFERENCE, forward_peak_bytes  # noqa: E402
 from stunet.sampling import runtime  # noqa: E402
 from stunet.backends import make_backend  # noqa: E402
@@ -126,8 +126,9 @@ def cfg_step(model: STUNet, executor, device, dtype, T: int, H: int, W: int):
 
 def main(argv=None) -> dict:
     p = parser("step", __doc__, iters=10)
-    p.add_argument("--preset", action="append", help="small, lumiere-base, lumiere-ssr, edge (repeatable; "
-                                                     "default: small, lumiere-base, lumiere-ssr)")
+    p.add_argument("--preset", action="append", type=preset_name,
+                   help="small, lumiere-base, lumiere-ssr, edge (repeatable; default: small, lumiere-base, "
+                        "lumiere-ssr)")
     p.add_argument("--backend", action="append", choices=["reference", "compile", "fast", "aoti"],
                    help="repeatable; default reference, compile and fast (reference and fast on the CPU); aoti "
                         "builds a package per preset first")
@@ -135,9 +136,10 @@ def main(argv=None) -> dict:
                    help="--backend aoti times this package (`stunet export aoti` of the one --preset, --static at "
                         "the timed geometry: --batch 2, the preset's frames and size, --text-len 77) instead of "
                         "building one")
-    p.add_argument("--max-batch", type=int, help="also time the fast backend running the CFG pair in slices of "
-                                                 "this many clips (lower peak memory)")
-    p.add_argument("--compile-mode", default="max-autotune", help="torch.compile mode for the compile backend")
+    p.add_argument("--max-batch", type=arguments.positive,
+                   help="also time the fast backend running the CFG pair in slices of this many clips (lower peak "
+                        "memory)")
+    compile_mode_option(p, "max-autotune", "for the compile backend")
     args = p.parse_args(argv)
     device = torch.device(args.device)
     dtype = torch.float16 if device.type == "cuda" else torch.float32

@@ -11,7 +11,6 @@ import argparse
 import atexit
 import json
 import logging
-import math
 import os
 import re
 import signal
@@ -19,6 +18,7 @@ import sys
 from pathlib import Path
 from typing import NoReturn
 
+from . import arguments
 from .backends import BACKENDS
 from .config import PRESETS
 from .io import atomic_path
@@ -29,50 +29,7 @@ DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 CONDITIONAL = ("image-to-video", "inpaint", "cinemagraph")
 
 
-# -- argument types: each raises argparse.ArgumentTypeError, which argparse reports naming the argument ----------
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
-    return value
-
-
-def _seed(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be an integer in [0, 2**63), got {text!r}") from None
-    if not 0 <= value < 2 ** 63:
-        raise argparse.ArgumentTypeError(f"must be an integer in [0, 2**63), got {value}")
-    return value
-
-
-def _number(lo: float, hi: float | None = None, lo_open: bool = False):
-    """A finite float in [lo, hi] ((lo, hi] with ``lo_open``; no upper bound when ``hi`` is None)."""
-    rule = (f"in {'(' if lo_open else '['}{lo:g}, {hi:g}]" if hi is not None
-            else (f"> {lo:g}" if lo_open else f">= {lo:g}"))
-
-    def parse(text: str) -> float:
-        try:
-            value = float(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"must be a number {rule}, got {text!r}") from None
-        if not math.isfinite(value) or (value <= lo if lo_open else value < lo) or (hi is not None and value > hi):
-            raise argparse.ArgumentTypeError(f"must be a finite number {rule}, got {text!r}")
-        return value
-
-    return parse
-
-
-def _device(text: str) -> str:
-    if not re.fullmatch(r"cpu|cuda(:\d+)?", text):
-        raise argparse.ArgumentTypeError(f"must be 'cpu', 'cuda' or 'cuda:N', got {text!r}")
-    return text
-
-
+# -- argument types beyond stunet.arguments' ---------------------------------------------------------------------
 def _region(text: str):
     """A mask image path, or a box 'x0,y0,x1,y1' in pixels (the box is the region)."""
     box = re.fullmatch(r"\s*(\d+)\s*,\s*(\d+)\s*,\s*(\d+)\s*,\s*(\d+)\s*", text)
@@ -634,14 +591,14 @@ def _add_generation_args(p: argparse.ArgumentParser, edits: str | None = None) -
             "video": "default: the input video's, over the SSR's scale with --ssr; another resizes its "
                      "frames"}[edits]
     frames = "not taken: the input video's" if edits in ("video", "all") else "default: the model's sample_frames"
-    p.add_argument("--frames", type=_positive, help=f"frames ({frames})")
-    p.add_argument("--height", type=_positive, help=f"height in pixels ({size})")
-    p.add_argument("--width", type=_positive, help=f"width in pixels ({size})")
-    p.add_argument("--steps", type=_positive, default=32, help="denoising steps (default 32)")
-    p.add_argument("--ssr-steps", type=_positive, help="SSR denoising steps (default: --steps)")
-    p.add_argument("--ssr-batch", type=_positive, metavar="N",
+    p.add_argument("--frames", type=arguments.positive, help=f"frames ({frames})")
+    p.add_argument("--height", type=arguments.positive, help=f"height in pixels ({size})")
+    p.add_argument("--width", type=arguments.positive, help=f"width in pixels ({size})")
+    p.add_argument("--steps", type=arguments.positive, default=32, help="denoising steps (default 32)")
+    p.add_argument("--ssr-steps", type=arguments.positive, help="SSR denoising steps (default: --steps)")
+    p.add_argument("--ssr-batch", type=arguments.positive, metavar="N",
                    help=f"SSR windows per model call (default {SSROptions.batch_size}; fewer need less memory)")
-    p.add_argument("--guidance", type=_number(0.0), default=7.5,
+    p.add_argument("--guidance", type=arguments.number(0.0), default=7.5,
                    help="classifier-free guidance scale, >= 0 (default 7.5; 1 turns guidance off)")
     p.add_argument("--sampler", choices=sorted(SAMPLERS),
                    help="sampler (default: the model folder's scheduler when it has one, else ddim)")
@@ -651,19 +608,19 @@ def _add_generation_args(p: argparse.ArgumentParser, edits: str | None = None) -
     p.add_argument("--package", metavar="PT2", help="--backend aoti: the model's package (`stunet export aoti`)")
     p.add_argument("--engine", metavar="PLAN", help="--backend tensorrt: the model's engine "
                                                     "(`stunet export tensorrt`)")
-    p.add_argument("--nproc", type=_positive, metavar="N",
+    p.add_argument("--nproc", type=arguments.positive, metavar="N",
                    help="share the generation among N local ranks (one per GPU; CPU processes without one), "
                         "launched through torchrun; the video is the same for any N (given the same threads per "
                         "process on a CPU)")
-    p.add_argument("--max-batch", type=_positive, metavar="N",
+    p.add_argument("--max-batch", type=arguments.positive, metavar="N",
                    help="fast backend: run model batches (the CFG pair, SSR windows) in slices of at most N clips "
                         "to bound activation memory")
     p.add_argument("--runtime", choices=["cpp", "python"],
                    help="sampler step: the C++ runtime (default where it is built for the device) or the Python "
                         "reference")
-    p.add_argument("--seed", type=_seed, default=0, help="noise seed, an integer in [0, 2**63) (default 0)")
-    p.add_argument("--fps", type=_positive, default=16, help="frames per second of the file (default 16)")
-    p.add_argument("--device", type=_device, help="cpu, cuda or cuda:N (default: cuda when available)")
+    p.add_argument("--seed", type=arguments.seed, default=0, help="noise seed, an integer in [0, 2**63) (default 0)")
+    p.add_argument("--fps", type=arguments.positive, default=16, help="frames per second of the file (default 16)")
+    p.add_argument("--device", type=arguments.device, help="cpu, cuda or cuda:N (default: cuda when available)")
     p.add_argument("--dtype", choices=list(DTYPES),
                    help="weights and activations of the models, the VAE and a --text-encoder (default fp16 on cuda, "
                         "fp32 on cpu)")
@@ -699,11 +656,12 @@ def build_parser() -> argparse.ArgumentParser:
     info = command("info", "parameters, FLOPs, memory and per-level geometry of a model",
                    "Analyse a preset (or a model directory) without allocating its weights.", cmd_info)
     info.add_argument("preset", metavar="PRESET", help=f"one of {', '.join(PRESETS)}, or a model directory")
-    info.add_argument("--frames", type=_positive, help="T (default: the preset's window or clip length)")
-    info.add_argument("--height", type=_positive, help="H (default: the preset's sample size)")
-    info.add_argument("--width", type=_positive, help="W (default: the preset's sample size)")
-    info.add_argument("--batch", type=_positive, default=1, help="clips per forward (default 1; 2 for a CFG step)")
-    info.add_argument("--text-len", type=_positive, default=77, help="text tokens (default 77)")
+    info.add_argument("--frames", type=arguments.positive, help="T (default: the preset's window or clip length)")
+    info.add_argument("--height", type=arguments.positive, help="H (default: the preset's sample size)")
+    info.add_argument("--width", type=arguments.positive, help="W (default: the preset's sample size)")
+    info.add_argument("--batch", type=arguments.positive, default=1,
+                      help="clips per forward (default 1; 2 for a CFG step)")
+    info.add_argument("--text-len", type=arguments.positive, default=77, help="text tokens (default 77)")
     info.add_argument("--dtype", choices=["fp16", "bf16", "fp32"], default="fp16",
                       help="element size for the memory figures (default fp16)")
     info.add_argument("--json", action="store_true", help="print JSON instead of a table")
@@ -741,13 +699,13 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("model", metavar="MODEL_DIR", help="model folder (config.json + model.safetensors)")
         p.add_argument("-o", "--output", required=True, help=f"the .{'onnx' if route == 'onnx' else 'pt2'} file")
         p.add_argument("--overwrite", action="store_true", help="replace the output file if it exists")
-        p.add_argument("--batch", type=_positive, default=2, help="example batch (default 2: a CFG pair)")
-        p.add_argument("--frames", type=_positive, help="example frames (default: the model's sample_frames)")
-        p.add_argument("--height", type=_positive, help="example height (default: the model's sample_size)")
-        p.add_argument("--width", type=_positive, help="example width (default: the model's sample_size)")
-        p.add_argument("--text-len", type=_positive, default=77, help="example text tokens (default 77)")
+        p.add_argument("--batch", type=arguments.positive, default=2, help="example batch (default 2: a CFG pair)")
+        p.add_argument("--frames", type=arguments.positive, help="example frames (default: the model's sample_frames)")
+        p.add_argument("--height", type=arguments.positive, help="example height (default: the model's sample_size)")
+        p.add_argument("--width", type=arguments.positive, help="example width (default: the model's sample_size)")
+        p.add_argument("--text-len", type=arguments.positive, default=77, help="example text tokens (default 77)")
         p.add_argument("--dtype", choices=list(DTYPES), default="fp32", help="weights and inputs (default fp32)")
-        p.add_argument("--device", type=_device, default="cpu",
+        p.add_argument("--device", type=arguments.device, default="cpu",
                        help="where the model is traced (and, for aoti, what the package runs on; default cpu)")
         p.add_argument("--static", action="store_true", help="fix every axis to the example's size")
         p.add_argument("--check", action="store_true",
@@ -794,7 +752,7 @@ def build_parser() -> argparse.ArgumentParser:
                   "with a high-resolution model).", cmd_generate)
     _add_generation_args(v2v, edits="video")
     v2v.add_argument("--video", required=True, help="input video (mp4/gif, or npy frames)")
-    v2v.add_argument("--strength", type=_number(0.0, 1.0, lo_open=True), default=0.6,
+    v2v.add_argument("--strength", type=arguments.number(0.0, 1.0, lo_open=True), default=0.6,
                      help="how far the input is noised, in (0, 1] (default 0.6; 1 ignores the input)")
     up = command("upscale", "raise a video with the SSR model alone",
                  "Raise a video at a base size to the SSR model's resolution on MultiDiffusion windows, guided by "

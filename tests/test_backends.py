@@ -499,6 +499,18 @@ def test_compile_backend_traces_the_whole_forward_once_for_every_timestep(family
     assert len(graphs) == 1
 
 
+def test_compile_backend_refuses_a_mode_torch_compile_does_not_know():
+    """Named when the backend is made (torch.compile's own RuntimeError came from inside the constructor)."""
+    from stunet.backends import make_backend
+    from stunet.backends.compile import compile_modes
+
+    assert {"default", "max-autotune"} <= set(compile_modes())
+    with pytest.raises(ValueError, match=r"compile backend cannot run this model: mode must be one of "
+                                         r"torch.compile's default, .*\(or None\), got 'fastest'"):
+        make_backend(_model(), "compile", mode="fastest")
+    assert make_backend(_model(), "compile", mode="default").mode == "default"
+
+
 def test_pipeline_with_fast_backend_close_to_reference(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")  # the kernels' reference paths (the kernels are tested above)
     base, ssr = _model(), _model("tiny", seed=1, in_channels=6, noise_aug=True, low_res_size=8,

@@ -182,9 +182,38 @@ def test_fidelity_bench_refuses_bad_requests_before_building_a_model(tmp_path, c
     import fidelity
 
     for args, message in ((["--frames", "7"], "frames in multiples of 4"), (["--size", "62"], "sizes in multiples"),
-                          (["--steps", "0"], "--steps: must be at least 1"),
+                          (["--steps", "0"], "argument --steps: must be a positive integer, got 0"),
                           (["--preset", "lumiere-ssr"], "not a pixel base model")):
         with pytest.raises(SystemExit) as exit_:
             fidelity.main(["--device", "cpu", *args, "--out", str(tmp_path)])
         assert exit_.value.code == 2 and message in capsys.readouterr().err, message
+    assert not list(tmp_path.iterdir())
+
+
+SCRIPTS = ("kernels", "step", "pipeline", "runtime", "fidelity", "peers", "profile_step", "distributed")
+TIMED = ("kernels", "step", "runtime", "peers", "profile_step")  # the scripts with --iters
+BAD_VALUES = {  # a script's own options, each with a value it must refuse as it parses its arguments
+    "step": [("--preset", "huge"), ("--max-batch", "0"), ("--compile-mode", "fastest")],
+    "pipeline": [("--backend", "tensorrt"), ("--steps", "0"), ("--ssr-steps", "-1"), ("--ssr-batch", "x")],
+    "fidelity": [("--preset", "huge"), ("--frames", "0"), ("--size", "-8"), ("--compile-mode", "fastest")],
+    "peers": [("--backend", "aoti"), ("--compile-mode", "fastest")],
+    "profile_step": [("--preset", "huge"), ("--top", "0"), ("--compile-mode", "fastest")],
+    "distributed": [("--nproc", "0"), ("--steps", "0"), ("--ssr-batch", "0")],
+}
+
+
+@pytest.mark.parametrize("name", SCRIPTS)
+def test_every_bench_script_refuses_bad_values_as_it_parses_them(name, tmp_path, capsys, monkeypatch):
+    """A bad value exits with status 2 naming its argument, before any model, kernel or result file (a count of
+    0 iterations was a statistics error after the warm-up; an unknown preset or compile mode was skipped by
+    --quick or failed deep in a build)."""
+    monkeypatch.syspath_prepend(str(BENCH))
+    script = importlib.import_module(name)
+    shared = [("--device", "tpu"), *([("--device", "cuda")] if not torch.cuda.is_available() else []),
+              *([("--iters", "0"), ("--iters", "two")] if name in TIMED else [])]
+    for option, value in [*shared, *BAD_VALUES.get(name, [])]:
+        with pytest.raises(SystemExit) as exit_:
+            script.main(["--quick", option, value, "--out", str(tmp_path)])
+        err = capsys.readouterr().err
+        assert exit_.value.code == 2 and f"argument {option}: " in err and value in err, (option, value, err)
     assert not list(tmp_path.iterdir())

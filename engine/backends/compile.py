@@ -8,6 +8,13 @@ from ..model.validate import check_forward_inputs
 from .base import Backend
 
 
+def compile_modes() -> list[str]:
+    """The modes this torch's ``torch.compile`` knows (``mode=``)."""
+    from torch._inductor import list_mode_options
+
+    return list(list_mode_options())
+
+
 class CompileBackend(Backend):
     """torch.compile of the reference's ``forward_checked`` (once per input shape, ``dynamic=False``); inputs
     are validated eagerly first, and timesteps enter as tensors, so a new timestep never recompiles. The
@@ -24,6 +31,14 @@ class CompileBackend(Backend):
             return forward(x, t, text, mask, noise_level, policy)
 
         self._compiled = torch.compile(run, mode=mode, backend=compiler, dynamic=False)
+
+    @classmethod
+    def unsupported(cls, model: STUNet, *, mode: str | None = None, **options) -> list[str]:
+        reasons = super().unsupported(model, **options)
+        modes = compile_modes()
+        if mode is not None and mode not in modes:
+            reasons.append(f"mode must be one of torch.compile's {', '.join(modes)} (or None), got {mode!r}")
+        return reasons
 
     def describe(self) -> str:
         return (f"compile: torch.compile(mode={self.mode!r}) of the reference, {self.model.dtype} on "
