@@ -48,7 +48,8 @@ def check_size(name: str, value: Any, divisor: int, whose: str = "this model") -
     """A size along a model's axis (frames, height, width, ...) must be a positive integer multiple of
     ``divisor``; raises naming ``name``."""
     if isinstance(value, bool) or not isinstance(value, int) or value < 1 or value % divisor:
-        raise ValueError(f"{name} must be a positive multiple of {divisor} for {whose}, got {value!r}")
+        rule = f"a positive multiple of {divisor} for {whose}" if divisor > 1 else "a positive integer"
+        raise ValueError(f"{name} must be {rule}, got {value!r}")
 
 
 def _fail(name: str, value: Any, rule: str) -> None:

@@ -21,8 +21,8 @@ import torch
 from ..io import atomic_path
 from ..model import STUNet
 from ..progress import Stages
-from .spec import (SPEC_KEY, TRACE_STEPS, ExportResult, ExportSpec, compare, exporter_chatter_silenced, prepare,
-                   shapes_tuple)
+from .spec import (SPEC_KEY, TRACE_STEPS, ExportResult, ExportSpec, check_flags, compare, exporter_chatter_silenced,
+                   prepare, shapes_tuple)
 
 log = logging.getLogger("stunet.export")
 
@@ -39,6 +39,7 @@ def export_aoti(model: STUNet, path: str | os.PathLike, *, batch: int = 2, frame
     A dynamic package runs from two steps of each axis up (batch 1 as a pair), so its own frames, height, width
     and text length must be two steps or more. ``progress`` shows the stage that runs (the compile takes
     minutes)."""
+    check_flags(check=check, progress=progress)
     path, spec, module, args = prepare(model, path, ".pt2", batch=batch, frames=frames, height=height, width=width,
                                        text_len=text_len, dtype=dtype, dynamic=dynamic, min_steps=Package.MIN_STEPS,
                                        what="a dynamic AOTInductor package")

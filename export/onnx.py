@@ -32,7 +32,8 @@ import torch
 from ..io import atomic_files, atomic_path
 from ..model import STUNet
 from ..progress import Stages
-from .spec import SPEC_KEY, ExportResult, ExportSpec, compare, exporter_chatter_silenced, prepare, shapes_tuple
+from .spec import (SPEC_KEY, ExportResult, ExportSpec, check_flags, compare, exporter_chatter_silenced, prepare,
+                   shapes_tuple)
 
 log = logging.getLogger(__name__)
 
@@ -181,6 +182,7 @@ def export_onnx(model: STUNet, path: str | os.PathLike, *, batch: int = 2, frame
     _require()
     from onnxscript import ir, optimizer
 
+    check_flags(check=check, progress=progress)
     path, spec, module, args = prepare(model, path, ".onnx", device=torch.device("cpu"), batch=batch, frames=frames,
                                        height=height, width=width, text_len=text_len, dtype=dtype, dynamic=dynamic)
     result = ExportResult(path, spec)

@@ -91,6 +91,8 @@ class ExportSpec:
                                  ("width", self.width, cfg.spatial_divisor), ("text_len", self.text_len, 1)):
             check_size(name, value, div)
         cfg.check_frames(self.frames)
+        if not isinstance(self.dynamic, bool):
+            raise TypeError(f"dynamic must be True or False, got {self.dynamic!r}")
         if self.dtype not in (torch.float32, torch.float16, torch.bfloat16):
             raise ValueError(f"dtype must be float32, float16 or bfloat16, got {self.dtype}")
 
@@ -241,6 +243,14 @@ def shapes_tuple(spec: ExportSpec):
     """The dynamic shapes in input order (what torch.export takes for positional inputs)."""
     shapes = spec.dynamic_shapes()
     return None if shapes is None else tuple(shapes[name] for name in spec.input_names)
+
+
+def check_flags(**flags: object) -> None:
+    """A route's on/off options (``check=``, ``progress=``, ...) must be booleans: a string such as "no" would
+    read as true."""
+    for name, value in flags.items():
+        if not isinstance(value, bool):
+            raise TypeError(f"{name} must be True or False, got {value!r}")
 
 
 def prepare(model: STUNet, path, suffix: str, *, device: torch.device | None = None, min_steps: int = 1,

@@ -35,7 +35,7 @@ import torch
 from ..io import atomic_path
 from ..kernels import unavailable_on
 from ..progress import Stages
-from .spec import SPEC_KEY, ExportSpec
+from .spec import SPEC_KEY, ExportSpec, check_flags
 
 log = logging.getLogger(__name__)
 
@@ -161,6 +161,7 @@ def build_engine(onnx_path: str | os.PathLike, plan_path: str | os.PathLike, *, 
     backend refuses a model of another architecture with it. ``progress`` shows the stage that runs (a build
     takes minutes).
     """
+    check_flags(fp16=fp16, progress=progress)
     onnx_path, plan_path = Path(onnx_path), Path(plan_path)
     if not onnx_path.is_file():
         raise FileNotFoundError(f"onnx_path: no ONNX file at {str(onnx_path)!r} (make one with `stunet export onnx`)")

@@ -207,6 +207,16 @@ def test_export_arguments_are_checked(tmp_path, monkeypatch, capsys):
             ExportSpec.for_model(model.config, **{axis: 0})
     with pytest.raises(ValueError, match="dtype must be float32, float16 or bfloat16"):
         ExportSpec.for_model(model.config, dtype=torch.float64)
+    with pytest.raises(ValueError, match="batch must be a positive integer, got 0"):
+        ExportSpec.for_model(model.config, batch=0)
+    # an on/off option must be a bool: "no" would read as true
+    with pytest.raises(TypeError, match="dynamic must be True or False, got 'no'"):
+        export_onnx(model, tmp_path / "m.onnx", dynamic="no")
+    for route, path in ((export_onnx, "m.onnx"), (stunet.export.export_aoti, "m.pt2")):
+        for flag in ("check", "progress"):
+            with pytest.raises(TypeError, match=f"{flag} must be True or False, got 1"):
+                route(model, tmp_path / path, **{flag: 1})
+    assert not list(tmp_path.glob("m.*"))
 
 
 def test_spec_geometry_errors_name_the_axis_and_its_range():

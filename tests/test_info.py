@@ -186,7 +186,7 @@ def test_analyse_takes_sizes_as_given_and_none_for_the_models_own():
     own = analyse(cfg)
     assert (own.frames, own.height, own.width) == (cfg.call_frames, cfg.sample_size, cfg.sample_size)
     assert cfg.call_frames == cfg.window_frames == 16  # an SSR model's call is one window of its clip
-    for kwargs, message in [(dict(frames=0), "frames must be a positive multiple of 1 for this model, got 0"),
+    for kwargs, message in [(dict(frames=0), "frames must be a positive integer, got 0"),
                             (dict(height=0), "height must be a positive multiple of 16 for this model, got 0"),
                             (dict(width=64.0), "width must be a positive multiple of 16 for this model, got 64.0")]:
         with pytest.raises(ValueError, match=message):

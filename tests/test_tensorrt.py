@@ -270,6 +270,8 @@ def test_build_engine_refuses_bad_requests(fp16_export, tmp_path):
         build_engine(tmp_path / "junk.onnx", tmp_path / "a.plan")
     with pytest.raises(ValueError, match="must end in .plan or .engine"):
         build_engine(result.path, tmp_path / "a.bin")
+    with pytest.raises(TypeError, match="fp16 must be True or False, got 'no'"):
+        build_engine(result.path, tmp_path / "a.plan", fp16="no")
     with pytest.raises(ValueError, match="builds for .*got \\[90\\]"):
         build_engine(result.path, tmp_path / "a.plan", compute_capabilities=[90], toolkit_name="tensorrt-rtx")
     if not torch.cuda.is_available():
