@@ -52,6 +52,14 @@ def check_size(name: str, value: Any, divisor: int, whose: str = "this model") -
         raise ValueError(f"{name} must be {rule}, got {value!r}")
 
 
+def check_flags(optional: bool = False, **flags: Any) -> None:
+    """On/off options (``progress=``, ``check=``, ...) must be booleans, or None too with ``optional`` (None:
+    the default): a string such as "no" would read as true. Raises naming the first that is not."""
+    for name, value in flags.items():
+        if not (isinstance(value, bool) or (optional and value is None)):
+            raise TypeError(f"{name} must be True or False{' or None' if optional else ''}, got {value!r}")
+
+
 def _fail(name: str, value: Any, rule: str) -> None:
     raise ValueError(f"STUNetConfig.{name} {rule}, got {value!r}")
 

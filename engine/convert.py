@@ -23,7 +23,7 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
-from .config import STUNetConfig
+from .config import STUNetConfig, check_flags
 from .model import STUNet
 from .model.layers import ConvIn, Downsample, OutHead, ResBlock, SpatialAttention, Upsample
 from .model.temporal import (ConvInflationBlock, TemporalAttentionBlock, TemporalConvStack, TemporalDown,
@@ -508,6 +508,7 @@ def convert_folder(src, dst, *, dtype: str = "fp16", motion_adapter=None, overwr
     from .progress import Stages
     from .sampling.samplers import scheduler_options
 
+    check_flags(overwrite=overwrite, progress=progress)
     src, dst = Path(src), Path(dst)
     if not src.is_dir():
         raise FileNotFoundError(f"no diffusers folder at {str(src)!r}; convert a folder you have on disk (nothing "

@@ -18,11 +18,12 @@ from pathlib import Path
 
 import torch
 
+from ..config import check_flags
 from ..io import atomic_path
 from ..model import STUNet
 from ..progress import Stages
-from .spec import (SPEC_KEY, TRACE_STEPS, ExportResult, ExportSpec, check_flags, compare, exporter_chatter_silenced,
-                   prepare, shapes_tuple)
+from .spec import (SPEC_KEY, TRACE_STEPS, ExportResult, ExportSpec, compare, exporter_chatter_silenced, prepare,
+                   shapes_tuple)
 
 log = logging.getLogger("stunet.export")
 

@@ -29,10 +29,11 @@ import os
 
 import torch
 
+from ..config import check_flags
 from ..io import atomic_files, atomic_path
 from ..model import STUNet
 from ..progress import Stages
-from .spec import (SPEC_KEY, ExportResult, ExportSpec, check_flags, compare, exporter_chatter_silenced, prepare,
+from .spec import (SPEC_KEY, ExportResult, ExportSpec, compare, exporter_chatter_silenced, prepare,
                    shapes_tuple)
 
 log = logging.getLogger(__name__)

@@ -245,14 +245,6 @@ def shapes_tuple(spec: ExportSpec):
     return None if shapes is None else tuple(shapes[name] for name in spec.input_names)
 
 
-def check_flags(**flags: object) -> None:
-    """A route's on/off options (``check=``, ``progress=``, ...) must be booleans: a string such as "no" would
-    read as true."""
-    for name, value in flags.items():
-        if not isinstance(value, bool):
-            raise TypeError(f"{name} must be True or False, got {value!r}")
-
-
 def prepare(model: STUNet, path, suffix: str, *, device: torch.device | None = None, min_steps: int = 1,
             what: str = "", **geometry):
     """What every route starts from: the checked ``path``, the spec, the ``ExportedForward`` of a converted copy

@@ -32,10 +32,11 @@ from pathlib import Path
 
 import torch
 
+from ..config import check_flags
 from ..io import atomic_path
 from ..kernels import unavailable_on
 from ..progress import Stages
-from .spec import SPEC_KEY, ExportSpec, check_flags
+from .spec import SPEC_KEY, ExportSpec
 
 log = logging.getLogger(__name__)
 

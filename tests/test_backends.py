@@ -118,6 +118,8 @@ def test_backends_refuse_with_every_reason():
         make_backend(meta, "fast", graphs=True)
     message = str(info.value)
     assert "meta device" in message and "float64" in message and "graphs=True needs" in message
+    with pytest.raises(ValueError, match=r"graphs must be True, False or None \(None: on CUDA\), got 'no'"):
+        make_backend(_model(), "fast", graphs="no")
 
 
 def test_fast_backend_on_a_cpu_says_once_what_it_runs(monkeypatch, caplog):

@@ -86,6 +86,8 @@ def test_convert_folder_writes_the_engine_format_and_the_pipeline_parts(t2v_fold
         convert_folder(folder, out)
     with pytest.raises(FileNotFoundError, match="nothing is downloaded"):
         convert_folder(tmp_path / "missing", tmp_path / "x")
+    with pytest.raises(TypeError, match="overwrite must be True or False, got 'no'"):  # "no" would read as true
+        convert_folder(folder, out, overwrite="no")
     assert not (tmp_path / "x").exists()
 
 

@@ -268,6 +268,10 @@ def test_bad_construction(encoder):
         Pipeline(base, encoder, schedule="linear")
     with pytest.raises(ValueError, match=r"schedule \{'beta_schedule': 'linear'\} is not a sampler's settings"):
         Pipeline(base, encoder, schedule={"beta_schedule": "linear"})  # diffusers' name: scheduler_options maps it
+    with pytest.raises(TypeError, match="progress must be True or False, got 'no'"):  # "no" would read as true
+        Pipeline(base, encoder, progress="no")
+    with pytest.raises(TypeError, match="progress must be True or False or None, got 'no'"):
+        Pipeline(base, encoder)("x", progress="no", **SMALL)
     default, ddim = (Pipeline(base, encoder, sampler=s, progress=False) for s in (None, "ddim"))
     assert np.array_equal(default("x", seed=0, **SMALL).frames, ddim("x", seed=0, **SMALL).frames)
 

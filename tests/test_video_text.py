@@ -172,6 +172,8 @@ def test_text_encoders_load_from_a_local_directory(tmp_path):
     assert isinstance(clip, HFTextEncoder) and clip.dim == 32 and tokens.shape[::2] == (2, 32)
     with pytest.raises(FileNotFoundError, match="has no config.json"):
         load_text_encoder(tmp_path / "none")
+    with pytest.raises(TypeError, match="pad_to_max_length must be True or False or None, got 'yes'"):
+        load_text_encoder(tmp_path / "t5", pad_to_max_length="yes")
 
 
 def test_text_encoders_load_in_the_dtype_asked(tmp_path):

@@ -71,7 +71,7 @@ class FastBackend(Backend):
             raise ValueError("the fast backend cannot run this model: " + "; ".join(reasons))
         device = model.device
         self.max_batch, self.max_graph_shapes = max_batch, max_graph_shapes
-        self.graphs = device.type == "cuda" if graphs is None else bool(graphs)
+        self.graphs = device.type == "cuda" if graphs is None else graphs
         dtype = torch.float16 if device.type == "cuda" else model.dtype
         self.model = converted_copy(model, dtype, channels_last_weights=device.type == "cuda")
         self.policy = FAST
@@ -92,6 +92,8 @@ class FastBackend(Backend):
     @classmethod
     def unsupported(cls, model: STUNet, *, graphs: bool | None = None, **options) -> list[str]:
         reasons = super().unsupported(model, **options)
+        if not (graphs is None or isinstance(graphs, bool)):
+            reasons.append(f"graphs must be True, False or None (None: on CUDA), got {graphs!r}")
         if model.dtype == torch.float64:
             reasons.append("float64 weights (the kernels take fp16, bf16 and fp32; convert with model.float())")
         if graphs and model.device.type != "cuda":

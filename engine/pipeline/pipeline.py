@@ -42,7 +42,7 @@ import torch
 from .. import distributed
 from ..backends import BACKENDS, make_backend
 from ..backends.base import own_precision
-from ..config import check_size
+from ..config import check_flags, check_size
 from ..io import read_json
 from ..model import STUNet
 from ..model.validate import checked_placement
@@ -193,6 +193,7 @@ class Pipeline:
                              f"text_dim={base_model.config.text_dim}; use the encoder the model was trained with")
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        check_flags(progress=progress)
         sampler = "ddim" if sampler is None else sampler
         StageOptions(sampler=sampler)  # validates the type
         if isinstance(sampler, str):
@@ -432,6 +433,7 @@ class Pipeline:
             ``frames`` is None on the ranks that do not get them (see ``parallel``).
         """
         cfg = self.base.config
+        check_flags(optional=True, progress=progress)
         show = self.progress if progress is None else progress
         f = self.pixels_per_latent
         T = num_frames if num_frames is not None else cfg.sample_frames

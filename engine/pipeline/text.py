@@ -16,6 +16,7 @@ from typing import Protocol
 
 import torch
 
+from ..config import check_flags
 from ..io import folder_load_errors
 from ..model.validate import checked_placement
 
@@ -104,6 +105,8 @@ def load_text_encoder(path: str | os.PathLike, device: str | torch.device = "cpu
     text shape, which the fast backend's CUDA graphs and torch.compile then reuse; the default (None) pads T5
     prompts to the longest of a call and CLIP ones as ``sd_style`` says."""
     checked_placement(device, dtype)
+    check_flags(sd_style=sd_style)
+    check_flags(optional=True, pad_to_max_length=pad_to_max_length)
     transformers = _require_transformers()
     path = Path(path)
     if not (path / "config.json").is_file():
