@@ -33,8 +33,7 @@ from ..config import check_flags
 from ..io import atomic_files, atomic_path
 from ..model import STUNet
 from ..progress import Stages
-from .spec import (SPEC_KEY, ExportResult, ExportSpec, compare, exporter_chatter_silenced, prepare,
-                   shapes_tuple)
+from .spec import SPEC_KEY, ExportResult, ExportSpec, compare, exporter_chatter_silenced, prepare, shapes_tuple
 
 log = logging.getLogger(__name__)
 
