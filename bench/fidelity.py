@@ -164,7 +164,7 @@ def main(argv=None) -> dict:
     print(table)
     doc = {"bench": "fidelity", "command": command("fidelity", argv), "stock": "reference fp16", **info,
            "workload": label, "rows": rows}
-    write_results("fidelity", doc, table, args.out)
+    write_results("fidelity", doc, table, args.out, args.quick)
     return doc
 
 

@@ -241,15 +241,17 @@ def report(name: str, rows: list[Row], device: torch.device, *, stock: str, comm
     table = markdown(rows, info)
     print(table)
     doc = {"bench": name, "command": command, "stock": stock, **info, "rows": [asdict(r) for r in rows]}
-    write_results(name, doc, table, out_dir)
+    write_results(name, doc, table, out_dir, quick)
     return doc
 
 
-def write_results(name: str, doc: dict, table: str, out_dir: Path | None) -> Path:
+def write_results(name: str, doc: dict, table: str, out_dir: Path | None, quick: bool = False) -> Path:
     """<out_dir or results/<device>>/<name>.json (``doc`` with the Python version) and <name>.md (the command
-    and ``table``), each written atomically; returns the folder."""
-    doc = {**doc, "python": sys.version.split()[0]}
-    out = Path(out_dir) if out_dir is not None else RESULTS / slug(doc["device"].split(" (")[0])
+    and ``table``), each written atomically; returns the folder. A ``quick`` (smoke) run's default folder is
+    results/quick/<device>, which git ignores: it never replaces a device's committed results."""
+    doc = {**doc, "python": sys.version.split()[0], "quick": quick}
+    default = RESULTS / "quick" if quick else RESULTS
+    out = Path(out_dir) if out_dir is not None else default / slug(doc["device"].split(" (")[0])
     out.mkdir(parents=True, exist_ok=True)
     for suffix, text in ((".json", json.dumps(doc, indent=2)), (".md", f"`{doc['command']}`\n\n{table}\n")):
         with atomic_path(out / f"{name}{suffix}") as tmp:

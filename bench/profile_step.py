@@ -135,7 +135,7 @@ def main(argv=None) -> dict:
     table = markdown(result, info, args.top)
     print(table)
     doc = {"bench": "profile_step", "command": command("profile_step", argv), **info, **result}
-    write_results("profile_step", doc, table, args.out)
+    write_results("profile_step", doc, table, args.out, args.quick)
     return doc
 
 

@@ -97,6 +97,24 @@ def test_a_step_out_of_memory_is_a_failed_row_and_the_rows_after_it_run(monkeypa
     assert "| step (CFG) | s | reference | out of memory (CUDA out of memory." in table
 
 
+def test_a_smoke_run_never_lands_in_a_devices_results(tmp_path, monkeypatch):
+    """Without --out, a --quick run writes under results/quick/<device> (ignored by git), a full run under
+    results/<device>; each file says which it was."""
+    monkeypatch.syspath_prepend(str(BENCH))
+    import harness
+
+    monkeypatch.setattr(harness, "RESULTS", tmp_path / "results")
+    doc = {"device": "NVIDIA H200 (sm_90)", "command": "python bench/x.py"}
+    assert harness.write_results("x", doc, "|", None, quick=True) == tmp_path / "results" / "quick" / "nvidia-h200"
+    assert harness.write_results("x", doc, "|", None) == tmp_path / "results" / "nvidia-h200"
+    assert json.loads((tmp_path / "results" / "quick" / "nvidia-h200" / "x.json").read_text())["quick"] is True
+    assert json.loads((tmp_path / "results" / "nvidia-h200" / "x.json").read_text())["quick"] is False
+    ignored = subprocess.run(["git", "check-ignore", "-q", "bench/results/quick/cpu/step.json"],
+                             cwd=BENCH.parent, capture_output=True)
+    if ignored.returncode != 128:  # 128: not a git checkout (an installed copy of the tests)
+        assert ignored.returncode == 0, "bench/results/quick/ must be ignored by git"
+
+
 def test_every_result_records_the_roofline_it_measured(tmp_path):
     """The % of roofline divides by a copy and a matmul measured in the same run, and the file says so."""
     doc = json.loads(_run_script("runtime.py", tmp_path, "--iters", "1").read_text())
