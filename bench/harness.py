@@ -71,7 +71,8 @@ def parser(name: str, doc: str, iters: int | None = 20) -> argparse.ArgumentPars
     if iters is not None:
         p.add_argument("--iters", type=arguments.positive, default=iters, help=f"timed calls per row (default {iters})")
     p.add_argument("--out", type=Path, default=None,
-                   help=f"folder for {name}.json/.md (default bench/results/<gpu>)")
+                   help=f"folder for {name}.json/.md (default bench/results/<gpu>; with --quick "
+                        "bench/results/quick/<gpu>)")
     return p
 
 

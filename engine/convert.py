@@ -464,7 +464,8 @@ def _load_unet(src, motion_adapter):
     if not config.is_file():
         raise FileNotFoundError(f"{str(src)!r} has no config.json: give a diffusers `unet` folder or a pipeline "
                                 "folder holding one")
-    kind = read_json(config, "give the folder a diffusers config.json").get("_class_name")
+    data = read_json(config, "give the folder a diffusers config.json")
+    kind = data.get("_class_name") if isinstance(data, dict) else None
     if kind not in SUPPORTED:
         _fail(f"model type {kind!r} (in {str(config)!r})", f"convert one of {', '.join(SUPPORTED)}")
     with folder_load_errors(kind, src):
