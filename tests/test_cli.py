@@ -363,6 +363,12 @@ def test_the_stunet_program_is_run():
 
     (script,) = entry_points(group="console_scripts", name="stunet")
     assert script.value == "stunet.cli:run"
+    # and as `python -m stunet`, the same program: its exit statuses too
+    version = subprocess.run([sys.executable, "-m", "stunet", "--version"], capture_output=True, text=True)
+    assert version.returncode == 0 and version.stdout.strip() == f"stunet {stunet.__version__}", version.stderr
+    refused = subprocess.run([sys.executable, "-m", "stunet", "info", "tiny", "--frames", "0"], capture_output=True,
+                             text=True)
+    assert refused.returncode == 2 and "argument --frames: must be a positive integer" in refused.stderr
 
 
 def test_version_and_help_for_every_argument(capsys):
