@@ -83,6 +83,8 @@ def _check_output(args, parser, path: str | None = None, arg: str = "-o/--output
 
     path = args.output if path is None else path
     out = Path(path)
+    if not path.strip():
+        parser.error(f"argument {arg}: give a file path such as 'out{SUFFIXES[0]}', got {path!r}")
     if out.is_dir():
         parser.error(f"argument {arg}: {path!r} is a directory; give a file path such as "
                      f"{str(out / ('out' + SUFFIXES[0]))!r}")
