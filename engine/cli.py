@@ -400,6 +400,9 @@ def cmd_export(args: argparse.Namespace) -> int:
                        check=args.check, progress=not args.quiet)
     except (ImportError, ValueError) as e:
         _library_error(parser, e)
+    except torch.OutOfMemoryError as e:  # the message ends with where it happened and the ways to need less
+        print(f"stunet: {e}", file=sys.stderr)
+        return 1
     except AssertionError as e:  # --check: the artifact was written, and differs from the reference
         print(f"stunet export: error: {e}; {out} was written, but do not deploy it", file=sys.stderr)
         return 1

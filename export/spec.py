@@ -18,6 +18,7 @@ from torch import nn
 
 from ..config import STUNetConfig, check_size
 from ..model import ExecutionPolicy, STUNet
+from ..model.memory import advice_on_out_of_memory
 
 
 @contextmanager
@@ -245,6 +246,11 @@ def shapes_tuple(spec: ExportSpec):
     return None if shapes is None else tuple(shapes[name] for name in spec.input_names)
 
 
+SMALLER_EXAMPLE = ("a smaller example geometry (batch, frames, height, width, text_len: a dynamic export still runs "
+                   "at other sizes within its ranges)")
+"""What needs less memory when an export runs out of it."""
+
+
 def prepare(model: STUNet, path, suffix: str, *, device: torch.device | None = None, min_steps: int = 1,
             what: str = "", **geometry):
     """What every route starts from: the checked ``path``, the spec, the ``ExportedForward`` of a converted copy
@@ -268,9 +274,13 @@ def prepare(model: STUNet, path, suffix: str, *, device: torch.device | None = N
             raise ValueError("; ".join(short) + f" (torch.export compiles a dynamic size from {min_steps} steps of "
                              "its axis up; a static export takes any size)")
     device = device or model.device
-    module = ExportedForward(converted_copy(model, spec.dtype).to(device)).eval()
-    inputs = spec.sample_inputs(**spec.trace_geometry())
-    return path, spec, module, tuple(inputs[name].to(device) for name in spec.input_names)
+    example = (f"batch {spec.batch}, {spec.frames} frames of {spec.height}x{spec.width}, {spec.text_len} text "
+               "tokens")
+    with advice_on_out_of_memory(f"the export's copy of the model and its example inputs ({example})",
+                                 [SMALLER_EXAMPLE]):
+        module = ExportedForward(converted_copy(model, spec.dtype).to(device)).eval()
+        inputs = spec.sample_inputs(**spec.trace_geometry())
+        return path, spec, module, tuple(inputs[name].to(device) for name in spec.input_names)
 
 
 def compare(run, model: STUNet, spec: ExportSpec, what: str, geometries=None,
@@ -287,8 +297,9 @@ def compare(run, model: STUNet, spec: ExportSpec, what: str, geometries=None,
             geometries.append(spec.second_geometry())
     worst = 0.0
     for i, geometry in enumerate(geometries):
-        inputs = {k: v.to(device) for k, v in spec.sample_inputs(seed=i + 1, **geometry).items()}
-        with torch.no_grad():
+        with advice_on_out_of_memory(f"the check of {what} against the reference", [SMALLER_EXAMPLE]), \
+                torch.no_grad():
+            inputs = {k: v.to(device) for k, v in spec.sample_inputs(seed=i + 1, **geometry).items()}
             got = run(*(inputs[name] for name in spec.input_names)).float()
             want = reference(inputs["x"].float(), inputs["timesteps"], inputs["text_embeds"].float(),
                              inputs["text_mask"], noise_level=inputs.get("noise_level"))

@@ -219,6 +219,28 @@ def test_export_arguments_are_checked(tmp_path, monkeypatch, capsys):
     assert not list(tmp_path.glob("m.*"))
 
 
+def test_an_export_out_of_memory_says_where_and_what_needs_less(tmp_path, monkeypatch, capsys):
+    """The CPU allocator's refusal (a plain RuntimeError) while an export builds its example inputs is the
+    OutOfMemoryError the pipeline raises, naming the geometry; `stunet export` prints it and exits 1, writing
+    nothing."""
+    def refused(*args, **kwargs):
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate "
+                           "memory: you tried to allocate 412316860416 bytes. Error code 12 (Cannot allocate memory)")
+
+    model = tiny_model()
+    model.save_pretrained(tmp_path / "m")
+    monkeypatch.setattr(ExportSpec, "sample_inputs", refused)
+    with pytest.raises(torch.OutOfMemoryError) as raised:
+        export_onnx(model, tmp_path / "m.onnx", batch=3)
+    assert str(raised.value) == (
+        "the CPU could not allocate 384 GiB\nstunet: out of memory in the export's copy of the model and its "
+        "example inputs (batch 3, 8 frames of 16x16, 77 text tokens); to need less: a smaller example geometry "
+        "(batch, frames, height, width, text_len: a dynamic export still runs at other sizes within its ranges)")
+    assert main(["export", "onnx", str(tmp_path / "m"), "-o", str(tmp_path / "m.onnx"), "-q"]) == 1
+    assert "stunet: out of memory in the export's copy" in capsys.readouterr().err
+    assert not (tmp_path / "m.onnx").exists()
+
+
 def test_spec_geometry_errors_name_the_axis_and_its_range():
     cfg = stunet.STUNetConfig.from_preset("tiny")  # frames in steps of 2, sides in steps of 4
     static = ExportSpec.for_model(cfg, batch=2, frames=8, height=16, width=16, text_len=77, dynamic=False)

@@ -12,9 +12,14 @@ activations), the caching allocator's rounding, and library workspaces (cuBLAS, 
 for what the forward itself holds: the skips kept for the decoder, each block's working set, and the policy's
 choices (the reference's fp32 normalisation and attention, the kernels' fused outputs, the channels-last
 trunk's copies).
+
+When memory does run out, ``advice_on_out_of_memory`` gives the error the place it happened and the ways to need
+less (the pipeline's stages and the export routes use it).
 """
 from __future__ import annotations
 
+import contextlib
+import re
 import weakref
 
 import torch
@@ -105,3 +110,25 @@ def meta_forward(config: STUNetConfig, *, batch: int, frames: int, height: int, 
         level = torch.zeros(batch) if config.noise_aug else None
         return model, check_forward_inputs(model, x, torch.zeros(batch), text, None, level, False)
 
+
+CPU_OUT_OF_MEMORY = "DefaultCPUAllocator: can't allocate memory"
+"""What PyTorch's CPU allocator says, in a plain RuntimeError, when the system refuses an allocation."""
+
+
+@contextlib.contextmanager
+def advice_on_out_of_memory(where: str, ways: list[str]):
+    """Adds to a ``torch.OutOfMemoryError`` raised inside where it happened and the ways to need less memory; the
+    error keeps its type, so callers that catch it still do. The CPU allocator's refusal becomes the same error
+    (a RuntimeError still)."""
+    advice = f"stunet: out of memory in {where}; to need less: {'; or '.join(ways)}"
+    try:
+        yield
+    except torch.OutOfMemoryError as e:
+        e.args = (f"{e.args[0]}\n{advice}" if e.args else advice, *e.args[1:])
+        raise
+    except RuntimeError as e:
+        if CPU_OUT_OF_MEMORY not in str(e):
+            raise
+        size = re.search(r"allocate (\d+) bytes", str(e))
+        what = f"the CPU could not allocate {int(size[1]) / 2 ** 30:.3g} GiB" if size else str(e)
+        raise torch.OutOfMemoryError(f"{what}\n{advice}") from e

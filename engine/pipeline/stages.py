@@ -16,10 +16,8 @@ generator (one global draw per step for the clip, as exact MultiDiffusion with s
 """
 from __future__ import annotations
 
-import contextlib
 import copy
 import math
-import re
 from dataclasses import dataclass
 from typing import Callable
 
@@ -29,6 +27,7 @@ from tqdm.auto import tqdm
 
 from ..backends import Backend
 from ..config import STUNetConfig
+from ..model.memory import advice_on_out_of_memory
 from ..sampling import runtime as cpp_runtime
 from ..sampling.multidiffusion import WEIGHTINGS, multidiffusion_predict, window_plan
 from ..sampling.samplers import Sampler, make_sampler
@@ -212,29 +211,6 @@ def make_stage_sampler(config: STUNetConfig, choice: str | Sampler, runtime: str
         sampler = make_sampler(choice, schedule=config.schedule, prediction=config.prediction,
                                num_train_timesteps=config.num_train_timesteps)
     return cpp_runtime.FusedSampler(sampler) if runtime == "cpp" else sampler
-
-
-CPU_OUT_OF_MEMORY = "DefaultCPUAllocator: can't allocate memory"
-"""What PyTorch's CPU allocator says, in a plain RuntimeError, when the system refuses an allocation."""
-
-
-@contextlib.contextmanager
-def advice_on_out_of_memory(where: str, ways: list[str]):
-    """Adds to a ``torch.OutOfMemoryError`` raised inside where it happened and the ways to need less memory; the
-    error keeps its type, so callers that catch it still do. The CPU allocator's refusal becomes the same error
-    (a RuntimeError still)."""
-    advice = f"stunet: out of memory in {where}; to need less: {'; or '.join(ways)}"
-    try:
-        yield
-    except torch.OutOfMemoryError as e:
-        e.args = (f"{e.args[0]}\n{advice}" if e.args else advice, *e.args[1:])
-        raise
-    except RuntimeError as e:
-        if CPU_OUT_OF_MEMORY not in str(e):
-            raise
-        size = re.search(r"allocate (\d+) bytes", str(e))
-        what = f"the CPU could not allocate {int(size[1]) / 2 ** 30:.3g} GiB" if size else str(e)
-        raise torch.OutOfMemoryError(f"{what}\n{advice}") from e
 
 
 class _Stage:
