@@ -8,6 +8,7 @@ import re
 
 
 def positive(text: str) -> int:
+    """An integer >= 1 (sizes, counts, steps)."""
     try:
         value = int(text)
     except ValueError:
@@ -18,6 +19,7 @@ def positive(text: str) -> int:
 
 
 def seed(text: str) -> int:
+    """A noise seed: an integer in [0, 2**63), what a torch.Generator takes."""
     try:
         value = int(text)
     except ValueError:
@@ -45,6 +47,7 @@ def number(lo: float, hi: float | None = None, lo_open: bool = False):
 
 
 def device(text: str) -> str:
+    """A device name: 'cpu', 'cuda' or 'cuda:N' (whether this machine has it is checked where it is used)."""
     if not re.fullmatch(r"cpu|cuda(:\d+)?", text):
         raise argparse.ArgumentTypeError(f"must be 'cpu', 'cuda' or 'cuda:N', got {text!r}")
     return text
