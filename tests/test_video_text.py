@@ -89,6 +89,8 @@ def test_read_frames_reads_what_save_video_writes_and_images(tmp_path):
     assert np.abs(read_frames(tmp_path / "a.mp4") - frames).mean() < 0.2  # H.264 of noise: coarse, but these
     with pytest.raises(FileNotFoundError, match="no file at"):
         read_frames(tmp_path / "missing.mp4")
+    with pytest.raises(FileNotFoundError, match="is a directory; give a video or image file in it"):
+        read_frames(tmp_path)
     for name in ("broken.mp4", "broken.png"):
         (tmp_path / name).write_bytes(b"not an image")
         with pytest.raises(ValueError, match=f"cannot read '.*{name}'"):

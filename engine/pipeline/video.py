@@ -137,6 +137,8 @@ def read_frames(path: str | os.PathLike) -> np.ndarray:
     frames of an npy file (:func:`load_npy`); float32 in [0, 1]. Raises FileNotFoundError for no file and
     ValueError naming the file for one that cannot be read."""
     path = Path(path)
+    if path.is_dir():
+        raise FileNotFoundError(f"{str(path)!r} is a directory; give a video or image file in it")
     if not path.is_file():
         raise FileNotFoundError(f"no file at {str(path)!r}")
     if path.suffix.lower() == ".npy":  # frames as stunet writes them: no codec in between
