@@ -18,6 +18,8 @@ passes a model it built or loaded (``diffusers`` is only needed to load one).
 from __future__ import annotations
 
 import logging
+import os
+from pathlib import Path
 from typing import Any, Iterator
 
 import torch
@@ -488,6 +490,13 @@ def _load_unet(src, motion_adapter):
     return model.eval()
 
 
+def replaces_source(src: str | os.PathLike, dst: str | os.PathLike) -> bool:
+    """Whether writing the output folder ``dst`` (which replaces it whole) would delete the folder ``src``: the
+    same folder, or one that holds it."""
+    src, dst = Path(src).resolve(), Path(dst).resolve()
+    return dst == src or dst in src.parents
+
+
 def convert_folder(src, dst, *, dtype: str = "fp16", motion_adapter=None, overwrite: bool = False,
                    progress: bool = False, **overrides: Any) -> STUNet:
     """``stunet convert``: a diffusers folder on disk -> the engine's own folder.
@@ -503,7 +512,6 @@ def convert_folder(src, dst, *, dtype: str = "fp16", motion_adapter=None, overwr
     that runs (loading a large checkpoint takes a while). Returns the converted model (fp32).
     """
     import shutil
-    from pathlib import Path
 
     from .io import atomic_dir, read_json
     from .progress import Stages
@@ -516,6 +524,9 @@ def convert_folder(src, dst, *, dtype: str = "fp16", motion_adapter=None, overwr
                                 "is downloaded)")
     if dtype not in _DTYPES:
         raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
+    if replaces_source(src, dst):
+        raise ValueError(f"dst {str(dst)!r} holds the folder being converted, {str(src)!r}: writing it would delete "
+                         "the source; choose another output folder")
     if dst.exists() and (not dst.is_dir() or any(dst.iterdir())) and not overwrite:
         raise FileExistsError(f"{str(dst)!r} exists and is not empty; choose another output folder or overwrite")
     pipeline = (src / "unet").is_dir()
@@ -550,5 +561,5 @@ def convert_folder(src, dst, *, dtype: str = "fp16", motion_adapter=None, overwr
     return model
 
 
-__all__ = ["from_diffusers", "config_from_diffusers", "convert_folder", "ConversionError", "SUPPORTED",
-           "PIPELINE_PARTS"]
+__all__ = ["from_diffusers", "config_from_diffusers", "convert_folder", "replaces_source", "ConversionError",
+           "SUPPORTED", "PIPELINE_PARTS"]

@@ -88,6 +88,18 @@ def test_convert_folder_writes_the_engine_format_and_the_pipeline_parts(t2v_fold
         convert_folder(tmp_path / "missing", tmp_path / "x")
     with pytest.raises(TypeError, match="overwrite must be True or False, got 'no'"):  # "no" would read as true
         convert_folder(folder, out, overwrite="no")
+    # the output folder replaces what was there: never the source, or a folder that holds it
+    source = tmp_path / "source"
+    shutil.copytree(folder, source)
+    for src, dst in ((source, source), (source / "unet", source), (source, source / "unet" / "..")):
+        with pytest.raises(ValueError, match="holds the folder being converted.*would delete the source"):
+            convert_folder(src, dst, overwrite=True)
+    from stunet.cli import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["convert", str(source / "unet"), "-o", str(source), "--overwrite", "-q"])
+    assert exit_.value.code == 2
+    assert sorted(p.name for p in source.iterdir()) == sorted(p.name for p in folder.iterdir())
     assert not (tmp_path / "x").exists()
 
 
