@@ -445,7 +445,7 @@ def cmd_export_tensorrt(args: argparse.Namespace) -> int:
 
 def cmd_convert(args: argparse.Namespace) -> int:
     """stunet convert SRC_DIR -o DST_DIR."""
-    from .convert import ConversionError, convert_folder, replaces_source
+    from .convert import ConversionError, convert_folder, overlaps_source
 
     parser, src, dst = args.parser, Path(args.source), Path(args.output)
     if not src.is_dir():
@@ -454,9 +454,9 @@ def cmd_convert(args: argparse.Namespace) -> int:
     if not (src / "unet" / "config.json").is_file() and not (src / "config.json").is_file():
         parser.error(f"argument SRC_DIR: {args.source!r} holds neither unet/config.json (a pipeline folder) nor "
                      "config.json (a unet folder)")
-    if replaces_source(src, dst):
-        parser.error(f"argument -o/--output: {args.output!r} holds SRC_DIR {args.source!r}: writing it would delete "
-                     "the folder being converted; choose another output folder")
+    if overlaps_source(src, dst):
+        parser.error(f"argument -o/--output: {args.output!r} and SRC_DIR {args.source!r} overlap (one holds the "
+                     "other): choose an output folder outside the folder being converted")
     if dst.exists() and (not dst.is_dir() or any(dst.iterdir())) and not args.overwrite:
         parser.error(f"argument -o/--output: {args.output!r} exists and is not empty; pass --overwrite to replace it")
     if args.motion_adapter is not None and not (Path(args.motion_adapter) / "config.json").is_file():

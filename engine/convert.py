@@ -490,11 +490,12 @@ def _load_unet(src, motion_adapter):
     return model.eval()
 
 
-def replaces_source(src: str | os.PathLike, dst: str | os.PathLike) -> bool:
-    """Whether writing the output folder ``dst`` (which replaces it whole) would delete the folder ``src``: the
-    same folder, or one that holds it."""
+def overlaps_source(src: str | os.PathLike, dst: str | os.PathLike) -> bool:
+    """Whether the output folder ``dst`` and the folder being converted, ``src``, overlap: the same folder, or
+    one inside the other. Writing ``dst`` replaces it whole, which would delete a source inside it, and a
+    ``dst`` inside the source would be copied into itself with the pipeline's parts."""
     src, dst = Path(src).resolve(), Path(dst).resolve()
-    return dst == src or dst in src.parents
+    return dst == src or dst in src.parents or src in dst.parents
 
 
 def convert_folder(src, dst, *, dtype: str = "fp16", motion_adapter=None, overwrite: bool = False,
@@ -524,9 +525,9 @@ def convert_folder(src, dst, *, dtype: str = "fp16", motion_adapter=None, overwr
                                 "is downloaded)")
     if dtype not in _DTYPES:
         raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
-    if replaces_source(src, dst):
-        raise ValueError(f"dst {str(dst)!r} holds the folder being converted, {str(src)!r}: writing it would delete "
-                         "the source; choose another output folder")
+    if overlaps_source(src, dst):
+        raise ValueError(f"dst {str(dst)!r} and the folder being converted, {str(src)!r}, overlap (one holds the "
+                         "other): choose an output folder outside the source")
     if dst.exists() and (not dst.is_dir() or any(dst.iterdir())) and not overwrite:
         raise FileExistsError(f"{str(dst)!r} exists and is not empty; choose another output folder or overwrite")
     pipeline = (src / "unet").is_dir()
@@ -561,5 +562,5 @@ def convert_folder(src, dst, *, dtype: str = "fp16", motion_adapter=None, overwr
     return model
 
 
-__all__ = ["from_diffusers", "config_from_diffusers", "convert_folder", "replaces_source", "ConversionError",
+__all__ = ["from_diffusers", "config_from_diffusers", "convert_folder", "overlaps_source", "ConversionError",
            "SUPPORTED", "PIPELINE_PARTS"]

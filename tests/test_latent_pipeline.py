@@ -88,11 +88,13 @@ def test_convert_folder_writes_the_engine_format_and_the_pipeline_parts(t2v_fold
         convert_folder(tmp_path / "missing", tmp_path / "x")
     with pytest.raises(TypeError, match="overwrite must be True or False, got 'no'"):  # "no" would read as true
         convert_folder(folder, out, overwrite="no")
-    # the output folder replaces what was there: never the source, or a folder that holds it
+    # the output folder replaces what was there, and gets copies of the source's parts: never the source, a
+    # folder that holds it (it would be deleted) or one inside it (the parts would be copied into themselves)
     source = tmp_path / "source"
     shutil.copytree(folder, source)
-    for src, dst in ((source, source), (source / "unet", source), (source, source / "unet" / "..")):
-        with pytest.raises(ValueError, match="holds the folder being converted.*would delete the source"):
+    for src, dst in ((source, source), (source / "unet", source), (source, source / "unet" / ".."),
+                     (source, source / "vae" / "out")):
+        with pytest.raises(ValueError, match=r"and the folder being converted, .* overlap \(one holds the other\)"):
             convert_folder(src, dst, overwrite=True)
     from stunet.cli import main
 
