@@ -509,7 +509,8 @@ def convert_folder(src, dst, *, dtype: str = "fp16", motion_adapter=None, overwr
     :meth:`stunet.Pipeline.from_pretrained` reads. The scheduler's prediction type and beta schedule go into
     the model's config. The folder is built aside and moved into place (``io.atomic_dir``), so a failure leaves
     nothing behind;
-    an existing non-empty ``dst`` is refused unless ``overwrite``. ``progress`` shows a line naming the stage
+    an existing non-empty ``dst`` is refused unless ``overwrite``, and a ``dst`` that is ``src``, holds it or lies
+    inside it always (``overlaps_source``). ``progress`` shows a line naming the stage
     that runs (loading a large checkpoint takes a while). Returns the converted model (fp32).
     """
     import shutil
