@@ -461,6 +461,9 @@ def cmd_convert(args: argparse.Namespace) -> int:
         parser.error(f"argument -o/--output: {args.output!r} exists and is not empty; pass --overwrite to replace it")
     if args.motion_adapter is not None and not (Path(args.motion_adapter) / "config.json").is_file():
         parser.error(f"argument --motion-adapter: {args.motion_adapter!r} is not a MotionAdapter folder")
+    if args.motion_adapter is not None and overlaps_source(args.motion_adapter, dst):
+        parser.error(f"argument -o/--output: {args.output!r} and --motion-adapter {args.motion_adapter!r} overlap "
+                     "(one holds the other): choose an output folder outside the folders being converted")
     overrides = {"prediction": args.prediction} if args.prediction else {}
     try:
         model = convert_folder(src, dst, dtype=args.dtype, motion_adapter=args.motion_adapter,

@@ -508,10 +508,10 @@ def convert_folder(src, dst, *, dtype: str = "fp16", motion_adapter=None, overwr
     ``model.safetensors`` (weights in ``dtype``) and copies of the pipeline parts, which
     :meth:`stunet.Pipeline.from_pretrained` reads. The scheduler's prediction type and beta schedule go into
     the model's config. The folder is built aside and moved into place (``io.atomic_dir``), so a failure leaves
-    nothing behind;
-    an existing non-empty ``dst`` is refused unless ``overwrite``, and a ``dst`` that is ``src``, holds it or lies
-    inside it always (``overlaps_source``). ``progress`` shows a line naming the stage
-    that runs (loading a large checkpoint takes a while). Returns the converted model (fp32).
+    nothing behind; an existing non-empty ``dst`` is refused unless ``overwrite``, and a ``dst`` that is
+    ``src``, holds it or lies inside it always, as one overlapping ``motion_adapter`` (``overlaps_source``).
+    ``progress`` shows a line naming the stage that runs (loading a large checkpoint takes a while). Returns
+    the converted model (fp32).
     """
     import shutil
 
@@ -537,6 +537,9 @@ def convert_folder(src, dst, *, dtype: str = "fp16", motion_adapter=None, overwr
         motion_adapter = src / "motion_adapter"
     if motion_adapter is not None and not Path(motion_adapter).is_dir():
         raise FileNotFoundError(f"no motion adapter folder at {str(motion_adapter)!r}")
+    if motion_adapter is not None and overlaps_source(motion_adapter, dst):
+        raise ValueError(f"dst {str(dst)!r} and the motion adapter being converted, {str(motion_adapter)!r}, "
+                         "overlap (one holds the other): choose an output folder outside it")
     scheduler = src / "scheduler" / "scheduler_config.json"
     if scheduler.is_file():
         _, options = scheduler_options(read_json(scheduler, "fix or remove the scheduler folder"))

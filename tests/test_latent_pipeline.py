@@ -105,6 +105,24 @@ def test_convert_folder_writes_the_engine_format_and_the_pipeline_parts(t2v_fold
     assert not (tmp_path / "x").exists()
 
 
+def test_convert_refuses_an_output_folder_overlapping_its_motion_adapter(animatediff_folder, tmp_path):
+    """A MotionAdapter folder named apart from the pipeline (--motion-adapter) is a source too: an output
+    folder that is it, holds it or lies inside it is refused, and it is left as it was."""
+    from stunet.cli import main
+
+    _, folder = animatediff_folder
+    adapter = tmp_path / "adapter"
+    shutil.copytree(folder / "motion_adapter", adapter)
+    before = sorted(p.name for p in adapter.iterdir())
+    for dst in (adapter, tmp_path, adapter / "out"):
+        with pytest.raises(ValueError, match="and the motion adapter being converted, .* overlap"):
+            convert_folder(folder / "unet", dst, motion_adapter=adapter, overwrite=True)
+        with pytest.raises(SystemExit) as exit_:
+            main(["convert", str(folder / "unet"), "--motion-adapter", str(adapter), "-o", str(dst), "--overwrite"])
+        assert exit_.value.code == 2
+    assert sorted(p.name for p in adapter.iterdir()) == before
+
+
 def test_a_latent_model_needs_its_vae(t2v_folder, tmp_path):
     _, folder = t2v_folder
     model = convert_folder(folder, tmp_path / "m", dtype="fp32")
