@@ -85,18 +85,23 @@ def _target_mode(path: Path) -> int:
 
 @contextlib.contextmanager
 def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary folder beside ``path``; on success it replaces ``path`` (any folder there is removed
-    only then), on error it is removed. The folder gets a new folder's mode (0o777 minus the umask)."""
+    """Yield a temporary folder beside ``path``; on success it replaces ``path`` (any folder or file there is
+    removed only then), on error it is removed. A symbolic link at ``path`` is followed: the folder lands where
+    it points, and the link stays. The folder gets a new folder's mode (0o777 minus the umask)."""
     import shutil
 
     path = Path(path)
+    if path.is_symlink():
+        path = path.resolve()
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     try:
         os.chmod(tmp, 0o777 & ~_umask())
         yield tmp
-        if path.exists():
+        if path.is_dir():
             shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
         tmp.rename(path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

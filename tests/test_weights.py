@@ -184,6 +184,36 @@ def test_files_written_together_replace_their_paths_in_order_or_not_at_all(tmp_p
             pass
 
 
+def test_a_folder_built_aside_replaces_a_folder_a_file_or_where_a_link_points(tmp_path):
+    """``atomic_dir``: the folder replaces a folder or a file at its path once it is complete, and lands where a
+    symbolic link points, the link staying (rmtree refused the link, and a file, after the whole build); a
+    failed build leaves what was there."""
+    from stunet.io import atomic_dir
+
+    def build(path, fail=False):
+        with atomic_dir(path) as folder:
+            (folder / "new").write_text("new")
+            if fail:
+                raise RuntimeError("the build failed")
+
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "folder" / "old").write_text("old")
+    (tmp_path / "file").write_text("old")
+    (tmp_path / "target").mkdir()
+    (tmp_path / "target" / "old").write_text("old")
+    (tmp_path / "link").symlink_to(tmp_path / "target")
+    for name in ("folder", "file", "link"):
+        with pytest.raises(RuntimeError, match="the build failed"):
+            build(tmp_path / name, fail=True)
+    assert (tmp_path / "folder" / "old").exists() and (tmp_path / "file").read_text() == "old"
+    assert (tmp_path / "link" / "old").exists()
+    for name in ("folder", "file", "link"):
+        build(tmp_path / name)
+        assert sorted(p.name for p in (tmp_path / name).iterdir()) == ["new"], name
+    assert (tmp_path / "link").is_symlink() and (tmp_path / "target" / "new").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "folder", "link", "target"]  # no staging left
+
+
 def test_a_bad_config_file_is_named(tmp_path):
     (tmp_path / "config.json").write_text('{"model_channels": 0}')
     with pytest.raises(ValueError, match=r"config.json': STUNetConfig.model_channels must be a positive integer"):
