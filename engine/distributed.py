@@ -31,6 +31,7 @@ import atexit
 import contextlib
 import datetime
 import logging
+import math
 import os
 import time
 from dataclasses import dataclass, field
@@ -53,19 +54,33 @@ def init(backend: str | None = None, *, timeout: datetime.timedelta | float = DE
     MASTER_ADDR, MASTER_PORT, LOCAL_RANK): NCCL when CUDA is available, else gloo. On CUDA, each rank takes
     device LOCAL_RANK. A no-op when a process group exists; the group it creates is destroyed at exit.
     ``timeout`` (seconds or a timedelta) bounds every collective, so a rank that dies cannot hang the others."""
+    if backend not in (None, "nccl", "gloo"):
+        raise ValueError(f"stunet.distributed.init: backend must be 'nccl', 'gloo' or None (NCCL when CUDA is "
+                         f"available, else gloo), got {backend!r}")
+    if backend == "nccl" and not torch.cuda.is_available():
+        raise ValueError("stunet.distributed.init: backend='nccl' needs CUDA, which this machine lacks; use "
+                         "backend='gloo' (or leave it None)")
+    timeout = _positive_timeout(timeout)
     if dist.is_initialized():
         return
     missing = [k for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT") if k not in os.environ]
     if missing:
         raise RuntimeError(f"stunet.distributed.init: {', '.join(missing)} not set; launch with torchrun "
                            "(torchrun --nproc-per-node N script.py) or `stunet generate ... --nproc N`")
-    if not isinstance(timeout, datetime.timedelta):
-        timeout = datetime.timedelta(seconds=float(timeout))
     backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
     if backend == "nccl":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     dist.init_process_group(backend, timeout=timeout)
     atexit.register(shutdown)
+
+
+def _positive_timeout(timeout) -> datetime.timedelta:
+    seconds = (timeout.total_seconds() if isinstance(timeout, datetime.timedelta)
+               else timeout if isinstance(timeout, (int, float)) and not isinstance(timeout, bool) else None)
+    if seconds is None or not math.isfinite(seconds) or seconds <= 0:
+        raise ValueError(f"stunet.distributed.init: timeout must be a positive number of seconds or a "
+                         f"datetime.timedelta, got {timeout!r}")
+    return datetime.timedelta(seconds=seconds)
 
 
 def shutdown() -> None:

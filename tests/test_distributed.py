@@ -205,6 +205,29 @@ def test_init_without_a_launcher_says_how(monkeypatch):
         stunet.distributed.init()
 
 
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(backend="mpi"), "backend must be 'nccl', 'gloo' or None"),
+    (dict(timeout=0), "timeout must be a positive number of seconds"),
+    (dict(timeout=-1.5), "timeout must be a positive number of seconds"),
+    (dict(timeout=float("nan")), "timeout must be a positive number of seconds"),
+    (dict(timeout="600"), "timeout must be a positive number of seconds"),
+])
+def test_init_refuses_a_bad_backend_or_timeout_before_it_connects(monkeypatch, kwargs, message):
+    monkeypatch.setenv("RANK", "0")  # a launcher's environment: the refusal comes before any connection
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", "1")
+    with pytest.raises(ValueError, match=message):
+        stunet.distributed.init(**kwargs)
+    assert not torch.distributed.is_initialized()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal is for machines without CUDA")
+def test_init_refuses_nccl_without_cuda():
+    with pytest.raises(ValueError, match="backend='nccl' needs CUDA"):
+        stunet.distributed.init("nccl")
+
+
 def test_split_calls_change_only_the_last_bits():
     """parallel="auto" in one process makes one call per row (as on any number of ranks) instead of one
     batched call: the same video up to float rounding."""
