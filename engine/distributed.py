@@ -321,6 +321,13 @@ def launch(nproc: int, argv: list[str]) -> int:
     import tempfile
     from pathlib import Path
 
+    if isinstance(nproc, bool) or not isinstance(nproc, int) or nproc < 1:
+        raise ValueError(f"stunet.distributed.launch: nproc must be a positive integer (the number of ranks), "
+                         f"got {nproc!r}")
+    if not isinstance(argv, (list, tuple)) or not all(isinstance(a, str) for a in argv):
+        raise TypeError(f"stunet.distributed.launch: argv must be a list of strings (the stunet command line), "
+                        f"got {argv!r}")
+
     from torch.distributed import run as torchrun
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError

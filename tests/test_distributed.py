@@ -134,6 +134,16 @@ def test_launch_gives_each_rank_its_share_of_the_cores_unless_told(monkeypatch, 
     assert os.environ.get("OMP_NUM_THREADS") == given and distributed.REFUSALS not in os.environ
 
 
+@pytest.mark.parametrize("nproc, argv, error", [
+    (0, ["generate", "x"], ValueError), (-1, ["generate", "x"], ValueError), (True, ["generate", "x"], ValueError),
+    ("2", ["generate", "x"], ValueError), (2, "generate x", TypeError), (2, ["--steps", 4], TypeError),
+])
+def test_launch_refuses_a_bad_rank_count_or_command_line(nproc, argv, error):
+    with pytest.raises(error, match="nproc must be a positive integer" if error is ValueError
+                       else "argv must be a list of strings"):
+        stunet.distributed.launch(nproc, argv)
+
+
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
 def test_a_signal_to_cli_nproc_stops_the_ranks_in_one_line(tmp_path, sig):
     """A terminal's Ctrl-C (SIGINT to the whole group) ends `--nproc` as it ends one process: one line, the
