@@ -110,3 +110,23 @@ def test_the_cli_runs_the_demo_without_a_model(tmp_path, capsys):
     assert e.value.code == 2 and "error: argument PROMPT: prompt 'a teddy bear surfing': unknown word(s) 'bear', " \
         "'surfing', 'teddy'" in capsys.readouterr().err
     assert not (tmp_path / "bear.mp4").exists()
+
+
+def test_the_training_tool_refuses_bad_values_before_it_trains(tmp_path, capsys, monkeypatch):
+    """tools/train_demo.py exits with status 2 naming the option (a learning rate of 0 or an EMA decay above 1
+    trained for an hour into useless weights; --check on a wrong folder ended in a traceback)."""
+    import importlib
+    from pathlib import Path
+
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parent.parent / "tools"))
+    train_demo = importlib.import_module("train_demo")
+    out = ["--out", str(tmp_path / "out")]
+    for args, message in [([*out, "--lr", "0"], "argument --lr: "), ([*out, "--ema", "1.5"], "argument --ema: "),
+                          ([*out, "--base-steps", "0"], "argument --base-steps: "),
+                          ([*out, "--threads", "-2"], "argument --threads: "),
+                          ([*out, "--seed", "x"], "argument --seed: "),
+                          (["--check", str(tmp_path)], "--check: "), ([], "give --out DIR")]:
+        with pytest.raises(SystemExit) as exit_:
+            train_demo.main(args)
+        assert exit_.value.code == 2 and message in capsys.readouterr().err, args
+    assert not list(tmp_path.iterdir())

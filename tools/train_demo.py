@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import stunet
-from stunet import demo
+from stunet import arguments, demo
 from stunet.io import atomic_write_text
 from stunet.pipeline.stages import upsample_video
 from stunet.pipeline.text import WordEncoder
@@ -154,17 +154,19 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--out", type=Path, help="folder for base/, ssr/, text/ and training.json")
     p.add_argument("--check", type=Path, metavar="DIR", help="only generate and measure the check prompts of DIR")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--base-steps", type=int, default=2800)
-    p.add_argument("--ssr-steps", type=int, default=700)
-    p.add_argument("--batch", type=int, default=16, help="base clips per step")
-    p.add_argument("--ssr-batch", type=int, default=4, help="SSR windows per step")
-    p.add_argument("--lr", type=float, default=2e-3)
-    p.add_argument("--ema", type=float, default=0.995, help="EMA decay of the saved weights")
-    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--seed", type=arguments.seed, default=0)
+    p.add_argument("--base-steps", type=arguments.positive, default=2800)
+    p.add_argument("--ssr-steps", type=arguments.positive, default=700)
+    p.add_argument("--batch", type=arguments.positive, default=16, help="base clips per step")
+    p.add_argument("--ssr-batch", type=arguments.positive, default=4, help="SSR windows per step")
+    p.add_argument("--lr", type=arguments.number(0, lo_open=True), default=2e-3)
+    p.add_argument("--ema", type=arguments.number(0, 1), default=0.995, help="EMA decay of the saved weights")
+    p.add_argument("--threads", type=arguments.positive, help="torch CPU threads (default: torch's choice)")
     args = p.parse_args(argv)
     if (args.out is None) == (args.check is None):
         p.error("give --out DIR (train) or --check DIR (measure), one of them")
+    if args.check and not all((args.check / part).is_dir() for part in ("base", "ssr", "text")):
+        p.error(f"--check: {args.check} is not a folder with base/, ssr/ and text/ (what --out writes)")
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.check:
