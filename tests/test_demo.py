@@ -7,10 +7,11 @@ from importlib import resources
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from utils import needs_av, read_mp4
 
 from stunet import demo
+from stunet.model.weights import WeightsError
 from stunet.cli import main
 from stunet.pipeline.text import WordEncoder
 
@@ -95,6 +96,13 @@ def test_the_word_encoder_refuses_unknown_words_and_round_trips(tmp_path):
             WordEncoder.load(tmp_path)
     with pytest.raises(ValueError, match="distinct lower-case words"):
         WordEncoder(["a", "a"], 4)
+    text.save(tmp_path)
+    save_file({"embedding": torch.zeros(3, text.dim)}, tmp_path / "embedding.safetensors")
+    with pytest.raises(WeightsError, match=r"shape mismatches:\n    embedding: expected \(\d+, \d+\), got \(3, "):
+        WordEncoder.load(tmp_path)
+    (tmp_path / "embedding.safetensors").write_bytes(b"not safetensors")
+    with pytest.raises(WeightsError, match="truncated or not a safetensors file"):
+        WordEncoder.load(tmp_path)
 
 
 @needs_av

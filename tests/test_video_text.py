@@ -10,7 +10,7 @@ import pytest
 import torch
 from utils import needs_av, needs_pil, read_mp4
 
-from stunet.pipeline.text import HFTextEncoder, load_text_encoder, tiny_random_t5
+from stunet.pipeline.text import HFTextEncoder, WordEncoder, load_text_encoder, tiny_random_t5
 from stunet.pipeline.video import load_npy, read_frames, save_video
 
 
@@ -176,6 +176,29 @@ def test_text_encoders_load_from_a_local_directory(tmp_path):
         load_text_encoder(tmp_path / "none")
     with pytest.raises(TypeError, match="pad_to_max_length must be True or False or None, got 'yes'"):
         load_text_encoder(tmp_path / "t5", pad_to_max_length="yes")
+    for bad in (0, -4, 2.5, "16"):  # refused before any file is read
+        with pytest.raises(ValueError, match=f"max_length must be a positive number of tokens or None, got {bad!r}"):
+            load_text_encoder(tmp_path / "none", max_length=bad)
+
+
+def test_an_encoder_refuses_bad_options_and_an_empty_prompt_list():
+    """HFTextEncoder's options are checked as it is built (a max_length of 0 encoded whole prompts unnoticed,
+    pad_to_max_length="no" padded); every encoder refuses an empty prompt list by name (a tokenizer's or max()'s
+    error before)."""
+    enc = tiny_random_t5(24, seed=0)
+    for options, error, message in [(dict(max_length=0), ValueError, "max_length must be a positive number"),
+                                    (dict(max_length=8.0), ValueError, "max_length must be a positive number"),
+                                    (dict(pad_to_max_length="no"), TypeError, "pad_to_max_length must be True"),
+                                    (dict(attend_padding=1), TypeError, "attend_padding must be True"),
+                                    (dict(device="tpu"), ValueError, "device must be a device such as")]:
+        with pytest.raises(error, match=message):
+            HFTextEncoder(enc.model, enc.tokenizer, **options)
+    for encoder in (enc, WordEncoder(["a", "cat"], 8)):
+        with pytest.raises(ValueError, match="prompts must hold at least one prompt"):
+            encoder.encode([])
+        with pytest.raises(TypeError, match="prompts must be a list of strings, got NoneType"):
+            encoder.encode(None)
+        assert encoder.encode(("a cat",))[0].shape[0] == 1
 
 
 def test_text_encoders_load_in_the_dtype_asked(tmp_path):

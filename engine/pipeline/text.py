@@ -55,7 +55,9 @@ class HFTextEncoder:
 
     def __init__(self, model, tokenizer, max_length: int = 128, device: str | torch.device = "cpu", *,
                  pad_to_max_length: bool = False, attend_padding: bool = False):
-        self.model = model.eval().to(device)
+        check_max_length(max_length)
+        check_flags(pad_to_max_length=pad_to_max_length, attend_padding=attend_padding)
+        self.model = model.eval().to(checked_placement(device)[0])
         self.tokenizer = tokenizer
         self.max_length = max_length
         self.pad_to_max_length, self.attend_padding = pad_to_max_length, attend_padding
@@ -67,8 +69,7 @@ class HFTextEncoder:
 
     @torch.no_grad()
     def encode(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        if isinstance(prompts, str) or not all(isinstance(p, str) for p in prompts):
-            raise TypeError("prompts must be a list of strings")
+        check_prompts(prompts)
         with _TOKENIZING:
             batch = self.tokenizer(list(prompts), padding="max_length" if self.pad_to_max_length else True,
                                    truncation=True, max_length=self.max_length, return_tensors="pt")
@@ -88,6 +89,23 @@ class HFTextEncoder:
         return hidden.float(), mask.bool()
 
 
+def check_prompts(prompts) -> None:
+    """What a text encoder's ``encode`` takes: a non-empty list of strings."""
+    if not isinstance(prompts, (list, tuple)) or not all(isinstance(p, str) for p in prompts):
+        raise TypeError(f"prompts must be a list of strings, got {type(prompts).__name__}")
+    if not prompts:
+        raise ValueError("prompts must hold at least one prompt, got an empty list")
+
+
+def check_max_length(max_length, optional: bool = False) -> None:
+    """A text encoder's ``max_length``: a positive number of tokens (or None, its default, with ``optional``)."""
+    if optional and max_length is None:
+        return
+    if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 1:
+        raise ValueError(f"max_length must be a positive number of tokens{' or None' if optional else ''}, "
+                         f"got {max_length!r}")
+
+
 def _shortened(text: str, width: int = 40) -> str:
     return text if len(text) <= width else text[:width - 3] + "..."
 
@@ -105,6 +123,7 @@ def load_text_encoder(path: str | os.PathLike, device: str | torch.device = "cpu
     text shape, which the fast backend's CUDA graphs and torch.compile then reuse; the default (None) pads T5
     prompts to the longest of a call and CLIP ones as ``sd_style`` says."""
     checked_placement(device, dtype)
+    check_max_length(max_length, optional=True)
     check_flags(sd_style=sd_style)
     check_flags(optional=True, pad_to_max_length=pad_to_max_length)
     transformers = _require_transformers()
@@ -176,8 +195,7 @@ class WordEncoder(torch.nn.Module):
         """(ids (B, L) long, mask (B, L) bool), padded with token 0 under a False mask."""
         import re
 
-        if isinstance(prompts, str) or not all(isinstance(p, str) for p in prompts):
-            raise TypeError("prompts must be a list of strings")
+        check_prompts(prompts)
         rows = []
         for p in prompts:
             words = re.findall(r"[a-z]+", p.lower())
@@ -218,9 +236,8 @@ class WordEncoder(torch.nn.Module):
 
     @classmethod
     def load(cls, directory: str | os.PathLike, device: str | torch.device = "cpu") -> "WordEncoder":
-        from safetensors.torch import load_file
-
         from ..io import read_json
+        from ..model.weights import check_state_dict, load_state_dict
 
         checked_placement(device)
         directory = Path(directory)
@@ -232,9 +249,8 @@ class WordEncoder(torch.nn.Module):
             raise ValueError(f"{str(directory / 'vocab.json')!r} must hold {{\"vocab\": [words], \"dim\": int}}, as "
                              "WordEncoder.save writes it")
         encoder = cls(meta["vocab"], meta["dim"])
-        weight = load_file(str(directory / "embedding.safetensors"))["embedding"]
-        if weight.shape != encoder.embedding.weight.shape:
-            raise ValueError(f"{str(directory)!r}: embedding.safetensors holds {tuple(weight.shape)}, vocab.json "
-                             f"needs {tuple(encoder.embedding.weight.shape)}")
-        encoder.embedding.weight.data.copy_(weight)
+        given = load_state_dict(directory / "embedding.safetensors")
+        check_state_dict({"embedding": encoder.embedding.weight}, given,
+                         f"weights in {str(directory / 'embedding.safetensors')!r} (for the vocab.json beside it)")
+        encoder.embedding.weight.data.copy_(given["embedding"])
         return encoder.eval().to(device)
