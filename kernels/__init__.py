@@ -14,11 +14,15 @@ NCDHW or channels-last-3d memory format.
 """
 from __future__ import annotations
 
+import math
+import numbers
+
 import torch
 
 from . import _triton
 from .groupnorm import group_norm_ref
-from .resample import temporal_up_conv, temporal_up_conv_ref
+from . import resample
+from .resample import temporal_up_conv_ref
 from .temporal_attn import temporal_attention_ref
 
 SCOPES = ("frame", "clip")
@@ -57,6 +61,26 @@ def _same_device(x: torch.Tensor, **others) -> None:
             raise ValueError(f"{name} is on {t.device} but x is on {x.device}; move it with .to()")
 
 
+def _parameter(name: str, t, shape: tuple[int, ...], form: str = "", optional: bool = False) -> None:
+    """A parameter tensor (weight, bias, ...): of ``shape`` (``form``: its symbolic form, e.g. "(B, C)") and a
+    real floating-point dtype (None too with ``optional``)."""
+    if optional and t is None:
+        return
+    if not isinstance(t, torch.Tensor) or tuple(t.shape) != shape:
+        given = tuple(t.shape) if isinstance(t, torch.Tensor) else repr(t)
+        raise ValueError(f"{name} must be a {form + ' = ' if form else ''}{shape} tensor, got {given}")
+    if not t.dtype.is_floating_point:
+        raise TypeError(f"{name} must be a floating-point tensor, got {t.dtype}")
+
+
+def _real(name: str, value, positive: bool = False) -> float:
+    """A finite real number (> 0 with ``positive``)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) or (
+            positive and value <= 0):
+        raise ValueError(f"{name} must be a finite{' positive' if positive else ''} number, got {value!r}")
+    return float(value)
+
+
 def temporal_attention(qkv: torch.Tensor, heads: int, bias: torch.Tensor | None = None,
                        scale: float | None = None) -> torch.Tensor:
     """Self-attention over frames at every (clip, pixel): qkv (B, T, S, 3C) packed [q | k | v] (any strides)
@@ -68,10 +92,14 @@ def temporal_attention(qkv: torch.Tensor, heads: int, bias: torch.Tensor | None 
     if C3 % (3 * heads):
         raise ValueError(f"qkv's last dimension ({C3}) must be 3 * heads * head_dim; it is not divisible by "
                          f"3 * heads = {3 * heads}")
+    if C3 == 0:
+        raise ValueError("qkv's last dimension must be 3 * heads * head_dim with head_dim >= 1, got 0")
+    _parameter("bias", bias, (heads, T, T), "(heads, T, T)", optional=True)
+    if scale is not None:
+        scale = _real("scale", scale)
+    if qkv.numel() == 0:  # no clip, frame or pixel: nothing to attend over
+        return qkv.new_empty(B, T, S, C3 // 3)
     if bias is not None:
-        if not isinstance(bias, torch.Tensor) or bias.shape != (heads, T, T):
-            raise ValueError(f"bias must be a (heads, T, T) = {(heads, T, T)} tensor, got "
-                             f"{tuple(getattr(bias, 'shape', ()))}")
         _same_device(qkv, bias=bias)
         bias = bias.float().contiguous()
     return _ops().temporal_attention(qkv, heads, bias, scale)
@@ -88,16 +116,36 @@ def group_norm(x: torch.Tensor, num_groups: int, weight: torch.Tensor, bias: tor
         raise ValueError(f"num_groups must be a positive divisor of the channel count {C}, got {num_groups!r}")
     if scope not in SCOPES:
         raise ValueError(f"scope must be one of {SCOPES}, got {scope!r}")
-    for name, p in (("weight", weight), ("bias", bias)):
-        if not isinstance(p, torch.Tensor) or p.shape != (C,):
-            raise ValueError(f"{name} must be a ({C},) tensor, got {tuple(getattr(p, 'shape', ()))}")
-    if input_bias is not None and (not isinstance(input_bias, torch.Tensor) or input_bias.shape != (B, C)):
-        raise ValueError(f"input_bias must be a (B, C) = {(B, C)} tensor, got "
-                         f"{tuple(getattr(input_bias, 'shape', ()))}")
-    if not eps > 0:
-        raise ValueError(f"eps must be positive, got {eps}")
+    _parameter("weight", weight, (C,))
+    _parameter("bias", bias, (C,))
+    _parameter("input_bias", input_bias, (B, C), "(B, C)", optional=True)
+    eps = _real("eps", eps, positive=True)
+    if not isinstance(silu, bool):
+        raise TypeError(f"silu must be True or False, got {silu!r}")
     _same_device(x, weight=weight, bias=bias, input_bias=input_bias)
-    return _ops().group_norm(x, num_groups, weight, bias, float(eps), scope, bool(silu), input_bias)
+    if x.numel() == 0:
+        return torch.empty_like(x)
+    return _ops().group_norm(x, num_groups, weight, bias, eps, scope, silu, input_bias)
+
+
+def temporal_up_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """TemporalUp on a video x (B, C, T, H, W): frame duplication then a depth-3 temporal convolution of
+    ``weight`` (C_out, C, 3) and optional ``bias`` (C_out,), zero padding 1, without materialising the doubled
+    video -> (B, C_out, 2T, H, W) in x's memory format."""
+    _tensor("x", x, 5)
+    B, C, T, H, W = x.shape
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 3 or weight.shape[1:] != (C, 3) or not weight.shape[0]:
+        raise ValueError(f"weight must be a (C_out, C, 3) = (C_out, {C}, 3) tensor, got "
+                         f"{tuple(weight.shape) if isinstance(weight, torch.Tensor) else weight!r}")
+    _parameter("weight", weight, tuple(weight.shape))
+    _parameter("bias", bias, (weight.shape[0],), "(C_out,)", optional=True)
+    if weight.dtype != x.dtype or (bias is not None and bias.dtype != x.dtype):
+        raise TypeError(f"weight and bias must have x's dtype {x.dtype}, got {weight.dtype}"
+                        f"{'' if bias is None else ' and ' + str(bias.dtype)}")
+    _same_device(x, weight=weight, bias=bias)
+    if x.numel() == 0:
+        return x.new_empty(B, weight.shape[0], 2 * T, H, W)
+    return resample.temporal_up_conv(x, weight, bias)
 
 
 __all__ = ["temporal_attention", "group_norm", "temporal_up_conv", "temporal_attention_ref", "group_norm_ref",

@@ -128,6 +128,25 @@ def test_temporal_attention_bad_inputs():
         kernels.temporal_attention(q, 1, torch.zeros(1, 4, 5))
     with pytest.raises(TypeError, match="float16, bfloat16 or float32"):
         kernels.temporal_attention(q.double(), 1)
+    with pytest.raises(TypeError, match="bias must be a floating-point tensor, got torch.int64"):
+        kernels.temporal_attention(q, 1, torch.zeros(1, 4, 4, dtype=torch.long))
+    for scale in ("0.1", float("nan"), torch.tensor(0.1), True):
+        with pytest.raises(ValueError, match="scale must be a finite number"):
+            kernels.temporal_attention(q, 1, scale=scale)
+    with pytest.raises(ValueError, match="head_dim >= 1, got 0"):
+        kernels.temporal_attention(q[..., :0], 1)
+
+
+@pytest.mark.parametrize("shape", [(0, 4, 5, 24), (1, 0, 5, 24), (2, 3, 0, 24)], ids=["B=0", "T=0", "S=0"])
+def test_the_kernels_take_empty_videos(shape):
+    """An empty axis gives an empty result of the op's shape (an empty grid was a ZeroDivisionError)."""
+    qkv = torch.zeros(shape, device=DEVICE)
+    assert kernels.temporal_attention(qkv, 2).shape == (*shape[:3], 8)
+    B, T, S = shape[:3]
+    x = torch.zeros(B, 8, T, S, 3, device=DEVICE)
+    w = torch.ones(8, device=DEVICE)
+    assert kernels.group_norm(x, 4, w, w, silu=True).shape == x.shape
+    assert kernels.temporal_up_conv(x, torch.ones(5, 8, 3, device=DEVICE)).shape == (B, 5, 2 * T, S, 3)
 
 
 def test_temporal_attention_unsupported_head_dim_falls_back_to_reference():
@@ -213,6 +232,13 @@ def test_group_norm_bad_inputs():
         kernels.group_norm(x, 2, w, b, input_bias=torch.zeros(8))
     with pytest.raises(ValueError, match="5-D"):
         kernels.group_norm(x[0], 2, w, b)
+    with pytest.raises(TypeError, match="weight must be a floating-point tensor"):
+        kernels.group_norm(x, 2, w.long(), b)
+    for eps in (0, -1e-5, "1e-5", float("inf")):
+        with pytest.raises(ValueError, match="eps must be a finite positive number"):
+            kernels.group_norm(x, 2, w, b, eps)
+    with pytest.raises(TypeError, match="silu must be True or False, got 'no'"):
+        kernels.group_norm(x, 2, w, b, silu="no")
 
 
 # -- TemporalUp --------------------------------------------------------------------------------------------------------
@@ -228,6 +254,21 @@ def test_temporal_up_conv_identity_init_is_frame_duplication():
     w[:, :, 1] = torch.eye(3)
     x = torch.randn(1, 3, 4, 2, 2)
     assert torch.equal(kernels.temporal_up_conv(x, w, None), x.repeat_interleave(2, dim=2))
+
+
+def test_temporal_up_conv_bad_inputs():
+    x, w = torch.zeros(1, 6, 2, 3, 3), torch.zeros(4, 6, 3)
+    for args, error, message in [
+        (("x", w), TypeError, "x must be a torch.Tensor"),
+        ((x[0], w), ValueError, "x must be 5-D"),
+        ((x, torch.zeros(4, 6, 2)), ValueError, r"weight must be a \(C_out, C, 3\) = \(C_out, 6, 3\) tensor, got"),
+        ((x, torch.zeros(4, 5, 3)), ValueError, r"weight must be a \(C_out, C, 3\)"),
+        ((x, w.long()), TypeError, "weight must be a floating-point tensor"),
+        ((x, w, torch.zeros(3)), ValueError, r"bias must be a \(C_out,\) = \(4,\) tensor, got \(3,\)"),
+        ((x, w.half()), TypeError, "weight and bias must have x's dtype torch.float32"),
+    ]:
+        with pytest.raises(error, match=message):
+            kernels.temporal_up_conv(*args)
 
 
 # -- the ops: schema, fakes, compile, fallbacks ------------------------------------------------------------------------
