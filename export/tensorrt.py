@@ -163,6 +163,10 @@ def build_engine(onnx_path: str | os.PathLike, plan_path: str | os.PathLike, *, 
     takes minutes).
     """
     check_flags(fp16=fp16, progress=progress)
+    if workspace_gb is not None and (isinstance(workspace_gb, bool) or not isinstance(workspace_gb, (int, float))
+                                     or not 0 < workspace_gb < float("inf")):
+        raise ValueError(f"workspace_gb must be a positive number of GiB (or None: TensorRT's default), got "
+                         f"{workspace_gb!r}")
     onnx_path, plan_path = Path(onnx_path), Path(plan_path)
     if not onnx_path.is_file():
         raise FileNotFoundError(f"onnx_path: no ONNX file at {str(onnx_path)!r} (make one with `stunet export onnx`)")
@@ -266,16 +270,22 @@ def _check_precision(proto, fp16: bool, onnx_path: Path) -> None:
 
 
 def _check_profiles(profiles: list[dict], proto) -> None:
-    names = {i.name for i in proto.graph.input}
-    if not isinstance(profiles, (list, tuple)) or not profiles:
+    ranks = {i.name: len(i.type.tensor_type.shape.dim) for i in proto.graph.input}
+    if not isinstance(profiles, (list, tuple)) or not profiles or not all(isinstance(p, dict) for p in profiles):
         raise ValueError("profiles must be a non-empty list of {input: (min, opt, max)} dicts")
     for k, shapes in enumerate(profiles):
-        if set(shapes) != names:
-            raise ValueError(f"profiles[{k}] must give every input of the file {sorted(names)}, got {sorted(shapes)}")
+        if set(shapes) != set(ranks):
+            raise ValueError(f"profiles[{k}] must give every input of the file {sorted(ranks)}, got {sorted(shapes)}")
         for input_name, triple in shapes.items():
-            lo, opt, hi = (tuple(s) for s in triple)
-            if not (len(lo) == len(opt) == len(hi) and all(a <= b <= c for a, b, c in zip(lo, opt, hi))):
-                raise ValueError(f"profiles[{k}][{input_name!r}]: need min <= opt <= max per axis, got {triple}")
+            where = f"profiles[{k}][{input_name!r}]"
+            if not (isinstance(triple, (list, tuple)) and len(triple) == 3 and all(
+                    isinstance(s, (list, tuple)) and len(s) == ranks[input_name]
+                    and all(isinstance(d, int) and not isinstance(d, bool) and d >= 1 for d in s) for s in triple)):
+                raise ValueError(f"{where} must be (min, opt, max) shapes of {ranks[input_name]} positive integers "
+                                 f"each (the input's rank), got {triple!r}")
+            lo, opt, hi = triple
+            if not all(a <= b <= c for a, b, c in zip(lo, opt, hi)):
+                raise ValueError(f"{where}: need min <= opt <= max per axis, got {triple}")
 
 
 def _inline_stunet_functions(proto):

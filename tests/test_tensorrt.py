@@ -285,6 +285,17 @@ def test_build_engine_refuses_bad_requests(fp16_export, tmp_path):
     with pytest.raises(ValueError, match="min <= opt <= max"):
         build_engine(result.path, tmp_path / "a.plan", profiles=[bad], compute_capabilities=[86],
                      toolkit_name="tensorrt-rtx")
+    for shapes, message in [(x[:2], "got"), ((x[0][:4],) * 3, "of 5 positive integers each"),
+                            (((1, 3, 0, 16, 16),) * 3, "positive integers"), ((*x[:2], (1, 3, 8.0, 16, 16)), "got")]:
+        with pytest.raises(ValueError, match=r"profiles\[0\]\['x'\] must be \(min, opt, max\) shapes.*" + message):
+            build_engine(result.path, tmp_path / "a.plan", profiles=[{**bad, "x": shapes}], compute_capabilities=[86],
+                         toolkit_name="tensorrt-rtx")
+    with pytest.raises(ValueError, match="profiles must be a non-empty list of"):
+        build_engine(result.path, tmp_path / "a.plan", profiles=[list(bad.items())], compute_capabilities=[86],
+                     toolkit_name="tensorrt-rtx")
+    for workspace in (0, -1, "4", float("nan")):
+        with pytest.raises(ValueError, match="workspace_gb must be a positive number of GiB"):
+            build_engine(result.path, tmp_path / "a.plan", workspace_gb=workspace)
     with pytest.raises(ValueError, match="toolkit must be one of"):
         build_engine(result.path, tmp_path / "a.plan", toolkit_name="trt")
     fp32 = export_onnx(model, tmp_path / "fp32.onnx", frames=8, height=16, width=16, text_len=5, dynamic=False)
