@@ -19,9 +19,8 @@ import numbers
 
 import torch
 
-from . import _triton
+from . import _triton, resample
 from .groupnorm import group_norm_ref
-from . import resample
 from .resample import temporal_up_conv_ref
 from .temporal_attn import temporal_attention_ref
 
