@@ -265,3 +265,11 @@ def test_interpolate_spatial_errors(trained, style):
     partial = {k: v for k, v in style.state_dict().items() if k != "out.conv.weight"}
     with pytest.raises(WeightsError, match="missing keys:\n    out.conv.weight"):
         interpolate_spatial(trained, partial, 0.5)
+    with pytest.raises(TypeError, match="style must be a STUNet or a state dict, got str"):
+        interpolate_spatial(trained, "style.safetensors", 0.5)
+    as_arrays = {k: v.numpy() for k, v in style.state_dict().items()}
+    with pytest.raises(TypeError, match=r"must be floating-point torch tensors; \S+ is of type ndarray \(\d+ more\)"):
+        interpolate_spatial(trained, as_arrays, 0.5)
+    as_ints = {**style.state_dict(), "out.conv.weight": style.out.conv.weight.detach().to(torch.int32)}
+    with pytest.raises(TypeError, match=r"out.conv.weight is a torch.int32 tensor$"):
+        interpolate_spatial(trained, as_ints, 0.5)

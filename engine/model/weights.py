@@ -95,6 +95,10 @@ def from_pretrained(cls: type["STUNet"], directory: str | os.PathLike, *, device
     return model.eval()
 
 
+def _kind(value) -> str:
+    return f"a {value.dtype} tensor" if isinstance(value, torch.Tensor) else f"of type {type(value).__name__}"
+
+
 def spatial_keys(model: "STUNet") -> list[str]:
     """State-dict keys of the pretrained per-frame trunk (everything but the temporal modules)."""
     temporal = model.temporal_keys()
@@ -114,10 +118,17 @@ def interpolate_spatial(orig: "STUNet", style: "STUNet | Mapping[str, torch.Tens
         raise TypeError(f"interpolate_spatial: orig must be a STUNet, got {type(orig).__name__}")
     if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0.0 <= alpha <= 1.0:
         raise ValueError(f"interpolate_spatial: alpha must be a number in [0, 1] (Lumiere uses 0.5..1), got {alpha!r}")
+    if not isinstance(style, (STUNet, Mapping)):
+        raise TypeError(f"interpolate_spatial: style must be a STUNet or a state dict, got {type(style).__name__}")
     style_state = style.state_dict() if isinstance(style, STUNet) else dict(style)
     orig_state = orig.state_dict()
     keys = spatial_keys(orig)
     temporal = orig.temporal_keys()
+    wrong = sorted(k for k in keys if k in style_state and not (
+        isinstance(style_state[k], torch.Tensor) and style_state[k].dtype.is_floating_point))
+    if wrong:
+        raise TypeError(f"interpolate_spatial: the style weights must be floating-point torch tensors; {wrong[0]} is "
+                        f"{_kind(style_state[wrong[0]])}" + (f" ({len(wrong) - 1} more)" if len(wrong) > 1 else ""))
     check_state_dict({k: orig_state[k] for k in keys},
                      {k: v for k, v in style_state.items() if k not in temporal},
                      what="interpolate_spatial: the style weights")
