@@ -3,7 +3,7 @@ a word-level text encoder and the base model (16 frames of 16 x 16) jointly, the
 windows of 8 frames) on the frozen text encoder; v-prediction on the cosine schedule, AdamW, an exponential
 moving average of the weights (what is saved). The clips are drawn on the fly by ``stunet.demo.render``.
 
-    python tools/train_demo.py --out engine/demo/weights     # the shipped weights: about 50 min on 2 CPU cores
+    python tools/train_demo.py --out engine/demo/weights     # the shipped weights: about 55 min on 2 CPU cores
 
 At the end it generates the check prompts with the saved cascade (the CLI's defaults) and prints how each
 follows its prompt (``stunet.demo.follows``); ``--check DIR`` only does that for an existing folder.
