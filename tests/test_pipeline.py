@@ -318,6 +318,28 @@ def test_from_pretrained_and_style(tmp_path, encoder):
     assert not np.array_equal(styled("x", seed=0, **SMALL).frames, ref("x", seed=0, **SMALL).frames)
 
 
+def test_from_pretrained_refuses_bad_options_before_it_reads_a_file(tmp_path, encoder, monkeypatch):
+    """Options that need no model, missing folders and unknown keywords are refused before any weights load (a
+    bad sampler name used to surface after minutes of loading a large model)."""
+    stunet.STUNet(stunet.STUNetConfig.from_preset("tiny")).save_pretrained(tmp_path / "base")
+    monkeypatch.setattr(stunet.STUNet, "from_pretrained", lambda *a, **k: pytest.fail("a model was loaded"))
+    for args, options, error, message in [
+        ((), dict(backend="fastest"), ValueError, "backend must be one of"),
+        ((), dict(sampler="euler"), ValueError, "euler"),
+        ((), dict(runtime="rust"), ValueError, "runtime must be one of"),
+        ((), dict(progress="no"), TypeError, "progress must be True or False"),
+        ((), dict(schedule={"steps": 3}), ValueError, "is not a sampler's settings"),
+        ((), dict(backend_options=[("max_batch", 1)]), TypeError, "backend_options must be a dict"),
+        ((), dict(samplr="ddim"), TypeError, "unexpected keyword argument.* samplr; it takes backend_options"),
+        ((tmp_path / "none",), {}, FileNotFoundError, r"no model folder at .*none' \(ssr=\)"),
+        ((), dict(text_encoder=tmp_path / "t5"), FileNotFoundError, "has no config.json"),
+    ]:
+        with pytest.raises(error, match=message):
+            Pipeline.from_pretrained(tmp_path / "base", *args, device="cpu", **options)
+    with pytest.raises(TypeError, match="base must be the path of a model folder, got STUNet"):
+        Pipeline.from_pretrained(stunet.STUNet(stunet.STUNetConfig.from_preset("tiny")), text_encoder=encoder)
+
+
 # -- conditional modes --------------------------------------------------------------------------------------------
 def test_conditioning_tensors_of_each_mode():
     g = np.random.default_rng(0)

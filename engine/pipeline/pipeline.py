@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import inspect
 import logging
 import os
 import random
@@ -191,6 +192,29 @@ class Pipeline:
         if text_encoder is not None and text_encoder.dim != base_model.config.text_dim:
             raise ValueError(f"text_encoder gives {text_encoder.dim}-wide tokens but the model takes "
                              f"text_dim={base_model.config.text_dim}; use the encoder the model was trained with")
+        self._check_options(backend=backend, sampler=sampler, runtime=runtime, progress=progress,
+                            schedule=schedule, backend_options=backend_options)
+        sampler = "ddim" if sampler is None else sampler
+        runtime = default_runtime(base_model.device) if runtime is None else runtime
+        if runtime == "cpp" and (why := cpp_runtime.unavailable_on(base_model.device)):
+            raise RuntimeError(f"runtime='cpp' but {why}; or use runtime='python'")
+        self.base, self.ssr, self.text_encoder = base_model.eval(), ssr_model, text_encoder
+        if self.ssr is not None:
+            self.ssr.eval()
+        self.backend, self.sampler, self.runtime, self.progress = backend, sampler, runtime, progress
+        self.vae, self.schedule = vae, schedule
+        self.backend_options = dict(backend_options or {})
+        self.parallel = distributed.resolve(parallel)
+        self.base_stage = BaseStage(make_backend(self.base, backend, **self.backend_options), runtime, sampler,
+                                    self.parallel, schedule)
+        self.ssr_stage = (SSRStage(make_backend(self.ssr, backend, **self.backend_options), runtime, sampler,
+                                   self.parallel) if self.ssr is not None else None)
+
+    @staticmethod
+    def _check_options(*, backend="reference", sampler="ddim", runtime=None, progress=True, schedule=None,
+                       backend_options=None, **_) -> None:
+        """The options that need no model, checked before any model is built or loaded (``from_pretrained``
+        checks them before it reads a file)."""
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
         check_flags(progress=progress)
@@ -206,25 +230,11 @@ class Pipeline:
                 make_sampler("ddim", **schedule)
             except (TypeError, ValueError) as e:
                 raise ValueError(f"schedule {dict(schedule)!r} is not a sampler's settings: {e}") from None
-        runtime = default_runtime(base_model.device) if runtime is None else runtime
-        if runtime not in RUNTIMES:
+        if runtime is not None and runtime not in RUNTIMES:
             raise ValueError(f"runtime must be one of {RUNTIMES}, got {runtime!r}")
-        if runtime == "cpp" and (why := cpp_runtime.unavailable_on(base_model.device)):
-            raise RuntimeError(f"runtime='cpp' but {why}; or use runtime='python'")
-        self.base, self.ssr, self.text_encoder = base_model.eval(), ssr_model, text_encoder
-        if self.ssr is not None:
-            self.ssr.eval()
-        self.backend, self.sampler, self.runtime, self.progress = backend, sampler, runtime, progress
-        self.vae, self.schedule = vae, schedule
         if backend_options is not None and not isinstance(backend_options, Mapping):
             raise TypeError(f"backend_options must be a dict of the backend's keyword options (such as "
                             f"{{'max_batch': 1}}), got {type(backend_options).__name__}")
-        self.backend_options = dict(backend_options or {})
-        self.parallel = distributed.resolve(parallel)
-        self.base_stage = BaseStage(make_backend(self.base, backend, **self.backend_options), runtime, sampler,
-                                    self.parallel, schedule)
-        self.ssr_stage = (SSRStage(make_backend(self.ssr, backend, **self.backend_options), runtime, sampler,
-                                   self.parallel) if self.ssr is not None else None)
 
     @property
     def _rank0(self) -> bool:
@@ -252,14 +262,26 @@ class Pipeline:
         scheduler's settings become the default sampler (unless ``sampler=`` is given)."""
         from ..sampling.samplers import scheduler_options
         from .latent import load_vae
-        from .text import load_text_encoder
+        from .text import check_text_encoder_folder, load_text_encoder
 
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         checked_placement(device, dtype)
+        unknown = sorted(set(kwargs) - FROM_PRETRAINED_OPTIONS)
+        if unknown:
+            raise TypeError(f"Pipeline.from_pretrained got unexpected keyword argument(s) {', '.join(unknown)}; "
+                            f"it takes {', '.join(sorted(FROM_PRETRAINED_OPTIONS))} (Pipeline's options)")
+        cls._check_options(backend=backend, **kwargs)
+        for argument, folder in (("base", base), ("ssr", ssr)):
+            if folder is None and argument == "ssr":
+                continue
+            if not isinstance(folder, (str, os.PathLike)):
+                raise TypeError(f"{argument} must be the path of a model folder, got {type(folder).__name__}")
+            if not Path(folder).is_dir():
+                raise FileNotFoundError(f"no model folder at {str(folder)!r} ({argument}=): give the folder written by "
+                                        "STUNet.save_pretrained or `stunet convert`")
+        if isinstance(text_encoder, (str, os.PathLike)):
+            check_text_encoder_folder(text_encoder)
         base = Path(base)
-        if not base.is_dir():
-            raise FileNotFoundError(f"no model folder at {str(base)!r}: give the folder written by "
-                                    "STUNet.save_pretrained or `stunet convert`")
         base_model = STUNet.from_pretrained(base, device=device, dtype=dtype)
         ssr_model = STUNet.from_pretrained(ssr, device=device, dtype=dtype) if ssr is not None else None
         if text_encoder is None and (base / "text_encoder").is_dir():
@@ -708,6 +730,11 @@ class Pipeline:
         if (kwargs["height"], kwargs["width"]) != (H, W):
             cond = cond.resized(kwargs["height"], kwargs["width"])
         return {**kwargs, "conditioning": cond}
+
+
+FROM_PRETRAINED_OPTIONS = frozenset(inspect.signature(Pipeline.__init__).parameters) - {
+    "self", "base_model", "text_encoder", "ssr_model", "backend"}
+"""The keywords ``Pipeline.from_pretrained`` passes on to :class:`Pipeline` (it loads the models itself)."""
 
 
 __all__ = ["Pipeline", "PipelineOutput", "stage_generator", "to_frames", "RUNTIMES", "OUTPUT_TYPES"]

@@ -127,9 +127,7 @@ def load_text_encoder(path: str | os.PathLike, device: str | torch.device = "cpu
     check_flags(sd_style=sd_style)
     check_flags(optional=True, pad_to_max_length=pad_to_max_length)
     transformers = _require_transformers()
-    path = Path(path)
-    if not (path / "config.json").is_file():
-        raise FileNotFoundError(f"text encoder directory {str(path)!r} has no config.json")
+    path = check_text_encoder_folder(path)
     with folder_load_errors("text encoder's config", path):
         config = transformers.AutoConfig.from_pretrained(path, local_files_only=True)
     kind = getattr(config, "model_type", "")
@@ -152,6 +150,14 @@ def load_text_encoder(path: str | os.PathLike, device: str | torch.device = "cpu
         pad = sd_style if pad_to_max_length is None else pad_to_max_length
         return HFTextEncoder(model, tokenizer, length, device, pad_to_max_length=pad, attend_padding=sd_style)
     raise ValueError(f"text encoder in {str(path)!r} has model_type {kind!r}; supported: t5 and clip")
+
+
+def check_text_encoder_folder(path: str | os.PathLike) -> Path:
+    """``path`` as a Path when it is a folder with the config.json of a transformers text encoder."""
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"text encoder directory {str(path)!r} has no config.json")
+    return path
 
 
 def tiny_random_t5(dim: int, seed: int = 0, layers: int = 2, heads: int = 2) -> HFTextEncoder:
