@@ -451,6 +451,10 @@ def test_make_backend_names_and_errors():
                                                                                 "tensorrt"}
     with pytest.raises(ValueError, match="aoti backend cannot run this model: it needs package=PATH"):
         make_backend(model, "aoti")
+    with pytest.raises(ValueError, match="aoti backend cannot run this model: package must be a path, .*got int"):
+        make_backend(model, "aoti", package=3)
+    with pytest.raises(ValueError, match="tensorrt backend cannot run this model: engine must be a path, .*got bytes"):
+        make_backend(model, "tensorrt", engine=b"model.plan")
     with pytest.raises(ValueError, match="backend must be one of"):
         make_backend(model, "tensorrt-ish")
     with pytest.raises(ValueError, match="graphs=True needs the model on a CUDA device"):

@@ -47,6 +47,9 @@ class AOTIBackend(Backend):
         reasons = super().unsupported(model, **options)
         if package is None:
             reasons.append("it needs package=PATH, a .pt2 made by stunet.export.export_aoti")
+        elif not isinstance(package, (str, os.PathLike)):
+            reasons.append(f"package must be a path, a .pt2 made by stunet.export.export_aoti, got "
+                           f"{type(package).__name__}")
         elif not Path(package).is_file():
             reasons.append(f"no package at {str(package)!r} (make one with stunet.export.export_aoti)")
         return reasons

@@ -65,6 +65,9 @@ class TensorRTBackend(Backend):
         reasons = super().unsupported(model, **options)
         if engine is None:
             reasons.append("it needs engine=PATH, a .plan made by stunet.export.build_engine")
+        elif not isinstance(engine, (str, os.PathLike)):
+            reasons.append(f"engine must be a path, a .plan made by stunet.export.build_engine, got "
+                           f"{type(engine).__name__}")
         elif not Path(engine).is_file():
             reasons.append(f"no engine at {str(engine)!r} (make one with `stunet export tensorrt`)")
         else:
