@@ -21,7 +21,7 @@ from typing import NoReturn
 from . import arguments
 from .backends import BACKENDS
 from .config import PRESETS
-from .io import atomic_path
+from .io import atomic_path, parent_problem
 from .pipeline.stages import SSROptions
 from .sampling.samplers import SAMPLERS
 
@@ -90,8 +90,8 @@ def _check_output(args, parser, path: str | None = None, arg: str = "-o/--output
                      f"{str(out / ('out' + SUFFIXES[0]))!r}")
     if out.suffix.lower() not in SUFFIXES:
         parser.error(f"argument {arg}: must end in {', '.join(SUFFIXES[:-1])} or {SUFFIXES[-1]}, got {path!r}")
-    if not out.parent.is_dir():
-        parser.error(f"argument {arg}: directory {str(out.parent)!r} does not exist")
+    if problem := parent_problem(out):
+        parser.error(f"argument {arg}: {problem}")
     if out.exists() and not args.overwrite:
         parser.error(f"argument {arg}: {path!r} exists; pass --overwrite to replace it")
     return out
@@ -387,8 +387,8 @@ def cmd_export(args: argparse.Namespace) -> int:
     out = Path(args.output)
     if out.is_dir() or out.suffix != suffix:
         parser.error(f"argument -o/--output: must be a file path ending in {suffix}, got {args.output!r}")
-    if not out.parent.is_dir():
-        parser.error(f"argument -o/--output: directory {str(out.parent)!r} does not exist")
+    if problem := parent_problem(out):
+        parser.error(f"argument -o/--output: {problem}")
     if out.exists() and not args.overwrite:
         parser.error(f"argument -o/--output: {args.output!r} exists; pass --overwrite to replace it")
     _check_model_dir(args.model, parser, "MODEL_DIR")
@@ -422,8 +422,8 @@ def cmd_export_tensorrt(args: argparse.Namespace) -> int:
     parser, out = args.parser, Path(args.output)
     if out.is_dir() or out.suffix not in (".plan", ".engine"):
         parser.error(f"argument -o/--output: must be a file path ending in .plan or .engine, got {args.output!r}")
-    if not out.parent.is_dir():
-        parser.error(f"argument -o/--output: directory {str(out.parent)!r} does not exist")
+    if problem := parent_problem(out):
+        parser.error(f"argument -o/--output: {problem}")
     if out.exists() and not args.overwrite:
         parser.error(f"argument -o/--output: {args.output!r} exists; pass --overwrite to replace it")
     if not Path(args.onnx).is_file():
@@ -457,6 +457,8 @@ def cmd_convert(args: argparse.Namespace) -> int:
     if overlaps_source(src, dst):
         parser.error(f"argument -o/--output: {args.output!r} and SRC_DIR {args.source!r} overlap (one holds the "
                      "other): choose an output folder outside the folder being converted")
+    if problem := parent_problem(dst, create=True):
+        parser.error(f"argument -o/--output: {problem}")
     if dst.exists() and (not dst.is_dir() or any(dst.iterdir())) and not args.overwrite:
         parser.error(f"argument -o/--output: {args.output!r} exists and is not empty; pass --overwrite to replace it")
     if args.motion_adapter is not None and not (Path(args.motion_adapter) / "config.json").is_file():

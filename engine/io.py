@@ -64,9 +64,23 @@ def _writable(path: str | os.PathLike) -> Path:
     path = Path(path)
     if path.is_dir():
         raise IsADirectoryError(f"cannot write {str(path)!r}: it is a directory; give a file path")
-    if not path.parent.is_dir():
-        raise FileNotFoundError(f"cannot write {str(path)!r}: directory {str(path.parent)!r} does not exist")
+    problem = parent_problem(path)
+    if problem:
+        error = NotADirectoryError if path.parent.exists() else FileNotFoundError
+        raise error(f"cannot write {str(path)!r}: {problem}")
     return path
+
+
+def parent_problem(path: str | os.PathLike, create: bool = False) -> str | None:
+    """Why nothing can be made at ``path`` for want of its folder (None: the folder is there). ``create``: the
+    missing folders will be made, so only a file in their way is a problem."""
+    parent = Path(path).parent
+    if parent.is_dir():
+        return None
+    existing = next((p for p in (parent, *parent.parents) if p.exists()), None)
+    if existing is not None and not existing.is_dir():
+        return f"{str(existing)!r} is a file, not a directory"
+    return None if create else f"directory {str(parent)!r} does not exist"
 
 
 def _umask() -> int:
@@ -93,6 +107,8 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     path = Path(path)
     if path.is_symlink():
         path = path.resolve()
+    if problem := parent_problem(path, create=True):
+        raise NotADirectoryError(f"cannot write {str(path)!r}: {problem}")
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     try:

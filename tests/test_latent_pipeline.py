@@ -69,7 +69,7 @@ def test_converted_pipelines_reproduce_diffusers_frames(which, runtime, request,
     assert np.abs(got - want).max() <= 1e-4, f"max |stunet - diffusers| {np.abs(got - want).max():.3g}"
 
 
-def test_convert_folder_writes_the_engine_format_and_the_pipeline_parts(t2v_folder, tmp_path):
+def test_convert_folder_writes_the_engine_format_and_the_pipeline_parts(t2v_folder, tmp_path, capsys):
     _, folder = t2v_folder
     model = convert_folder(folder, tmp_path / "out")  # fp16 weights by default
     out = tmp_path / "out"
@@ -102,6 +102,10 @@ def test_convert_folder_writes_the_engine_format_and_the_pipeline_parts(t2v_fold
         main(["convert", str(source / "unet"), "-o", str(source), "--overwrite", "-q"])
     assert exit_.value.code == 2
     assert sorted(p.name for p in source.iterdir()) == sorted(p.name for p in folder.iterdir())
+    (tmp_path / "a_file").write_text("")
+    with pytest.raises(SystemExit) as exit_:  # a file where a folder of the output's path would be made
+        main(["convert", str(source), "-o", str(tmp_path / "a_file" / "out"), "-q"])
+    assert exit_.value.code == 2 and "a_file' is a file, not a directory" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
 
 

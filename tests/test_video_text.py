@@ -113,6 +113,10 @@ def test_save_video_errors_and_atomicity(tmp_path, monkeypatch):
         save_video(frames, tmp_path / "a.mp4", fps=0)
     with pytest.raises(FileNotFoundError, match="does not exist"):
         save_video(frames, tmp_path / "missing" / "a.mp4")
+    (tmp_path / "a_file").write_text("")
+    with pytest.raises(NotADirectoryError, match="a_file' is a file, not a directory"):
+        save_video(frames, tmp_path / "a_file" / "a.mp4")
+    (tmp_path / "a_file").unlink()
     save_video(frames, tmp_path / "keep.gif")
     before = (tmp_path / "keep.gif").read_bytes()
 

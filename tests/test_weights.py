@@ -212,6 +212,9 @@ def test_a_folder_built_aside_replaces_a_folder_a_file_or_where_a_link_points(tm
         assert sorted(p.name for p in (tmp_path / name).iterdir()) == ["new"], name
     assert (tmp_path / "link").is_symlink() and (tmp_path / "target" / "new").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "folder", "link", "target"]  # no staging left
+    (tmp_path / "plain").write_text("")
+    with pytest.raises(NotADirectoryError, match="plain' is a file, not a directory"):  # before any build
+        build(tmp_path / "plain" / "sub" / "folder")
 
 
 def test_a_bad_config_file_is_named(tmp_path):
