@@ -70,7 +70,7 @@ def parser(name: str, doc: str, iters: int | None = 20) -> argparse.ArgumentPars
     p.add_argument("--quick", action="store_true", help="small shapes (a smoke run; the test suite runs it)")
     if iters is not None:
         p.add_argument("--iters", type=arguments.positive, default=iters, help=f"timed calls per row (default {iters})")
-    p.add_argument("--out", type=Path, default=None,
+    p.add_argument("--out", type=arguments.folder, default=None,
                    help=f"folder for {name}.json/.md (default bench/results/<gpu>; with --quick "
                         "bench/results/quick/<gpu>)")
     return p

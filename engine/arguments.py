@@ -5,6 +5,9 @@ from __future__ import annotations
 import argparse
 import math
 import re
+from pathlib import Path
+
+from .io import parent_problem
 
 
 def positive(text: str) -> int:
@@ -51,3 +54,15 @@ def device(text: str) -> str:
     if not re.fullmatch(r"cpu|cuda(:\d+)?", text):
         raise argparse.ArgumentTypeError(f"must be 'cpu', 'cuda' or 'cuda:N', got {text!r}")
     return text
+
+
+def folder(text: str) -> Path:
+    """A folder to write into: one that exists, or one that can be made (no file in the way)."""
+    path = Path(text)
+    if not text.strip():
+        raise argparse.ArgumentTypeError(f"must be a folder path, got {text!r}")
+    if path.exists() and not path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text!r} is a file, not a folder")
+    if problem := parent_problem(path / "file", create=True):
+        raise argparse.ArgumentTypeError(f"cannot make {text!r}: {problem}")
+    return path

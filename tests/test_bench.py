@@ -227,11 +227,13 @@ def test_every_bench_script_refuses_bad_values_as_it_parses_them(name, tmp_path,
     --quick or failed deep in a build)."""
     monkeypatch.syspath_prepend(str(BENCH))
     script = importlib.import_module(name)
+    (tmp_path / "a_file").write_text("")
     shared = [("--device", "tpu"), *([("--device", "cuda")] if not torch.cuda.is_available() else []),
+              ("--out", str(tmp_path / "a_file")), ("--out", str(tmp_path / "a_file" / "results")),
               *([("--iters", "0"), ("--iters", "two")] if name in TIMED else [])]
     for option, value in [*shared, *BAD_VALUES.get(name, [])]:
         with pytest.raises(SystemExit) as exit_:
-            script.main(["--quick", option, value, "--out", str(tmp_path)])
+            script.main(["--quick", "--out", str(tmp_path), option, value])
         err = capsys.readouterr().err
         assert exit_.value.code == 2 and f"argument {option}: " in err and value in err, (option, value, err)
-    assert not list(tmp_path.iterdir())
+    assert [p.name for p in tmp_path.iterdir()] == ["a_file"]

@@ -133,7 +133,8 @@ def test_the_training_tool_refuses_bad_values_before_it_trains(tmp_path, capsys,
                           ([*out, "--base-steps", "0"], "argument --base-steps: "),
                           ([*out, "--threads", "-2"], "argument --threads: "),
                           ([*out, "--seed", "x"], "argument --seed: "),
-                          (["--check", str(tmp_path)], "--check: "), ([], "give --out DIR")]:
+                          (["--check", str(tmp_path)], "--check: "), ([], "give --out DIR"),
+                          (["--out", str(Path(__file__))], "argument --out: ")]:
         with pytest.raises(SystemExit) as exit_:
             train_demo.main(args)
         assert exit_.value.code == 2 and message in capsys.readouterr().err, args

@@ -152,7 +152,7 @@ def check(folder: Path, seed: int = 0) -> list[dict]:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--out", type=Path, help="folder for base/, ssr/, text/ and training.json")
+    p.add_argument("--out", type=arguments.folder, help="folder for base/, ssr/, text/ and training.json")
     p.add_argument("--check", type=Path, metavar="DIR", help="only generate and measure the check prompts of DIR")
     p.add_argument("--seed", type=arguments.seed, default=0)
     p.add_argument("--base-steps", type=arguments.positive, default=2800)
