@@ -11,8 +11,8 @@ from safetensors.torch import load_file, save_file
 from utils import needs_av, read_mp4
 
 from stunet import demo
-from stunet.model.weights import WeightsError
 from stunet.cli import main
+from stunet.model.weights import WeightsError
 from stunet.pipeline.text import WordEncoder
 
 PROMPTS = ["a red circle moving left", "a blue square moving up", "a yellow triangle moving right",
