@@ -16,6 +16,17 @@ from utils import current_umask
 BENCH = Path(__file__).resolve().parent.parent / "bench"
 
 
+def bench_script(name: str, monkeypatch):
+    """bench/<name>.py as a module, loaded from its file: a module name such as ``kernels`` can be taken already
+    (transformers probes for a ``kernels`` package, which finds the repository's kernels/ folder when the
+    repository root is on sys.path)."""
+    monkeypatch.syspath_prepend(str(BENCH))  # the scripts import their harness
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCH / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 @pytest.mark.parametrize("script", ["runtime.py", "kernels.py", "step.py", "pipeline.py", "distributed.py", "peers.py"])
 def test_bench_script_smoke_run(script, tmp_path):
     name = script.removesuffix(".py")
@@ -225,8 +236,7 @@ def test_every_bench_script_refuses_bad_values_as_it_parses_them(name, tmp_path,
     """A bad value exits with status 2 naming its argument, before any model, kernel or result file (a count of
     0 iterations was a statistics error after the warm-up; an unknown preset or compile mode was skipped by
     --quick or failed deep in a build)."""
-    monkeypatch.syspath_prepend(str(BENCH))
-    script = importlib.import_module(name)
+    script = bench_script(name, monkeypatch)
     (tmp_path / "a_file").write_text("")
     shared = [("--device", "tpu"), *([("--device", "cuda")] if not torch.cuda.is_available() else []),
               ("--out", str(tmp_path / "a_file")), ("--out", str(tmp_path / "a_file" / "results")),
