@@ -27,7 +27,7 @@ import torch
 from stunet import arguments
 from stunet.backends.compile import compile_modes
 from stunet.config import PRESETS
-from stunet.io import atomic_path
+from stunet.io import atomic_path, make_folder
 from stunet.model.validate import checked_placement
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -252,8 +252,7 @@ def write_results(name: str, doc: dict, table: str, out_dir: Path | None, quick:
     results/quick/<device>, which git ignores: it never replaces a device's committed results."""
     doc = {**doc, "python": sys.version.split()[0], "quick": quick}
     default = RESULTS / "quick" if quick else RESULTS
-    out = Path(out_dir) if out_dir is not None else default / slug(doc["device"].split(" (")[0])
-    out.mkdir(parents=True, exist_ok=True)
+    out = make_folder(out_dir if out_dir is not None else default / slug(doc["device"].split(" (")[0]), name)
     for suffix, text in ((".json", json.dumps(doc, indent=2)), (".md", f"`{doc['command']}`\n\n{table}\n")):
         with atomic_path(out / f"{name}{suffix}") as tmp:
             tmp.write_text(text)

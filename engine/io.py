@@ -71,6 +71,20 @@ def _writable(path: str | os.PathLike) -> Path:
     return path
 
 
+def make_folder(path: str | os.PathLike, who: str) -> Path:
+    """The folder at ``path``, made with its parents if missing; raises naming ``who`` (the function writing into
+    it) when the path is empty or a file stands where a folder must be."""
+    if not str(path).strip():
+        raise ValueError(f"{who}: give a folder path, got {str(path)!r}")
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise NotADirectoryError(f"{who}: {str(path)!r} exists and is not a directory")
+    if problem := parent_problem(path, create=True):
+        raise NotADirectoryError(f"{who}: cannot make {str(path)!r}: {problem}")
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
 def parent_problem(path: str | os.PathLike, create: bool = False) -> str | None:
     """Why nothing can be made at ``path`` for want of its folder (None: the folder is there). ``create``: the
     missing folders will be made, so only a file in their way is a problem."""

@@ -96,6 +96,8 @@ def test_the_word_encoder_refuses_unknown_words_and_round_trips(tmp_path):
             WordEncoder.load(tmp_path)
     with pytest.raises(ValueError, match="distinct lower-case words"):
         WordEncoder(["a", "a"], 4)
+    with pytest.raises(NotADirectoryError, match="WordEncoder.save: '.*vocab.json' exists and is not a directory"):
+        text.save(tmp_path / "vocab.json")
     text.save(tmp_path)
     save_file({"embedding": torch.zeros(3, text.dim)}, tmp_path / "embedding.safetensors")
     with pytest.raises(WeightsError, match=r"shape mismatches:\n    embedding: expected \(\d+, \d+\), got \(3, "):

@@ -146,6 +146,20 @@ def test_saved_files_follow_the_umask(trained, tmp_path, umask):
         assert (tmp_path / "m" / name).stat().st_mode & 0o777 == 0o666 & ~umask, name
 
 
+def test_save_pretrained_names_what_is_in_the_way(trained, tmp_path, monkeypatch):
+    """A file where the folder or one of its parents should be, or an empty path (the current directory), is
+    refused by name before anything is written (an errno message before; "" wrote into the current directory)."""
+    (tmp_path / "a_file").write_text("")
+    monkeypatch.chdir(tmp_path)  # where "" would have written
+    for directory, error, message in [(tmp_path / "a_file", NotADirectoryError, ".*a_file' exists and is not a "),
+                                      (tmp_path / "a_file" / "sub" / "m", NotADirectoryError,
+                                       "cannot make .*: '.*a_file' is a file, not a directory"),
+                                      ("", ValueError, "give a folder path, got ''")]:
+        with pytest.raises(error, match="save_pretrained: " + message):
+            trained.save_pretrained(directory)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file"]
+
+
 def test_resaving_keeps_the_files_mode(trained, tmp_path):
     trained.save_pretrained(tmp_path / "m")
     os.chmod(tmp_path / "m" / "config.json", 0o640)

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Mapping
 import torch
 
 from ..config import STUNetConfig
-from ..io import atomic_path
+from ..io import atomic_path, make_folder
 from .validate import checked_placement
 
 if TYPE_CHECKING:
@@ -35,10 +35,7 @@ class WeightsError(ValueError):
 def save_pretrained(model: "STUNet", directory: str | os.PathLike) -> None:
     from safetensors.torch import save_file
 
-    directory = Path(directory)
-    if directory.exists() and not directory.is_dir():
-        raise NotADirectoryError(f"save_pretrained: {str(directory)!r} exists and is not a directory")
-    directory.mkdir(parents=True, exist_ok=True)
+    directory = make_folder(directory, "save_pretrained")
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     with atomic_path(directory / WEIGHTS_NAME) as tmp:
         save_file(state, str(tmp), metadata={"format": FORMAT})

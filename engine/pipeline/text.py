@@ -232,10 +232,9 @@ class WordEncoder(torch.nn.Module):
 
         from safetensors.torch import save
 
-        from ..io import atomic_write_bytes, atomic_write_text
+        from ..io import atomic_write_bytes, atomic_write_text, make_folder
 
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
+        directory = make_folder(directory, "WordEncoder.save")
         atomic_write_text(directory / "vocab.json", json.dumps({"vocab": self.vocab, "dim": self.dim}) + "\n")
         atomic_write_bytes(directory / "embedding.safetensors",
                            save({"embedding": self.embedding.weight.detach().float().cpu().contiguous()}))
