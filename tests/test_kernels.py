@@ -242,11 +242,34 @@ def test_group_norm_bad_inputs():
 
 
 # -- TemporalUp --------------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("T", [1, 2, 5, 8])
-def test_temporal_up_conv_folds_the_duplication(T):
-    g = torch.Generator().manual_seed(T)
-    x, w, b = torch.randn(2, 6, T, 5, 3, generator=g), torch.randn(4, 6, 3, generator=g), torch.randn(4, generator=g)
-    assert_close(kernels.temporal_up_conv(x, w, b), kernels.temporal_up_conv_ref(x, w, b), atol=1e-5, rtol=1e-5)
+@settings(max_examples=40, deadline=None)
+@given(B=st.sampled_from([1, 2, 5]), C=st.integers(1, 12), C_out=st.integers(1, 9), T=st.sampled_from([1, 2, 3, 7, 16]),
+       H=st.integers(1, 6), W=st.integers(1, 6), with_bias=st.booleans(), channels_last=st.booleans())
+def test_temporal_up_conv_matches_reference(B, C, C_out, T, H, W, with_bias, channels_last):
+    """The folded convolutions compute the duplicated video's convolution (fp32: the same sums, rounded
+    differently), in x's memory format, over odd shapes: one frame, one pixel, one channel."""
+    g = torch.Generator().manual_seed(B * 1000 + C * 100 + T * 10 + H)
+    x = torch.randn(B, C, T, H, W, generator=g).to(DEVICE)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last_3d)
+    w = torch.randn(C_out, C, 3, generator=g).to(DEVICE)
+    b = torch.randn(C_out, generator=g).to(DEVICE) if with_bias else None
+    got, want = kernels.temporal_up_conv(x, w, b), kernels.temporal_up_conv_ref(x, w, b)
+    _check(got, want, torch.float32, f"B={B} C={C}->{C_out} T={T} {H}x{W}")
+    assert _same_layout(got, want)
+
+
+def test_temporal_up_conv_fp16_is_as_close_to_fp32_as_the_reference():
+    """In fp16 the folded taps (w1 + w2, w0 + w1) round once more; both paths stay within fp16's accumulated
+    rounding of the fp32 result (2e-3 of the output's scale)."""
+    g = torch.Generator().manual_seed(0)
+    x, w = torch.randn(2, 64, 9, 5, 7, generator=g), torch.randn(32, 64, 3, generator=g) / 8
+    b = torch.randn(32, generator=g)
+    exact = kernels.temporal_up_conv_ref(x.half().float(), w.half().float(), b.half().float())
+    x, w, b = (t.to(DEVICE, torch.float16) for t in (x, w, b))
+    scale = float(exact.abs().max())
+    for path in (kernels.temporal_up_conv, kernels.temporal_up_conv_ref):
+        assert_close(path(x, w, b).float().cpu(), exact, atol=2e-3 * scale, rtol=0, what=path.__name__)
 
 
 def test_temporal_up_conv_identity_init_is_frame_duplication():
