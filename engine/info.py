@@ -84,8 +84,8 @@ def analyse(config: STUNetConfig, name: str = "custom", *, batch: int = 1, frame
     config.check_frames(frames)
     check_size("height", height, config.spatial_divisor)
     check_size("width", width, config.spatial_divisor)
-    if batch < 1 or text_len < 1:
-        raise ValueError(f"batch and text_len must be positive, got batch={batch}, text_len={text_len}")
+    check_size("batch", batch, 1)
+    check_size("text_len", text_len, 1)
     with torch.device("meta"):
         model = STUNet(config)
     params = sum(p.numel() for p in model.parameters())

@@ -188,7 +188,10 @@ def test_analyse_takes_sizes_as_given_and_none_for_the_models_own():
     assert cfg.call_frames == cfg.window_frames == 16  # an SSR model's call is one window of its clip
     for kwargs, message in [(dict(frames=0), "frames must be a positive integer, got 0"),
                             (dict(height=0), "height must be a positive multiple of 16 for this model, got 0"),
-                            (dict(width=64.0), "width must be a positive multiple of 16 for this model, got 64.0")]:
+                            (dict(width=64.0), "width must be a positive multiple of 16 for this model, got 64.0"),
+                            (dict(batch=0), "batch must be a positive integer, got 0"),
+                            (dict(batch=2.5), "batch must be a positive integer, got 2.5"),
+                            (dict(text_len="77"), "text_len must be a positive integer, got '77'")]:
         with pytest.raises(ValueError, match=message):
             analyse(cfg, **kwargs)
 
