@@ -64,9 +64,8 @@ def _writable(path: str | os.PathLike) -> Path:
     path = Path(path)
     if path.is_dir():
         raise IsADirectoryError(f"cannot write {str(path)!r}: it is a directory; give a file path")
-    problem = parent_problem(path)
-    if problem:
-        error = NotADirectoryError if path.parent.exists() else FileNotFoundError
+    if problem := parent_problem(path):
+        error = NotADirectoryError if _file_in_the_way(path) else FileNotFoundError
         raise error(f"cannot write {str(path)!r}: {problem}")
     return path
 
@@ -91,10 +90,16 @@ def parent_problem(path: str | os.PathLike, create: bool = False) -> str | None:
     parent = Path(path).parent
     if parent.is_dir():
         return None
-    existing = next((p for p in (parent, *parent.parents) if p.exists()), None)
-    if existing is not None and not existing.is_dir():
-        return f"{str(existing)!r} is a file, not a directory"
+    if (file := _file_in_the_way(path)) is not None:
+        return f"{str(file)!r} is a file, not a directory"
     return None if create else f"directory {str(parent)!r} does not exist"
+
+
+def _file_in_the_way(path: str | os.PathLike) -> Path | None:
+    """The nearest of ``path``'s parents that exists, when it is not a folder."""
+    parent = Path(path).parent
+    existing = next((p for p in (parent, *parent.parents) if p.exists()), None)
+    return existing if existing is not None and not existing.is_dir() else None
 
 
 def _umask() -> int:
