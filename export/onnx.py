@@ -26,6 +26,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+from pathlib import Path
 
 import torch
 
@@ -231,6 +232,9 @@ def check_onnx(path: str | os.PathLike, model: STUNet, spec: ExportSpec, geometr
     geometry and, for a dynamic export, a second one; the worst |difference|. Raises beyond the tolerance."""
     import onnxruntime as ort
 
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"no ONNX file at {str(path)!r} (make one with stunet.export.export_onnx or "
+                                "`stunet export onnx`)")
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
 
     def run(*inputs: torch.Tensor) -> torch.Tensor:

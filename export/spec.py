@@ -289,12 +289,25 @@ def compare(run, model: STUNet, spec: ExportSpec, what: str, geometries=None,
     one (or at ``geometries``); raises beyond the spec's tolerance for fp32 artifacts."""
     from ..backends.base import converted_copy
 
-    device = device or model.device
-    reference = converted_copy(model, torch.float32).to(device)
+    if not isinstance(spec, ExportSpec):
+        raise TypeError(f"spec must be the artifact's ExportSpec (the export's result.spec), got {type(spec).__name__}")
+    if not isinstance(model, STUNet):
+        raise TypeError(f"model must be a STUNet, got {type(model).__name__}")
+    if model.config != spec.config:
+        raise ValueError(f"{what} was exported from another architecture than this model's; check it against the "
+                         "model it was exported from")
     if geometries is None:
         geometries = [{}]
         if spec.dynamic:
             geometries.append(spec.second_geometry())
+    for geometry in geometries:
+        if not isinstance(geometry, dict) or not set(geometry) <= set(spec.axes()):
+            raise ValueError(f"geometries must be dicts of sizes by {sorted(spec.axes())}, got {geometry!r}")
+        errors = spec.geometry_errors(**geometry)
+        if errors:
+            raise ValueError(f"{what} cannot run at {geometry}: " + "; ".join(errors))
+    device = device or model.device
+    reference = converted_copy(model, torch.float32).to(device)
     worst = 0.0
     for i, geometry in enumerate(geometries):
         with advice_on_out_of_memory(f"the check of {what} against the reference", [SMALLER_EXAMPLE]), \

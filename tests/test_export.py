@@ -41,6 +41,23 @@ def test_tiny_matches_the_reference_at_several_geometries(tiny_export):
     assert check_onnx(result.path, model, result.spec, geometries) <= 1e-4
 
 
+def test_a_check_refuses_what_it_cannot_compare(tiny_export, tmp_path):
+    """A check against another architecture's model, at a geometry the file does not take, or without the file
+    or its spec is refused by name (a parity failure of 2, onnxruntime's Reshape error, its NO_SUCHFILE error)."""
+    model, result = tiny_export
+    other = stunet.STUNet(stunet.STUNetConfig.from_preset("tiny", model_channels=24))
+    for args, error, message in [
+        ((result.path, other, result.spec), ValueError, "was exported from another architecture than this model's"),
+        ((result.path, model, result.spec, [dict(frames=3)]), ValueError,
+         r"cannot run at \{'frames': 3\}: frames 3 \(dynamic: \d+\.\.\d+ in steps of 2\)"),
+        ((result.path, model, result.spec, [dict(fps=16)]), ValueError, "geometries must be dicts of sizes by"),
+        ((result.path, model, result.spec.to_json()), TypeError, "spec must be the artifact's ExportSpec"),
+        ((tmp_path / "none.onnx", model, result.spec), FileNotFoundError, "no ONNX file at"),
+    ]:
+        with pytest.raises(error, match=message):
+            check_onnx(*args)
+
+
 def test_stunet_nodes_carry_local_functions(tiny_export):
     model, result = tiny_export
     proto = onnx.load(str(result.path))
