@@ -7,7 +7,7 @@ import math
 import re
 from pathlib import Path
 
-from .io import parent_problem
+from .io import folder_problem
 
 
 def positive(text: str) -> int:
@@ -58,11 +58,8 @@ def device(text: str) -> str:
 
 def folder(text: str) -> Path:
     """A folder to write into: one that exists, or one that can be made (no file in the way)."""
-    path = Path(text)
     if not text.strip():
         raise argparse.ArgumentTypeError(f"must be a folder path, got {text!r}")
-    if path.exists() and not path.is_dir():
-        raise argparse.ArgumentTypeError(f"{text!r} is a file, not a folder")
-    if problem := parent_problem(path / "file", create=True):
-        raise argparse.ArgumentTypeError(f"cannot make {text!r}: {problem}")
-    return path
+    if problem := folder_problem(text):
+        raise argparse.ArgumentTypeError(problem)
+    return Path(text)

@@ -40,6 +40,8 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 
+from .config import check_size
+
 log = logging.getLogger(__name__)
 
 DEFAULT_TIMEOUT = datetime.timedelta(minutes=10)
@@ -321,9 +323,7 @@ def launch(nproc: int, argv: list[str]) -> int:
     import tempfile
     from pathlib import Path
 
-    if isinstance(nproc, bool) or not isinstance(nproc, int) or nproc < 1:
-        raise ValueError(f"stunet.distributed.launch: nproc must be a positive integer (the number of ranks), "
-                         f"got {nproc!r}")
+    check_size("nproc", nproc, 1)
     if not isinstance(argv, (list, tuple)) or not all(isinstance(a, str) for a in argv):
         raise TypeError(f"stunet.distributed.launch: argv must be a list of strings (the stunet command line), "
                         f"got {argv!r}")

@@ -75,13 +75,21 @@ def make_folder(path: str | os.PathLike, who: str) -> Path:
     it) when the path is empty or a file stands where a folder must be."""
     if not str(path).strip():
         raise ValueError(f"{who}: give a folder path, got {str(path)!r}")
+    if problem := folder_problem(path):
+        raise NotADirectoryError(f"{who}: {problem}")
     path = Path(path)
-    if path.exists() and not path.is_dir():
-        raise NotADirectoryError(f"{who}: {str(path)!r} exists and is not a directory")
-    if problem := parent_problem(path, create=True):
-        raise NotADirectoryError(f"{who}: cannot make {str(path)!r}: {problem}")
     path.mkdir(parents=True, exist_ok=True)
     return path
+
+
+def folder_problem(path: str | os.PathLike) -> str | None:
+    """Why no folder can be at ``path``, made with its parents if missing (None: one can): a file in the way."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        return f"{str(path)!r} exists and is not a directory"
+    if problem := parent_problem(path, create=True):
+        return f"cannot make {str(path)!r}: {problem}"
+    return None
 
 
 def parent_problem(path: str | os.PathLike, create: bool = False) -> str | None:
