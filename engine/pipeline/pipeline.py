@@ -52,7 +52,7 @@ from ..sampling.samplers import Sampler, make_sampler, sampler_class
 from .conditioning import Conditioning, resize_frames, video_frames
 from .stages import BaseStage, Prompts, SSROptions, SSRStage, StageOptions, _number, advice_on_out_of_memory
 from .latent import VideoVAE
-from .text import TextEncoder
+from .text import TextEncoder, check_prompts
 
 log = logging.getLogger(__name__)
 
@@ -345,9 +345,8 @@ class Pipeline:
             raise ValueError("this pipeline has no text encoder: pass text_encoder= when building it (a T5 or "
                              "CLIP folder, or stunet.text.tiny_random_t5(dim) as an offline random stand-in), "
                              "or give prompt_embeds= (and negative_prompt_embeds=) to the call")
-        for name, texts in (("prompts", prompts), ("negative", negative)):
-            if not isinstance(texts, (list, tuple)) or not all(isinstance(text, str) for text in texts):
-                raise TypeError(f"{name} must be a list of strings, got {texts!r}")
+        check_prompts(prompts)
+        check_prompts(negative, "negative")
         if len(negative) != len(prompts):
             raise ValueError(f"negative must hold one prompt for each of the {len(prompts)} prompts, got "
                              f"{len(negative)}")

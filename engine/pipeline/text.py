@@ -89,12 +89,12 @@ class HFTextEncoder:
         return hidden.float(), mask.bool()
 
 
-def check_prompts(prompts) -> None:
-    """What a text encoder's ``encode`` takes: a non-empty list of strings."""
+def check_prompts(prompts, name: str = "prompts") -> None:
+    """What a text encoder's ``encode`` takes: a non-empty list of strings (``name``: the argument's)."""
     if not isinstance(prompts, (list, tuple)) or not all(isinstance(p, str) for p in prompts):
-        raise TypeError(f"prompts must be a list of strings, got {type(prompts).__name__}")
+        raise TypeError(f"{name} must be a list of strings, got {type(prompts).__name__}")
     if not prompts:
-        raise ValueError("prompts must hold at least one prompt, got an empty list")
+        raise ValueError(f"{name} must hold at least one prompt, got an empty list")
 
 
 def check_max_length(max_length, optional: bool = False) -> None:
