@@ -13,12 +13,16 @@ reference STUNet, its execution policy, weights) -> ``kernels`` (Triton kernels 
 ``distributed`` shares a pipeline's model calls among the ranks of a torch.distributed process group.
 ``demo`` is the small trained cascade shipped with the package (``stunet.demo.pipeline()``).
 """
-from . import demo, distributed, export
-from .config import PRESETS, STUNetConfig
-from .model import ExecutionPolicy, STUNet
-from .model.weights import WeightsError, interpolate_spatial
-from .pipeline import Conditioning, Pipeline, PipelineOutput, SSROptions, StageOptions, read_frames, save_video, text
-from .sampling import samplers
+from . import _checkout
+
+_checkout.keep_top_level_kernels()  # before anything imports transformers
+
+from . import demo, distributed, export  # noqa: E402
+from .config import PRESETS, STUNetConfig  # noqa: E402
+from .model import ExecutionPolicy, STUNet  # noqa: E402
+from .model.weights import WeightsError, interpolate_spatial  # noqa: E402
+from .pipeline import Conditioning, Pipeline, PipelineOutput, SSROptions, StageOptions, read_frames, save_video, text  # noqa: E402
+from .sampling import samplers  # noqa: E402
 
 __version__ = "0.1.0"
 __all__ = ["STUNetConfig", "PRESETS", "STUNet", "ExecutionPolicy", "Pipeline", "PipelineOutput", "StageOptions",

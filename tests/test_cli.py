@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -372,6 +373,23 @@ def test_the_stunet_program_is_run():
     refused = subprocess.run([sys.executable, "-m", "stunet", "info", "tiny", "--frames", "0"], capture_output=True,
                              text=True)
     assert refused.returncode == 2 and "argument --frames: must be a positive integer" in refused.stderr
+
+
+def test_started_in_the_checkout_the_installed_kernels_package_keeps_its_name(tmp_path):
+    """`python -m stunet` started in the source checkout, or a bench script: a top-level `import kernels` gets the
+    installed package of that name (Hugging Face's, which transformers imports), not the checkout's kernels/
+    folder (stunet.kernels) or bench/kernels.py (`stunet convert` and `generate` failed inside transformers)."""
+    checkout = Path(stunet.kernels.__file__).resolve().parent.parent
+    if not (checkout / "bench" / "kernels.py").is_file():
+        pytest.skip("stunet is installed from a wheel, not from its checkout: nothing there to hide a package")
+    installed = tmp_path / "site-packages"
+    (installed / "kernels").mkdir(parents=True)
+    (installed / "kernels" / "__init__.py").write_text("WHO = 'installed'\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(installed), os.environ.get("PYTHONPATH")]))}
+    for cwd in (checkout, checkout / "bench"):
+        code = "import stunet, kernels; print(kernels.WHO, stunet.kernels.SCOPES)"
+        run = subprocess.run([sys.executable, "-c", code], cwd=cwd, env=env, capture_output=True, text=True)
+        assert run.stdout.strip() == "installed ('frame', 'clip')", (cwd, run.stderr[-2000:])
 
 
 def test_version_and_help_for_every_argument(capsys):
