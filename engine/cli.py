@@ -38,6 +38,9 @@ def _region(text: str):
         if x1 <= x0 or y1 <= y0:
             raise argparse.ArgumentTypeError(f"a box x0,y0,x1,y1 needs x1 > x0 and y1 > y0, got {text!r}")
         return (x0, y0, x1, y1)
+    if re.fullmatch(r"[\d\s,.+-]*,[\d\s,.+-]*", text) and not os.path.exists(text):  # a box, mistyped
+        raise argparse.ArgumentTypeError(f"a box is x0,y0,x1,y1: four whole numbers of pixels, got {text!r} (or give "
+                                         "a mask image)")
     return text
 
 
