@@ -23,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import reprlib
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -44,12 +45,37 @@ SLOTS = ("conv", "attn", "none")
 MID_MODULES = ("res", "attn", "temporal_conv", "temporal_attn")
 
 
+_REPR = reprlib.Repr()
+_REPR.maxstring = _REPR.maxother = 160
+_REPR.maxlist = _REPR.maxtuple = _REPR.maxdict = 8
+
+
+def shown(value: Any) -> str:
+    """A refused value as an error message shows it: its repr, shortened; a tensor or an array (but a 0-d one, a
+    number) by its type, shape and dtype (its repr would be its data, over several lines)."""
+    shape = getattr(value, "shape", None)
+    if isinstance(shape, tuple) and len(shape) and hasattr(value, "dtype"):
+        kind = {"Tensor": "a tensor", "ndarray": "an array"}.get(type(value).__name__, f"a {type(value).__name__}")
+        return f"{kind} of shape {tuple(shape)} ({value.dtype})"
+    return _REPR.repr(value)
+
+
 def check_size(name: str, value: Any, divisor: int, whose: str = "this model") -> None:
     """A size along a model's axis (frames, height, width, ...) must be a positive integer multiple of
     ``divisor``; raises naming ``name``."""
     if isinstance(value, bool) or not isinstance(value, int) or value < 1 or value % divisor:
         rule = f"a positive multiple of {divisor} for {whose}" if divisor > 1 else "a positive integer"
-        raise ValueError(f"{name} must be {rule}, got {value!r}")
+        raise ValueError(f"{name} must be {rule}, got {shown(value)}")
+
+
+MAX_PIXELS = 2 ** 40  # frames x height x width of one video: past any device's memory, and torch's sizes
+
+
+def check_pixels(frames: int, height: int, width: int) -> None:
+    """A video of ``frames`` x ``height`` x ``width`` (positive integers) must be one a device could hold."""
+    if frames * height * width >= MAX_PIXELS:
+        raise ValueError(f"num_frames x height x width = {frames} x {height} x {width} is past any device's memory "
+                         f"(at most 2**40 pixels a video)")
 
 
 def check_flags(optional: bool = False, **flags: Any) -> None:
@@ -57,11 +83,11 @@ def check_flags(optional: bool = False, **flags: Any) -> None:
     the default): a string such as "no" would read as true. Raises naming the first that is not."""
     for name, value in flags.items():
         if not (isinstance(value, bool) or (optional and value is None)):
-            raise TypeError(f"{name} must be True or False{' or None' if optional else ''}, got {value!r}")
+            raise TypeError(f"{name} must be True or False{' or None' if optional else ''}, got {shown(value)}")
 
 
 def _fail(name: str, value: Any, rule: str) -> None:
-    raise ValueError(f"STUNetConfig.{name} {rule}, got {value!r}")
+    raise ValueError(f"STUNetConfig.{name} {rule}, got {shown(value)}")
 
 
 @dataclass(frozen=True)

@@ -40,7 +40,7 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 
-from .config import check_size
+from .config import check_size, shown
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +58,7 @@ def init(backend: str | None = None, *, timeout: datetime.timedelta | float = DE
     ``timeout`` (seconds or a timedelta) bounds every collective, so a rank that dies cannot hang the others."""
     if backend not in (None, "nccl", "gloo"):
         raise ValueError(f"stunet.distributed.init: backend must be 'nccl', 'gloo' or None (NCCL when CUDA is "
-                         f"available, else gloo), got {backend!r}")
+                         f"available, else gloo), got {shown(backend)}")
     if backend == "nccl" and not torch.cuda.is_available():
         raise ValueError("stunet.distributed.init: backend='nccl' needs CUDA, which this machine lacks; use "
                          "backend='gloo' (or leave it None)")
@@ -81,7 +81,7 @@ def _positive_timeout(timeout) -> datetime.timedelta:
                else timeout if isinstance(timeout, (int, float)) and not isinstance(timeout, bool) else None)
     if seconds is None or not math.isfinite(seconds) or seconds <= 0:
         raise ValueError(f"stunet.distributed.init: timeout must be a positive number of seconds or a "
-                         f"datetime.timedelta, got {timeout!r}")
+                         f"datetime.timedelta, got {shown(timeout)}")
     return datetime.timedelta(seconds=seconds)
 
 
@@ -139,7 +139,7 @@ class Parallel:
 
     def __post_init__(self):
         if self.frames not in ("rank0", "all"):
-            raise ValueError(f"Parallel.frames must be 'rank0' or 'all', got {self.frames!r}")
+            raise ValueError(f"Parallel.frames must be 'rank0' or 'all', got {shown(self.frames)}")
 
     @property
     def active(self) -> bool:
@@ -262,7 +262,7 @@ def resolve(parallel) -> Parallel | None:
         if not dist.is_initialized() and "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1:
             init()
         return Parallel()
-    raise ValueError(f"parallel must be None, 'auto', False or a stunet.distributed.Parallel, got {parallel!r}")
+    raise ValueError(f"parallel must be None, 'auto', False or a stunet.distributed.Parallel, got {shown(parallel)}")
 
 
 def local_cores() -> int:
@@ -326,7 +326,7 @@ def launch(nproc: int, argv: list[str]) -> int:
     check_size("nproc", nproc, 1)
     if not isinstance(argv, (list, tuple)) or not all(isinstance(a, str) for a in argv):
         raise TypeError(f"stunet.distributed.launch: argv must be a list of strings (the stunet command line), "
-                        f"got {argv!r}")
+                        f"got {shown(argv)}")
 
     from torch.distributed import run as torchrun
     from torch.distributed.elastic.multiprocessing.api import SignalException

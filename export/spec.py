@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..config import STUNetConfig, check_size
+from ..config import STUNetConfig, check_size, shown
 from ..model import ExecutionPolicy, STUNet
 from ..model.memory import advice_on_out_of_memory
 
@@ -93,7 +93,7 @@ class ExportSpec:
             check_size(name, value, div)
         cfg.check_frames(self.frames)
         if not isinstance(self.dynamic, bool):
-            raise TypeError(f"dynamic must be True or False, got {self.dynamic!r}")
+            raise TypeError(f"dynamic must be True or False, got {shown(self.dynamic)}")
         if self.dtype not in (torch.float32, torch.float16, torch.bfloat16):
             raise ValueError(f"dtype must be float32, float16 or bfloat16, got {self.dtype}")
 
@@ -302,7 +302,7 @@ def compare(run, model: STUNet, spec: ExportSpec, what: str, geometries=None,
             geometries.append(spec.second_geometry())
     for geometry in geometries:
         if not isinstance(geometry, dict) or not set(geometry) <= set(spec.axes()):
-            raise ValueError(f"geometries must be dicts of sizes by {sorted(spec.axes())}, got {geometry!r}")
+            raise ValueError(f"geometries must be dicts of sizes by {sorted(spec.axes())}, got {shown(geometry)}")
         errors = spec.geometry_errors(**geometry)
         if errors:
             raise ValueError(f"{what} cannot run at {geometry}: " + "; ".join(errors))

@@ -32,7 +32,7 @@ from pathlib import Path
 
 import torch
 
-from ..config import check_flags
+from ..config import check_flags, shown
 from ..io import atomic_path
 from ..kernels import unavailable_on
 from ..progress import Stages
@@ -114,7 +114,7 @@ def toolkit(name: str | None = None):
     import importlib
 
     if name is not None and name not in TOOLKITS:
-        raise ValueError(f"toolkit must be one of {TOOLKITS}, got {name!r}")
+        raise ValueError(f"toolkit must be one of {TOOLKITS}, got {shown(name)}")
     errors = []
     for candidate in (name,) if name else TOOLKITS:
         try:
@@ -282,7 +282,7 @@ def _check_profiles(profiles: list[dict], proto) -> None:
                     isinstance(s, (list, tuple)) and len(s) == ranks[input_name]
                     and all(isinstance(d, int) and not isinstance(d, bool) and d >= 1 for d in s) for s in triple)):
                 raise ValueError(f"{where} must be (min, opt, max) shapes of {ranks[input_name]} positive integers "
-                                 f"each (the input's rank), got {triple!r}")
+                                 f"each (the input's rank), got {shown(triple)}")
             lo, opt, hi = triple
             if not all(a <= b <= c for a, b, c in zip(lo, opt, hi)):
                 raise ValueError(f"{where}: need min <= opt <= max per axis, got {triple}")

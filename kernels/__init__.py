@@ -19,6 +19,7 @@ import numbers
 
 import torch
 
+from ..config import shown
 from . import _triton, resample
 from .groupnorm import group_norm_ref
 from .resample import temporal_up_conv_ref
@@ -76,7 +77,7 @@ def _real(name: str, value, positive: bool = False) -> float:
     """A finite real number (> 0 with ``positive``)."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) or (
             positive and value <= 0):
-        raise ValueError(f"{name} must be a finite{' positive' if positive else ''} number, got {value!r}")
+        raise ValueError(f"{name} must be a finite{' positive' if positive else ''} number, got {shown(value)}")
     return float(value)
 
 
@@ -87,7 +88,7 @@ def temporal_attention(qkv: torch.Tensor, heads: int, bias: torch.Tensor | None 
     _tensor("qkv", qkv, 4)
     B, T, S, C3 = qkv.shape
     if isinstance(heads, bool) or not isinstance(heads, int) or heads < 1:
-        raise ValueError(f"heads must be a positive integer, got {heads!r}")
+        raise ValueError(f"heads must be a positive integer, got {shown(heads)}")
     if C3 % (3 * heads):
         raise ValueError(f"qkv's last dimension ({C3}) must be 3 * heads * head_dim; it is not divisible by "
                          f"3 * heads = {3 * heads}")
@@ -112,15 +113,15 @@ def group_norm(x: torch.Tensor, num_groups: int, weight: torch.Tensor, bias: tor
     _tensor("x", x, 5)
     B, C = x.shape[:2]
     if isinstance(num_groups, bool) or not isinstance(num_groups, int) or num_groups < 1 or C % num_groups:
-        raise ValueError(f"num_groups must be a positive divisor of the channel count {C}, got {num_groups!r}")
+        raise ValueError(f"num_groups must be a positive divisor of the channel count {C}, got {shown(num_groups)}")
     if scope not in SCOPES:
-        raise ValueError(f"scope must be one of {SCOPES}, got {scope!r}")
+        raise ValueError(f"scope must be one of {SCOPES}, got {shown(scope)}")
     _parameter("weight", weight, (C,))
     _parameter("bias", bias, (C,))
     _parameter("input_bias", input_bias, (B, C), "(B, C)", optional=True)
     eps = _real("eps", eps, positive=True)
     if not isinstance(silu, bool):
-        raise TypeError(f"silu must be True or False, got {silu!r}")
+        raise TypeError(f"silu must be True or False, got {shown(silu)}")
     _same_device(x, weight=weight, bias=bias, input_bias=input_bias)
     if x.numel() == 0:
         return torch.empty_like(x)

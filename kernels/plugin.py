@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..config import shown
 from ._triton import jit, tl, triton
 from .temporal_attn import _temporal_attn_fwd_kernel, tiles
 
@@ -157,7 +158,7 @@ class PluginKernel:
 
 def _check_dtype(dtype: str) -> None:
     if dtype not in _DTYPES:
-        raise ValueError(f"plugin dtype must be one of {_DTYPES}, got {dtype!r}")
+        raise ValueError(f"plugin dtype must be one of {_DTYPES}, got {shown(dtype)}")
 
 
 def group_norm_plugin(dtype: str, *, num_groups: int, eps: float, per_clip: bool, silu: bool,

@@ -114,3 +114,21 @@ def test_from_dict_rejects_unknown_fields_and_bad_json(tmp_path):
         STUNetConfig.from_dict([1, 2])
     with pytest.raises(FileNotFoundError, match="no config file"):
         STUNetConfig.load(tmp_path)
+
+
+def test_a_refused_value_is_shown_short():
+    """Error messages show a refused value by its repr, shortened; a tensor or an array by its type, shape and
+    dtype (its repr is its data: thousands of characters in a message)."""
+    import numpy as np
+    import torch
+
+    from stunet.config import check_size, shown
+
+    assert shown(7) == "7" and shown("x") == "'x'" and shown(torch.tensor(2)) == "tensor(2)"
+    assert shown(torch.zeros(2, 3)) == "a tensor of shape (2, 3) (torch.float32)"
+    assert shown(np.zeros((4, 5), np.uint8)) == "an array of shape (4, 5) (uint8)"
+    assert len(shown("y" * 10_000)) < 200 and len(shown(list(range(10_000)))) < 200
+    with pytest.raises(ValueError) as error:
+        check_size("frames", torch.zeros(1, 3, 8, 16, 16), 2)
+    assert str(error.value) == ("frames must be a positive multiple of 2 for this model, got a tensor of shape "
+                                "(1, 3, 8, 16, 16) (torch.float32)")

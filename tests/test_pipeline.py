@@ -396,7 +396,8 @@ def test_bad_tensors_and_prompts_fail_before_any_compute(pipe, kwargs, error, me
         hook.remove()
 
 
-ODD = [None, True, -1, 0, 7, 2.5, float("nan"), "", "8", [], ["x"], ("x", "y"), 10 ** 30, torch.tensor(2)]
+ODD = [None, True, -1, 0, 7, 2.5, float("nan"), "", "8", [], ["x"], ("x", "y"), 10 ** 30, torch.tensor(2),
+       torch.zeros(2, 2)]
 
 
 @settings(max_examples=40, deadline=None)
@@ -463,6 +464,32 @@ def test_conditional_modes_run_on_a_7_channel_model(encoder):
             pipe.image_to_video(image, "x", num_frames=frames, **kw)
         with pytest.raises(ValueError, match=f"num_frames must be a positive multiple of 2 .* got {frames}"):
             pipe.cinemagraph(image, region, "x", num_frames=frames, **kw)
+
+
+def test_the_modes_check_their_sizes_and_conditioning_before_using_them(encoder):
+    """A mode's sizes are checked before they are compared with its inputs' or sized into tensors (a tensor there
+    was "Boolean value of Tensor ... is ambiguous", 2**70 frames a C++ overflow from torch.zeros), and a
+    conditioning that is not one is named."""
+    base, _ = _models(in_channels=7)
+    pipe = Pipeline(base, encoder, progress=False)
+    image, video, region = torch.rand(16, 16, 3), torch.rand(4, 16, 16, 3), torch.ones(16, 16)
+    big = torch.zeros(1, 3, 4, 16, 16)
+    for call, name in [(lambda **kw: pipe.video_to_video(video, "x", **kw), "height"),
+                       (lambda **kw: pipe.inpaint(video, region, "x", **kw), "width"),
+                       (lambda **kw: pipe.upscale(video, "x", **kw), "num_frames"),
+                       (lambda **kw: pipe.image_to_video(image, "x", **kw), "num_frames")]:
+        with pytest.raises(ValueError, match=rf"^{name} must be a positive .* got a tensor of shape \(1, 3, 4, 16, "):
+            call(**{name: big})
+    for call in (lambda: pipe.image_to_video(image, "x", num_frames=2 ** 70),
+                 lambda: pipe.cinemagraph(image, region, "x", num_frames=2 ** 70),
+                 lambda: Conditioning.image_to_video(image, 2 ** 70)):
+        with pytest.raises(ValueError, match=r"num_frames x height x width = 1180591620717411303424 x 16 x 16 is "
+                                             r"past any device's memory"):
+            call()
+    with pytest.raises(ValueError, match="num_frames must be a positive integer, got 2.0"):
+        Conditioning.cinemagraph(image, region, 2.0)
+    with pytest.raises(TypeError, match=r"conditioning must be a stunet.Conditioning \(.*\), got list"):
+        pipe("x", conditioning=[], num_frames=4, num_inference_steps=1)
 
 
 def test_3_channel_model_refuses_conditional_modes(encoder):

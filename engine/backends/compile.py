@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import torch
 
+from ..config import shown
 from ..model import STUNet
 from ..model.validate import check_forward_inputs
 from .base import Backend
@@ -37,7 +38,7 @@ class CompileBackend(Backend):
         reasons = super().unsupported(model, **options)
         modes = compile_modes()
         if mode is not None and mode not in modes:
-            reasons.append(f"mode must be one of torch.compile's {', '.join(modes)} (or None), got {mode!r}")
+            reasons.append(f"mode must be one of torch.compile's {', '.join(modes)} (or None), got {shown(mode)}")
         return reasons
 
     def describe(self) -> str:

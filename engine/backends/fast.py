@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from .. import kernels
+from ..config import shown
 from ..model import FAST, ExecutionPolicy, STUNet, TextKVStore
 from ..model.policy import tensor_version
 from ..model.validate import _as_batch_vector, check_forward_inputs
@@ -63,9 +64,9 @@ class FastBackend(Backend):
                  max_graph_shapes: int = 4):
         super().__init__(model)
         if max_batch is not None and not _positive(max_batch):
-            raise ValueError(f"max_batch must be a positive integer or None, got {max_batch!r}")
+            raise ValueError(f"max_batch must be a positive integer or None, got {shown(max_batch)}")
         if not _positive(max_graph_shapes):
-            raise ValueError(f"max_graph_shapes must be a positive integer, got {max_graph_shapes!r}")
+            raise ValueError(f"max_graph_shapes must be a positive integer, got {shown(max_graph_shapes)}")
         reasons = self.unsupported(model, graphs=graphs)
         if reasons:
             raise ValueError("the fast backend cannot run this model: " + "; ".join(reasons))
@@ -93,7 +94,7 @@ class FastBackend(Backend):
     def unsupported(cls, model: STUNet, *, graphs: bool | None = None, **options) -> list[str]:
         reasons = super().unsupported(model, **options)
         if not (graphs is None or isinstance(graphs, bool)):
-            reasons.append(f"graphs must be True, False or None (None: on CUDA), got {graphs!r}")
+            reasons.append(f"graphs must be True, False or None (None: on CUDA), got {shown(graphs)}")
         if model.dtype == torch.float64:
             reasons.append("float64 weights (the kernels take fp16, bf16 and fp32; convert with model.float())")
         if graphs and model.device.type != "cuda":

@@ -9,6 +9,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from ..config import shown
+
 if TYPE_CHECKING:
     from .unet import STUNet
 
@@ -20,7 +22,8 @@ def checked_placement(device, dtype=None) -> tuple[torch.device | None, torch.dt
         try:
             device = torch.device(device)
         except (RuntimeError, TypeError):
-            raise ValueError(f"device must be a device such as 'cpu', 'cuda' or 'cuda:1', got {device!r}") from None
+            raise ValueError(f"device must be a device such as 'cpu', 'cuda' or 'cuda:1', "
+                             f"got {shown(device)}") from None
         if device.type == "cuda" and not torch.cuda.is_available():
             why = "this torch is a CPU-only build" if torch.version.cuda is None else "torch sees no CUDA device"
             raise ValueError(f"device={str(device)!r} but {why} (torch {torch.__version__}); use device='cpu'")
@@ -28,7 +31,7 @@ def checked_placement(device, dtype=None) -> tuple[torch.device | None, torch.dt
             raise ValueError(f"device={str(device)!r} does not exist: torch sees {torch.cuda.device_count()} CUDA "
                              "device(s), numbered from 0")
     if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
-        raise TypeError(f"dtype must be a floating-point torch.dtype such as torch.float16, got {dtype!r}")
+        raise TypeError(f"dtype must be a floating-point torch.dtype such as torch.float16, got {shown(dtype)}")
     return device, dtype
 
 

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Mapping
 
 import torch
 
-from ..config import STUNetConfig
+from ..config import STUNetConfig, shown
 from ..io import atomic_path, make_folder
 from .validate import checked_placement
 
@@ -114,7 +114,8 @@ def interpolate_spatial(orig: "STUNet", style: "STUNet | Mapping[str, torch.Tens
     if not isinstance(orig, STUNet):
         raise TypeError(f"interpolate_spatial: orig must be a STUNet, got {type(orig).__name__}")
     if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0.0 <= alpha <= 1.0:
-        raise ValueError(f"interpolate_spatial: alpha must be a number in [0, 1] (Lumiere uses 0.5..1), got {alpha!r}")
+        raise ValueError(f"interpolate_spatial: alpha must be a number in [0, 1] (Lumiere uses 0.5..1), "
+                         f"got {shown(alpha)}")
     if not isinstance(style, (STUNet, Mapping)):
         raise TypeError(f"interpolate_spatial: style must be a STUNet or a state dict, got {type(style).__name__}")
     style_state = style.state_dict() if isinstance(style, STUNet) else dict(style)

@@ -21,7 +21,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..config import check_pixels, check_size
+
 MODES = ("text_to_video", "image_to_video", "inpaint", "cinemagraph")
+
+
+def _check_frames(num_frames: int, height: int, width: int) -> None:
+    check_size("num_frames", num_frames, 1)
+    check_pixels(num_frames, height, width)
 
 
 def _tensor(value, name: str) -> torch.Tensor:
@@ -114,6 +121,7 @@ class Conditioning:
     def image_to_video(cls, image, num_frames: int) -> "Conditioning":
         img = _image(image)
         B, _, H, W = img.shape
+        _check_frames(num_frames, H, W)
         source = torch.zeros(B, 3, num_frames, H, W)
         source[:, :, 0] = img
         mask = torch.zeros(B, 1, num_frames, H, W)
@@ -130,6 +138,7 @@ class Conditioning:
     def cinemagraph(cls, image, region, num_frames: int) -> "Conditioning":
         img = _image(image)
         B, _, H, W = img.shape
+        _check_frames(num_frames, H, W)
         source = img[:, :, None].expand(B, 3, num_frames, H, W)
         inside = _region(region, B, 1, H, W).expand(B, 1, num_frames, H, W).clone()
         mask = 1 - inside

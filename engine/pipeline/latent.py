@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from ..config import shown
 from ..io import folder_load_errors
 from ..model.validate import checked_placement
 
@@ -51,7 +52,7 @@ class VideoVAE:
         if not all(hasattr(vae, a) for a in ("encode", "decode", "config")):
             raise TypeError(f"vae must be a diffusers AutoencoderKL, got {type(vae).__name__}")
         if isinstance(chunk_frames, bool) or not isinstance(chunk_frames, int) or chunk_frames < 1:
-            raise ValueError(f"chunk_frames must be a positive integer, got {chunk_frames!r}")
+            raise ValueError(f"chunk_frames must be a positive integer, got {shown(chunk_frames)}")
         self.vae = vae.eval()
         self.chunk_frames = chunk_frames
         self.latent_channels = int(vae.config.latent_channels)

@@ -43,7 +43,7 @@ import torch
 from .. import distributed
 from ..backends import BACKENDS, make_backend
 from ..backends.base import own_precision
-from ..config import check_flags, check_size
+from ..config import check_flags, check_pixels, check_size, shown
 from ..io import read_json
 from ..model import STUNet
 from ..model.validate import checked_placement
@@ -69,7 +69,6 @@ def default_runtime(device: torch.device | str = "cpu") -> str:
     return "python"
 
 
-MAX_PIXELS = 2 ** 40
 
 
 def _check_values(value: torch.Tensor, name: str) -> torch.Tensor:
@@ -93,6 +92,14 @@ class PipelineOutput:
     """Seconds per stage: text, base, ssr, decode."""
     low_res_frames: Any = None
     """The base model's frames when an SSR stage ran (same type as ``frames``)."""
+
+
+def _check_given_sizes(kwargs: dict) -> None:
+    """A mode's ``num_frames`` / ``height`` / ``width``, where given, are positive integers (before a mode
+    compares them with its inputs' sizes)."""
+    for name in ("num_frames", "height", "width"):
+        if kwargs.get(name) is not None:
+            check_size(name, kwargs[name], 1)
 
 
 def stage_generator(generator: torch.Generator, stage: str) -> torch.Generator:
@@ -216,7 +223,7 @@ class Pipeline:
         """The options that need no model, checked before any model is built or loaded (``from_pretrained``
         checks them before it reads a file)."""
         if backend not in BACKENDS:
-            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+            raise ValueError(f"backend must be one of {BACKENDS}, got {shown(backend)}")
         check_flags(progress=progress)
         sampler = "ddim" if sampler is None else sampler
         StageOptions(sampler=sampler)  # validates the type
@@ -231,7 +238,7 @@ class Pipeline:
             except (TypeError, ValueError) as e:
                 raise ValueError(f"schedule {dict(schedule)!r} is not a sampler's settings: {e}") from None
         if runtime is not None and runtime not in RUNTIMES:
-            raise ValueError(f"runtime must be one of {RUNTIMES}, got {runtime!r}")
+            raise ValueError(f"runtime must be one of {RUNTIMES}, got {shown(runtime)}")
         if backend_options is not None and not isinstance(backend_options, Mapping):
             raise TypeError(f"backend_options must be a dict of the backend's keyword options (such as "
                             f"{{'max_batch': 1}}), got {type(backend_options).__name__}")
@@ -381,7 +388,7 @@ class Pipeline:
             raise ValueError("negative_prompt_embeds goes with prompt_embeds=; with prompts, pass negative_prompt")
         if isinstance(prompt, str):
             prompt = [prompt]
-        if not prompt or not isinstance(prompt, (list, tuple)) or not all(isinstance(p, str) for p in prompt):
+        if not isinstance(prompt, (list, tuple)) or not prompt or not all(isinstance(p, str) for p in prompt):
             raise ValueError("prompt must be a string or a non-empty list of strings (or pass prompt_embeds=)")
         B = len(prompt)
         negative = negative_prompt if negative_prompt is not None else ""
@@ -389,7 +396,7 @@ class Pipeline:
         if not (isinstance(negative, (list, tuple)) and len(negative) == B
                 and all(isinstance(n, str) for n in negative)):
             raise ValueError(f"negative_prompt must be a string or a list of {B} strings (one per prompt), "
-                             f"got {negative_prompt!r}")
+                             f"got {shown(negative_prompt)}")
         if self.text_encoder is None:
             self.encode_prompt([], [])  # raises, naming the ways out
         if any(not p.strip() for p in prompt):
@@ -474,14 +481,14 @@ class Pipeline:
             self.ssr_stage.output_size(H, W)
             ssr.geometry(self.ssr.config, T)
         if output_type not in OUTPUT_TYPES:
-            raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
+            raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {shown(output_type)}")
         _number("", "strength", strength, 0, 1, lo_open=True)
         if generator is not None and seed is not None:
             raise ValueError("pass either seed or generator, not both")
         if generator is None:
             if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)
                                      or not 0 <= seed < 2 ** 63):
-                raise ValueError(f"seed must be an integer in [0, 2**63), got {seed!r}")
+                raise ValueError(f"seed must be an integer in [0, 2**63), got {shown(seed)}")
             seed = random.randrange(2 ** 63) if seed is None else seed
             if self.parallel is not None:
                 seed = self.parallel.agree(seed)  # one noise draw, the same on every rank
@@ -494,6 +501,9 @@ class Pipeline:
         if low_res_video is not None:
             low_res_video = self._check_low_res(low_res_video, (B, 3, T, H, W), conditioning, init_video, latents)
         elif conditioning is not None:
+            if not isinstance(conditioning, Conditioning):
+                raise TypeError(f"conditioning must be a stunet.Conditioning (Conditioning.image_to_video, .inpaint, "
+                                f".cinemagraph; or the mode methods), got {type(conditioning).__name__}")
             conditioning = conditioning.check(cfg, B, T, H, W)
         elif cfg.in_channels == 7:
             conditioning = Conditioning.unconditional(B, T, H, W)
@@ -617,9 +627,7 @@ class Pipeline:
         spatial = self.base.config.spatial_divisor * self.pixels_per_latent
         for name, value in (("height", H), ("width", W)):
             check_size(name, value, spatial, "this base model")
-        if T * H * W >= MAX_PIXELS:  # torch could not even size its tensors
-            raise ValueError(f"num_frames x height x width = {T} x {H} x {W} is past any device's memory (at most "
-                             f"2**40 pixels a video)")
+        check_pixels(T, H, W)
 
     def _check_frames(self, T: int) -> None:
         self.base.config.check_frames(T, "num_frames", "this base model")
@@ -673,8 +681,9 @@ class Pipeline:
         """The call of a mode whose inputs are (T, H, W): their frames, and ``height`` / ``width`` (the base
         video's) defaulting to their size, over the SSR stage's scale on a cascade; another size is checked (the
         mode resizes its inputs to it)."""
+        _check_given_sizes(kwargs)
         if kwargs.get("num_frames") not in (None, T):
-            raise ValueError(f"num_frames must be the inputs' frame count ({T}) or None, got {kwargs['num_frames']!r}")
+            raise ValueError(f"num_frames must be the inputs' frame count ({T}) or None, got {kwargs['num_frames']}")
         kwargs = {**kwargs, "num_frames": T}
         if kwargs.get("height") is None or kwargs.get("width") is None:
             for name, size in zip(("height", "width"), self._base_size(H, W)):
@@ -692,10 +701,11 @@ class Pipeline:
         repeats ``res``'s SSR stage (up to the rounding of the frames' round trip through [0, 1])."""
         low = video_frames(video)
         _, _, T, H, W = low.shape
+        _check_given_sizes(kwargs)
         for name, size in (("num_frames", T), ("height", H), ("width", W)):
             if kwargs.get(name) not in (None, size):
                 raise ValueError(f"{name} must be the video's ({size}) or None: upscale raises the video as it is, "
-                                 f"got {kwargs[name]!r}")
+                                 f"got {kwargs[name]}")
         return self(prompt, low_res_video=low, **{**kwargs, "num_frames": T, "height": H, "width": W})
 
     def _base_size(self, height: int, width: int) -> tuple[int, int]:

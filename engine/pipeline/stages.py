@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ..backends import Backend
-from ..config import STUNetConfig
+from ..config import STUNetConfig, shown
 from ..model.memory import advice_on_out_of_memory
 from ..sampling import runtime as cpp_runtime
 from ..sampling.multidiffusion import WEIGHTINGS, multidiffusion_predict, window_plan
@@ -43,16 +43,16 @@ def _number(owner: str, name: str, value, lo: float | None = None, hi: float | N
     kinds = (int,) if integer else (int, float)
     if isinstance(value, bool) or not isinstance(value, kinds):
         kind = "an integer" if integer else "a number"
-        raise TypeError(f"{owner}{name} must be {kind}, got {value!r}")
+        raise TypeError(f"{owner}{name} must be {kind}, got {shown(value)}")
     if not math.isfinite(value):
-        raise ValueError(f"{owner}{name} must be finite, got {value!r}")
+        raise ValueError(f"{owner}{name} must be finite, got {shown(value)}")
     below = lo is not None and (value <= lo if lo_open else value < lo)
     if below or (hi is not None and value > hi):
         if hi is None:
             rule = f"> {lo:g}" if lo_open else f">= {lo:g}"
         else:
             rule = f"in {'(' if lo_open else '['}{lo:g}, {hi:g}]"
-        raise ValueError(f"{owner}{name} must be {rule}, got {value!r}")
+        raise ValueError(f"{owner}{name} must be {rule}, got {shown(value)}")
 
 
 @dataclass(frozen=True)
@@ -111,7 +111,7 @@ class SSROptions(StageOptions):
         _number("SSROptions.", "batch_size", self.batch_size, 1, integer=True)
         _number("SSROptions.", "noise_level", self.noise_level, 0, 999, integer=True)
         if self.weighting not in WEIGHTINGS:
-            raise ValueError(f"SSROptions.weighting must be one of {WEIGHTINGS}, got {self.weighting!r}")
+            raise ValueError(f"SSROptions.weighting must be one of {WEIGHTINGS}, got {shown(self.weighting)}")
 
     def geometry(self, config: STUNetConfig, num_frames: int) -> tuple[int, int]:
         """(window, overlap) for the SSR model ``config`` on a clip of ``num_frames``; raises on an impossible

@@ -16,7 +16,7 @@ from typing import Protocol
 
 import torch
 
-from ..config import check_flags
+from ..config import check_flags, shown
 from ..io import folder_load_errors
 from ..model.validate import checked_placement
 
@@ -103,7 +103,7 @@ def check_max_length(max_length, optional: bool = False) -> None:
         return
     if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 1:
         raise ValueError(f"max_length must be a positive number of tokens{' or None' if optional else ''}, "
-                         f"got {max_length!r}")
+                         f"got {shown(max_length)}")
 
 
 def _shortened(text: str, width: int = 40) -> str:
@@ -189,9 +189,9 @@ class WordEncoder(torch.nn.Module):
         super().__init__()
         words = list(vocab)
         if not words or len(set(words)) != len(words) or not all(w.isalpha() and w.islower() for w in words):
-            raise ValueError(f"WordEncoder: vocab must be distinct lower-case words, got {vocab!r}")
+            raise ValueError(f"WordEncoder: vocab must be distinct lower-case words, got {shown(vocab)}")
         if not isinstance(dim, int) or dim < 1:
-            raise ValueError(f"WordEncoder: dim must be a positive integer, got {dim!r}")
+            raise ValueError(f"WordEncoder: dim must be a positive integer, got {shown(dim)}")
         self.vocab = words
         self.index = {w: i + 1 for i, w in enumerate(words)}
         self.dim = dim

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..config import shown
 from ..io import atomic_path
 
 log = logging.getLogger(__name__)
@@ -100,7 +101,7 @@ def save_video(frames, path: str | os.PathLike, fps: int = 16) -> Path:
     if suffix not in SUFFIXES:
         raise ValueError(f"path must end in one of {SUFFIXES}, got {str(path)!r}")
     if isinstance(fps, bool) or not isinstance(fps, int) or fps < 1:
-        raise ValueError(f"fps must be a positive integer, got {fps!r}")
+        raise ValueError(f"fps must be a positive integer, got {shown(fps)}")
     data = to_float32(frames) if suffix == ".npy" else to_uint8(frames)
     writer = {".mp4": _write_mp4, ".gif": _write_gif, ".npy": _write_npy}[suffix]
     h, w = data.shape[1:3]

@@ -16,6 +16,8 @@ from typing import Callable
 
 import torch
 
+from ..config import shown
+
 WEIGHTINGS = ("uniform", "ramp")
 
 
@@ -27,9 +29,9 @@ def window_plan(num_frames: int, window: int, overlap: int) -> list[int]:
     """
     for name, value in (("num_frames", num_frames), ("window", window)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+            raise ValueError(f"{name} must be a positive integer, got {shown(value)}")
     if isinstance(overlap, bool) or not isinstance(overlap, int) or overlap < 0:
-        raise ValueError(f"overlap must be a non-negative integer, got {overlap!r}")
+        raise ValueError(f"overlap must be a non-negative integer, got {shown(overlap)}")
     if overlap >= window:
         raise ValueError(f"overlap ({overlap}) must be smaller than window ({window}): windows must advance")
     if window >= num_frames:
@@ -49,7 +51,7 @@ def window_weights(num_frames: int, starts: list[int], window: int, weighting: s
     neighbour across the overlap; frames covered by one window keep weight one.
     """
     if weighting not in WEIGHTINGS:
-        raise ValueError(f"weighting must be one of {WEIGHTINGS}, got {weighting!r}")
+        raise ValueError(f"weighting must be one of {WEIGHTINGS}, got {shown(weighting)}")
     length = min(window, num_frames)
     if weighting == "uniform":
         raw = torch.ones(length, dtype=torch.float64)
@@ -91,7 +93,7 @@ def multidiffusion_predict(predict: Callable[[torch.Tensor], torch.Tensor], x: t
     has the dtype of ``x``.
     """
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+        raise ValueError(f"batch_size must be a positive integer, got {shown(batch_size)}")
     T = x.shape[2]
     starts = window_plan(T, window, overlap)
     weights = window_weights(T, starts, window, weighting)

@@ -21,6 +21,8 @@ import numbers
 
 import torch
 
+from ..config import shown
+
 SCHEDULES = ("linear", "scaled_linear", "cosine")
 SPACINGS = ("leading", "trailing", "linspace")
 PREDICTIONS = ("v", "eps")
@@ -51,7 +53,7 @@ def make_betas(schedule: str, num_train_timesteps: int = 1000, beta_start: float
     n = num_train_timesteps
     for name, value in (("beta_start", beta_start), ("beta_end", beta_end)):
         if value is not None and not _is_number(value):
-            raise ValueError(f"{name} must be a number, got {value!r}")
+            raise ValueError(f"{name} must be a number, got {shown(value)}")
     if schedule in BETA_RANGES:
         lo, hi = BETA_RANGES[schedule]
         lo, hi = (lo if beta_start is None else float(beta_start)), (hi if beta_end is None else float(beta_end))
@@ -68,7 +70,7 @@ def make_betas(schedule: str, num_train_timesteps: int = 1000, beta_start: float
             c = math.cos((t / n + 0.008) / 1.008 * math.pi / 2)
             return c * c
         return torch.tensor([min(1 - abar(i + 1) / abar(i), 0.999) for i in range(n)], dtype=torch.float64)
-    raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
+    raise ValueError(f"schedule must be one of {SCHEDULES}, got {shown(schedule)}")
 
 
 def make_timesteps(num_inference_steps: int, num_train_timesteps: int, spacing: str, steps_offset: int = 0,
@@ -88,7 +90,7 @@ def make_timesteps(num_inference_steps: int, num_train_timesteps: int, spacing: 
     elif spacing == "linspace":
         ts = [round(v) for v in _linspace(0.0, N - 1.0, points)]
     else:
-        raise ValueError(f"spacing must be one of {SPACINGS}, got {spacing!r}")
+        raise ValueError(f"spacing must be one of {SPACINGS}, got {shown(spacing)}")
     return torch.tensor(ts[::-1][:n], dtype=torch.int64)
 
 
@@ -120,19 +122,19 @@ class Sampler(abc.ABC):
                  beta_start: float | None = None, beta_end: float | None = None, steps_offset: int = 0,
                  set_alpha_to_one: bool = True, fixed_stride: bool = False):
         if prediction not in PREDICTIONS:
-            raise ValueError(f"prediction must be one of {PREDICTIONS}, got {prediction!r}")
+            raise ValueError(f"prediction must be one of {PREDICTIONS}, got {shown(prediction)}")
         if spacing not in SPACINGS:
-            raise ValueError(f"spacing must be one of {SPACINGS}, got {spacing!r}")
+            raise ValueError(f"spacing must be one of {SPACINGS}, got {shown(spacing)}")
         if not isinstance(num_train_timesteps, int) or num_train_timesteps < 2:
-            raise ValueError(f"num_train_timesteps must be an integer >= 2, got {num_train_timesteps!r}")
+            raise ValueError(f"num_train_timesteps must be an integer >= 2, got {shown(num_train_timesteps)}")
         if not (_is_number(clip_range) and 0 < clip_range < math.inf):
-            raise ValueError(f"clip_range must be a positive number, got {clip_range!r}")
+            raise ValueError(f"clip_range must be a positive number, got {shown(clip_range)}")
         if isinstance(steps_offset, bool) or not isinstance(steps_offset, int) or steps_offset < 0:
-            raise ValueError(f"steps_offset must be a non-negative integer, got {steps_offset!r}")
+            raise ValueError(f"steps_offset must be a non-negative integer, got {shown(steps_offset)}")
         for name, flag in (("clip_sample", clip_sample), ("set_alpha_to_one", set_alpha_to_one),
                            ("fixed_stride", fixed_stride)):
             if not isinstance(flag, bool):
-                raise ValueError(f"{name} must be a bool, got {flag!r}")
+                raise ValueError(f"{name} must be a bool, got {shown(flag)}")
         self.schedule, self.prediction, self.spacing = schedule, prediction, spacing
         self.num_train_timesteps = num_train_timesteps
         self.clip_sample, self.clip_range = clip_sample, float(clip_range)
@@ -173,7 +175,7 @@ class Sampler(abc.ABC):
                 raise ValueError("pass either num_inference_steps or timesteps, not both")
             ts = [int(t) for t in timesteps]
             if not ts or any(isinstance(t, bool) for t in timesteps) or any(float(t) != int(t) for t in timesteps):
-                raise ValueError(f"timesteps must be a non-empty sequence of integers, got {timesteps!r}")
+                raise ValueError(f"timesteps must be a non-empty sequence of integers, got {shown(timesteps)}")
             if any(not 0 <= t < N for t in ts) or any(a <= b for a, b in zip(ts, ts[1:])):
                 raise ValueError(f"timesteps must be strictly descending integers in [0, {N - 1}], got {ts}")
             self.timesteps = torch.tensor(ts, dtype=torch.int64)
@@ -181,7 +183,8 @@ class Sampler(abc.ABC):
         else:
             if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, int) or not (
                     1 <= num_inference_steps <= N):
-                raise ValueError(f"num_inference_steps must be an integer in [1, {N}], got {num_inference_steps!r}")
+                raise ValueError(f"num_inference_steps must be an integer in [1, {N}], "
+                                 f"got {shown(num_inference_steps)}")
             self.timesteps = make_timesteps(num_inference_steps, N, self.spacing, self.steps_offset,
                                             self.solver_grid)
             if int(self.timesteps[0]) >= N:
@@ -275,7 +278,7 @@ class DDIM(Sampler):
     def __init__(self, *args, eta: float = 0.0, **kwargs):
         super().__init__(*args, **kwargs)
         if not (_is_number(eta) and 0.0 <= eta <= 1.0):
-            raise ValueError(f"eta must be a number in [0, 1], got {eta!r}")
+            raise ValueError(f"eta must be a number in [0, 1], got {shown(eta)}")
         self.eta = float(eta)
         self.stochastic = eta > 0
 
@@ -360,7 +363,7 @@ def sampler_class(name: str) -> type[Sampler]:
         key = key.replace(drop, "")
     key = key.replace("++", "pp")
     if key not in SAMPLERS:
-        raise ValueError(f"sampler must be one of {sorted(SAMPLERS)}, got {name!r}")
+        raise ValueError(f"sampler must be one of {sorted(SAMPLERS)}, got {shown(name)}")
     return SAMPLERS[key]
 
 
