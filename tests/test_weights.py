@@ -88,6 +88,23 @@ def test_mismatched_weights_list_every_problem_at_once(trained, tmp_path):
     assert "1 shape mismatches" in msg and "mid.0.conv1.weight: expected (32, 32, 3, 3), got (1, 2, 3, 3)" in msg
 
 
+def test_the_weights_of_another_model_are_counted_and_the_first_of_each_kind_listed(trained):
+    """A file of another model misses every key: the message counts them and lists the first 20 (it listed all,
+    thousands of lines for a full-size model)."""
+    from stunet.model.weights import check_state_dict
+
+    expected = trained.state_dict()
+    given = {f"other.{i}": torch.zeros(1) for i in range(25)}
+    with pytest.raises(WeightsError) as info:
+        check_state_dict(expected, given)
+    lines = str(info.value).splitlines()
+    first = sorted(expected)[:20]
+    assert lines[1:23] == [f"  {len(expected)} missing keys:", *(f"    {k}" for k in first),
+                           f"    ... and {len(expected) - 20} more"]
+    assert lines[23:] == ["  25 unexpected keys:", *(f"    other.{i}" for i in sorted(range(25), key=str)[:20]),
+                          "    ... and 5 more"]
+
+
 def test_weights_of_another_config_are_refused(trained, tiny_config, tmp_path):
     trained.save_pretrained(tmp_path)
     tiny_config.replace(text_dim=16).save(tmp_path)

@@ -2,7 +2,8 @@
 
 - :func:`save_pretrained` writes both files atomically (a crash mid-write leaves the previous files intact).
 - :func:`from_pretrained` refuses anything but an exact match: missing keys, unexpected keys and shape
-  mismatches are collected and raised together in one :class:`WeightsError`; a truncated or corrupt file
+  mismatches are collected and raised together in one :class:`WeightsError` (counted, and the first 20 of
+  each listed); a truncated or corrupt file
   raises a :class:`WeightsError` that names the file.
 - :func:`interpolate_spatial` blends the spatial (pretrained) weights towards a style model
   ``W = W_orig + alpha * (W_style - W_orig)``, leaving every temporal module untouched.
@@ -57,9 +58,13 @@ def load_state_dict(path: str | os.PathLike, device: str | torch.device = "cpu")
                            f"truncated or not a safetensors file ({e}); re-save or re-download it") from None
 
 
+LISTED = 20  # keys a WeightsError lists of each kind (a file of another model would list thousands)
+
+
 def check_state_dict(expected: Mapping[str, torch.Tensor], given: Mapping[str, torch.Tensor],
                      what: str = "weights") -> None:
-    """Raise one :class:`WeightsError` listing every missing key, unexpected key and shape mismatch."""
+    """Raise one :class:`WeightsError` counting the missing keys, unexpected keys and shape mismatches and listing
+    the first ``LISTED`` of each."""
     missing = sorted(set(expected) - set(given))
     unexpected = sorted(set(given) - set(expected))
     mismatched = sorted(f"{k}: expected {tuple(expected[k].shape)}, got {tuple(given[k].shape)}"
@@ -71,7 +76,9 @@ def check_state_dict(expected: Mapping[str, torch.Tensor], given: Mapping[str, t
                          ("shape mismatches", mismatched)):
         if items:
             lines.append(f"  {len(items)} {title}:")
-            lines += [f"    {item}" for item in items]
+            lines += [f"    {item}" for item in items[:LISTED]]
+            if len(items) > LISTED:
+                lines.append(f"    ... and {len(items) - LISTED} more")
     raise WeightsError("\n".join(lines))
 
 
