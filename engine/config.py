@@ -68,6 +68,13 @@ def check_size(name: str, value: Any, divisor: int, whose: str = "this model") -
         raise ValueError(f"{name} must be {rule}, got {shown(value)}")
 
 
+def is_choice(value: Any, choices) -> bool:
+    """Whether ``value`` is one of ``choices`` (strings or integers; a dict's keys), compared only as one of their
+    type: a list is unhashable and an array compares elementwise, so a plain ``in`` raises on them."""
+    kinds = tuple({type(choice) for choice in choices})
+    return not isinstance(value, bool) and isinstance(value, kinds) and value in choices
+
+
 MAX_PIXELS = 2 ** 40  # frames x height x width of one video: past any device's memory, and torch's sizes
 
 
@@ -227,7 +234,7 @@ class STUNetConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 _fail(name, value, "must be a non-negative integer")
-        if self.in_channels not in IN_CHANNELS:
+        if not is_choice(self.in_channels, IN_CHANNELS):
             _fail("in_channels", self.in_channels,
                   "must be 3 (text-to-video), 4 (latent text-to-video), 6 (SSR) or 7 (conditional: video + masked "
                   "video + mask)")
@@ -268,13 +275,13 @@ class STUNetConfig:
         if self.freq_shift >= self.model_channels // 2:
             _fail("freq_shift", self.freq_shift,
                   f"must be smaller than model_channels // 2 ({self.model_channels // 2})")
-        if self.norm_scope not in NORM_SCOPES:
+        if not is_choice(self.norm_scope, NORM_SCOPES):
             _fail("norm_scope", self.norm_scope, f"must be one of {NORM_SCOPES}")
-        if self.temporal_pos_embed not in POS_EMBEDS:
+        if not is_choice(self.temporal_pos_embed, POS_EMBEDS):
             _fail("temporal_pos_embed", self.temporal_pos_embed, f"must be one of {POS_EMBEDS}")
-        if self.prediction not in PREDICTIONS:
+        if not is_choice(self.prediction, PREDICTIONS):
             _fail("prediction", self.prediction, f"must be one of {PREDICTIONS}")
-        if self.schedule not in SCHEDULES:
+        if not is_choice(self.schedule, SCHEDULES):
             _fail("schedule", self.schedule, f"must be one of {SCHEDULES}")
         if not isinstance(self.text_pool, bool):
             _fail("text_pool", self.text_pool, "must be a bool")
@@ -305,10 +312,10 @@ class STUNetConfig:
     def _validate_layout(self) -> None:
         for name in ("temporal_after_res", "temporal_after_attn"):
             value = getattr(self, name)
-            if value and (len(value) != self.num_levels or any(slot not in SLOTS for slot in value)):
+            if value and (len(value) != self.num_levels or any(not is_choice(slot, SLOTS) for slot in value)):
                 _fail(name, value, f"must be empty or hold one of {SLOTS} per level ({self.num_levels})")
         mid = self.mid_modules
-        if any(m not in MID_MODULES for m in mid) or mid[0] != "res":
+        if any(not is_choice(m, MID_MODULES) for m in mid) or mid[0] != "res":
             _fail("mid_block", mid, f"must be empty or start with 'res' and hold only {MID_MODULES}")
         if self.mid_block and mid.count("temporal_attn") != self.temporal_attn_depth:
             _fail("temporal_attn_depth", self.temporal_attn_depth,
@@ -447,8 +454,8 @@ class STUNetConfig:
 
     @classmethod
     def from_preset(cls, name: str, **overrides: Any) -> "STUNetConfig":
-        if name not in PRESETS:
-            raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
+        if not is_choice(name, PRESETS):
+            raise ValueError(f"unknown preset {shown(name)}; choose one of {sorted(PRESETS)}")
         return cls(**{**PRESETS[name], **overrides})
 
     @staticmethod

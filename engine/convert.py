@@ -25,7 +25,7 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
-from .config import STUNetConfig, check_flags, shown
+from .config import STUNetConfig, check_flags, is_choice, shown
 from .model import STUNet
 from .model.layers import ConvIn, Downsample, OutHead, ResBlock, SpatialAttention, Upsample
 from .model.temporal import (ConvInflationBlock, TemporalAttentionBlock, TemporalConvStack, TemporalDown,
@@ -524,7 +524,7 @@ def convert_folder(src, dst, *, dtype: str = "fp16", motion_adapter=None, overwr
     if not src.is_dir():
         raise FileNotFoundError(f"no diffusers folder at {str(src)!r}; convert a folder you have on disk (nothing "
                                 "is downloaded)")
-    if dtype not in _DTYPES:
+    if not is_choice(dtype, _DTYPES):
         raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {shown(dtype)}")
     if overlaps_source(src, dst):
         raise ValueError(f"dst {str(dst)!r} and the folder being converted, {str(src)!r}, overlap (one holds the "

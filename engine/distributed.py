@@ -40,7 +40,7 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 
-from .config import check_size, shown
+from .config import check_size, is_choice, shown
 
 log = logging.getLogger(__name__)
 
@@ -138,7 +138,7 @@ class Parallel:
     """Time per stage ("base", "ssr"), accumulated over this object's life."""
 
     def __post_init__(self):
-        if self.frames not in ("rank0", "all"):
+        if not is_choice(self.frames, ("rank0", "all")):
             raise ValueError(f"Parallel.frames must be 'rank0' or 'all', got {shown(self.frames)}")
 
     @property

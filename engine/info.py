@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .config import STUNetConfig, check_size, shown
+from .config import STUNetConfig, check_size, is_choice, shown
 from .model import FAST, REFERENCE, STUNet, forward_peak_bytes
 
 BYTES_PER_ELEMENT = {"fp16": 2, "bf16": 2, "fp32": 4}
@@ -76,7 +76,7 @@ class ModelInfo:
 def analyse(config: STUNetConfig, name: str = "custom", *, batch: int = 1, frames: int | None = None,
             height: int | None = None, width: int | None = None, text_len: int = 77,
             dtype: str = "fp16") -> ModelInfo:
-    if dtype not in BYTES_PER_ELEMENT:
+    if not is_choice(dtype, BYTES_PER_ELEMENT):
         raise ValueError(f"dtype must be one of {sorted(BYTES_PER_ELEMENT)}, got {shown(dtype)}")
     frames = config.call_frames if frames is None else frames
     height = config.sample_size if height is None else height

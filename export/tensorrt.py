@@ -32,7 +32,7 @@ from pathlib import Path
 
 import torch
 
-from ..config import check_flags, shown
+from ..config import check_flags, is_choice, shown
 from ..io import atomic_path
 from ..kernels import unavailable_on
 from ..progress import Stages
@@ -113,7 +113,7 @@ def toolkit(name: str | None = None):
     TensorRT-RTX. Raises ImportError saying how to install one."""
     import importlib
 
-    if name is not None and name not in TOOLKITS:
+    if name is not None and not is_choice(name, TOOLKITS):
         raise ValueError(f"toolkit must be one of {TOOLKITS}, got {shown(name)}")
     errors = []
     for candidate in (name,) if name else TOOLKITS:

@@ -19,7 +19,7 @@ import numbers
 
 import torch
 
-from ..config import shown
+from ..config import is_choice, shown
 from . import _triton, resample
 from .groupnorm import group_norm_ref
 from .resample import temporal_up_conv_ref
@@ -114,7 +114,7 @@ def group_norm(x: torch.Tensor, num_groups: int, weight: torch.Tensor, bias: tor
     B, C = x.shape[:2]
     if isinstance(num_groups, bool) or not isinstance(num_groups, int) or num_groups < 1 or C % num_groups:
         raise ValueError(f"num_groups must be a positive divisor of the channel count {C}, got {shown(num_groups)}")
-    if scope not in SCOPES:
+    if not is_choice(scope, SCOPES):
         raise ValueError(f"scope must be one of {SCOPES}, got {shown(scope)}")
     _parameter("weight", weight, (C,))
     _parameter("bias", bias, (C,))

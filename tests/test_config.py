@@ -132,3 +132,52 @@ def test_a_refused_value_is_shown_short():
         check_size("frames", torch.zeros(1, 3, 8, 16, 16), 2)
     assert str(error.value) == ("frames must be a positive multiple of 2 for this model, got a tensor of shape "
                                 "(1, 3, 8, 16, 16) (torch.float32)")
+
+
+def _choice_options():
+    import torch
+
+    import stunet.distributed
+    import stunet.info
+    from stunet import SSROptions, samplers
+    from stunet.backends import make_backend
+    from stunet.export.tensorrt import toolkit
+    from stunet.kernels import group_norm
+    from stunet.pipeline.text import tiny_random_t5
+
+    tiny = STUNetConfig.from_preset("tiny")
+    model = stunet.STUNet(tiny)
+    pipe = stunet.Pipeline(model, tiny_random_t5(tiny.text_dim), progress=False)
+    video = torch.zeros(1, 4, 2, 4, 4)
+    return {
+        "STUNetConfig.prediction": lambda v: STUNetConfig.from_preset("tiny", prediction=v),
+        "STUNetConfig.in_channels": lambda v: STUNetConfig.from_preset("tiny", in_channels=v),
+        "STUNetConfig.mid_block": lambda v: STUNetConfig.from_preset("tiny", mid_block=(v,)),
+        "preset": lambda v: STUNetConfig.from_preset(v),
+        "spacing": lambda v: samplers.DDIM(spacing=v),
+        "schedule": lambda v: samplers.DDIM(schedule=v),
+        "sampler": lambda v: samplers.make_sampler(v),
+        "SSROptions.weighting": lambda v: SSROptions(weighting=v),
+        "backend": lambda v: make_backend(model, v),
+        "runtime": lambda v: stunet.Pipeline(model, runtime=v),
+        "output_type": lambda v: pipe("x", output_type=v),
+        "scope": lambda v: group_norm(video, 2, torch.ones(4), torch.zeros(4), scope=v),
+        "Parallel.frames": lambda v: stunet.distributed.Parallel(frames=v),
+        "dtype": lambda v: stunet.info.analyse(tiny, dtype=v),
+        "toolkit": lambda v: toolkit(v),
+    }
+
+
+def test_a_choice_refuses_arrays_lists_and_tensors_by_name():
+    """A named option (a string or an integer from a fixed set) given an array, a list or a tensor is a ValueError
+    naming the option: `in` raised "The truth value of an array ... is ambiguous" or "unhashable type" (or
+    `.lower()` an AttributeError) from inside the check."""
+    import numpy as np
+    import torch
+
+    for name, call in _choice_options().items():
+        for value in (np.zeros((2, 2)), ["v"], torch.zeros(2, 2)):
+            with pytest.raises(ValueError) as error:
+                call(value)
+            message = str(error.value)
+            assert name in message and "ambiguous" not in message and "unhashable" not in message, (name, message)

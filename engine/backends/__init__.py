@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import inspect
 
-from ..config import shown
+from ..config import is_choice, shown
 from ..model import STUNet
 from .aoti import AOTIBackend
 from .base import Backend, ReferenceBackend, converted_copy
@@ -30,7 +30,7 @@ BACKENDS = tuple(BACKEND_CLASSES)
 
 def make_backend(model: STUNet, name: str = "reference", **options) -> Backend:
     """The executor ``name`` (one of ``BACKENDS``) of ``model``; a ValueError lists every reason it cannot."""
-    if name not in BACKEND_CLASSES:
+    if not is_choice(name, BACKEND_CLASSES):
         raise ValueError(f"backend must be one of {BACKENDS}, got {shown(name)}")
     if not isinstance(model, STUNet):
         raise TypeError(f"model must be a STUNet, got {type(model).__name__}")

@@ -43,7 +43,7 @@ import torch
 from .. import distributed
 from ..backends import BACKENDS, make_backend
 from ..backends.base import own_precision
-from ..config import check_flags, check_pixels, check_size, shown
+from ..config import check_flags, check_pixels, check_size, is_choice, shown
 from ..io import read_json
 from ..model import STUNet
 from ..model.validate import checked_placement
@@ -222,7 +222,7 @@ class Pipeline:
                        backend_options=None, **_) -> None:
         """The options that need no model, checked before any model is built or loaded (``from_pretrained``
         checks them before it reads a file)."""
-        if backend not in BACKENDS:
+        if not is_choice(backend, BACKENDS):
             raise ValueError(f"backend must be one of {BACKENDS}, got {shown(backend)}")
         check_flags(progress=progress)
         sampler = "ddim" if sampler is None else sampler
@@ -237,7 +237,7 @@ class Pipeline:
                 make_sampler("ddim", **schedule)
             except (TypeError, ValueError) as e:
                 raise ValueError(f"schedule {dict(schedule)!r} is not a sampler's settings: {e}") from None
-        if runtime is not None and runtime not in RUNTIMES:
+        if runtime is not None and not is_choice(runtime, RUNTIMES):
             raise ValueError(f"runtime must be one of {RUNTIMES}, got {shown(runtime)}")
         if backend_options is not None and not isinstance(backend_options, Mapping):
             raise TypeError(f"backend_options must be a dict of the backend's keyword options (such as "
@@ -480,7 +480,7 @@ class Pipeline:
         if self.ssr_stage is not None:
             self.ssr_stage.output_size(H, W)
             ssr.geometry(self.ssr.config, T)
-        if output_type not in OUTPUT_TYPES:
+        if not is_choice(output_type, OUTPUT_TYPES):
             raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {shown(output_type)}")
         _number("", "strength", strength, 0, 1, lo_open=True)
         if generator is not None and seed is not None:

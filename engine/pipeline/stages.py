@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ..backends import Backend
-from ..config import STUNetConfig, shown
+from ..config import STUNetConfig, is_choice, shown
 from ..model.memory import advice_on_out_of_memory
 from ..sampling import runtime as cpp_runtime
 from ..sampling.multidiffusion import WEIGHTINGS, multidiffusion_predict, window_plan
@@ -110,7 +110,7 @@ class SSROptions(StageOptions):
             _number("SSROptions.", "overlap", self.overlap, 0, integer=True)
         _number("SSROptions.", "batch_size", self.batch_size, 1, integer=True)
         _number("SSROptions.", "noise_level", self.noise_level, 0, 999, integer=True)
-        if self.weighting not in WEIGHTINGS:
+        if not is_choice(self.weighting, WEIGHTINGS):
             raise ValueError(f"SSROptions.weighting must be one of {WEIGHTINGS}, got {shown(self.weighting)}")
 
     def geometry(self, config: STUNetConfig, num_frames: int) -> tuple[int, int]:

@@ -16,7 +16,7 @@ from typing import Callable
 
 import torch
 
-from ..config import shown
+from ..config import is_choice, shown
 
 WEIGHTINGS = ("uniform", "ramp")
 
@@ -50,7 +50,7 @@ def window_weights(num_frames: int, starts: list[int], window: int, weighting: s
     its first frames and falls over its last ones (1, 2, ... up to the centre), so each window fades into its
     neighbour across the overlap; frames covered by one window keep weight one.
     """
-    if weighting not in WEIGHTINGS:
+    if not is_choice(weighting, WEIGHTINGS):
         raise ValueError(f"weighting must be one of {WEIGHTINGS}, got {shown(weighting)}")
     length = min(window, num_frames)
     if weighting == "uniform":

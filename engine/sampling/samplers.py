@@ -21,7 +21,7 @@ import numbers
 
 import torch
 
-from ..config import shown
+from ..config import is_choice, shown
 
 SCHEDULES = ("linear", "scaled_linear", "cosine")
 SPACINGS = ("leading", "trailing", "linspace")
@@ -51,6 +51,8 @@ def make_betas(schedule: str, num_train_timesteps: int = 1000, beta_start: float
     Every table is plain double arithmetic in a fixed order; csrc/schedule.cpp repeats it exactly.
     """
     n = num_train_timesteps
+    if not is_choice(schedule, SCHEDULES):
+        raise ValueError(f"schedule must be one of {SCHEDULES}, got {shown(schedule)}")
     for name, value in (("beta_start", beta_start), ("beta_end", beta_end)):
         if value is not None and not _is_number(value):
             raise ValueError(f"{name} must be a number, got {shown(value)}")
@@ -63,14 +65,13 @@ def make_betas(schedule: str, num_train_timesteps: int = 1000, beta_start: float
         if schedule == "linear":
             return torch.tensor(_linspace(lo, hi, n), dtype=torch.float64)
         return torch.tensor([b * b for b in _linspace(math.sqrt(lo), math.sqrt(hi), n)], dtype=torch.float64)
-    if schedule == "cosine" and (beta_start is not None or beta_end is not None):
+    if beta_start is not None or beta_end is not None:  # the cosine schedule
         raise ValueError("the cosine schedule takes no beta_start / beta_end")
-    if schedule == "cosine":
-        def abar(t: float) -> float:
-            c = math.cos((t / n + 0.008) / 1.008 * math.pi / 2)
-            return c * c
-        return torch.tensor([min(1 - abar(i + 1) / abar(i), 0.999) for i in range(n)], dtype=torch.float64)
-    raise ValueError(f"schedule must be one of {SCHEDULES}, got {shown(schedule)}")
+
+    def abar(t: float) -> float:
+        c = math.cos((t / n + 0.008) / 1.008 * math.pi / 2)
+        return c * c
+    return torch.tensor([min(1 - abar(i + 1) / abar(i), 0.999) for i in range(n)], dtype=torch.float64)
 
 
 def make_timesteps(num_inference_steps: int, num_train_timesteps: int, spacing: str, steps_offset: int = 0,
@@ -121,9 +122,9 @@ class Sampler(abc.ABC):
                  num_train_timesteps: int = 1000, clip_sample: bool = False, clip_range: float = 1.0, *,
                  beta_start: float | None = None, beta_end: float | None = None, steps_offset: int = 0,
                  set_alpha_to_one: bool = True, fixed_stride: bool = False):
-        if prediction not in PREDICTIONS:
+        if not is_choice(prediction, PREDICTIONS):
             raise ValueError(f"prediction must be one of {PREDICTIONS}, got {shown(prediction)}")
-        if spacing not in SPACINGS:
+        if not is_choice(spacing, SPACINGS):
             raise ValueError(f"spacing must be one of {SPACINGS}, got {shown(spacing)}")
         if not isinstance(num_train_timesteps, int) or num_train_timesteps < 2:
             raise ValueError(f"num_train_timesteps must be an integer >= 2, got {shown(num_train_timesteps)}")
@@ -358,6 +359,8 @@ SAMPLERS: dict[str, type[Sampler]] = {"ddim": DDIM, "ddpm": DDPM, "dpmpp2m": DPM
 
 def sampler_class(name: str) -> type[Sampler]:
     """The sampler class for a name: "ddim", "ddpm" or "dpmpp2m" (also "DPM-Solver++(2M)", "DPMSolverPP2M")."""
+    if not isinstance(name, str):
+        raise ValueError(f"sampler must be one of {sorted(SAMPLERS)}, got {shown(name)}")
     key = name.lower()
     for drop in ("-", "_", "(", ")", "solver"):
         key = key.replace(drop, "")
@@ -398,13 +401,13 @@ def scheduler_options(config: dict) -> tuple[str | None, dict]:
     if not isinstance(config, dict):
         raise TypeError(f"config must be a dict (a scheduler_config.json), got {type(config).__name__}")
     kind = config.get("_class_name")
-    name = _SCHEDULERS.get(kind)
+    name = _SCHEDULERS[kind] if is_choice(kind, _SCHEDULERS) else None
     beta_schedule = config.get("beta_schedule", "linear")
-    if beta_schedule not in _BETA_SCHEDULES:
+    if not is_choice(beta_schedule, _BETA_SCHEDULES):
         raise ValueError(f"scheduler beta_schedule={beta_schedule!r} is not supported; one of "
                          f"{sorted(_BETA_SCHEDULES)}")
     prediction = config.get("prediction_type", "epsilon")
-    if prediction not in _PREDICTION_TYPES:
+    if not is_choice(prediction, _PREDICTION_TYPES):
         raise ValueError(f"scheduler prediction_type={prediction!r} is not supported; one of "
                          f"{sorted(_PREDICTION_TYPES)}")
     if name is not None:
