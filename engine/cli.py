@@ -146,11 +146,12 @@ _FLAGS = {"num_frames": "--frames", "frames": "--frames", "height": "--height", 
 
 
 def _library_error(parser: argparse.ArgumentParser, error: Exception):
-    """Exits 2 with the library's message, led by the flag of the argument it names ("argument --steps: ...")."""
+    """Exits 2 with the library's message, led by the flags of the arguments it names first ("argument --steps:
+    ...", "argument --frames/--height/--width: num_frames x height x width = ...")."""
     message = str(error)
-    name = re.match(r"\w+", message)
-    flag = _FLAGS.get(name.group()) if name else None
-    parser.error(f"argument {flag}: {message}" if flag else message)
+    names = re.match(r"\w+(?: x \w+)*", message)
+    flags = dict.fromkeys(_FLAGS[name] for name in (names.group().split(" x ") if names else []) if name in _FLAGS)
+    parser.error(f"argument {'/'.join(flags)}: {message}" if flags else message)
 
 
 def _ranked() -> bool:

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import reprlib
 from dataclasses import dataclass, fields
@@ -75,14 +76,15 @@ def is_choice(value: Any, choices) -> bool:
     return not isinstance(value, bool) and isinstance(value, kinds) and value in choices
 
 
-MAX_PIXELS = 2 ** 40  # frames x height x width of one video: past any device's memory, and torch's sizes
+MAX_ELEMENTS = 2 ** 40  # of one tensor: past any device's memory, and near the sizes torch can represent
 
 
-def check_pixels(frames: int, height: int, width: int) -> None:
-    """A video of ``frames`` x ``height`` x ``width`` (positive integers) must be one a device could hold."""
-    if frames * height * width >= MAX_PIXELS:
-        raise ValueError(f"num_frames x height x width = {frames} x {height} x {width} is past any device's memory "
-                         f"(at most 2**40 pixels a video)")
+def check_volume(**sizes: int) -> None:
+    """A tensor of ``sizes`` (positive integers, by name: ``num_frames=8, height=64, ...``) must be one a device
+    could hold; raises naming them."""
+    if math.prod(sizes.values()) >= MAX_ELEMENTS:
+        raise ValueError(f"{' x '.join(sizes)} = {' x '.join(map(str, sizes.values()))} is past any device's "
+                         f"memory (at most 2**40 elements a tensor)")
 
 
 def check_flags(optional: bool = False, **flags: Any) -> None:

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .config import STUNetConfig, check_size, is_choice, shown
+from .config import STUNetConfig, check_size, check_volume, is_choice, shown
 from .model import FAST, REFERENCE, STUNet, forward_peak_bytes
 
 BYTES_PER_ELEMENT = {"fp16": 2, "bf16": 2, "fp32": 4}
@@ -86,6 +86,8 @@ def analyse(config: STUNetConfig, name: str = "custom", *, batch: int = 1, frame
     check_size("width", width, config.spatial_divisor)
     check_size("batch", batch, 1)
     check_size("text_len", text_len, 1)
+    check_volume(batch=batch, frames=frames, height=height, width=width, channels=config.model_channels)
+    check_volume(batch=batch, text_len=text_len, text_dim=config.text_dim)
     with torch.device("meta"):
         model = STUNet(config)
     params = sum(p.numel() for p in model.parameters())

@@ -201,6 +201,11 @@ def test_analyse_takes_sizes_as_given_and_none_for_the_models_own():
     (["info", "lumiere-base", "--frames", "7"], "argument --frames: frames must be a positive multiple of 16"),
     (["info", "tiny", "--height", "0"], "argument --height: must be a positive integer, got 0"),
     (["info", "tiny", "--dtype", "int8"], "argument --dtype: invalid choice"),
+    (["info", "tiny", "--batch", str(10 ** 21)],  # the sizes of a tensor past any device: each one's flag
+     f"argument --batch/--frames/--height/--width: batch x frames x height x width x channels = {10 ** 21} x 8 x "
+     "16 x 16 x 16 is past any device's memory"),
+    (["info", "tiny", "--text-len", str(2 ** 40)],
+     f"argument --batch/--text-len: batch x text_len x text_dim = 1 x {2 ** 40} x 24 is past any device's memory"),
 ])
 def test_cli_bad_arguments_exit_2(argv, message, capsys):
     with pytest.raises(SystemExit) as info:

@@ -21,14 +21,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..config import check_pixels, check_size
+from ..config import check_size, check_volume
 
 MODES = ("text_to_video", "image_to_video", "inpaint", "cinemagraph")
 
 
 def _check_frames(num_frames: int, height: int, width: int) -> None:
     check_size("num_frames", num_frames, 1)
-    check_pixels(num_frames, height, width)
+    check_volume(num_frames=num_frames, height=height, width=width)
 
 
 def _tensor(value, name: str) -> torch.Tensor:

@@ -43,7 +43,7 @@ import torch
 from .. import distributed
 from ..backends import BACKENDS, make_backend
 from ..backends.base import own_precision
-from ..config import check_flags, check_pixels, check_size, is_choice, shown
+from ..config import check_flags, check_volume, check_size, is_choice, shown
 from ..io import read_json
 from ..model import STUNet
 from ..model.validate import checked_placement
@@ -627,7 +627,7 @@ class Pipeline:
         spatial = self.base.config.spatial_divisor * self.pixels_per_latent
         for name, value in (("height", H), ("width", W)):
             check_size(name, value, spatial, "this base model")
-        check_pixels(T, H, W)
+        check_volume(num_frames=T, height=H, width=W)
 
     def _check_frames(self, T: int) -> None:
         self.base.config.check_frames(T, "num_frames", "this base model")
