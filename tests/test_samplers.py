@@ -210,7 +210,11 @@ def test_sampler_errors():
                             (dict(clip_range=None), "clip_range must be a positive number, got None"),
                             (dict(clip_range=float("inf")), "clip_range must be a positive number, got inf"),
                             (dict(clip_sample=1), "clip_sample must be a bool, got 1"),
-                            (dict(schedule="linear", beta_start=""), "beta_start must be a number, got ''")]:
+                            (dict(schedule="linear", beta_start=""), "beta_start must be a number, got ''"),
+                            # a table of 10**30 betas ran until memory ran out
+                            (dict(num_train_timesteps=10 ** 30), r"num_train_timesteps must be an integer in \[2, "
+                                                                 rf"100000\], got {10 ** 30}$"),
+                            (dict(num_train_timesteps=1), "num_train_timesteps must be an integer in")]:
         with pytest.raises(ValueError, match=message):
             DDIM(**kwargs)
     numpy_scalars = DDIM(eta=np.float32(0.5), clip_range=np.float64(2))  # numbers too, kept as Python floats

@@ -26,6 +26,7 @@ from ..config import is_choice, shown
 SCHEDULES = ("linear", "scaled_linear", "cosine")
 SPACINGS = ("leading", "trailing", "linspace")
 PREDICTIONS = ("v", "eps")
+MAX_TRAIN_TIMESTEPS = 100_000  # diffusion models train on 1000; the tables are built once per sampler, in Python
 
 
 def _linspace(start: float, end: float, n: int) -> list[float]:
@@ -126,8 +127,10 @@ class Sampler(abc.ABC):
             raise ValueError(f"prediction must be one of {PREDICTIONS}, got {shown(prediction)}")
         if not is_choice(spacing, SPACINGS):
             raise ValueError(f"spacing must be one of {SPACINGS}, got {shown(spacing)}")
-        if not isinstance(num_train_timesteps, int) or num_train_timesteps < 2:
-            raise ValueError(f"num_train_timesteps must be an integer >= 2, got {shown(num_train_timesteps)}")
+        if isinstance(num_train_timesteps, bool) or not isinstance(num_train_timesteps, int) or not (
+                2 <= num_train_timesteps <= MAX_TRAIN_TIMESTEPS):
+            raise ValueError(f"num_train_timesteps must be an integer in [2, {MAX_TRAIN_TIMESTEPS}], "
+                             f"got {shown(num_train_timesteps)}")
         if not (_is_number(clip_range) and 0 < clip_range < math.inf):
             raise ValueError(f"clip_range must be a positive number, got {shown(clip_range)}")
         if isinstance(steps_offset, bool) or not isinstance(steps_offset, int) or steps_offset < 0:
