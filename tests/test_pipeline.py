@@ -156,6 +156,26 @@ def test_windowed_ssr_equals_single_window_for_framewise_ssr(encoder, guidance):
     np.testing.assert_allclose(a, b, atol=2e-6, rtol=0)
 
 
+def test_an_ssr_model_without_noise_conditioning_runs_and_refuses_a_noise_level(encoder):
+    """An SSR model with noise_aug=False takes no noise level: the stage calls it without one (it was handed
+    noise_level=0 and refused it, after the base stage), and SSROptions.noise_level > 0 is refused before any
+    compute."""
+    base, _ = _models()
+    torch.manual_seed(1)
+    ssr = stunet.STUNet(stunet.STUNetConfig.from_preset("tiny", **{**SSR_OVERRIDES, "noise_aug": False}))
+    pipe = Pipeline(base, encoder, ssr, progress=False)
+    assert pipe("x", seed=0, **SMALL).frames.shape == (1, 8, 16, 16, 3)
+    calls = []
+    hook = pipe.base_stage.backend.model.register_forward_pre_hook(lambda *a: calls.append(1))
+    try:
+        with pytest.raises(ValueError, match=r"SSROptions.noise_level=100 needs an SSR model trained with noise "
+                                             r"augmentation \(config.noise_aug=True\)"):
+            pipe("x", seed=0, **{**SMALL, "ssr": SSROptions(noise_level=100)})
+    finally:
+        hook.remove()
+    assert not calls
+
+
 @pytest.mark.parametrize("kwargs,message", [
     ({"num_frames": 7}, "num_frames must be a positive multiple of 2"),
     ({"height": 6}, "height must be a positive multiple of 4"),

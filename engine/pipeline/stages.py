@@ -115,7 +115,11 @@ class SSROptions(StageOptions):
 
     def geometry(self, config: STUNetConfig, num_frames: int) -> tuple[int, int]:
         """(window, overlap) for the SSR model ``config`` on a clip of ``num_frames``; raises on an impossible
-        plan. A default overlap never reaches the window (a window of 1 frame gets overlap 0)."""
+        plan, or a noise level for a model without noise conditioning. A default overlap never reaches the window
+        (a window of 1 frame gets overlap 0)."""
+        if self.noise_level and not config.noise_aug:
+            raise ValueError(f"SSROptions.noise_level={self.noise_level} needs an SSR model trained with noise "
+                             f"augmentation (config.noise_aug=True); this one takes no noise level: leave it 0")
         window = self.window or config.window_frames or 16
         if self.overlap is not None:
             overlap = self.overlap
@@ -324,6 +328,7 @@ class SSRStage(_Stage):
         dtype, device = self.backend.dtype, self.backend.device
         s = self.sampler(options, steps)
         model = Guided(self.backend, prompts, options.guided)
+        level = options.noise_level if self.config.noise_aug else None  # what the model is conditioned on
         blender = cpp_runtime.blend_windows if self.runtime == "cpp" else None
         mapper = self._mapper()  # whole window calls per rank
         where = (f"the SSR stage ({B} video(s) of {T} frames of {H}x{W}, {options.batch_size} window(s) of {window} "
@@ -339,7 +344,7 @@ class SSRStage(_Stage):
             x = Sampler.draw_noise(torch.empty(B, 3, T, H, W), generator).to(device, dtype)
             for i, t in enumerate(tqdm(s.timesteps, desc=self.name, disable=not self._shows_progress(progress))):
                 def predict(windows: torch.Tensor, t: int = int(t)) -> torch.Tensor:
-                    return model(windows, t, noise_level=options.noise_level)
+                    return model(windows, t, noise_level=level)
 
                 # Blend [cond; uncond] rows of every window into the clip, then guide the whole clip.
                 pred = multidiffusion_predict(predict, torch.cat([x, up], dim=1), window, overlap,
