@@ -43,7 +43,7 @@ import torch
 from .. import distributed
 from ..backends import BACKENDS, make_backend
 from ..backends.base import own_precision
-from ..config import check_flags, check_volume, check_size, is_choice, shown
+from ..config import check_flags, check_size, check_volume, is_choice, shown
 from ..io import read_json
 from ..model import STUNet
 from ..model.validate import checked_placement
@@ -67,8 +67,6 @@ def default_runtime(device: torch.device | str = "cpu") -> str:
         return "cpp"
     log.warning("stunet: sampling with the Python reference runtime: %s", why)
     return "python"
-
-
 
 
 def _check_values(value: torch.Tensor, name: str) -> torch.Tensor:
