@@ -21,7 +21,10 @@ NAME = "kernels"
 
 
 def _inside(entry: str, root: Path) -> bool:
-    folder = Path(entry or os.getcwd()).resolve()  # '' is the current folder
+    try:
+        folder = Path(entry or os.getcwd()).resolve()  # '' is the current folder
+    except OSError:  # a current folder that was removed: the path search skips it too
+        return False
     return folder == root or root in folder.parents
 
 
