@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..config import STUNetConfig, check_size, shown
+from ..config import STUNetConfig, check_size, check_volume, is_choice, shown
 from ..model import ExecutionPolicy, STUNet
 from ..model.memory import advice_on_out_of_memory
 
@@ -92,10 +92,13 @@ class ExportSpec:
                                  ("width", self.width, cfg.spatial_divisor), ("text_len", self.text_len, 1)):
             check_size(name, value, div)
         cfg.check_frames(self.frames)
+        check_volume(batch=self.batch, channels=cfg.in_channels, frames=self.frames, height=self.height,
+                     width=self.width)
+        check_volume(batch=self.batch, text_len=self.text_len, text_dim=cfg.text_dim)
         if not isinstance(self.dynamic, bool):
             raise TypeError(f"dynamic must be True or False, got {shown(self.dynamic)}")
-        if self.dtype not in (torch.float32, torch.float16, torch.bfloat16):
-            raise ValueError(f"dtype must be float32, float16 or bfloat16, got {self.dtype}")
+        if not is_choice(self.dtype, (torch.float32, torch.float16, torch.bfloat16)):
+            raise ValueError(f"dtype must be float32, float16 or bfloat16, got {shown(self.dtype)}")
 
     @classmethod
     def for_model(cls, config: STUNetConfig, *, batch: int = 2, frames: int | None = None,

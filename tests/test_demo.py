@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from importlib import resources
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
@@ -94,8 +95,11 @@ def test_the_word_encoder_refuses_unknown_words_and_round_trips(tmp_path):
         (tmp_path / "vocab.json").write_text(broken)
         with pytest.raises(ValueError, match=message):
             WordEncoder.load(tmp_path)
-    with pytest.raises(ValueError, match="distinct lower-case words"):
-        WordEncoder(["a", "a"], 4)
+    for vocab in (["a", "a"], [1], "word", np.array([["a", "b"], ["c", "d"]]), torch.zeros(2)):
+        with pytest.raises(ValueError, match="vocab must be a list of distinct lower-case words"):
+            WordEncoder(vocab, 4)
+    with pytest.raises(ValueError, match=r"vocab x dim = 3 x 10{30} is past any device's memory"):
+        WordEncoder(["a", "b"], 10 ** 30)  # was torch.empty's overflow
     with pytest.raises(NotADirectoryError, match="WordEncoder.save: '.*vocab.json' exists and is not a directory"):
         text.save(tmp_path / "vocab.json")
     text.save(tmp_path)

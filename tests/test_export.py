@@ -226,6 +226,13 @@ def test_export_arguments_are_checked(tmp_path, monkeypatch, capsys):
         ExportSpec.for_model(model.config, dtype=torch.float64)
     with pytest.raises(ValueError, match="batch must be a positive integer, got 0"):
         ExportSpec.for_model(model.config, batch=0)
+    # an array for the dtype was "truth value ... ambiguous"; a batch of 10**30 torch.randn's overflow
+    with pytest.raises(ValueError, match=r"dtype must be float32, float16 or bfloat16, got an array of shape \(2,"):
+        ExportSpec.for_model(model.config, dtype=np.zeros((2, 2)))
+    with pytest.raises(ValueError, match=r"batch x channels x frames x height x width = 10{30} x 3 x .* is past any "):
+        export_onnx(model, tmp_path / "m.onnx", batch=10 ** 30)
+    with pytest.raises(ValueError, match=rf"batch x text_len x text_dim = 2 x {2 ** 40} x 24 is past any device"):
+        ExportSpec.for_model(model.config, text_len=2 ** 40)
     # an on/off option must be a bool: "no" would read as true
     with pytest.raises(TypeError, match="dynamic must be True or False, got 'no'"):
         export_onnx(model, tmp_path / "m.onnx", dynamic="no")

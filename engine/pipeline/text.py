@@ -16,7 +16,7 @@ from typing import Protocol
 
 import torch
 
-from ..config import check_flags, shown
+from ..config import check_flags, check_volume, shown
 from ..io import folder_load_errors
 from ..model.validate import checked_placement
 
@@ -187,11 +187,13 @@ class WordEncoder(torch.nn.Module):
 
     def __init__(self, vocab: list[str], dim: int):
         super().__init__()
-        words = list(vocab)
-        if not words or len(set(words)) != len(words) or not all(w.isalpha() and w.islower() for w in words):
-            raise ValueError(f"WordEncoder: vocab must be distinct lower-case words, got {shown(vocab)}")
-        if not isinstance(dim, int) or dim < 1:
+        words = list(vocab) if isinstance(vocab, (list, tuple)) else []
+        if not words or not all(isinstance(w, str) and w.isalpha() and w.islower() for w in words) or len(
+                set(words)) != len(words):
+            raise ValueError(f"WordEncoder: vocab must be a list of distinct lower-case words, got {shown(vocab)}")
+        if isinstance(dim, bool) or not isinstance(dim, int) or dim < 1:
             raise ValueError(f"WordEncoder: dim must be a positive integer, got {shown(dim)}")
+        check_volume(vocab=len(words) + 1, dim=dim)
         self.vocab = words
         self.index = {w: i + 1 for i, w in enumerate(words)}
         self.dim = dim
