@@ -188,8 +188,8 @@ class WordEncoder(torch.nn.Module):
     def __init__(self, vocab: list[str], dim: int):
         super().__init__()
         words = list(vocab) if isinstance(vocab, (list, tuple)) else []
-        if not words or not all(isinstance(w, str) and w.isalpha() and w.islower() for w in words) or len(
-                set(words)) != len(words):
+        lower_case = all(isinstance(w, str) and w.isalpha() and w.islower() for w in words)
+        if not words or not lower_case or len(set(words)) != len(words):
             raise ValueError(f"WordEncoder: vocab must be a list of distinct lower-case words, got {shown(vocab)}")
         if isinstance(dim, bool) or not isinstance(dim, int) or dim < 1:
             raise ValueError(f"WordEncoder: dim must be a positive integer, got {shown(dim)}")
