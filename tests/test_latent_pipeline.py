@@ -334,6 +334,14 @@ def test_scheduler_options_refuse_what_they_cannot_reproduce():
         scheduler_options({"_class_name": "DDIMScheduler", "prediction_type": "sample"})
     name, options = scheduler_options({"_class_name": "EulerDiscreteScheduler", "beta_schedule": "scaled_linear"})
     assert name is None and options["schedule"] == "scaled_linear"
+    # a hand-edited scheduler_config.json: its option named (it was int()'s or float()'s bare message)
+    for option, value, kind in [("num_train_timesteps", "abc", "an integer"), ("steps_offset", None, "an integer"),
+                                ("num_train_timesteps", 1000.5, "an integer"), ("beta_start", [1], "a number"),
+                                ("beta_end", float("nan"), "a number")]:
+        with pytest.raises(ValueError, match=rf"^scheduler {option}=.* must be {kind}$"):
+            scheduler_options({"_class_name": "DDIMScheduler", option: value})
+    _, options = scheduler_options({"_class_name": "DDIMScheduler", "num_train_timesteps": 1000.0})
+    assert options["num_train_timesteps"] == 1000  # JSON may write an integer as 1000.0
 
 
 def test_an_unreadable_file_in_a_folder_is_named(t2v_folder, tmp_path):

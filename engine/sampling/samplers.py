@@ -421,13 +421,22 @@ def scheduler_options(config: dict) -> tuple[str | None, dict]:
     schedule = _BETA_SCHEDULES[beta_schedule]
     options = dict(schedule=schedule, prediction=_PREDICTION_TYPES[prediction],
                    spacing=config.get("timestep_spacing", "leading"),
-                   num_train_timesteps=int(config.get("num_train_timesteps", 1000)),
-                   steps_offset=int(config.get("steps_offset", 0)),
+                   num_train_timesteps=_scheduler_number(config, "num_train_timesteps", 1000, integer=True),
+                   steps_offset=_scheduler_number(config, "steps_offset", 0, integer=True),
                    set_alpha_to_one=bool(config.get("set_alpha_to_one", True)) if name == "ddim" else True,
                    fixed_stride=name == "ddim")
     if schedule != "cosine":
-        options.update(beta_start=float(config.get("beta_start", 0.0001)),
-                       beta_end=float(config.get("beta_end", 0.02)))
+        options.update(beta_start=_scheduler_number(config, "beta_start", 0.0001),
+                       beta_end=_scheduler_number(config, "beta_end", 0.02))
     if name in ("ddim", "ddpm") and config.get("clip_sample", name == "ddpm"):
-        options.update(clip_sample=True, clip_range=float(config.get("clip_sample_range", 1.0)))
+        options.update(clip_sample=True, clip_range=_scheduler_number(config, "clip_sample_range", 1.0))
     return name, options
+
+
+def _scheduler_number(config: dict, key: str, default: float, integer: bool = False) -> float:
+    """A scheduler config's number (an integer with ``integer``; JSON may write 1000 as 1000.0); raises naming
+    the option."""
+    value = config.get(key, default)
+    if _is_number(value) and math.isfinite(value) and (not integer or value == int(value)):
+        return int(value) if integer else float(value)
+    raise ValueError(f"scheduler {key}={value!r} must be {'an integer' if integer else 'a number'}")
