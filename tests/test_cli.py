@@ -382,15 +382,26 @@ def test_the_stunet_program_is_run():
 def test_started_in_the_checkout_the_installed_kernels_package_keeps_its_name(tmp_path):
     """`python -m stunet` started in the source checkout, or a bench script: a top-level `import kernels` gets the
     installed package of that name (Hugging Face's, which transformers imports), not the checkout's kernels/
-    folder (stunet.kernels) or bench/kernels.py (`stunet convert` and `generate` failed inside transformers)."""
-    checkout = Path(stunet.kernels.__file__).resolve().parent.parent
-    if not (checkout / "bench" / "kernels.py").is_file():
-        pytest.skip("stunet is installed from a wheel, not from its checkout: nothing there to hide a package")
-    installed = tmp_path / "site-packages"
-    (installed / "kernels").mkdir(parents=True)
-    (installed / "kernels" / "__init__.py").write_text("WHO = 'installed'\n")
+    folder (stunet.kernels) or bench/kernels.py (`stunet convert` and `generate` failed inside transformers).
+    The finder on a checkout laid out in tmp_path, then `import stunet` in this one where it is the editable
+    install's."""
+    installed, fake = tmp_path / "site-packages", tmp_path / "checkout"
+    for folder, who in ((installed, "installed"), (fake, "checkout")):
+        (folder / "kernels").mkdir(parents=True)
+        (folder / "kernels" / "__init__.py").write_text(f"WHO = {who!r}\n")
+    (fake / "bench").mkdir()
+    (fake / "bench" / "kernels.py").write_text("WHO = 'bench'\n")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(installed), os.environ.get("PYTHONPATH")]))}
-    for cwd in (checkout, checkout / "bench"):
+    finder = ("import sys; from pathlib import Path; from stunet._checkout import InstalledKernelsFinder; "
+              f"sys.meta_path.insert(0, InstalledKernelsFinder(Path({str(fake.resolve())!r}))); ")
+    for cwd, code, want in [(fake, "import kernels; print(kernels.WHO)", "checkout"),  # the shadow, unmended
+                            (fake, finder + "import kernels; print(kernels.WHO)", "installed"),
+                            (fake / "bench", finder + "import kernels; print(kernels.WHO)", "installed")]:
+        run = subprocess.run([sys.executable, "-c", code], cwd=cwd, env=env, capture_output=True, text=True)
+        assert run.stdout.strip() == want, (cwd, code, run.stderr[-2000:])
+    checkout = Path(stunet.kernels.__file__).resolve().parent.parent
+    editable = (checkout / "bench" / "kernels.py").is_file()  # a wheel's stunet/ holds no bench/ to hide a name
+    for cwd in (checkout, checkout / "bench") if editable else ():
         code = "import stunet, kernels; print(kernels.WHO, stunet.kernels.SCOPES)"
         run = subprocess.run([sys.executable, "-c", code], cwd=cwd, env=env, capture_output=True, text=True)
         assert run.stdout.strip() == "installed ('frame', 'clip')", (cwd, run.stderr[-2000:])
