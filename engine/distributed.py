@@ -332,15 +332,20 @@ def launch(nproc: int, argv: list[str]) -> int:
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
-    args = torchrun.parse_args(["--nproc-per-node", str(nproc), "--standalone", "--no-python", sys.executable, "-c",
-                                RANK_MAIN, *argv])
     threads = {} if "OMP_NUM_THREADS" in os.environ else {"OMP_NUM_THREADS": str(max(1, local_cores() // nproc))}
-    with tempfile.TemporaryDirectory(prefix="stunet-launch-") as refusals, _agent_quiet():
-        os.environ.update({REFUSALS: refusals, **threads})  # the ranks inherit them
+    with tempfile.TemporaryDirectory(prefix="stunet-launch-") as scratch, _agent_quiet():
+        refusals = Path(scratch, "refusals")
+        refusals.mkdir()
+        # torchrun's agent keeps each rank's error file under its log folder: here, not a new temporary folder
+        # it would leave behind
+        args = torchrun.parse_args(["--nproc-per-node", str(nproc), "--standalone", "--log-dir",
+                                    str(Path(scratch, "torchrun")), "--no-python", sys.executable, "-c", RANK_MAIN,
+                                    *argv])
+        os.environ.update({REFUSALS: str(refusals), **threads})  # the ranks inherit them
         try:
             torchrun.run(args)
         except ChildFailedError as e:
-            refused = sorted(Path(refusals).glob("rank*.txt"), key=lambda p: int(p.stem[4:]))
+            refused = sorted(refusals.glob("rank*.txt"), key=lambda p: int(p.stem[4:]))
             if refused:
                 raise ArgumentsRefused(refused[0].read_text()) from None
             failures = ", ".join(f"rank {r} exit {f.exitcode}" for r, f in sorted(e.failures.items()))

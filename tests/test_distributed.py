@@ -21,12 +21,14 @@ from stunet.distributed import Parallel, RankFailed, resolve
 HERE = Path(__file__).resolve().parent
 
 
-def _torchrun(nproc: int, *args: str, timeout: float = 240) -> subprocess.CompletedProcess:
+def _torchrun(nproc: int, folder: Path, mode: str, timeout: float = 240) -> subprocess.CompletedProcess:
+    """tests/dist_worker.py in MODE on NPROC ranks, writing to FOLDER (torchrun's logs too)."""
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
                                                             "MASTER_PORT", "TRITON_INTERPRET")}
     env["OMP_NUM_THREADS"] = "1"
     return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
-                           str(nproc), *args], capture_output=True, text=True, timeout=timeout, env=env)
+                           str(nproc), "--log-dir", str(folder / "torchrun"), str(HERE / "dist_worker.py"),
+                           str(folder), mode], capture_output=True, text=True, timeout=timeout, env=env)
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +38,7 @@ def runs(tmp_path_factory):
     out = {}
     for n in (1, 2, 3):
         folder = tmp_path_factory.mktemp(f"world{n}")
-        run = _torchrun(n, str(HERE / "dist_worker.py"), str(folder), "ok")
+        run = _torchrun(n, folder, "ok")
         assert run.returncode == 0, run.stderr[-3000:]
         out[n] = [torch.load(folder / f"rank{r}.pt") for r in range(n)]
     return out
@@ -56,7 +58,7 @@ def test_frames_do_not_depend_on_the_number_of_ranks(runs):
 
 
 def test_a_rank_that_raises_ends_every_rank_with_its_error(tmp_path):
-    run = _torchrun(2, str(HERE / "dist_worker.py"), str(tmp_path), "raise", timeout=180)
+    run = _torchrun(2, tmp_path, "raise", timeout=180)
     assert run.returncode != 0
     assert "RankFailed: rank 1 failed: RuntimeError: injected failure" in run.stderr  # rank 0's error
     assert "RuntimeError: injected failure" in run.stderr  # rank 1's own
@@ -64,15 +66,23 @@ def test_a_rank_that_raises_ends_every_rank_with_its_error(tmp_path):
 
 
 def test_a_rank_that_dies_does_not_hang_the_others(tmp_path):
-    run = _torchrun(2, str(HERE / "dist_worker.py"), str(tmp_path), "die", timeout=180)
+    run = _torchrun(2, tmp_path, "die", timeout=180)
     assert run.returncode != 0
     assert not list(tmp_path.glob("rank*.pt"))
 
 
+def _left_in(temp: Path) -> list[str]:
+    """What a run left in its temporary folder, torch's compile cache (torchinductor_USER) aside."""
+    return sorted(p.name for p in temp.iterdir() if not p.name.startswith("torchinductor_"))
+
+
 @needs_av
-def test_cli_nproc_launches_the_ranks(tmp_path):
+def test_cli_nproc_launches_the_ranks(tmp_path, tmp_path_factory):
+    """Both runs write the same video, and the launch leaves nothing in the temporary folder (torchrun's agent
+    would leave a torchelastic_* tree of its own)."""
+    temp = tmp_path_factory.mktemp("temp")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["OMP_NUM_THREADS"] = "1"
+    env.update(OMP_NUM_THREADS="1", TMPDIR=str(temp))
     common = ["generate", "a cat", "--preset", "tiny", "--steps", "2", "--frames", "8", "--height", "16",
               "--width", "16", "-q"]
     for name, nproc in (("two.mp4", "2"), ("one.mp4", "1")):
@@ -82,11 +92,13 @@ def test_cli_nproc_launches_the_ranks(tmp_path):
         assert run.stderr.count("stunet: wrote") == 1 and run.stderr.count("RANDOM weights") == 1, run.stderr
         assert all(line.startswith("stunet: ") for line in run.stderr.splitlines()), run.stderr
     assert (tmp_path / "two.mp4").read_bytes() == (tmp_path / "one.mp4").read_bytes(), "2 ranks and 1 differ"
+    assert _left_in(temp) == []
 
 
-def test_cli_nproc_a_bad_argument_that_the_ranks_find_is_told_once_by_the_launcher(tmp_path):
+def test_cli_nproc_a_bad_argument_that_the_ranks_find_is_told_once_by_the_launcher(tmp_path, tmp_path_factory):
+    temp = tmp_path_factory.mktemp("temp")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["OMP_NUM_THREADS"] = "1"
+    env.update(OMP_NUM_THREADS="1", TMPDIR=str(temp))
     run = subprocess.run([sys.executable, "-m", "stunet.cli", "generate", "a cat", "--preset", "tiny", "--steps",
                           "2000", "--frames", "8", "-q", "-o", "o.mp4", "--nproc", "2"], cwd=tmp_path,
                          capture_output=True, text=True, timeout=240, env=env)
@@ -95,6 +107,7 @@ def test_cli_nproc_a_bad_argument_that_the_ranks_find_is_told_once_by_the_launch
     assert run.stderr.count("stunet generate: error: argument --steps: num_inference_steps must be") == 1, run.stderr
     assert run.stderr.count("usage: stunet generate") == 1 and list(tmp_path.iterdir()) == []
     assert "torch/distributed/elastic" not in run.stderr, run.stderr  # torchrun's agent reports nothing itself
+    assert _left_in(temp) == []
 
 
 @pytest.mark.parametrize("refusing", [[1], [0, 1], [2, 10]])
@@ -145,12 +158,13 @@ def test_launch_refuses_a_bad_rank_count_or_command_line(nproc, argv, error):
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
-def test_a_signal_to_cli_nproc_stops_the_ranks_in_one_line(tmp_path, sig):
+def test_a_signal_to_cli_nproc_stops_the_ranks_in_one_line(tmp_path, tmp_path_factory, sig):
     """A terminal's Ctrl-C (SIGINT to the whole group) ends `--nproc` as it ends one process: one line, the
     launcher ended by SIGINT; SIGTERM to the launcher stops the ranks and exits 143. Nothing else: no traceback
-    and no narration from torchrun's agent, no file."""
+    and no narration from torchrun's agent, no file, no temporary folder."""
+    temp = tmp_path_factory.mktemp("temp")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["OMP_NUM_THREADS"] = "1"
+    env.update(OMP_NUM_THREADS="1", TMPDIR=str(temp))
     launcher = subprocess.Popen([sys.executable, "-m", "stunet.cli", "generate", "a cat", "--preset", "tiny",
                                  "--steps", "1000", "--frames", "64", "-q", "-o", "o.mp4", "--nproc", "2"],
                                 cwd=tmp_path, stderr=subprocess.PIPE, text=True, env=env, start_new_session=True,
@@ -172,7 +186,7 @@ def test_a_signal_to_cli_nproc_stops_the_ranks_in_one_line(tmp_path, sig):
         assert (code, rest.splitlines()) == (-signal.SIGINT, ["stunet: interrupted"]), rest
     else:
         assert (code, rest.splitlines()) == (143, ["stunet: stopped by SIGTERM"]), rest
-    assert list(tmp_path.iterdir()) == []
+    assert list(tmp_path.iterdir()) == [] and _left_in(temp) == []
 
 
 def test_a_rank_interrupted_while_it_imports_ends_by_sigint_without_a_traceback(tmp_path):
