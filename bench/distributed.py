@@ -66,7 +66,8 @@ def launch(nproc: int, args, argv) -> dict:
         result = Path(tmp) / "rank0.json"
         env = {**os.environ, "STUNET_BENCH_RESULT": str(result)}
         run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
-                              str(nproc), __file__, "--worker", *argv], env=env, capture_output=True, text=True)
+                              str(nproc), "--log-dir", str(Path(tmp) / "torchrun"), __file__, "--worker", *argv],
+                             env=env, capture_output=True, text=True)
         if run.returncode != 0:
             return {"error": run.stderr.strip().splitlines()[-1][:200] if run.stderr.strip() else "failed"}
         return json.loads(result.read_text())

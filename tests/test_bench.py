@@ -35,7 +35,9 @@ def test_bench_script_smoke_run(script, tmp_path):
     # Whole-model scripts use the kernels' reference paths on the CPU (the interpreter would take minutes);
     # kernels.py runs the kernels interpreted when the suite does.
     whole_model = ("step.py", "pipeline.py", "distributed.py", "peers.py")
-    env = {**os.environ, **({"TRITON_INTERPRET": "0"} if script in whole_model else {})}
+    temp = tmp_path / "temp"  # the script's temporary folder: it leaves nothing there
+    temp.mkdir()
+    env = {**os.environ, "TMPDIR": str(temp), **({"TRITON_INTERPRET": "0"} if script in whole_model else {})}
     extra = {"pipeline.py": [], "distributed.py": [], "step.py": ["--iters", "2", "--max-batch", "1"],
              "peers.py": ["--iters", "2"]}.get(
         script, ["--iters", "2"])
@@ -48,6 +50,7 @@ def test_bench_script_smoke_run(script, tmp_path):
     assert all(r["ms"] > 0 for r in doc["rows"]), [r["extra"].get("error") for r in doc["rows"] if r["ms"] <= 0]
     assert all(r["pct_roofline"] > 0 for r in doc["rows"] if r["bytes"]), "memory-bound rows show % of roofline"
     assert doc["command"].startswith(f"python bench/{script}")
+    assert [p.name for p in temp.iterdir() if not p.name.startswith("torchinductor_")] == []  # torch's cache aside
     table = [line for line in (tmp_path / f"{name}.md").read_text().splitlines() if line.startswith("| ")]
     assert len(table) == len(doc["rows"]) + 1  # header + one line per row
 
