@@ -40,11 +40,14 @@ def test_python_blocks_run_as_written(tmp_path, monkeypatch):
 
 @needs_av
 @pytest.mark.slow
-def test_stunet_commands_run_as_written(tmp_path):
+def test_stunet_commands_run_as_written(tmp_path, tmp_path_factory):
+    """Each command succeeds, writes its output and tells only stunet's lines; together they leave nothing in
+    the temporary folder (torch's compile cache, torchinductor_USER, aside)."""
     commands = [line.strip() for block in _blocks("bash") for line in block.splitlines()
                 if line.strip().startswith("stunet ")]
     assert len(commands) >= 6
-    env = {**os.environ, "TRITON_INTERPRET": "0"}
+    temp = tmp_path_factory.mktemp("temp")
+    env = {**os.environ, "TRITON_INTERPRET": "0", "TMPDIR": str(temp)}
     # The README's Python section saves `tiny_model` before its export commands use it.
     stunet.STUNet(stunet.STUNetConfig.from_preset("tiny")).save_pretrained(tmp_path / "tiny_model")
     _public_checkpoint_stand_ins(tmp_path)
@@ -61,6 +64,7 @@ def test_stunet_commands_run_as_written(tmp_path):
                    and not line.startswith(("stunet", "export ", "build ", "convert "))
                    and not re.search(r"\d+%\|", line)]
         assert not foreign, f"{command}\n" + "\n".join(foreign[:10])
+    assert [p.name for p in temp.iterdir() if not p.name.startswith("torchinductor_")] == []
 
 
 def _public_checkpoint_stand_ins(folder: Path) -> None:
