@@ -145,6 +145,9 @@ def _gn_partial_rows_kernel(
 
 @jit
 def _gn_finalize_kernel(part, stats, num_groups, splits, eps, BLOCK_G: tl.constexpr, BLOCK_S: tl.constexpr):
+    """Combines BLOCK_S partials at a time in closed form (their total count, the count-weighted mean, and
+    M2 = sum of the parts' M2 + n * (part mean - chunk mean)^2: Chan's combination of k parts, a sum of
+    non-negative terms), then merges the chunk into the running statistics."""
     gs = tl.program_id(0) * BLOCK_G + tl.arange(0, BLOCK_G)
     g_ok = gs < num_groups
     count = tl.zeros([BLOCK_G], tl.float32)
@@ -154,15 +157,14 @@ def _gn_finalize_kernel(part, stats, num_groups, splits, eps, BLOCK_G: tl.conste
         s = s0 + tl.arange(0, BLOCK_S)
         ok = g_ok[:, None] & (s < splits)[None, :]
         ptr = part + (gs[:, None] * splits + s[None, :]) * 3
-        n = tl.load(ptr, mask=ok, other=0.0)
+        n = tl.load(ptr, mask=ok, other=0.0)  # masked parts count 0 and add nothing below
         mu = tl.load(ptr + 1, mask=ok, other=0.0)
         q = tl.load(ptr + 2, mask=ok, other=0.0)
-        for j in tl.static_range(BLOCK_S):  # Chan's combination, one split at a time
-            pick = (tl.arange(0, BLOCK_S) == j)[None, :]
-            nj = tl.sum(tl.where(pick, n, 0.0), 1)
-            mj = tl.sum(tl.where(pick, mu, 0.0), 1)
-            qj = tl.sum(tl.where(pick, q, 0.0), 1)
-            count, mean, m2 = _chan_combine(count, mean, m2, nj, mj, qj)
+        chunk_n = tl.sum(n, 1)
+        chunk_mean = tl.sum(n * mu, 1) / tl.where(chunk_n > 0, chunk_n, 1.0)
+        dev = mu - chunk_mean[:, None]
+        chunk_m2 = tl.sum(q + n * dev * dev, 1)
+        count, mean, m2 = _chan_combine(count, mean, m2, chunk_n, chunk_mean, chunk_m2)
     var = m2 / tl.where(count > 0, count, 1.0)
     tl.store(stats + gs * 2, mean, mask=g_ok)
     tl.store(stats + gs * 2 + 1, 1.0 / tl.sqrt(var + eps), mask=g_ok)
