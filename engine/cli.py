@@ -82,7 +82,7 @@ def _load_region(region, size: tuple[int, int], parser, arg: str):
 
 def _check_output(args, parser, path: str | None = None, arg: str = "-o/--output") -> Path:
     """The video file to write (``path``; default ``args.output``), or exit 2 naming ``arg``."""
-    from .pipeline.video import SUFFIXES
+    from .pipeline.video import SUFFIXES, missing_writer
 
     path = args.output if path is None else path
     out = Path(path)
@@ -93,6 +93,8 @@ def _check_output(args, parser, path: str | None = None, arg: str = "-o/--output
                      f"{str(out / ('out' + SUFFIXES[0]))!r}")
     if out.suffix.lower() not in SUFFIXES:
         parser.error(f"argument {arg}: must end in {', '.join(SUFFIXES[:-1])} or {SUFFIXES[-1]}, got {path!r}")
+    if problem := missing_writer(out):
+        parser.error(f"argument {arg}: {problem}")
     if problem := parent_problem(out):
         parser.error(f"argument {arg}: {problem}")
     if out.exists() and not args.overwrite:

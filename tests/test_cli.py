@@ -263,6 +263,24 @@ def test_bad_arguments_exit_2_with_the_subcommands_usage(argv, message, tmp_path
     assert (tmp_path / "exists.mp4").read_bytes() == b"keep"
 
 
+@pytest.mark.parametrize("argv, library, message", [
+    (["-o", "{tmp}/o.mp4"], "av", "argument -o/--output: writing mp4 needs PyAV: pip install 'stunet[video]' "
+                                  "(or write .npy frames)"),
+    (["-o", "{tmp}/o.gif"], "PIL", "argument -o/--output: writing gif needs Pillow: pip install 'stunet[video]'"),
+    (["-o", "{tmp}/o.npy", "--low-res-output", "{tmp}/l.mp4"], "av",
+     "argument --low-res-output: writing mp4 needs PyAV"),
+], ids=["mp4", "gif", "low-res-mp4"])
+def test_an_output_whose_library_is_missing_is_refused_before_the_generation(argv, library, message, tmp_path,
+                                                                            capsys, monkeypatch):
+    """Without the [video] extra, -o out.mp4 is a usage error up front, not a traceback after the whole run."""
+    monkeypatch.setitem(sys.modules, library, None)  # what an import meets without the library
+    built = []
+    monkeypatch.setattr("stunet.cli._pixel_pipeline", lambda *args: built.append(args))
+    code, err = _cli(["generate", "a red circle", *argv], tmp_path, capsys)
+    assert code == 2 and message in err, err
+    assert not built and list(tmp_path.iterdir()) == []
+
+
 def test_out_of_memory_exits_1_saying_where_and_how_to_need_less(tmp_path, capsys, monkeypatch):
     """The demo cascade with --ssr-batch 1 running out of memory in its SSR stage: one message, no traceback,
     status 1, no file; the advice leaves out fewer windows per call, which --ssr-batch 1 already asks for."""

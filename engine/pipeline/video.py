@@ -4,6 +4,7 @@ renamed on success). ``read_frames`` reads a video, an image or npy frames back 
 pipeline's video and image arguments take); ``load_npy`` reads an npy file, checked."""
 from __future__ import annotations
 
+import importlib.util
 import logging
 import os
 from pathlib import Path
@@ -15,6 +16,7 @@ from ..io import atomic_path
 
 log = logging.getLogger(__name__)
 SUFFIXES = (".mp4", ".gif", ".npy")
+WRITER_NEEDS = {".mp4": ("av", "PyAV"), ".gif": ("PIL", "Pillow")}  # the [video] extra; .npy needs numpy alone
 VIDEO_SUFFIXES = (".mp4", ".gif", ".mov", ".webm")  # read with PyAV; any other suffix but .npy is an image
 
 
@@ -62,11 +64,19 @@ def _checked(frames) -> np.ndarray:
     return frames
 
 
+def missing_writer(path: str | os.PathLike) -> str | None:
+    """Why ``path``'s format cannot be written here (its library is not installed), or None: known before a
+    generation, not after it."""
+    suffix = Path(path).suffix.lower()
+    need = WRITER_NEEDS.get(suffix)
+    if need is None or importlib.util.find_spec(need[0]) is not None:
+        return None
+    return f"writing {suffix[1:]} needs {need[1]}: pip install 'stunet[video]' (or write .npy frames)"
+
+
 def _write_mp4(frames: np.ndarray, path: Path, fps: int) -> None:
-    try:
-        import av
-    except ImportError:
-        raise ImportError("writing mp4 needs PyAV: pip install 'stunet[video]'") from None
+    import av
+
     h, w = frames.shape[1:3]  # even: save_video pads odd sides
     with av.open(str(path), mode="w", format="mp4") as container:
         stream = container.add_stream("libx264", rate=fps)
@@ -80,10 +90,8 @@ def _write_mp4(frames: np.ndarray, path: Path, fps: int) -> None:
 
 
 def _write_gif(frames: np.ndarray, path: Path, fps: int) -> None:
-    try:
-        from PIL import Image
-    except ImportError:
-        raise ImportError("writing gif needs Pillow: pip install 'stunet[video]'") from None
+    from PIL import Image
+
     images = [Image.fromarray(f) for f in frames]
     images[0].save(path, format="GIF", save_all=True, append_images=images[1:], duration=round(1000 / fps), loop=0)
 
@@ -102,6 +110,8 @@ def save_video(frames, path: str | os.PathLike, fps: int = 16) -> Path:
         raise ValueError(f"path must end in one of {SUFFIXES}, got {str(path)!r}")
     if isinstance(fps, bool) or not isinstance(fps, int) or fps < 1:
         raise ValueError(f"fps must be a positive integer, got {shown(fps)}")
+    if problem := missing_writer(path):
+        raise ImportError(problem)
     data = to_float32(frames) if suffix == ".npy" else to_uint8(frames)
     writer = {".mp4": _write_mp4, ".gif": _write_gif, ".npy": _write_npy}[suffix]
     h, w = data.shape[1:3]
