@@ -568,7 +568,7 @@ def cmd_env(args: argparse.Namespace) -> int:
              "runtime (stunet._C)": runtime.status()}
     if _triton.triton is None:
         kernels = (f"unavailable ({_triton.IMPORT_ERROR}); the ops run their reference math "
-                   "(`pip install -e .[triton]`)")
+                   "(pip install 'stunet[triton]')")
     elif cuda:
         why = unavailable_on("cuda")
         runs = (f"the ops (and --backend fast) run their reference math on this device: {why}" if why

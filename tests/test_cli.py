@@ -479,6 +479,15 @@ def test_env_says_what_runs_where(capsys, monkeypatch):
     assert "no CUDA device is visible: the ops (and --backend fast) run their reference math" in out
     assert re.search(r"^\[export\] +onnx [0-9.]+, onnxscript [0-9.]+, onnxruntime [0-9.]+: ONNX export", out, re.M), out
 
+    from stunet.kernels import _triton
+
+    monkeypatch.setattr(_triton, "triton", None)
+    monkeypatch.setattr(_triton, "IMPORT_ERROR", "ModuleNotFoundError: No module named 'triton'")
+    assert main(["env"]) == 0
+    line = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("triton kernels"))
+    assert line.endswith("unavailable (ModuleNotFoundError: No module named 'triton'); the ops run their reference "
+                         "math (pip install 'stunet[triton]')"), line
+
 
 @pytest.mark.parametrize("capability", [(7, 5), (9, 0)])
 def test_env_says_whether_the_kernels_run_on_the_gpu(capability, capsys, monkeypatch):
