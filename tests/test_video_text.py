@@ -36,6 +36,15 @@ def test_mp4_without_pyav_names_the_extra_and_writes_nothing(tmp_path, monkeypat
     assert not list(tmp_path.iterdir())
 
 
+@pytest.mark.parametrize("name, library, package", [("a.mp4", "av", "PyAV"), ("a.png", "PIL", "Pillow")])
+def test_reading_without_its_library_names_the_package_and_the_extra(name, library, package, tmp_path, monkeypatch):
+    (tmp_path / name).write_bytes(b"frames")
+    monkeypatch.setitem(sys.modules, library, None)
+    wanted = rf"^reading .{name[2:]} files needs {package}: pip install 'stunet\[video\]'$"
+    with pytest.raises(ImportError, match=wanted):
+        read_frames(tmp_path / name)
+
+
 @needs_pil
 def test_gif_round_trip(tmp_path):
     frames = (np.random.default_rng(0).random((6, 10, 12, 3)) * 255).astype(np.uint8)

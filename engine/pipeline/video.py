@@ -16,7 +16,8 @@ from ..io import atomic_path
 
 log = logging.getLogger(__name__)
 SUFFIXES = (".mp4", ".gif", ".npy")
-WRITER_NEEDS = {".mp4": ("av", "PyAV"), ".gif": ("PIL", "Pillow")}  # the [video] extra; .npy needs numpy alone
+LIBRARIES = {"av": "PyAV", "PIL": "Pillow"}  # the [video] extra: modules and the packages that hold them
+WRITER_NEEDS = {".mp4": "av", ".gif": "PIL"}  # .npy needs numpy alone
 VIDEO_SUFFIXES = (".mp4", ".gif", ".mov", ".webm")  # read with PyAV; any other suffix but .npy is an image
 
 
@@ -68,10 +69,10 @@ def missing_writer(path: str | os.PathLike) -> str | None:
     """Why ``path``'s format cannot be written here (its library is not installed), or None: known before a
     generation, not after it."""
     suffix = Path(path).suffix.lower()
-    need = WRITER_NEEDS.get(suffix)
-    if need is None or importlib.util.find_spec(need[0]) is not None:
+    module = WRITER_NEEDS.get(suffix)
+    if module is None or importlib.util.find_spec(module) is not None:
         return None
-    return f"writing {suffix[1:]} needs {need[1]}: pip install 'stunet[video]' (or write .npy frames)"
+    return f"writing {suffix[1:]} needs {LIBRARIES[module]}: pip install 'stunet[video]' (or write .npy frames)"
 
 
 def _write_mp4(frames: np.ndarray, path: Path, fps: int) -> None:
@@ -168,6 +169,7 @@ def read_frames(path: str | os.PathLike) -> np.ndarray:
         with Image.open(path) as image:
             return np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0
     except ImportError as e:
-        raise ImportError(f"reading {path.suffix} files needs {e.name}: pip install 'stunet[video]'") from None
+        raise ImportError(f"reading {path.suffix} files needs {LIBRARIES.get(e.name, e.name)}: "
+                          "pip install 'stunet[video]'") from None
     except Exception as e:  # a decoder's own error: the file is not what its name says
         raise ValueError(f"cannot read {str(path)!r} ({e})") from None
