@@ -167,11 +167,12 @@ def tiles(T: int | None, head_dim: int, dtype: torch.dtype) -> Tiles:
     """The launch configuration for sequences of T frames (None: any T, streamed) of ``head_dim`` in ``dtype``.
     Head dims pad to a power of two of at least 16 (``tl.dot`` needs K >= 16).
 
-    fp16 / bf16: up to 64 frames, whole sequences pack into 64-row tiles; up to 128 frames with head dims <= 64,
-    one sequence fills a 128-row tile and reads its keys in two 64-key blocks (a 128 x 128 score tile spills
-    registers on sm_86), two stages; longer clips (and wider heads past 64 frames) stream 64-key blocks (32 for
-    heads wider than 128) past 64-query tiles, in three stages up to head dim 64 and two beyond (three stages of
-    128-wide key, value and bias blocks need 120 KB on sm_86).
+    fp16 / bf16: up to 64 frames, whole sequences pack into 64-row tiles, run by one warpgroup (4 warps) up to head
+    dim 128 (with 8 warps, Triton 3.7 spills a 128-wide head's registers on sm_80 and sm_86); up to 128 frames with
+    head dims <= 64, one sequence fills a 128-row tile and reads its keys in two 64-key blocks (a 128 x 128 score
+    tile spills registers on sm_86), two stages; longer clips (and wider heads past 64 frames) stream 64-key blocks
+    (32 for heads wider than 128) past 64-query tiles, in three stages up to head dim 64 and two beyond (three
+    stages of 128-wide key, value and bias blocks need 120 KB on sm_86).
     fp32 ("ieee" dots, the exact path: Triton computes them with FMAs whose operands are held in registers):
     32 x 32 tiles, packed up to 32 frames and streamed beyond, in two stages (one for heads wider than 128); 64-row
     tiles spill kilobytes of registers per thread.
@@ -186,13 +187,14 @@ def tiles(T: int | None, head_dim: int, dtype: torch.dtype) -> Tiles:
                      num_stages=1 if block_d > 128 else 2)
     if T is not None and T <= 64:
         packed, block_m, block_n, per_block, stages = True, 64, 64, 64 // T, 3
+        warps = 4 if block_d <= 128 else 8
     elif T is not None and T <= 128 and block_d <= 64:
-        packed, block_m, block_n, per_block, stages = True, 128, 64, 1, 2
+        packed, block_m, block_n, per_block, stages, warps = True, 128, 64, 1, 2, 8
     else:
         packed, block_m, block_n, per_block = False, 64, 32 if block_d > 128 else 64, 1
         stages = 3 if block_d <= 64 else 2
-    return Tiles(packed, block_m, block_n, per_block, block_d, "tf32",
-                 num_warps=4 if block_m * block_d <= 64 * 64 else 8, num_stages=stages)
+        warps = 4 if block_d <= 64 else 8
+    return Tiles(packed, block_m, block_n, per_block, block_d, "tf32", num_warps=warps, num_stages=stages)
 
 
 def temporal_attention(qkv: torch.Tensor, heads: int, bias: torch.Tensor | None = None,
