@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from utils import current_umask
+from utils import current_umask, left_in_temp
 
 BENCH = Path(__file__).resolve().parent.parent / "bench"
 
@@ -50,7 +50,7 @@ def test_bench_script_smoke_run(script, tmp_path):
     assert all(r["ms"] > 0 for r in doc["rows"]), [r["extra"].get("error") for r in doc["rows"] if r["ms"] <= 0]
     assert all(r["pct_roofline"] > 0 for r in doc["rows"] if r["bytes"]), "memory-bound rows show % of roofline"
     assert doc["command"].startswith(f"python bench/{script}")
-    assert [p.name for p in temp.iterdir() if not p.name.startswith("torchinductor_")] == []  # torch's cache aside
+    assert left_in_temp(temp) == []
     table = [line for line in (tmp_path / f"{name}.md").read_text().splitlines() if line.startswith("| ")]
     assert len(table) == len(doc["rows"]) + 1  # header + one line per row
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from utils import needs_av
+from utils import left_in_temp, needs_av
 
 import stunet
 from stunet.distributed import Parallel, RankFailed, resolve
@@ -71,11 +71,6 @@ def test_a_rank_that_dies_does_not_hang_the_others(tmp_path):
     assert not list(tmp_path.glob("rank*.pt"))
 
 
-def _left_in(temp: Path) -> list[str]:
-    """What a run left in its temporary folder, torch's compile cache (torchinductor_USER) aside."""
-    return sorted(p.name for p in temp.iterdir() if not p.name.startswith("torchinductor_"))
-
-
 @needs_av
 def test_cli_nproc_launches_the_ranks(tmp_path, tmp_path_factory):
     """Both runs write the same video, and the launch leaves nothing in the temporary folder (torchrun's agent
@@ -92,7 +87,7 @@ def test_cli_nproc_launches_the_ranks(tmp_path, tmp_path_factory):
         assert run.stderr.count("stunet: wrote") == 1 and run.stderr.count("RANDOM weights") == 1, run.stderr
         assert all(line.startswith("stunet: ") for line in run.stderr.splitlines()), run.stderr
     assert (tmp_path / "two.mp4").read_bytes() == (tmp_path / "one.mp4").read_bytes(), "2 ranks and 1 differ"
-    assert _left_in(temp) == []
+    assert left_in_temp(temp) == []
 
 
 def test_cli_nproc_a_bad_argument_that_the_ranks_find_is_told_once_by_the_launcher(tmp_path, tmp_path_factory):
@@ -107,7 +102,7 @@ def test_cli_nproc_a_bad_argument_that_the_ranks_find_is_told_once_by_the_launch
     assert run.stderr.count("stunet generate: error: argument --steps: num_inference_steps must be") == 1, run.stderr
     assert run.stderr.count("usage: stunet generate") == 1 and list(tmp_path.iterdir()) == []
     assert "torch/distributed/elastic" not in run.stderr, run.stderr  # torchrun's agent reports nothing itself
-    assert _left_in(temp) == []
+    assert left_in_temp(temp) == []
 
 
 @pytest.mark.parametrize("refusing", [[1], [0, 1], [2, 10]])
@@ -186,7 +181,7 @@ def test_a_signal_to_cli_nproc_stops_the_ranks_in_one_line(tmp_path, tmp_path_fa
         assert (code, rest.splitlines()) == (-signal.SIGINT, ["stunet: interrupted"]), rest
     else:
         assert (code, rest.splitlines()) == (143, ["stunet: stopped by SIGTERM"]), rest
-    assert list(tmp_path.iterdir()) == [] and _left_in(temp) == []
+    assert list(tmp_path.iterdir()) == [] and left_in_temp(temp) == []
 
 
 def test_a_rank_interrupted_while_it_imports_ends_by_sigint_without_a_traceback(tmp_path):

@@ -4,6 +4,7 @@ from __future__ import annotations
 import contextlib
 import importlib
 import os
+from pathlib import Path
 from unittest import mock
 
 import pytest
@@ -105,3 +106,8 @@ def recorded_launches(module, name: str = ""):
 
     with mock.patch.object(module, "launch", Recorder()):
         yield launches
+
+
+def left_in_temp(temp) -> list[str]:
+    """What a run given ``temp`` as its TMPDIR left there, torch's compile cache (torchinductor_USER) aside."""
+    return sorted(p.name for p in Path(temp).iterdir() if not p.name.startswith("torchinductor_"))
