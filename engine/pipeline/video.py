@@ -169,7 +169,8 @@ def read_frames(path: str | os.PathLike) -> np.ndarray:
         with Image.open(path) as image:
             return np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0
     except ImportError as e:
-        raise ImportError(f"reading {path.suffix} files needs {LIBRARIES.get(e.name, e.name)}: "
+        module = e.name or "a library"
+        raise ImportError(f"reading {path.suffix} files needs {LIBRARIES.get(module, module)}: "
                           "pip install 'stunet[video]'") from None
     except Exception as e:  # a decoder's own error: the file is not what its name says
         raise ValueError(f"cannot read {str(path)!r} ({e})") from None
