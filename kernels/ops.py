@@ -12,6 +12,7 @@ Public wrappers with argument checks are in ``stunet.kernels`` (``__init__``).
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 
 import torch
@@ -91,8 +92,22 @@ def _use_kernel(op: str, x: torch.Tensor, reasons: list[str]) -> bool:
     return False
 
 
+def _triton_op(name: str):
+    """``torch.library.triton_op(name)``. At registration torch looks for the Triton kernels the op launches and,
+    without Triton installed, logs "Triton not available" for each op in every process that loads the ops: that
+    absence is ``stunet env``'s to tell (the ops run their reference math), so the search logs only errors then."""
+    def register(fn):
+        search_log = logging.getLogger("torch._library.triton")
+        with contextlib.ExitStack() as scope:
+            if _triton.triton is None:
+                scope.callback(search_log.setLevel, search_log.level)
+                search_log.setLevel(logging.ERROR)
+            return triton_op(name, mutates_args=())(fn)
+    return register
+
+
 # -- temporal attention -------------------------------------------------------------------------------------
-@triton_op("stunet::temporal_attention", mutates_args=())
+@_triton_op("stunet::temporal_attention")
 def temporal_attention(qkv: torch.Tensor, heads: int, bias: torch.Tensor | None = None,
                        scale: float | None = None) -> torch.Tensor:
     if _use_kernel("temporal_attention", qkv, _ta.unsupported(qkv, heads, bias)):
@@ -107,7 +122,7 @@ def _(qkv, heads, bias=None, scale=None):
 
 
 # -- video group norm -------------------------------------------------------------------------------------------
-@triton_op("stunet::group_norm", mutates_args=())
+@_triton_op("stunet::group_norm")
 def group_norm(x: torch.Tensor, num_groups: int, weight: torch.Tensor, bias: torch.Tensor, eps: float,
                scope: str, silu: bool, input_bias: torch.Tensor | None = None) -> torch.Tensor:
     if _use_kernel("group_norm", x, _gn.unsupported(x, num_groups)):

@@ -489,6 +489,17 @@ def test_env_says_what_runs_where(capsys, monkeypatch):
                          "math (pip install 'stunet[triton]')"), line
 
 
+def test_without_triton_importing_stunet_says_nothing():
+    """torch logs "Triton not available" while it registers each Triton op when Triton is missing; stunet's
+    registration keeps that quiet (``stunet env`` tells the absence) and leaves torch's logger as it was."""
+    code = ("import sys, logging; sys.modules['triton'] = None; import stunet.kernels.ops; "
+            "from stunet.kernels import _triton; "
+            "print(_triton.triton is None, logging.getLogger('torch._library.triton').level)")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
+    assert (run.returncode, run.stdout, run.stderr) == (0, "True 0\n", "")
+
+
 @pytest.mark.parametrize("capability", [(7, 5), (9, 0)])
 def test_env_says_whether_the_kernels_run_on_the_gpu(capability, capsys, monkeypatch):
     from types import SimpleNamespace
