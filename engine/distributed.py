@@ -41,6 +41,7 @@ import torch
 import torch.distributed as dist
 
 from .config import check_size, is_choice, shown
+from .progress import loggers_quiet
 
 log = logging.getLogger(__name__)
 
@@ -283,16 +284,10 @@ class ArgumentsRefused(ValueError):
 def _agent_quiet():
     """torchrun's agent logs what :func:`launch` reports itself (the signal it received, the ranks it stops, a
     rank's exit status): its loggers show only critical records while it runs. Its exceptions still propagate."""
-    loggers = [logger for name, logger in logging.root.manager.loggerDict.items()
-               if name.startswith("torch.distributed.elastic") and isinstance(logger, logging.Logger)]
-    levels = [logger.level for logger in loggers]
-    for logger in loggers:
-        logger.setLevel(logging.CRITICAL)
-    try:
+    names = [name for name, logger in logging.root.manager.loggerDict.items()
+             if name.startswith("torch.distributed.elastic") and isinstance(logger, logging.Logger)]
+    with loggers_quiet(logging.CRITICAL, *names):
         yield
-    finally:
-        for logger, level in zip(loggers, levels):
-            logger.setLevel(level)
 
 
 RANK_MAIN = """\

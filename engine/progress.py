@@ -1,7 +1,24 @@
-"""A progress line over a long job's stages (an export, a TensorRT build, a checkpoint conversion)."""
+"""What a user sees of stunet's work: a progress line over a long job's stages (an export, a TensorRT build, a
+checkpoint conversion), and libraries' loggers kept to what matters while they talk about themselves."""
 from __future__ import annotations
 
+import logging
 from contextlib import contextmanager
+
+
+@contextmanager
+def loggers_quiet(level: int, *names: str):
+    """The loggers ``names`` pass only records of ``level`` and above while the block runs; their own levels come
+    back after it."""
+    loggers = [logging.getLogger(name) for name in names]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(level)
+    try:
+        yield
+    finally:
+        for logger, before in zip(loggers, levels):
+            logger.setLevel(before)
 
 
 class Stages:

@@ -19,6 +19,7 @@ from torch import nn
 from ..config import STUNetConfig, check_size, check_volume, is_choice, shown
 from ..model import ExecutionPolicy, STUNet
 from ..model.memory import advice_on_out_of_memory
+from ..progress import loggers_quiet
 
 
 @contextmanager
@@ -27,16 +28,11 @@ def exporter_chatter_silenced():
     ops are not registered (stunet has none), that axes sharing one dynamic dimension keep one name (the spec
     gives batch, frames and sides one dimension across the inputs on purpose), and a deprecation inside
     torch's pytree pickling (torch.onnx.export, AOTInductor). Every other warning and log record passes."""
-    registration = logging.getLogger("torch.onnx._internal.exporter._registration")
-    level = registration.level
-    with warnings.catch_warnings():
+    # "torchvision is not installed. Skipping torchvision::nms", ...
+    with warnings.catch_warnings(), loggers_quiet(logging.ERROR, "torch.onnx._internal.exporter._registration"):
         warnings.filterwarnings("ignore", r"# The axis name: .* will not be used", UserWarning)
         warnings.filterwarnings("ignore", r"`isinstance\(treespec, LeafSpec\)` is deprecated", FutureWarning)
-        registration.setLevel(logging.ERROR)  # "torchvision is not installed. Skipping torchvision::nms", ...
-        try:
-            yield
-        finally:
-            registration.setLevel(level)
+        yield
 
 
 TRACE_STEPS = 2

@@ -12,12 +12,12 @@ Public wrappers with argument checks are in ``stunet.kernels`` (``__init__``).
 """
 from __future__ import annotations
 
-import contextlib
 import logging
 
 import torch
 from torch.library import triton_op
 
+from ..progress import loggers_quiet
 from . import _triton
 from . import groupnorm as _gn
 from . import temporal_attn as _ta
@@ -97,11 +97,7 @@ def _triton_op(name: str):
     without Triton installed, logs "Triton not available" for each op in every process that loads the ops: that
     absence is ``stunet env``'s to tell (the ops run their reference math), so the search logs only errors then."""
     def register(fn):
-        search_log = logging.getLogger("torch._library.triton")
-        with contextlib.ExitStack() as scope:
-            if _triton.triton is None:
-                scope.callback(search_log.setLevel, search_log.level)
-                search_log.setLevel(logging.ERROR)
+        with loggers_quiet(logging.ERROR, *(["torch._library.triton"] if _triton.triton is None else [])):
             return triton_op(name, mutates_args=())(fn)
     return register
 
