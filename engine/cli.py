@@ -23,6 +23,7 @@ from .backends import BACKENDS
 from .config import PRESETS
 from .io import atomic_path, parent_problem
 from .pipeline.stages import SSROptions
+from .pipeline.text import missing_transformers
 from .sampling.samplers import SAMPLERS
 
 DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
@@ -191,6 +192,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
             parser.error(f"argument --{option}: one artifact runs one model; run the SSR stage with another "
                          "backend, or from Python")
     demo = args.model is None and args.preset is None and command not in CONDITIONAL  # the shipped cascade
+    if not demo and (problem := missing_transformers()):  # any encoder but the demo's is a transformers model
+        if args.text_encoder or args.model:
+            parser.error(f"argument {'--text-encoder' if args.text_encoder else '--model'}: {problem}")
+        parser.error(f"argument --preset: a preset's random text encoder is a tiny T5 model, and {problem}")
     for flag in ("ssr_steps", "ssr_batch"):
         if getattr(args, flag) and not (args.ssr or demo):
             parser.error(f"argument --{flag.replace('_', '-')}: needs an SSR model (--ssr DIR)")

@@ -281,6 +281,30 @@ def test_an_output_whose_library_is_missing_is_refused_before_the_generation(arg
     assert not built and list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.parametrize("argv, message", [
+    (["--preset", "tiny"], "argument --preset: a preset's random text encoder is a tiny T5 model, and text "
+                           "encoders need transformers: pip install 'stunet[text]'"),
+    (["--model", "{tmp}/model"], "argument --model: text encoders need transformers: pip install 'stunet[text]'"),
+    (["--model", "{tmp}/model", "--text-encoder", "{tmp}/model"], "argument --text-encoder: text encoders need"),
+], ids=["preset", "model", "text-encoder"])
+def test_a_prompt_without_transformers_is_refused_before_any_model_is_built(argv, message, tmp_path, capsys,
+                                                                            monkeypatch):
+    """Without the [text] extra only the demo cascade, whose encoder ships in the package, reads a prompt: every
+    other run is a usage error up front, before the note on random weights and before any weights load."""
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "config.json").write_text("{}")
+    monkeypatch.setitem(sys.modules, "transformers", None)  # what an import meets without transformers
+    built = []
+    monkeypatch.setattr("stunet.cli._pixel_pipeline", lambda *args: built.append(args))
+    code, err = _cli(["generate", "a red circle", "-o", "{tmp}/o.npy", *argv], tmp_path, capsys)
+    assert code == 2 and message.replace("{tmp}", str(tmp_path)) in err, err
+    assert "RANDOM" not in err and not built and not (tmp_path / "o.npy").exists()
+
+    monkeypatch.setattr("stunet.cli._pixel_pipeline", lambda *args: built.append(args) or sys.exit(0))
+    code, err = _cli(["generate", "a red circle", "-o", "{tmp}/o.npy"], tmp_path, capsys)  # the demo's own encoder
+    assert built, err
+
+
 def test_out_of_memory_exits_1_saying_where_and_how_to_need_less(tmp_path, capsys, monkeypatch):
     """The demo cascade with --ssr-batch 1 running out of memory in its SSR stage: one message, no traceback,
     status 1, no file; the advice leaves out fewer windows per call, which --ssr-batch 1 already asks for."""

@@ -8,6 +8,7 @@ elsewhere can be given to the pipeline directly (``prompt_embeds=``).
 """
 from __future__ import annotations
 
+import importlib.util
 import logging
 import os
 import threading
@@ -37,11 +38,20 @@ object at a call, which a call in flight on another thread can refuse ("RuntimeE
 tokenizers before 0.23.1). Tokenizing takes microseconds: one lock for every encoder costs nothing."""
 
 
+NEEDS_TRANSFORMERS = "text encoders need transformers: pip install 'stunet[text]'"
+
+
+def missing_transformers() -> str | None:
+    """Why no text encoder can be built here (transformers is not installed), or None: known before any model is
+    built, not after it."""
+    return None if importlib.util.find_spec("transformers") is not None else NEEDS_TRANSFORMERS
+
+
 def _require_transformers():
     try:
         import transformers
     except ImportError:
-        raise ImportError("text encoders need transformers: pip install 'stunet[text]'") from None
+        raise ImportError(NEEDS_TRANSFORMERS) from None
     return transformers
 
 
