@@ -65,6 +65,16 @@ def export_aoti(model: STUNet, path: str | os.PathLike, *, batch: int = 2, frame
     return result
 
 
+COMPILED_MODEL = "data/aotinductor/model/"
+"""Where a package's compiled model lies, below the archive's root folder: ``aoti_load_package``'s default
+``model_name``, the one ``aoti_compile_and_package`` writes."""
+
+
+def _holds_a_compiled_model(path: Path) -> bool:
+    with zipfile.ZipFile(path) as archive:
+        return any(f"/{COMPILED_MODEL}" in f"/{entry.filename}" and not entry.is_dir() for entry in archive.infolist())
+
+
 def load_aoti(path: str | os.PathLike):
     """The raw runner of a package: ``runner(x, timesteps, text_embeds, text_mask[, noise_level]) -> sample``,
     unchecked (``Package`` checks each call against the package's spec)."""
@@ -75,6 +85,9 @@ def load_aoti(path: str | os.PathLike):
     if not zipfile.is_zipfile(path):
         raise ValueError(f"package: {str(path)!r} is not an AOTInductor package (a .pt2 is a zip archive); make one "
                          "with `stunet export aoti`")
+    if not _holds_a_compiled_model(path):  # told here: torch's loader would leave its extraction folder behind
+        raise ValueError(f"package: {str(path)!r} cannot be loaded as an AOTInductor package (the archive holds no "
+                         f"compiled model, {COMPILED_MODEL}*); rebuild it with `stunet export aoti`")
     try:
         return torch._inductor.aoti_load_package(str(path))
     except RuntimeError as e:  # a zip without a compiled model in it, or one compiled for another platform

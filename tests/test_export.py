@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from utils import current_umask, tiny_model
+from utils import current_umask, left_in_temp, tiny_model
 
 import stunet
 from stunet.cli import main
@@ -493,18 +493,30 @@ def test_aoti_export_refuses_a_wrong_path(tmp_path):
         export_aoti(model, tmp_path / "m.onnx")
 
 
-def test_aoti_backend_refuses_a_file_that_is_not_a_package(tmp_path):
+def test_aoti_backend_refuses_a_file_that_is_not_a_package(tmp_path, monkeypatch):
+    """Refused by name before torch's loader sees it (which extracts a package into a temporary folder, and
+    leaves that behind when it fails); an archive whose compiled model torch cannot load is torch's reason."""
     import zipfile
 
     from stunet.backends import make_backend
 
+    temp = tmp_path / "temp"
+    temp.mkdir()
+    monkeypatch.setenv("TMPDIR", str(temp))
     (tmp_path / "junk.pt2").write_bytes(b"not a zip")
     with zipfile.ZipFile(tmp_path / "other.pt2", "w") as archive:
-        archive.writestr("notes.txt", "a zip without a compiled model")
+        archive.writestr("other/notes.txt", "a zip without a compiled model")
+        archive.writestr("other/data/aotinductor/model/", "")  # its folder alone
+    with zipfile.ZipFile(tmp_path / "broken.pt2", "w") as archive:
+        archive.writestr("broken/data/aotinductor/model/c0.wrapper.so", b"not a shared library")
     with pytest.raises(ValueError, match=r"junk.pt2' is not an AOTInductor package \(a .pt2 is a zip archive\)"):
         make_backend(tiny_model(), "aoti", package=tmp_path / "junk.pt2")
-    with pytest.raises(ValueError, match=r"other.pt2' cannot be loaded as an AOTInductor package \(.+\); rebuild"):
+    with pytest.raises(ValueError, match=r"other.pt2' cannot be loaded as an AOTInductor package \(the archive "
+                                         r"holds no compiled model, data/aotinductor/model/\*\); rebuild"):
         make_backend(tiny_model(), "aoti", package=tmp_path / "other.pt2")
+    assert left_in_temp(temp) == []
+    with pytest.raises(ValueError, match=r"broken.pt2' cannot be loaded as an AOTInductor package \(.+\); rebuild"):
+        make_backend(tiny_model(), "aoti", package=tmp_path / "broken.pt2")
 
 
 @pytest.mark.gpu
