@@ -195,7 +195,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if not demo and (problem := missing_transformers()):  # any encoder but the demo's is a transformers model
         if args.text_encoder or args.model:
             parser.error(f"argument {'--text-encoder' if args.text_encoder else '--model'}: {problem}")
-        parser.error(f"argument --preset: a preset's random text encoder is a tiny T5 model, and {problem}")
+        preset = "a preset's" if args.preset else f"without it, {command} runs the 'tiny-cond' preset, whose"
+        parser.error(f"argument {'--preset' if args.preset else '--model'}: {preset} random text encoder is a tiny T5 "
+                     f"model, and {problem}")
     for flag in ("ssr_steps", "ssr_batch"):
         if getattr(args, flag) and not (args.ssr or demo):
             parser.error(f"argument --{flag.replace('_', '-')}: needs an SSR model (--ssr DIR)")

@@ -286,17 +286,21 @@ def test_an_output_whose_library_is_missing_is_refused_before_the_generation(arg
                            "encoders need transformers: pip install 'stunet[text]'"),
     (["--model", "{tmp}/model"], "argument --model: text encoders need transformers: pip install 'stunet[text]'"),
     (["--model", "{tmp}/model", "--text-encoder", "{tmp}/model"], "argument --text-encoder: text encoders need"),
-], ids=["preset", "model", "text-encoder"])
+    (["--image", "{tmp}/image.npy"], "argument --model: without it, image-to-video runs the 'tiny-cond' preset, "
+                                     "whose random text encoder is a tiny T5 model, and text encoders need"),
+], ids=["preset", "model", "text-encoder", "conditional-mode"])
 def test_a_prompt_without_transformers_is_refused_before_any_model_is_built(argv, message, tmp_path, capsys,
                                                                             monkeypatch):
     """Without the [text] extra only the demo cascade, whose encoder ships in the package, reads a prompt: every
     other run is a usage error up front, before the note on random weights and before any weights load."""
     (tmp_path / "model").mkdir()
     (tmp_path / "model" / "config.json").write_text("{}")
+    np.save(tmp_path / "image.npy", np.zeros((16, 16, 3), np.float32))
     monkeypatch.setitem(sys.modules, "transformers", None)  # what an import meets without transformers
     built = []
     monkeypatch.setattr("stunet.cli._pixel_pipeline", lambda *args: built.append(args))
-    code, err = _cli(["generate", "a red circle", "-o", "{tmp}/o.npy", *argv], tmp_path, capsys)
+    command = "image-to-video" if "--image" in argv else "generate"
+    code, err = _cli([command, "a red circle", "-o", "{tmp}/o.npy", *argv], tmp_path, capsys)
     assert code == 2 and message.replace("{tmp}", str(tmp_path)) in err, err
     assert "RANDOM" not in err and not built and not (tmp_path / "o.npy").exists()
 
