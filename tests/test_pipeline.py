@@ -95,6 +95,20 @@ def test_output_types_and_callback(pipe):
     np.testing.assert_allclose(np.asarray(pil[0][0]) / 255.0, pt[0, 0].numpy(), atol=1 / 255 + 1e-6)
 
 
+def test_pil_output_without_pillow_is_refused_before_any_step(pipe, monkeypatch):
+    """output_type='pil' needs Pillow (the [video] extra): without it, the call fails up front naming the extra,
+    not with a bare ModuleNotFoundError after the whole generation."""
+    import sys
+
+    monkeypatch.setitem(sys.modules, "PIL", None)  # what `import PIL` meets without Pillow
+    steps = []
+    with pytest.raises(ImportError, match=r"^output_type='pil' needs Pillow: pip install 'stunet\[video\]' \(or "
+                                          r"output_type='np'\)$"):
+        pipe("x", seed=0, output_type="pil", callback_on_step_end=lambda *args: steps.append(args), **SMALL)
+    assert steps == []
+    assert pipe("x", seed=0, output_type="np", **SMALL).frames.shape == (1, 8, 16, 16, 3)
+
+
 class _Cancelled(Exception):
     pass
 

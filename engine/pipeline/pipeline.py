@@ -53,6 +53,7 @@ from .conditioning import Conditioning, resize_frames, video_frames
 from .stages import BaseStage, Prompts, SSROptions, SSRStage, StageOptions, _number, advice_on_out_of_memory
 from .latent import VideoVAE
 from .text import TextEncoder, check_prompts
+from .video import missing_library
 
 log = logging.getLogger(__name__)
 
@@ -480,6 +481,8 @@ class Pipeline:
             ssr.geometry(self.ssr.config, T)
         if not is_choice(output_type, OUTPUT_TYPES):
             raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {shown(output_type)}")
+        if output_type == "pil" and (problem := missing_library("PIL", "output_type='pil'", "or output_type='np'")):
+            raise ImportError(problem)
         _number("", "strength", strength, 0, 1, lo_open=True)
         if generator is not None and seed is not None:
             raise ValueError("pass either seed or generator, not both")

@@ -65,14 +65,19 @@ def _checked(frames) -> np.ndarray:
     return frames
 
 
+def missing_library(module: str, what: str, instead: str) -> str | None:
+    """Why ``what`` cannot be done here (``module``, a library of the [video] extra, is not installed), or None:
+    known before a generation, not after it."""
+    if importlib.util.find_spec(module) is not None:
+        return None
+    return f"{what} needs {LIBRARIES[module]}: pip install 'stunet[video]' ({instead})"
+
+
 def missing_writer(path: str | os.PathLike) -> str | None:
-    """Why ``path``'s format cannot be written here (its library is not installed), or None: known before a
-    generation, not after it."""
+    """Why ``path``'s format cannot be written here (its library is not installed), or None."""
     suffix = Path(path).suffix.lower()
     module = WRITER_NEEDS.get(suffix)
-    if module is None or importlib.util.find_spec(module) is not None:
-        return None
-    return f"writing {suffix[1:]} needs {LIBRARIES[module]}: pip install 'stunet[video]' (or write .npy frames)"
+    return None if module is None else missing_library(module, f"writing {suffix[1:]}", "or write .npy frames")
 
 
 def _write_mp4(frames: np.ndarray, path: Path, fps: int) -> None:
