@@ -17,10 +17,11 @@ passes a model it built or loaded (``diffusers`` is only needed to load one).
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, NoReturn
 
 import torch
 from torch import nn
@@ -34,6 +35,7 @@ from .model.temporal import (ConvInflationBlock, TemporalAttentionBlock, Tempora
 log = logging.getLogger(__name__)
 
 SUPPORTED = ("UNet3DConditionModel", "UNetMotionModel", "UNet2DConditionModel")
+_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}  # of a converted STUNet
 
 # Per class: the down / up block types the walk maps, (cross-attention type, plain type).
 _BLOCKS = {
@@ -66,7 +68,7 @@ class ConversionError(ValueError):
     """A diffusers model (or one of its options, block types or modules) that the STUNet cannot express."""
 
 
-def _fail(what: str, fix: str = "") -> None:
+def _fail(what: str, fix: str = "") -> NoReturn:
     raise ConversionError(f"from_diffusers: {what} is not supported" + (f"; {fix}" if fix else ""))
 
 
@@ -415,8 +417,28 @@ _LOADERS = {"conv_in": _load_conv_in, "res": _load_res, "attn": _load_attn, "tem
             "temporal_attn": _load_temporal_attn, "down": _load_resample, "up": _load_resample, "out": _load_out}
 
 
-def from_diffusers(model: nn.Module, **overrides: Any) -> STUNet:
-    """A :class:`STUNet` (fp32, on the CPU) computing what the diffusers U-Net ``model`` computes.
+INIT_SEED = 0
+"""The seed a converted STUNet is initialised from before the source's weights are copied in: what stays of that
+initialisation (the temporal modules an inflation adds) is the same in every conversion."""
+
+
+@contextlib.contextmanager
+def _made_in(dtype: torch.dtype) -> Iterator[None]:
+    """Modules built in the block get parameters in ``dtype`` (no float32 copy of a large model beside the source)
+    drawn from ``INIT_SEED``; the caller's default dtype and random state are left as they were."""
+    previous = torch.get_default_dtype()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(INIT_SEED)
+        torch.set_default_dtype(dtype)
+        try:
+            yield
+        finally:
+            torch.set_default_dtype(previous)
+
+
+def from_diffusers(model: nn.Module, *, dtype: torch.dtype = torch.float32, **overrides: Any) -> STUNet:
+    """A :class:`STUNet` (on the CPU, parameters in ``dtype``) computing what the diffusers U-Net ``model``
+    computes: its weights copied, rounded to ``dtype`` as ``.to(dtype)`` rounds them.
 
     ``model`` is a ``UNet3DConditionModel`` (ModelScope / ZeroScope), a ``UNetMotionModel`` (AnimateDiff) or a
     ``UNet2DConditionModel`` (inflated with identity-initialised temporal modules, with a TemporalDown/Up at
@@ -424,15 +446,20 @@ def from_diffusers(model: nn.Module, **overrides: Any) -> STUNet:
     model; ``temporal_downsample=(...)`` and ``temporal_attn_depth=`` change that). ``overrides`` replace config
     fields, e.g. ``prediction="v"`` for a v-prediction checkpoint (the U-Net does not record it; its scheduler
     does). Video models return ``stunet(x, t, text)`` equal to ``model(x, t, encoder_hidden_states=text)``
-    (``UNetMotionModel`` takes the text per frame: ``text.repeat_interleave(F, 0)``).
+    (``UNetMotionModel`` takes the text per frame: ``text.repeat_interleave(F, 0)``). The STUNet's own
+    initialisation, which an inflation's temporal modules keep, is drawn from a fixed seed: the same model from
+    every conversion, and the caller's random state untouched.
 
     Raises :class:`ConversionError` naming the option, block type or module that has no STUNet equivalent.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"from_diffusers(model): model must be a diffusers U-Net module, got {type(model).__name__}")
+    if dtype not in _DTYPES.values():
+        raise ValueError(f"dtype must be one of {', '.join(map(str, _DTYPES.values()))}, got {shown(dtype)}")
     kind = type(model).__name__
     config = config_from_diffusers(model, **overrides)
-    ours = STUNet(config).float().eval()
+    with _made_in(dtype):
+        ours = STUNet(config).eval()
     inflate = kind == "UNet2DConditionModel"
     time = model.time_embedding
     if getattr(time, "cond_proj", None) is not None or getattr(time, "post_act", None) is not None:
@@ -454,10 +481,9 @@ def from_diffusers(model: nn.Module, **overrides: Any) -> STUNet:
 # -- folders on disk -------------------------------------------------------------------------------------------
 PIPELINE_PARTS = ("vae", "text_encoder", "tokenizer", "scheduler")
 """The parts of a diffusers pipeline folder that ``convert_folder`` copies next to the converted model."""
-_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
-def _load_unet(src, motion_adapter):
+def _load_unet(src, motion_adapter, dtype: torch.dtype):
     from .io import folder_load_errors, read_json
     from .pipeline.latent import _require_diffusers, diffusers_load_options
 
@@ -468,13 +494,13 @@ def _load_unet(src, motion_adapter):
                                 "folder holding one")
     data = read_json(config, "give the folder a diffusers config.json")
     kind = data.get("_class_name") if isinstance(data, dict) else None
-    if kind not in SUPPORTED:
+    if not isinstance(kind, str) or kind not in SUPPORTED:
         _fail(f"model type {kind!r} (in {str(config)!r})", f"convert one of {', '.join(SUPPORTED)}")
     with folder_load_errors(kind, src):
-        model = getattr(diffusers, kind).from_pretrained(src, torch_dtype=torch.float32, **diffusers_load_options())
+        model = getattr(diffusers, kind).from_pretrained(src, torch_dtype=dtype, **diffusers_load_options())
     if kind == "UNet2DConditionModel" and motion_adapter is not None:
         with folder_load_errors("MotionAdapter", motion_adapter):
-            adapter = diffusers.MotionAdapter.from_pretrained(motion_adapter, torch_dtype=torch.float32,
+            adapter = diffusers.MotionAdapter.from_pretrained(motion_adapter, torch_dtype=dtype,
                                                               **diffusers_load_options())
         # from_unet2d casts the model it builds with .to(dtype), on which diffusers warns that the modules "that
         # should be kept in float32: []" may be cast inconsistently: a note about an empty list, dropped here
@@ -507,11 +533,13 @@ def convert_folder(src, dst, *, dtype: str = "fp16", motion_adapter=None, overwr
     folder next to an SD ``unet``, or ``motion_adapter=`` elsewhere). ``dst`` gets ``config.json`` +
     ``model.safetensors`` (weights in ``dtype``) and copies of the pipeline parts, which
     :meth:`stunet.Pipeline.from_pretrained` reads. The scheduler's prediction type and beta schedule go into
-    the model's config. The folder is built aside and moved into place (``io.atomic_dir``), so a failure leaves
+    the model's config. The diffusers U-Net is loaded in ``dtype`` and converted into it, so a conversion holds
+    two copies of the weights in that dtype at its peak. The folder is built aside and moved into place
+    (``io.atomic_dir``), so a failure leaves
     nothing behind; an existing non-empty ``dst`` is refused unless ``overwrite``, and a ``dst`` that is
     ``src``, holds it or lies inside it always, as one overlapping ``motion_adapter`` (``overlaps_source``).
     ``progress`` shows a line naming the stage that runs (loading a large checkpoint takes a while). Returns
-    the converted model (fp32).
+    the converted model, as written (its parameters in ``dtype``).
     """
     import shutil
 
@@ -549,14 +577,13 @@ def convert_folder(src, dst, *, dtype: str = "fp16", motion_adapter=None, overwr
     names = ["load the diffusers U-Net", "convert", "write", *(["copy " + ", ".join(parts)] if parts else [])]
     with Stages(f"convert {src.name}", names, progress) as stages:
         with stages.stage(names[0]):
-            unet = _load_unet(unet_dir, motion_adapter)
+            unet = _load_unet(unet_dir, motion_adapter, _DTYPES[dtype])
         with stages.stage(names[1]):
-            model = from_diffusers(unet, **overrides)
+            model = from_diffusers(unet, dtype=_DTYPES[dtype], **overrides)
             del unet
         with atomic_dir(dst) as staging:
             with stages.stage(names[2]):
-                model.to(_DTYPES[dtype]).save_pretrained(staging)
-                model.float()
+                model.save_pretrained(staging)
             if parts:
                 with stages.stage(names[3]):
                     for part in parts:  # fresh files (the umask's mode), not the source's permission bits

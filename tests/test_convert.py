@@ -139,6 +139,30 @@ def test_inflation_options_and_overrides_apply():
     assert cfg.prediction == "v" and cfg.frame_divisor == 2
 
 
+def test_a_conversion_is_reproducible_leaves_the_callers_random_state_and_rounds_as_to_dtype():
+    """An inflation keeps some of the STUNet's own initialisation (the temporal modules it adds): drawn from a
+    fixed seed, it is the same in every conversion, and the caller's random stream goes on as if no conversion
+    had run. A video model's conversion into fp16 or bf16 holds exactly the fp32 conversion's weights, rounded
+    by .to(dtype)."""
+    theirs = _unet2d((32, 64), (True, False), 1, 8, 8, 24)
+    torch.manual_seed(123)
+    first = from_diffusers(theirs).state_dict()
+    drawn_after = torch.rand(4)
+    torch.manual_seed(123)
+    second = from_diffusers(theirs).state_dict()
+    assert torch.equal(torch.rand(4), drawn_after) and torch.get_default_dtype() == torch.float32
+    assert [k for k in first if not torch.equal(first[k], second[k])] == []
+    video = _unet3d(*VIDEO_CONFIGS[0])
+    full = from_diffusers(video).state_dict()
+    for dtype in (torch.float16, torch.bfloat16):
+        rounded = from_diffusers(video, dtype=dtype)
+        assert rounded.dtype == dtype and torch.get_default_dtype() == torch.float32
+        assert [k for k, v in rounded.state_dict().items() if not torch.equal(v, full[k].to(dtype))] == []
+    with pytest.raises(ValueError, match=r"dtype must be one of torch.float32, torch.float16, torch.bfloat16, got "
+                                         r"'fp16'"):
+        from_diffusers(theirs, dtype="fp16")
+
+
 def test_converted_model_saves_and_loads_with_the_same_outputs(tmp_path):
     ours = from_diffusers(_motion(*VIDEO_CONFIGS[0]))
     ours.save_pretrained(tmp_path)

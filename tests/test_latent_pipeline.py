@@ -80,7 +80,8 @@ def test_convert_folder_writes_the_engine_format_and_the_pipeline_parts(t2v_fold
     assert [p for p in [out, *out.rglob("*")] if p.stat().st_mode & 0o777 != (new_mode if p.is_dir() else
                                                                              new_mode & 0o666)] == []
     loaded = stunet.STUNet.from_pretrained(out)
-    assert loaded.dtype == torch.float16 and loaded.config == model.config
+    assert loaded.dtype == model.dtype == torch.float16 and loaded.config == model.config
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in loaded.state_dict().items())  # as written
     assert loaded.config.prediction == "eps" and loaded.config.schedule == "scaled_linear"
     with pytest.raises(FileExistsError, match="exists and is not empty"):
         convert_folder(folder, out)
