@@ -227,9 +227,6 @@ def cmd_generate(args: argparse.Namespace) -> int:
         if index >= torch.cuda.device_count():
             parser.error(f"argument --device: {device} does not exist ({torch.cuda.device_count()} CUDA device(s))")
     dtype = getattr(torch, DTYPES[args.dtype or ("fp16" if device.startswith("cuda") else "fp32")])
-    if dtype == torch.float16 and device == "cpu":
-        _note("--dtype fp16 on the CPU: PyTorch's CPU kernels emulate fp16, 15 to 50 times slower than fp32 (the "
-              "default on the CPU)")
     if args.runtime == "cpp":
         from .sampling import runtime
 

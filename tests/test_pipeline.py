@@ -352,6 +352,26 @@ def test_from_pretrained_and_style(tmp_path, encoder):
     assert not np.array_equal(styled("x", seed=0, **SMALL).frames, ref("x", seed=0, **SMALL).frames)
 
 
+def test_float16_on_the_cpu_is_float32_by_default_and_said_when_asked_for(tmp_path, encoder, caplog):
+    """PyTorch's CPU kernels emulate float16 (15 to 50 times slower): from_pretrained computes a float16 file in
+    float32 on the CPU unless dtype= says otherwise (as stunet generate does), and a pipeline of float16 models on
+    the CPU says what it costs."""
+    base, ssr = _models()
+    base.half().save_pretrained(tmp_path / "base")
+    ssr.half().save_pretrained(tmp_path / "ssr")
+    with caplog.at_level("WARNING", logger="stunet"):
+        pipe = Pipeline.from_pretrained(tmp_path / "base", ssr=tmp_path / "ssr", text_encoder=encoder, device="cpu")
+    assert pipe.base.dtype == pipe.ssr.dtype == torch.float32 and "float16" not in caplog.text
+    with caplog.at_level("WARNING", logger="stunet"):
+        pipe = Pipeline.from_pretrained(tmp_path / "base", text_encoder=encoder, device="cpu", dtype=torch.float16)
+    assert pipe.base.dtype == torch.float16
+    assert "the base model computes in float16 on the CPU, where PyTorch's kernels emulate float16" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="stunet"):
+        Pipeline(base, encoder, ssr.half())
+    assert "the base and SSR models compute in float16 on the CPU" in caplog.text
+
+
 def test_from_pretrained_refuses_bad_options_before_it_reads_a_file(tmp_path, encoder, monkeypatch):
     """Options that need no model, missing folders and unknown keywords are refused before any weights load (a
     bad sampler name used to surface after minutes of loading a large model)."""

@@ -204,6 +204,12 @@ class Pipeline:
         runtime = default_runtime(base_model.device) if runtime is None else runtime
         if runtime == "cpp" and (why := cpp_runtime.unavailable_on(base_model.device)):
             raise RuntimeError(f"runtime='cpp' but {why}; or use runtime='python'")
+        emulated = [name for name, m in (("base", base_model), ("SSR", ssr_model))
+                    if m is not None and m.dtype == torch.float16 and m.device.type == "cpu"]
+        if emulated:
+            what = " and ".join(emulated) + (" models compute" if len(emulated) > 1 else " model computes")
+            log.warning("stunet: the %s in float16 on the CPU, where PyTorch's kernels emulate float16, 15 to 50 "
+                        "times slower than float32 (the CPU's default: dtype=torch.float32, --dtype fp32)", what)
         self.base, self.ssr, self.text_encoder = base_model.eval(), ssr_model, text_encoder
         if self.ssr is not None:
             self.ssr.eval()
@@ -260,8 +266,9 @@ class Pipeline:
         """Load the models saved by ``STUNet.save_pretrained`` (``base``, optional ``ssr``) and a text encoder:
         a folder in the transformers format (T5 or CLIP, with its tokenizer), an encoder object, or None (the
         ``text_encoder`` folder inside ``base`` when there is one). ``device`` defaults to CUDA when available;
-        ``dtype`` (None: each file's own) applies to the models, the VAE and a text encoder loaded from a folder;
-        other keywords go to :class:`Pipeline`.
+        ``dtype`` applies to the models, the VAE and a text encoder loaded from a folder (None: each file's own on
+        a GPU; float32 on the CPU, where PyTorch's kernels emulate float16 15 to 50 times slower, so the FP16
+        weights of a ``stunet convert`` folder compute in float32 there); other keywords go to :class:`Pipeline`.
 
         A folder written by ``stunet convert`` from a diffusers pipeline also holds ``vae``, ``tokenizer`` and
         ``scheduler``: the VAE decodes the latents, CLIP encodes prompts as the diffusers pipeline does, and the
@@ -272,6 +279,8 @@ class Pipeline:
 
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         checked_placement(device, dtype)
+        if dtype is None and torch.device(device).type == "cpu":
+            dtype = torch.float32  # not a float16 file's own: PyTorch's CPU kernels emulate float16
         unknown = sorted(set(kwargs) - FROM_PRETRAINED_OPTIONS)
         if unknown:
             raise TypeError(f"Pipeline.from_pretrained got unexpected keyword argument(s) {', '.join(unknown)}; "
