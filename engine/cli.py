@@ -148,13 +148,33 @@ _FLAGS = {"num_frames": "--frames", "frames": "--frames", "height": "--height", 
           "negative_prompt": "--negative-prompt", "prompt": "PROMPT", "batch": "--batch", "text_len": "--text-len"}
 
 
-def _library_error(parser: argparse.ArgumentParser, error: Exception):
+def _library_error(parser: argparse.ArgumentParser, error: Exception, inputs: dict[str, tuple[str, str]] | None = None):
     """Exits 2 with the library's message, led by the flags of the arguments it names first ("argument --steps:
-    ...", "argument --frames/--height/--width: num_frames x height x width = ...")."""
+    ...", "argument --frames/--height/--width: num_frames x height x width = ..."). ``inputs`` maps the arguments
+    that an input file sets to its flag and the way to change them (``_input_sizes``)."""
     message = str(error)
     names = re.match(r"\w+(?: x \w+)*", message)
-    flags = dict.fromkeys(_FLAGS[name] for name in (names.group().split(" x ") if names else []) if name in _FLAGS)
+    named = [name for name in (names.group().split(" x ") if names else []) if name in _FLAGS]
+    inputs = inputs or {}
+    flags = dict.fromkeys(inputs[name][0] if name in inputs else _FLAGS[name] for name in named)
+    fixes = dict.fromkeys(inputs[name][1] for name in named if name in inputs)
+    if fixes:
+        message += f" ({'; '.join(fixes)})"
     parser.error(f"argument {'/'.join(flags)}: {message}" if flags else message)
+
+
+def _input_sizes(args: argparse.Namespace) -> dict[str, tuple[str, str]]:
+    """The sizes a mode takes from its input file, as {library argument: (the file's flag, how to change it)}: the
+    frame count of --video, and the sides of --image or --video where --height/--width do not give them."""
+    command = args.command
+    if command == "generate":
+        return {}
+    source = "--image" if command in ("image-to-video", "cinemagraph") else "--video"
+    sizes = {"num_frames": ("--video", "the video's frame count: trim the video")} if source == "--video" else {}
+    fix = "the video's size: resize the video" if command == "upscale" else \
+        f"the {source[2:]}'s size: --height and --width resize it"
+    sizes.update({side: (source, fix) for side in ("height", "width") if getattr(args, side) is None})
+    return sizes
 
 
 def _ranked() -> bool:
@@ -276,7 +296,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     try:
         res = _run_mode(pipe, args, inputs, call)
     except ValueError as e:
-        _library_error(parser, e)
+        _library_error(parser, e, _input_sizes(args))
     except torch.OutOfMemoryError as e:  # the message ends with where it happened and the ways to need less
         print(f"stunet: {e}", file=sys.stderr)
         return 1

@@ -162,6 +162,27 @@ def test_a_text_encoder_folder_loads_in_the_runs_dtype_quietly(tmp_path, capsys,
     assert code == 2 and re.search(r"error: could not load the T5 encoder in '.*text_encoder': .*no file named", err)
 
 
+@pytest.mark.parametrize("argv, message", [
+    (["image-to-video", "x", "--image", "{tmp}/odd.npy"], "argument --image: height must be a positive multiple of 4 "
+     "for this base model, got 18 (the image's size: --height and --width resize it)"),
+    (["video-to-video", "x", "--video", "{tmp}/five.npy"], "argument --video: num_frames must be a positive multiple "
+     "of 2 for this base model, got 5 (the video's frame count: trim the video)"),
+    (["inpaint", "x", "--video", "{tmp}/odd.npy", "--region", "0,0,4,4"], "argument --video: height must be"),
+    (["video-to-video", "x", "--video", "{tmp}/odd.npy", "--height", "18", "--width", "16"],
+     "argument --height: height must be a positive multiple of 4 for this base model, got 18\n"),
+    (["upscale", "a red circle", "--video", "{tmp}/odd.npy"], "argument --video: height must be a positive multiple "
+     "of 4 for this base model, got 18 (the video's size: resize the video)"),  # the demo's SSR stage alone
+], ids=["image-side", "video-frames", "video-side", "given-side", "upscale-side"])
+def test_a_size_that_the_input_file_sets_is_named_by_its_file(argv, message, tmp_path, capsys):
+    """A mode that takes its size from --image or --video names that file for a size the model cannot take, and
+    says how to change it: never a flag the command line did not give (or, for --frames, one it refuses)."""
+    np.save(tmp_path / "odd.npy", np.zeros((4, 18, 16, 3), np.float32))
+    np.save(tmp_path / "five.npy", np.zeros((5, 16, 16, 3), np.float32))
+    preset = {"upscale": [], "video-to-video": ["--preset", "tiny"]}.get(argv[0], ["--preset", "tiny-cond"])
+    code, err = _cli([*argv, "-o", "{tmp}/o.npy", *preset, "--steps", "1", "-q"], tmp_path, capsys)
+    assert code == 2 and message in err + "\n", err
+
+
 def test_fp16_on_the_cpu_says_what_it_costs(tmp_path, caplog, capsys):
     with caplog.at_level("WARNING"):
         code, err = _cli(["generate", "x", "-o", "{tmp}/o.npy", "--dtype", "fp16", "--device", "cpu", *QUICK],
