@@ -177,6 +177,18 @@ def _input_sizes(args: argparse.Namespace) -> dict[str, tuple[str, str]]:
     return sizes
 
 
+def _check_device(device: str, parser: argparse.ArgumentParser) -> None:
+    """--device names a device this machine has (its form is checked by ``arguments.device``)."""
+    import torch
+
+    if device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            parser.error("argument --device: CUDA is not available on this machine; use --device cpu")
+        index = int(device.split(":")[1]) if ":" in device else 0
+        if index >= torch.cuda.device_count():
+            parser.error(f"argument --device: {device} does not exist ({torch.cuda.device_count()} CUDA device(s))")
+
+
 def _ranked() -> bool:
     """Whether this process is one rank of several (a torchrun launch, such as `--nproc N`'s)."""
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
@@ -240,12 +252,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         what = "size" if command == "upscale" else "frame count"
         parser.error(f"argument {fixed[0]}: {command} keeps the input video's {what}; drop {', '.join(fixed)}")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda"):
-        if not torch.cuda.is_available():
-            parser.error("argument --device: CUDA is not available on this machine; use --device cpu")
-        index = int(device.split(":")[1]) if ":" in device else 0
-        if index >= torch.cuda.device_count():
-            parser.error(f"argument --device: {device} does not exist ({torch.cuda.device_count()} CUDA device(s))")
+    _check_device(device, parser)
     dtype = getattr(torch, DTYPES[args.dtype or ("fp16" if device.startswith("cuda") else "fp32")])
     if args.runtime == "cpp":
         from .sampling import runtime
@@ -421,6 +428,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         parser.error(f"argument -o/--output: {problem}")
     if out.exists() and not args.overwrite:
         parser.error(f"argument -o/--output: {args.output!r} exists; pass --overwrite to replace it")
+    _check_device(args.device, parser)
     _check_model_dir(args.model, parser, "MODEL_DIR")
     route = export.export_onnx if args.route == "onnx" else export.export_aoti
     try:
@@ -456,6 +464,9 @@ def cmd_export_tensorrt(args: argparse.Namespace) -> int:
         parser.error(f"argument -o/--output: {problem}")
     if out.exists() and not args.overwrite:
         parser.error(f"argument -o/--output: {args.output!r} exists; pass --overwrite to replace it")
+    if Path(args.onnx).is_dir():
+        parser.error(f"argument ONNX: {args.onnx!r} is a directory; give the .onnx file (`stunet export onnx` "
+                     "makes one)")
     if not Path(args.onnx).is_file():
         parser.error(f"argument ONNX: no file at {args.onnx!r} (make one with `stunet export onnx`)")
     try:
