@@ -148,7 +148,8 @@ _FLAGS = {"num_frames": "--frames", "frames": "--frames", "height": "--height", 
           "negative_prompt": "--negative-prompt", "prompt": "PROMPT", "batch": "--batch", "text_len": "--text-len"}
 
 
-def _library_error(parser: argparse.ArgumentParser, error: Exception, inputs: dict[str, tuple[str, str]] | None = None):
+def _library_error(parser: argparse.ArgumentParser, error: Exception,
+                   inputs: dict[str, tuple[str, str]] | None = None):
     """Exits 2 with the library's message, led by the flags of the arguments it names first ("argument --steps:
     ...", "argument --frames/--height/--width: num_frames x height x width = ..."). ``inputs`` maps the arguments
     that an input file sets to its flag and the way to change them (``_input_sizes``)."""
@@ -171,8 +172,8 @@ def _input_sizes(args: argparse.Namespace) -> dict[str, tuple[str, str]]:
         return {}
     source = "--image" if command in ("image-to-video", "cinemagraph") else "--video"
     sizes = {"num_frames": ("--video", "the video's frame count: trim the video")} if source == "--video" else {}
-    fix = "the video's size: resize the video" if command == "upscale" else \
-        f"the {source[2:]}'s size: --height and --width resize it"
+    fix = ("the video's size: resize the video" if command == "upscale"  # which keeps its input's size
+           else f"the {source[2:]}'s size: --height and --width resize it")
     sizes.update({side: (source, fix) for side in ("height", "width") if getattr(args, side) is None})
     return sizes
 

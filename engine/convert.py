@@ -535,9 +535,9 @@ def convert_folder(src, dst, *, dtype: str = "fp16", motion_adapter=None, overwr
     :meth:`stunet.Pipeline.from_pretrained` reads. The scheduler's prediction type and beta schedule go into
     the model's config. The diffusers U-Net is loaded in ``dtype`` and converted into it, so a conversion holds
     two copies of the weights in that dtype at its peak. The folder is built aside and moved into place
-    (``io.atomic_dir``), so a failure leaves
-    nothing behind; an existing non-empty ``dst`` is refused unless ``overwrite``, and a ``dst`` that is
-    ``src``, holds it or lies inside it always, as one overlapping ``motion_adapter`` (``overlaps_source``).
+    (``io.atomic_dir``), so a failure leaves nothing behind; an existing non-empty ``dst`` is refused unless
+    ``overwrite``, and a ``dst`` that is ``src``, holds it or lies inside it always, as one overlapping
+    ``motion_adapter`` (``overlaps_source``).
     ``progress`` shows a line naming the stage that runs (loading a large checkpoint takes a while). Returns
     the converted model, as written (its parameters in ``dtype``).
     """
