@@ -17,6 +17,7 @@ import zipfile
 from pathlib import Path
 
 import torch
+from torch.export.pt2_archive.constants import AOTINDUCTOR_DIR
 
 from ..config import check_flags
 from ..io import atomic_path
@@ -65,9 +66,9 @@ def export_aoti(model: STUNet, path: str | os.PathLike, *, batch: int = 2, frame
     return result
 
 
-COMPILED_MODEL = "data/aotinductor/model/"
-"""Where a package's compiled model lies, below the archive's root folder: ``aoti_load_package``'s default
-``model_name``, the one ``aoti_compile_and_package`` writes."""
+COMPILED_MODEL = f"{AOTINDUCTOR_DIR}model/"
+"""Where a package's compiled model lies below the archive's root folder, in torch's archive layout: the folder
+of ``aoti_load_package``'s default ``model_name``, the one ``aoti_compile_and_package`` writes."""
 
 
 def _holds_a_compiled_model(path: Path) -> bool:
