@@ -277,6 +277,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
         distributed.init()
         if device.startswith("cuda"):
             device = str(distributed.device())
+    if args.backend == "compile":  # else a progress bar stands still at its first step for minutes
+        _note("--backend compile: torch.compile (max-autotune) compiles each model at its first step, a minute or "
+              "more before that step ends; the steps after it run the compiled code")
 
     try:
         options = {"max_batch": args.max_batch} if args.max_batch else {}

@@ -183,6 +183,16 @@ def test_a_size_that_the_input_file_sets_is_named_by_its_file(argv, message, tmp
     assert code == 2 and message in err + "\n", err
 
 
+def test_compile_backend_says_its_first_step_compiles(tmp_path, capsys, monkeypatch):
+    """torch.compile spends minutes in a model's first step: said before it starts, not left to a progress bar
+    that stands still."""
+    monkeypatch.setattr("stunet.cli._pixel_pipeline", lambda *args: sys.exit(0))  # the note comes before the models
+    code, err = _cli(["generate", "x", "-o", "{tmp}/o.npy", *QUICK, "--backend", "compile"], tmp_path, capsys)
+    assert code == 0 and "--backend compile: torch.compile (max-autotune) compiles each model at its first step" in err
+    code, err = _cli(["generate", "x", "-o", "{tmp}/o.npy", *QUICK], tmp_path, capsys)
+    assert code == 0 and "torch.compile" not in err, err
+
+
 def test_fp16_on_the_cpu_says_what_it_costs(tmp_path, caplog, capsys):
     with caplog.at_level("WARNING"):
         code, err = _cli(["generate", "x", "-o", "{tmp}/o.npy", "--dtype", "fp16", "--device", "cpu", *QUICK],
