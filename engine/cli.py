@@ -857,7 +857,9 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
     args.argv = argv
-    logging.basicConfig(format="%(message)s", level=logging.WARNING)
+    # The ranks of one generation make the same calls, so they meet the same warnings: rank 0 says them
+    follower = _ranked() and os.environ.get("RANK", "0") != "0"
+    logging.basicConfig(format="%(message)s", level=logging.ERROR if follower else logging.WARNING)
     if getattr(args, "quiet", False):
         _hush_library_progress()
     try:

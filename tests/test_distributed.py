@@ -90,6 +90,17 @@ def test_cli_nproc_launches_the_ranks(tmp_path, tmp_path_factory):
     assert left_in_temp(temp) == []
 
 
+def test_cli_nproc_says_a_warning_once(tmp_path, tmp_path_factory):
+    """The ranks make the same calls and meet the same warnings: rank 0 says them, once."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.update(OMP_NUM_THREADS="1", TMPDIR=str(tmp_path_factory.mktemp("temp")))
+    run = subprocess.run([sys.executable, "-m", "stunet.cli", "generate", "", "--preset", "tiny", "--steps", "1",
+                          "--frames", "8", "-q", "-o", "o.npy", "--nproc", "2"], cwd=tmp_path, capture_output=True,
+                         text=True, timeout=240, env=env)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.stderr.count("stunet: an empty prompt: that video is generated unconditionally") == 1, run.stderr
+
+
 def test_cli_nproc_a_bad_argument_that_the_ranks_find_is_told_once_by_the_launcher(tmp_path, tmp_path_factory):
     temp = tmp_path_factory.mktemp("temp")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
