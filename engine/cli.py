@@ -124,18 +124,29 @@ def cmd_info(args: argparse.Namespace) -> int:
     from .config import STUNetConfig
     from .info import analyse
 
-    parser = args.parser
+    parser, scale = args.parser, 1
     if args.preset in PRESETS:
         config, name = STUNetConfig.from_preset(args.preset), args.preset
     else:
+        from .pipeline.latent import folder_scale_factor
+
         try:
             config, name = STUNetConfig.load(args.preset), args.preset
+            folder = Path(args.preset) if Path(args.preset).is_dir() else Path(args.preset).parent
+            scale = folder_scale_factor(folder)  # a converted latent pipeline's sizes are in pixels, as generate's
         except (FileNotFoundError, ValueError, TypeError) as e:
             parser.error(f"argument PRESET: {args.preset!r} is neither a preset ({', '.join(PRESETS)}) "
                          f"nor a model directory / config.json ({e})")
+    sides = {"height": args.height, "width": args.width}
+    for side, pixels in sides.items():
+        step = scale * config.spatial_divisor
+        if pixels is not None and scale > 1 and pixels % step:
+            parser.error(f"argument --{side}: {side} must be a positive multiple of {step} pixels for this latent "
+                         f"model (its VAE's {scale} x the model's {config.spatial_divisor}), got {pixels}")
+        sides[side] = pixels if pixels is None else pixels // scale
     try:
-        info = analyse(config, name, batch=args.batch, frames=args.frames, height=args.height, width=args.width,
-                       text_len=args.text_len, dtype=args.dtype)
+        info = analyse(config, name, batch=args.batch, frames=args.frames, text_len=args.text_len, dtype=args.dtype,
+                       pixel_scale=scale, **sides)
     except ValueError as e:
         _library_error(parser, e)
     print(json.dumps(info.to_dict(), indent=2) if args.json else info.format())
@@ -715,8 +726,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "Analyse a preset (or a model directory) without allocating its weights.", cmd_info)
     info.add_argument("preset", metavar="PRESET", help=f"one of {', '.join(PRESETS)}, or a model directory")
     info.add_argument("--frames", type=arguments.positive, help="T (default: the preset's window or clip length)")
-    info.add_argument("--height", type=arguments.positive, help="H (default: the preset's sample size)")
-    info.add_argument("--width", type=arguments.positive, help="W (default: the preset's sample size)")
+    info.add_argument("--height", type=arguments.positive,
+                      help="H (default: the preset's sample size; in pixels for a converted latent pipeline)")
+    info.add_argument("--width", type=arguments.positive,
+                      help="W (default: the preset's sample size; in pixels for a converted latent pipeline)")
     info.add_argument("--batch", type=arguments.positive, default=1,
                       help="clips per forward (default 1; 2 for a CFG step)")
     info.add_argument("--text-len", type=arguments.positive, default=77, help="text tokens (default 77)")

@@ -34,6 +34,8 @@ class ModelInfo:
     activation_bytes: dict[str, int]
     """Peak activation bytes of one forward, per execution (``POLICIES``): simulated, weights excluded."""
     levels: list[dict]
+    pixel_scale: int = 1
+    """Pixels per position along H and W (a latent model's VAE factor): ``height`` and ``width`` are positions."""
 
     @property
     def weight_bytes(self) -> int:
@@ -45,7 +47,7 @@ class ModelInfo:
             "width": self.width, "text_len": self.text_len, "dtype": self.dtype, "parameters": self.parameters,
             "temporal_parameters": self.temporal_parameters, "flops": self.flops,
             "activation_bytes": self.activation_bytes, "weight_bytes": self.weight_bytes, "levels": self.levels,
-            "config": self.config.to_dict(),
+            "pixel_scale": self.pixel_scale, "config": self.config.to_dict(),
         }
 
     def format(self) -> str:
@@ -58,8 +60,9 @@ class ModelInfo:
             f"{c.num_res_blocks} ResBlocks per encoder level",
             f"parameters    {self.parameters / 1e6:,.1f} M  (spatial {spatial / 1e6:,.1f} M, temporal "
             f"{self.temporal_parameters / 1e6:,.1f} M); {self.dtype} weights {self.weight_bytes / 1e9:.2f} GB",
-            f"input         batch {self.batch} x {self.frames} frames x {self.height} x {self.width}, "
-            f"{self.text_len} text tokens",
+            f"input         batch {self.batch} x {self.frames} frames x {self.height} x {self.width}"
+            + (f" latents ({self.height * self.pixel_scale} x {self.width * self.pixel_scale} pixels)"
+               if self.pixel_scale > 1 else "") + f", {self.text_len} text tokens",
             f"FLOPs/forward {self.flops / 1e12:,.2f} TFLOP (analytic; x2 with classifier-free guidance)",
             "activations   " + ", ".join(f"{n / 1e9:.2f} GB {name}" for name, n in self.activation_bytes.items())
             + f" in {self.dtype}: the peak of one forward, simulated",
@@ -75,7 +78,10 @@ class ModelInfo:
 
 def analyse(config: STUNetConfig, name: str = "custom", *, batch: int = 1, frames: int | None = None,
             height: int | None = None, width: int | None = None, text_len: int = 77,
-            dtype: str = "fp16") -> ModelInfo:
+            dtype: str = "fp16", pixel_scale: int = 1) -> ModelInfo:
+    """``config``'s parameters, FLOPs, simulated activation peak and per-level geometry for one forward of
+    ``batch`` x ``frames`` x ``height`` x ``width`` positions; ``pixel_scale`` (pixels per position of a latent
+    model) only labels the sizes."""
     if not is_choice(dtype, BYTES_PER_ELEMENT):
         raise ValueError(f"dtype must be one of {sorted(BYTES_PER_ELEMENT)}, got {shown(dtype)}")
     frames = config.call_frames if frames is None else frames
@@ -118,4 +124,4 @@ def analyse(config: STUNetConfig, name: str = "custom", *, batch: int = 1, frame
                        "spatial_attention": i in config.attention_levels or i == last, "temporal": temporal_desc})
     return ModelInfo(name, config, batch, frames, height, width, text_len, dtype, params, temporal,
                      model.flops(batch, frames, height, width, text_len),
-                     activations, levels)
+                     activations, levels, pixel_scale)

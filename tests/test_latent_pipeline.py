@@ -407,3 +407,30 @@ def test_cli_convert_says_what_it_wrote_and_refuses_bad_folders(t2v_folder, tmp_
     res = _cli("generate", "a red fox", "--model", str(tmp_path / "m"), "-o", str(tmp_path / "fox.mp4"),
                "--ssr", str(tmp_path / "m"), "-q")
     assert res.returncode == 2 and "takes no ssr_model" in res.stderr
+
+
+def test_info_of_a_converted_latent_pipeline_takes_and_shows_pixels(t2v_folder, tmp_path, capsys):
+    """`stunet info` reads a converted folder's --height/--width in pixels, as `stunet generate` does (in
+    latents they would count 64 times the work of an SD VAE's 8x), and shows the latents they make."""
+    import json
+
+    from stunet.cli import main
+    from stunet.info import analyse
+
+    _, folder = t2v_folder
+    convert_folder(folder, tmp_path / "m")
+    config = stunet.STUNetConfig.load(tmp_path / "m")
+    assert main(["info", str(tmp_path / "m"), "--height", "16", "--width", "32", "--json"]) == 0
+    got = json.loads(capsys.readouterr().out)
+    want = analyse(config, "m", height=8, width=16)  # the fixture's VAE: 2 pixels per latent
+    assert (got["height"], got["width"], got["pixel_scale"], got["flops"]) == (8, 16, 2, want.flops)
+    assert main(["info", str(tmp_path / "m"), "--height", "16", "--width", "32"]) == 0
+    assert "frames x 8 x 16 latents (16 x 32 pixels), 77 text tokens" in capsys.readouterr().out
+    step = 2 * config.spatial_divisor
+    with pytest.raises(SystemExit) as exit_:
+        main(["info", str(tmp_path / "m"), "--height", str(step + 2)])
+    assert exit_.value.code == 2
+    assert (f"argument --height: height must be a positive multiple of {step} pixels for this latent model (its "
+            f"VAE's 2 x the model's {config.spatial_divisor}), got {step + 2}") in capsys.readouterr().err
+    assert main(["info", "tiny", "--height", "16", "--json"]) == 0  # a pixel model: positions are pixels
+    assert json.loads(capsys.readouterr().out)["pixel_scale"] == 1

@@ -35,6 +35,27 @@ def _require_diffusers():
     return diffusers
 
 
+def vae_scale_factor(block_out_channels) -> int:
+    """Pixels per latent along H and W of an AutoencoderKL with these ``block_out_channels`` (8 for Stable
+    Diffusion's VAE: each level but the last halves the sides)."""
+    return 2 ** (len(block_out_channels) - 1)
+
+
+def folder_scale_factor(model_dir: str | os.PathLike) -> int:
+    """Pixels per position of the model in ``model_dir``: its ``vae`` folder's scale factor for a ``stunet
+    convert``ed latent pipeline (read from the VAE's config.json, nothing loaded), else 1."""
+    from ..io import read_json
+
+    config = Path(model_dir) / "vae" / "config.json"
+    if not config.is_file():
+        return 1
+    data = read_json(config, "fix or remove the vae folder")
+    widths = data.get("block_out_channels") if isinstance(data, dict) else None
+    if not isinstance(widths, list) or not widths:
+        raise ValueError(f"{str(config)!r} has no block_out_channels list: it is not an AutoencoderKL config")
+    return vae_scale_factor(widths)
+
+
 def diffusers_load_options() -> dict:
     """Keyword arguments for a diffusers ``from_pretrained`` of a local folder. ``low_cpu_mem_usage`` is asked
     for only where accelerate is installed: diffusers' default asks for it everywhere and warns on every load
@@ -56,7 +77,7 @@ class VideoVAE:
         self.vae = vae.eval()
         self.chunk_frames = chunk_frames
         self.latent_channels = int(vae.config.latent_channels)
-        self.scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
+        self.scale_factor = vae_scale_factor(vae.config.block_out_channels)
         """Pixels per latent along H and W (8 for Stable Diffusion's VAE)."""
         self.scaling_factor = float(vae.config.scaling_factor)
         self.upcast_encode = bool(getattr(vae.config, "force_upcast", False))
