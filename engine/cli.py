@@ -137,9 +137,8 @@ def cmd_info(args: argparse.Namespace) -> int:
         except (FileNotFoundError, ValueError, TypeError) as e:
             parser.error(f"argument PRESET: {args.preset!r} is neither a preset ({', '.join(PRESETS)}) "
                          f"nor a model directory / config.json ({e})")
-    sides = {"height": args.height, "width": args.width}
+    sides, step = {"height": args.height, "width": args.width}, scale * config.spatial_divisor
     for side, pixels in sides.items():
-        step = scale * config.spatial_divisor
         if pixels is not None and scale > 1 and pixels % step:
             parser.error(f"argument --{side}: {side} must be a positive multiple of {step} pixels for this latent "
                          f"model (its VAE's {scale} x the model's {config.spatial_divisor}), got {pixels}")
