@@ -867,7 +867,9 @@ def main(argv: list[str] | None = None) -> int:
     """Runs one command line and returns its exit status; :func:`run` is the ``stunet`` program around it."""
     parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
-    args = parser.parse_args(argv)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:  # told with the subcommand's usage, which lists what it takes
+        getattr(args, "parser", parser).error(f"unrecognized arguments: {' '.join(unknown)}")
     args.argv = argv
     # The ranks of one generation make the same calls, so they meet the same warnings: rank 0 says them
     follower = _ranked() and os.environ.get("RANK", "0") != "0"
