@@ -235,6 +235,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
             parser.error(f"argument --{option}: one artifact runs one model; run the SSR stage with another "
                          "backend, or from Python")
     demo = args.model is None and args.preset is None and command not in CONDITIONAL  # the shipped cascade
+    latent = args.model is not None and (Path(args.model) / "vae").is_dir()  # a `stunet convert`ed pipeline
+    if latent and args.ssr:
+        parser.error(f"argument --ssr: --model {args.model!r} is a latent pipeline (`stunet convert`): its VAE "
+                     "decodes the video, and it takes no SSR model")
     if not demo and (problem := missing_transformers()):  # any encoder but the demo's is a transformers model
         if args.text_encoder or args.model:
             parser.error(f"argument {'--text-encoder' if args.text_encoder else '--model'}: {problem}")
@@ -295,7 +299,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         options = {"max_batch": args.max_batch} if args.max_batch else {}
         options.update({k: getattr(args, k) for k in ("package", "engine") if getattr(args, k) is not None})
         parallel = "auto" if ranked or args.nproc else False
-        if args.model is not None and (Path(args.model) / "vae").is_dir():  # a `stunet convert`ed latent pipeline
+        if latent:
             chosen = {"sampler": args.sampler} if args.sampler else {}
             pipe = Pipeline.from_pretrained(args.model, args.ssr, args.text_encoder, backend=args.backend,
                                             device=device, dtype=dtype, runtime=args.runtime,

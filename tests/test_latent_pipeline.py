@@ -406,7 +406,7 @@ def test_cli_convert_says_what_it_wrote_and_refuses_bad_folders(t2v_folder, tmp_
     assert missing.returncode == 2 and "argument SRC_DIR: no folder" in missing.stderr
     res = _cli("generate", "a red fox", "--model", str(tmp_path / "m"), "-o", str(tmp_path / "fox.mp4"),
                "--ssr", str(tmp_path / "m"), "-q")
-    assert res.returncode == 2 and "takes no ssr_model" in res.stderr
+    assert res.returncode == 2 and "argument --ssr: --model" in res.stderr and "takes no SSR model" in res.stderr
 
 
 def test_info_of_a_converted_latent_pipeline_takes_and_shows_pixels(t2v_folder, tmp_path, capsys):
