@@ -22,6 +22,7 @@ from . import arguments
 from .backends import BACKENDS
 from .config import PRESETS
 from .io import atomic_path, parent_problem
+from .pipeline.latent import folder_scale_factor, vae_folder
 from .pipeline.stages import SSROptions
 from .pipeline.text import missing_transformers
 from .sampling.samplers import SAMPLERS
@@ -128,7 +129,6 @@ def cmd_info(args: argparse.Namespace) -> int:
     if args.preset in PRESETS:
         config, name = STUNetConfig.from_preset(args.preset), args.preset
     else:
-        from .pipeline.latent import folder_scale_factor
 
         try:
             config, name = STUNetConfig.load(args.preset), args.preset
@@ -235,7 +235,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
             parser.error(f"argument --{option}: one artifact runs one model; run the SSR stage with another "
                          "backend, or from Python")
     demo = args.model is None and args.preset is None and command not in CONDITIONAL  # the shipped cascade
-    latent = args.model is not None and (Path(args.model) / "vae").is_dir()  # a `stunet convert`ed pipeline
+    latent = args.model is not None and vae_folder(args.model) is not None  # a `stunet convert`ed pipeline
     if latent and args.ssr:
         parser.error(f"argument --ssr: --model {args.model!r} is a latent pipeline (`stunet convert`): its VAE "
                      "decodes the video, and it takes no SSR model")

@@ -41,14 +41,21 @@ def vae_scale_factor(block_out_channels) -> int:
     return 2 ** (len(block_out_channels) - 1)
 
 
+def vae_folder(model_dir: str | os.PathLike) -> Path | None:
+    """The ``vae`` folder of a ``stunet convert``ed latent pipeline in ``model_dir``; None for a pixel model."""
+    folder = Path(model_dir) / "vae"
+    return folder if folder.is_dir() else None
+
+
 def folder_scale_factor(model_dir: str | os.PathLike) -> int:
     """Pixels per position of the model in ``model_dir``: its ``vae`` folder's scale factor for a ``stunet
     convert``ed latent pipeline (read from the VAE's config.json, nothing loaded), else 1."""
     from ..io import read_json
 
-    config = Path(model_dir) / "vae" / "config.json"
-    if not config.is_file():
+    vae = vae_folder(model_dir)
+    if vae is None:
         return 1
+    config = vae / "config.json"
     data = read_json(config, "fix or remove the vae folder")
     widths = data.get("block_out_channels") if isinstance(data, dict) else None
     if not isinstance(widths, list) or not widths:

@@ -274,7 +274,7 @@ class Pipeline:
         ``scheduler``: the VAE decodes the latents, CLIP encodes prompts as the diffusers pipeline does, and the
         scheduler's settings become the default sampler (unless ``sampler=`` is given)."""
         from ..sampling.samplers import scheduler_options
-        from .latent import load_vae
+        from .latent import load_vae, vae_folder
         from .text import check_text_encoder_folder, load_text_encoder
 
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -307,8 +307,8 @@ class Pipeline:
             text_encoder = load_text_encoder(text_encoder, device=device, dtype=dtype,
                                              tokenizer=tokenizer if sd_style else None,
                                              sd_style=sd_style)
-        if (base / "vae").is_dir() and "vae" not in kwargs:
-            kwargs["vae"] = load_vae(base / "vae", device=device, dtype=dtype)
+        if (vae := vae_folder(base)) is not None and "vae" not in kwargs:
+            kwargs["vae"] = load_vae(vae, device=device, dtype=dtype)
         scheduler = base / "scheduler" / "scheduler_config.json"
         if scheduler.is_file() and "schedule" not in kwargs:
             scheduler_config = read_json(scheduler, "fix or remove the scheduler folder, or pass schedule=")
